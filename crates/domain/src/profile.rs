@@ -1,0 +1,306 @@
+//! Instance profiles: the operator-edited rows that say which jobs get which
+//! kind of instance.
+
+use std::fmt;
+
+use globset::{GlobSet, GlobSetBuilder};
+
+use crate::{DomainError, ProfileName};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Market {
+    Spot,
+    OnDemand,
+}
+
+impl Market {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Market::Spot => "spot",
+            Market::OnDemand => "on-demand",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, DomainError> {
+        match s {
+            "spot" => Ok(Market::Spot),
+            "on-demand" => Ok(Market::OnDemand),
+            other => Err(DomainError::UnknownMarket(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Market {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An `instance_profiles` row as stored, before validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileRow {
+    pub name: String,
+    pub labels: Vec<String>,
+    pub instance_types: Vec<String>,
+    pub image_id: String,
+    pub subnet_ids: Vec<String>,
+    pub security_group_ids: Vec<String>,
+    pub iam_instance_profile: Option<String>,
+    pub market: String,
+    pub on_demand_fallback: bool,
+    pub max_instances: i32,
+    pub min_idle: i32,
+    pub idle_timeout_secs: i32,
+    pub boot_timeout_secs: i32,
+    pub max_lifetime_secs: i32,
+    pub runner_group_id: i64,
+    pub root_volume_gb: i32,
+    pub repositories: Option<Vec<String>>,
+    pub enabled: bool,
+    pub priority: i32,
+}
+
+/// A validated profile. Labels are lower-case; limits are positive.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub name: ProfileName,
+    pub labels: Vec<String>,
+    pub instance_types: Vec<String>,
+    pub image_id: String,
+    pub subnet_ids: Vec<String>,
+    pub security_group_ids: Vec<String>,
+    pub iam_instance_profile: Option<String>,
+    pub market: Market,
+    pub on_demand_fallback: bool,
+    pub max_instances: u32,
+    pub min_idle: u32,
+    pub idle_timeout_secs: u32,
+    pub boot_timeout_secs: u32,
+    pub max_lifetime_secs: u32,
+    pub runner_group_id: i64,
+    pub root_volume_gb: u32,
+    pub repositories: Option<RepositoryAllowList>,
+    pub enabled: bool,
+    pub priority: i32,
+}
+
+/// `owner/repo` globs, matched case-insensitively (GitHub names are).
+#[derive(Clone, Debug)]
+pub struct RepositoryAllowList {
+    patterns: Vec<String>,
+    set: GlobSet,
+}
+
+impl RepositoryAllowList {
+    pub fn new(patterns: &[String]) -> Result<Self, String> {
+        let mut builder = GlobSetBuilder::new();
+        for p in patterns {
+            let glob = globset::GlobBuilder::new(p)
+                .case_insensitive(true)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| format!("repository pattern {p:?}: {e}"))?;
+            builder.add(glob);
+        }
+        let set = builder.build().map_err(|e| e.to_string())?;
+        Ok(Self {
+            patterns: patterns.to_vec(),
+            set,
+        })
+    }
+
+    pub fn allows(&self, repository: &str) -> bool {
+        self.set.is_match(repository)
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+}
+
+
+fn positive(profile: &str, field: &str, v: i32) -> Result<u32, DomainError> {
+    u32::try_from(v)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| invalid(profile, format!("{field} must be positive, got {v}")))
+}
+
+fn invalid(profile: &str, reason: String) -> DomainError {
+    DomainError::InvalidProfile {
+        profile: profile.to_owned(),
+        reason,
+    }
+}
+
+impl TryFrom<ProfileRow> for Profile {
+    type Error = DomainError;
+
+    /// The database constraints reject most bad rows; this is the last line
+    /// for what they cannot express (globs) or for rows written before a
+    /// constraint existed. A rejected row is reported and skipped, never
+    /// fatal.
+    fn try_from(row: ProfileRow) -> Result<Self, DomainError> {
+        let n = row.name.as_str();
+        let name = ProfileName::parse(n)?;
+        let labels: Vec<String> = row
+            .labels
+            .iter()
+            .map(|l| l.trim().to_lowercase())
+            .filter(|l| !l.is_empty())
+            .collect();
+        if labels.is_empty() {
+            return Err(invalid(n, "labels must not be empty".into()));
+        }
+        let instance_types: Vec<String> = row
+            .instance_types
+            .into_iter()
+            .filter(|t| !t.trim().is_empty())
+            .collect();
+        if instance_types.is_empty() {
+            return Err(invalid(n, "instance_types must not be empty".into()));
+        }
+        if row.image_id.trim().is_empty() {
+            return Err(invalid(n, "image_id must not be empty".into()));
+        }
+        let max_instances = positive(n, "max_instances", row.max_instances)?;
+        let min_idle = u32::try_from(row.min_idle)
+            .map_err(|_| invalid(n, format!("min_idle must not be negative, got {}", row.min_idle)))?;
+        if min_idle > max_instances {
+            return Err(invalid(
+                n,
+                format!("min_idle ({min_idle}) exceeds max_instances ({max_instances})"),
+            ));
+        }
+        if row.runner_group_id <= 0 {
+            return Err(invalid(n, "runner_group_id must be positive".into()));
+        }
+        let repositories = row
+            .repositories
+            .as_deref()
+            .map(RepositoryAllowList::new)
+            .transpose()
+            .map_err(|e| invalid(n, e))?;
+        Ok(Profile {
+            market: Market::parse(&row.market).map_err(|e| invalid(n, e.to_string()))?,
+            idle_timeout_secs: positive(n, "idle_timeout_secs", row.idle_timeout_secs)?,
+            boot_timeout_secs: positive(n, "boot_timeout_secs", row.boot_timeout_secs)?,
+            max_lifetime_secs: positive(n, "max_lifetime_secs", row.max_lifetime_secs)?,
+            root_volume_gb: positive(n, "root_volume_gb", row.root_volume_gb)?,
+            name,
+            labels,
+            instance_types,
+            image_id: row.image_id,
+            subnet_ids: row.subnet_ids,
+            security_group_ids: row.security_group_ids,
+            iam_instance_profile: row.iam_instance_profile.filter(|s| !s.is_empty()),
+            on_demand_fallback: row.on_demand_fallback,
+            max_instances,
+            min_idle,
+            runner_group_id: row.runner_group_id,
+            repositories,
+            enabled: row.enabled,
+            priority: row.priority,
+        })
+    }
+}
+
+impl Profile {
+    /// Labels a runner of this profile registers with: `self-hosted` first,
+    /// then the profile's own.
+    pub fn runner_labels(&self) -> Vec<String> {
+        std::iter::once("self-hosted".to_owned())
+            .chain(self.labels.iter().filter(|l| *l != "self-hosted").cloned())
+            .collect()
+    }
+
+    /// Seconds after boot by which a job must have started on an instance of
+    /// this profile, else its on-instance watchdog shuts it down. Warm-pool
+    /// runners wait for work until the end of their lifetime.
+    pub fn instance_idle_limit_secs(&self) -> u32 {
+        if self.min_idle > 0 {
+            self.max_lifetime_secs
+        } else {
+            self.boot_timeout_secs
+                .saturating_add(self.idle_timeout_secs)
+                .min(self.max_lifetime_secs)
+        }
+    }
+}
+
+/// Builds a valid row for tests and examples.
+pub fn example_row(name: &str, labels: &[&str]) -> ProfileRow {
+    ProfileRow {
+        name: name.to_owned(),
+        labels: labels.iter().map(|s| (*s).to_owned()).collect(),
+        instance_types: vec!["c6i.4xlarge".into(), "c6a.4xlarge".into()],
+        image_id: "ami-0123456789abcdef0".into(),
+        subnet_ids: vec!["subnet-a".into(), "subnet-b".into()],
+        security_group_ids: vec![],
+        iam_instance_profile: None,
+        market: "spot".into(),
+        on_demand_fallback: true,
+        max_instances: 10,
+        min_idle: 0,
+        idle_timeout_secs: 300,
+        boot_timeout_secs: 600,
+        max_lifetime_secs: 28_800,
+        runner_group_id: 1,
+        root_volume_gb: 64,
+        repositories: None,
+        enabled: true,
+        priority: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(row: ProfileRow) -> Result<Profile, DomainError> {
+        Profile::try_from(row)
+    }
+
+    #[test]
+    fn accepts_a_good_row_and_lowercases_labels() {
+        let p = parse(example_row("kani", &["Linux", "X64", "kani"])).unwrap();
+        assert_eq!(p.labels, ["linux", "x64", "kani"]);
+        assert_eq!(p.runner_labels(), ["self-hosted", "linux", "x64", "kani"]);
+    }
+
+    #[test]
+    fn rejects_nonsense() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut ProfileRow)>)> = vec![
+            ("empty labels", Box::new(|r| r.labels.clear())),
+            ("blank labels", Box::new(|r| r.labels = vec![" ".into()])),
+            ("no instance types", Box::new(|r| r.instance_types.clear())),
+            ("no image", Box::new(|r| r.image_id.clear())),
+            ("market", Box::new(|r| r.market = "reserved".into())),
+            ("max 0", Box::new(|r| r.max_instances = 0)),
+            ("min_idle < 0", Box::new(|r| r.min_idle = -1)),
+            ("min_idle > max", Box::new(|r| r.min_idle = 11)),
+            ("idle 0", Box::new(|r| r.idle_timeout_secs = 0)),
+            ("boot < 0", Box::new(|r| r.boot_timeout_secs = -5)),
+            ("life 0", Box::new(|r| r.max_lifetime_secs = 0)),
+            ("group 0", Box::new(|r| r.runner_group_id = 0)),
+            ("volume 0", Box::new(|r| r.root_volume_gb = 0)),
+            ("bad glob", Box::new(|r| r.repositories = Some(vec!["org/[".into()]))),
+            ("bad name", Box::new(|r| r.name = "Kani".into())),
+        ];
+        for (what, mutate) in cases {
+            let mut row = example_row("kani", &["kani"]);
+            mutate(&mut row);
+            assert!(parse(row).is_err(), "{what} was accepted");
+        }
+    }
+
+    #[test]
+    fn watchdog_limit_follows_the_pool() {
+        let mut row = example_row("kani", &["kani"]);
+        let p = parse(row.clone()).unwrap();
+        assert_eq!(p.instance_idle_limit_secs(), 900);
+        row.min_idle = 2;
+        let p = parse(row).unwrap();
+        assert_eq!(p.instance_idle_limit_secs(), 28_800);
+    }
+}

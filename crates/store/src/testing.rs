@@ -1,0 +1,121 @@
+//! Test support: a fresh, migrated database per test on a real PostgreSQL.
+//!
+//! With `DATABASE_URL` set (it must name a role that may create databases),
+//! databases are created there. Otherwise a throwaway cluster is started from
+//! the machine's PostgreSQL binaries under the system temp directory and
+//! shared by every test process (nextest runs each test in its own); it keeps
+//! running for the next run, and `scripts/test` stops it.
+
+use std::path::PathBuf;
+
+use sqlx::Connection;
+
+use crate::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use crate::{PgStore, StoreError};
+
+/// A database made for one test.
+pub struct TestDatabase {
+    pub store: PgStore,
+    /// URL of this test's database (holds credentials).
+    pub url: String,
+    /// URL of the server's maintenance database.
+    pub admin_url: String,
+}
+
+/// Where the shared test cluster lives.
+pub fn shared_cluster_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("spot-runners-test-pg-{}", nix::unistd::Uid::effective()))
+}
+
+async fn admin_url() -> Result<String, StoreError> {
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return Ok(url);
+    }
+    let dir = shared_cluster_dir();
+    std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+    // Only one process may initialise or start the cluster; the rest wait and
+    // then adopt it.
+    let lock_path = dir.join("lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(StoreError::io(format!("opening {}", lock_path.display())))?;
+    let lock = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| StoreError::Embedded(format!("locking the test cluster: {e}")))
+    })
+    .await
+    .map_err(|e| StoreError::Embedded(e.to_string()))??;
+    let pg = EmbeddedPostgres::start(
+        &dir,
+        &EmbeddedOptions {
+            unsafe_no_fsync: true,
+        },
+    )
+    .await;
+    drop(lock);
+    Ok(pg?.detach().replacen("/spot_runners", "/postgres", 1))
+}
+
+/// A new empty database with every migration applied.
+pub async fn test_database() -> Result<TestDatabase, StoreError> {
+    let admin_url = admin_url().await?;
+    let name = format!(
+        "test_{}_{:x}",
+        chrono::Utc::now().format("%Y%m%d%H%M%S"),
+        rand_suffix()
+    );
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    let url = replace_database(&admin_url, &name);
+    let store = PgStore::connect(&url).await?;
+    store.migrate().await?;
+    Ok(TestDatabase {
+        store,
+        url,
+        admin_url,
+    })
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// The same server URL with another database name.
+pub fn replace_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[after_scheme..].find('/') {
+        Some(i) => &base[..after_scheme + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{database}?{q}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn replaces_only_the_database() {
+        assert_eq!(
+            replace_database("postgres://u:p@h:5/db?sslmode=disable", "t1"),
+            "postgres://u:p@h:5/t1?sslmode=disable"
+        );
+        assert_eq!(replace_database("postgres://u@h", "t1"), "postgres://u@h/t1");
+    }
+}

@@ -190,6 +190,8 @@ mod tests {
     fn rejects_bodies_without_the_job() {
         assert!(WorkflowJobEvent::parse(b"{}").is_err());
         assert!(WorkflowJobEvent::parse(b"not json").is_err());
-        assert!(WorkflowJobEvent::parse(br#"{"action":"queued","workflow_job":{"id":"x"}}"#).is_err());
+        assert!(
+            WorkflowJobEvent::parse(br#"{"action":"queued","workflow_job":{"id":"x"}}"#).is_err()
+        );
     }
 }

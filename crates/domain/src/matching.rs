@@ -12,7 +12,10 @@ pub enum NoMatch {
     /// No enabled profile has all of the job's labels.
     NoProfileHasLabels { labels: Vec<String> },
     /// Profiles fit the labels, but their allow-lists exclude the repository.
-    RepositoryNotAllowed { repository: String, profiles: Vec<String> },
+    RepositoryNotAllowed {
+        repository: String,
+        profiles: Vec<String>,
+    },
     /// Only disabled profiles fit.
     OnlyDisabledProfiles { profiles: Vec<String> },
 }
@@ -22,7 +25,11 @@ impl fmt::Display for NoMatch {
         match self {
             NoMatch::NoLabels => f.write_str("the job names no labels"),
             NoMatch::NoProfileHasLabels { labels } => {
-                write!(f, "no enabled profile has all of the labels [{}]", labels.join(", "))
+                write!(
+                    f,
+                    "no enabled profile has all of the labels [{}]",
+                    labels.join(", ")
+                )
             }
             NoMatch::RepositoryNotAllowed {
                 repository,
@@ -117,8 +124,16 @@ mod tests {
 
     fn first_users() -> Vec<Profile> {
         vec![
-            p("kani-medium", &["linux", "x64", "spot", "kani", "kani-medium"], 10),
-            p("kani-slow", &["linux", "x64", "spot", "kani", "kani-slow"], 0),
+            p(
+                "kani-medium",
+                &["linux", "x64", "spot", "kani", "kani-medium"],
+                10,
+            ),
+            p(
+                "kani-slow",
+                &["linux", "x64", "spot", "kani", "kani-slow"],
+                0,
+            ),
             p("benchmark", &["linux", "x64", "spot", "benchmark"], 0),
         ]
     }
@@ -127,18 +142,32 @@ mod tests {
     fn table() {
         let profiles = first_users();
         let cases: &[(&[&str], Option<&str>)] = &[
-            (&["self-hosted", "Linux", "X64", "spot", "kani"], Some("kani-medium")),
-            (&["self-hosted", "linux", "x64", "spot", "kani", "kani-slow"], Some("kani-slow")),
-            (&["self-hosted", "Linux", "X64", "spot", "benchmark"], Some("benchmark")),
+            (
+                &["self-hosted", "Linux", "X64", "spot", "kani"],
+                Some("kani-medium"),
+            ),
+            (
+                &["self-hosted", "linux", "x64", "spot", "kani", "kani-slow"],
+                Some("kani-slow"),
+            ),
+            (
+                &["self-hosted", "Linux", "X64", "spot", "benchmark"],
+                Some("benchmark"),
+            ),
             (&["SELF-HOSTED", "BENCHMARK"], Some("benchmark")),
             (&["kani"], Some("kani-medium")),
-            (&["self-hosted", "linux", "x64", "spot", "kani", "gpu"], None),
+            (
+                &["self-hosted", "linux", "x64", "spot", "kani", "gpu"],
+                None,
+            ),
             (&["ubuntu-latest"], None),
             (&["self-hosted", "kani", "benchmark"], None),
             (&[], None),
         ];
         for (job, want) in cases {
-            let got = match_profile(&profiles, &labels(job), "org/repo").ok().map(|p| p.name.as_str());
+            let got = match_profile(&profiles, &labels(job), "org/repo")
+                .ok()
+                .map(|p| p.name.as_str());
             assert_eq!(got, *want, "labels {job:?}");
         }
     }
@@ -146,10 +175,22 @@ mod tests {
     #[test]
     fn ties_break_on_priority_then_fewest_labels_then_name() {
         let job = labels(&["self-hosted", "kani"]);
-        let ps = vec![p("wide", &["kani", "linux", "x64"], 0), p("narrow", &["kani"], 0)];
-        assert_eq!(match_profile(&ps, &job, "o/r").unwrap().name.as_str(), "narrow");
-        let ps = vec![p("wide", &["kani", "linux", "x64"], 1), p("narrow", &["kani"], 0)];
-        assert_eq!(match_profile(&ps, &job, "o/r").unwrap().name.as_str(), "wide");
+        let ps = vec![
+            p("wide", &["kani", "linux", "x64"], 0),
+            p("narrow", &["kani"], 0),
+        ];
+        assert_eq!(
+            match_profile(&ps, &job, "o/r").unwrap().name.as_str(),
+            "narrow"
+        );
+        let ps = vec![
+            p("wide", &["kani", "linux", "x64"], 1),
+            p("narrow", &["kani"], 0),
+        ];
+        assert_eq!(
+            match_profile(&ps, &job, "o/r").unwrap().name.as_str(),
+            "wide"
+        );
         let ps = vec![p("b", &["kani"], 0), p("a", &["kani"], 0)];
         assert_eq!(match_profile(&ps, &job, "o/r").unwrap().name.as_str(), "a");
     }
@@ -177,12 +218,26 @@ mod tests {
         ));
         assert_eq!(
             match_profile(&[], &job, "o/r").unwrap_err(),
-            NoMatch::NoProfileHasLabels { labels: job.clone() }
+            NoMatch::NoProfileHasLabels {
+                labels: job.clone()
+            }
         );
-        assert_eq!(match_profile(&ps, &[], "o/r").unwrap_err(), NoMatch::NoLabels);
+        assert_eq!(
+            match_profile(&ps, &[], "o/r").unwrap_err(),
+            NoMatch::NoLabels
+        );
     }
 
-    const VOCAB: &[&str] = &["self-hosted", "linux", "x64", "arm64", "spot", "kani", "gpu", "benchmark"];
+    const VOCAB: &[&str] = &[
+        "self-hosted",
+        "linux",
+        "x64",
+        "arm64",
+        "spot",
+        "kani",
+        "gpu",
+        "benchmark",
+    ];
 
     fn label_set() -> impl Strategy<Value = Vec<String>> {
         proptest::sample::subsequence(VOCAB, 0..=VOCAB.len()).prop_flat_map(|ls| {

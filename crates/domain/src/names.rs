@@ -24,8 +24,7 @@ fn is_slug(s: &str, max: usize) -> bool {
         Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit() => {}
         _ => return false,
     }
-    s.len() <= max
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    s.len() <= max && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 macro_rules! slug_newtype {
@@ -119,7 +118,9 @@ impl RunnerName {
         let rest = s.strip_prefix(controller.as_str())?.strip_prefix('-')?;
         let (profile, id) = rest.rsplit_once('-')?;
         let id_ok = id.len() == RUNNER_ID_LEN
-            && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            && id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         if !id_ok || s.len() > RUNNER_NAME_MAX {
             return None;
         }
@@ -155,7 +156,14 @@ mod tests {
     fn slugs() {
         assert!(ControllerId::parse("spot-runners").is_ok());
         assert!(ControllerId::parse("spot-runners-staging").is_ok());
-        for bad in ["", "-x", "Spot", "a_b", "a b", &"a".repeat(CONTROLLER_ID_MAX + 1)] {
+        for bad in [
+            "",
+            "-x",
+            "Spot",
+            "a_b",
+            "a b",
+            &"a".repeat(CONTROLLER_ID_MAX + 1),
+        ] {
             assert!(ControllerId::parse(bad).is_err(), "{bad:?}");
         }
         assert!(ProfileName::parse(&"k".repeat(32)).is_ok());

@@ -118,7 +118,6 @@ impl RepositoryAllowList {
     }
 }
 
-
 fn positive(profile: &str, field: &str, v: i32) -> Result<u32, DomainError> {
     u32::try_from(v)
         .ok()
@@ -164,8 +163,12 @@ impl TryFrom<ProfileRow> for Profile {
             return Err(invalid(n, "image_id must not be empty".into()));
         }
         let max_instances = positive(n, "max_instances", row.max_instances)?;
-        let min_idle = u32::try_from(row.min_idle)
-            .map_err(|_| invalid(n, format!("min_idle must not be negative, got {}", row.min_idle)))?;
+        let min_idle = u32::try_from(row.min_idle).map_err(|_| {
+            invalid(
+                n,
+                format!("min_idle must not be negative, got {}", row.min_idle),
+            )
+        })?;
         if min_idle > max_instances {
             return Err(invalid(
                 n,
@@ -270,7 +273,8 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ProfileRow)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut ProfileRow)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("empty labels", Box::new(|r| r.labels.clear())),
             ("blank labels", Box::new(|r| r.labels = vec![" ".into()])),
             ("no instance types", Box::new(|r| r.instance_types.clear())),
@@ -284,7 +288,10 @@ mod tests {
             ("life 0", Box::new(|r| r.max_lifetime_secs = 0)),
             ("group 0", Box::new(|r| r.runner_group_id = 0)),
             ("volume 0", Box::new(|r| r.root_volume_gb = 0)),
-            ("bad glob", Box::new(|r| r.repositories = Some(vec!["org/[".into()]))),
+            (
+                "bad glob",
+                Box::new(|r| r.repositories = Some(vec!["org/[".into()])),
+            ),
             ("bad name", Box::new(|r| r.name = "Kani".into())),
         ];
         for (what, mutate) in cases {

@@ -91,7 +91,11 @@ impl RunnerState {
 
     /// May have an instance that costs money: counts against caps.
     pub fn is_live(self) -> bool {
-        self.is_available() || matches!(self, RunnerState::Busy | RunnerState::Done | RunnerState::Terminating)
+        self.is_available()
+            || matches!(
+                self,
+                RunnerState::Busy | RunnerState::Done | RunnerState::Terminating
+            )
     }
 
     /// Nothing more will happen to it.

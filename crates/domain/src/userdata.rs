@@ -101,13 +101,22 @@ mod tests {
             profile: &p,
         };
         assert!(render_template("X='@@JIT_CONFIG@@'", &v).is_err());
-        let v = UserDataValues { jit_config: "abc=", ..v };
-        assert_eq!(render_template("X='@@JIT_CONFIG@@'", &v).unwrap(), "X='abc='");
+        let v = UserDataValues {
+            jit_config: "abc=",
+            ..v
+        };
+        assert_eq!(
+            render_template("X='@@JIT_CONFIG@@'", &v).unwrap(),
+            "X='abc='"
+        );
         assert!(render_template("X='@@SOMETHING_ELSE@@'", &v).is_err());
         assert!(render_template("a@@b @@JIT_CONFIG@@ @@LEFT@@", &v).is_err());
         assert!(render_template("email@@example and @@ alone", &v).is_ok());
         let huge = "A".repeat(MAX_USER_DATA_BYTES + 1);
-        let v = UserDataValues { jit_config: &huge, ..v };
+        let v = UserDataValues {
+            jit_config: &huge,
+            ..v
+        };
         assert!(render_template("@@JIT_CONFIG@@", &v).is_err());
     }
 }

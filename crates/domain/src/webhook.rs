@@ -80,7 +80,10 @@ mod tests {
 
     #[test]
     fn github_published_vector() {
-        assert_eq!(sign(b"It's a Secret to Everybody", b"Hello, World!"), VECTOR);
+        assert_eq!(
+            sign(b"It's a Secret to Everybody", b"Hello, World!"),
+            VECTOR
+        );
         let secrets = WebhookSecrets::from_list("It's a Secret to Everybody").unwrap();
         assert!(secrets.verify(Some(VECTOR), b"Hello, World!"));
         assert!(!secrets.verify(Some(VECTOR), b"Hello, World?"));

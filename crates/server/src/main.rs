@@ -1,1 +1,86 @@
-fn main() {}
+//! `spot-runners`: the command line. Errors become `anyhow` here, at the edge.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spot_runners::configuration::RawSettings;
+use spot_runners::database::Database;
+use spot_runners::startup::{shutdown_signal, Application};
+use spot_runners::telemetry;
+
+#[derive(Parser)]
+#[command(
+    name = "spot-runners",
+    version,
+    about = "Ephemeral GitHub Actions runners on EC2 spot instances"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (migrations are applied at start).
+    Serve {
+        #[command(flatten)]
+        settings: RawSettings,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[command(flatten)]
+        settings: RawSettings,
+    },
+    /// Exit 0 when the service on SPOT_RUNNERS_LISTEN answers /healthz (for container health checks).
+    Healthcheck {
+        #[arg(long, env = "SPOT_RUNNERS_LISTEN", default_value = "0.0.0.0:8080")]
+        listen: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let cli = Cli::parse();
+    let result = run(cli).await;
+    if let Err(e) = &result {
+        tracing::error!("{e:#}");
+    }
+    result
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { settings } => {
+            let settings = settings.parse(false)?;
+            let app = Application::build(settings).await?;
+            app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Migrate { settings } => {
+            // Migrating needs no webhook secret.
+            let settings = settings.parse(true)?;
+            let db = Database::open(&settings).await?;
+            db.close().await;
+        }
+        Command::Healthcheck { listen } => {
+            let addr: std::net::SocketAddr = listen.parse().context("SPOT_RUNNERS_LISTEN")?;
+            let host = if addr.ip().is_unspecified() {
+                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                addr
+            };
+            let res = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(3))
+                .build()?
+                .get(format!("http://{host}/healthz"))
+                .send()
+                .await
+                .context("GET /healthz")?;
+            anyhow::ensure!(
+                res.status().is_success(),
+                "/healthz answered {}",
+                res.status()
+            );
+        }
+    }
+    Ok(())
+}

@@ -9,7 +9,6 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-
 use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
 
@@ -83,15 +82,19 @@ pub fn find_binaries() -> Result<PathBuf, StoreError> {
         .into_iter()
         .find(|d| has_both(d))
         .ok_or_else(|| {
-            err("no PostgreSQL server binaries found (looked for initdb and pg_ctl in \
+            err(
+                "no PostgreSQL server binaries found (looked for initdb and pg_ctl in \
                  SPOT_RUNNERS_PG_BIN, /usr/lib/postgresql/*/bin and PATH): install them \
-                 (Debian: apt-get install postgresql) or set DATABASE_URL to an existing database")
+                 (Debian: apt-get install postgresql) or set DATABASE_URL to an existing database",
+            )
         })
 }
 
 fn free_port() -> Result<u16, StoreError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(StoreError::io("finding a free port"))?;
-    Ok(l.local_addr().map_err(StoreError::io("finding a free port"))?.port())
+    Ok(l.local_addr()
+        .map_err(StoreError::io("finding a free port"))?
+        .port())
 }
 
 fn random_password() -> String {
@@ -116,10 +119,9 @@ impl EmbeddedPostgres {
             .map_err(StoreError::io(format!("resolving {}", root.display())))?;
         let pgdata = root.join("pgdata");
         let run_as = if Uid::effective().is_root() {
-            let nobody = User::from_name("nobody")
-                .ok()
-                .flatten()
-                .ok_or_else(|| err("running as root, and there is no `nobody` user to run PostgreSQL as"))?;
+            let nobody = User::from_name("nobody").ok().flatten().ok_or_else(|| {
+                err("running as root, and there is no `nobody` user to run PostgreSQL as")
+            })?;
             Some((nobody.uid, nobody.gid))
         } else {
             None
@@ -200,7 +202,10 @@ impl EmbeddedPostgres {
         if self.pgdata.join("PG_VERSION").is_file() {
             return std::fs::read_to_string(&password_file)
                 .map(|s| s.trim().to_owned())
-                .map_err(StoreError::io(format!("reading {}", password_file.display())));
+                .map_err(StoreError::io(format!(
+                    "reading {}",
+                    password_file.display()
+                )));
         }
         if let Some((uid, _)) = self.run_as {
             if !reachable_by_others(root) {
@@ -215,8 +220,10 @@ impl EmbeddedPostgres {
         let password = random_password();
         write_private(&password_file, &password)?;
         let _ = std::fs::remove_dir_all(&self.pgdata);
-        std::fs::create_dir_all(&self.pgdata)
-            .map_err(StoreError::io(format!("creating {}", self.pgdata.display())))?;
+        std::fs::create_dir_all(&self.pgdata).map_err(StoreError::io(format!(
+            "creating {}",
+            self.pgdata.display()
+        )))?;
         self.chown(&self.pgdata)?;
         // initdb reads the superuser password from a file it can open.
         let pwfile = self.pgdata.with_extension("pwfile");
@@ -225,7 +232,14 @@ impl EmbeddedPostgres {
         let mut cmd = self.command("initdb");
         cmd.arg("-D")
             .arg(&self.pgdata)
-            .args(["-U", ROLE, "-E", "UTF8", "--no-locale", "--auth=scram-sha-256"])
+            .args([
+                "-U",
+                ROLE,
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--auth=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()));
         let result = self.run(cmd, "initdb").await;
         let _ = std::fs::remove_file(&pwfile);
@@ -271,9 +285,9 @@ impl EmbeddedPostgres {
             .arg(&log)
             .args(["-w", "-t", "60", "-o", &server_opts, "start"])
             .kill_on_drop(false);
-        self.run(cmd, "pg_ctl start").await.map_err(|e| {
-            err(format!("{e} (see {})", log.display()))
-        })?;
+        self.run(cmd, "pg_ctl start")
+            .await
+            .map_err(|e| err(format!("{e} (see {})", log.display())))?;
         // Create our database on first start.
         let admin = format!(
             "postgres://{ROLE}:{}@127.0.0.1:{port}/postgres",
@@ -282,10 +296,11 @@ impl EmbeddedPostgres {
                 .trim()
         );
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
-        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(DATABASE)
-            .fetch_one(&mut conn)
-            .await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(DATABASE)
+                .fetch_one(&mut conn)
+                .await?;
         if !exists {
             sqlx::query(&format!("CREATE DATABASE {DATABASE}"))
                 .execute(&mut conn)
@@ -341,4 +356,3 @@ fn reachable_by_others(dir: &Path) -> bool {
             .unwrap_or(false)
     })
 }
-

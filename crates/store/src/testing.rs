@@ -24,7 +24,10 @@ pub struct TestDatabase {
 
 /// Where the shared test cluster lives.
 pub fn shared_cluster_dir() -> PathBuf {
-    std::env::temp_dir().join(format!("spot-runners-test-pg-{}", nix::unistd::Uid::effective()))
+    std::env::temp_dir().join(format!(
+        "spot-runners-test-pg-{}",
+        nix::unistd::Uid::effective()
+    ))
 }
 
 async fn admin_url() -> Result<String, StoreError> {
@@ -116,6 +119,9 @@ mod tests {
             replace_database("postgres://u:p@h:5/db?sslmode=disable", "t1"),
             "postgres://u:p@h:5/t1?sslmode=disable"
         );
-        assert_eq!(replace_database("postgres://u@h", "t1"), "postgres://u@h/t1");
+        assert_eq!(
+            replace_database("postgres://u@h", "t1"),
+            "postgres://u@h/t1"
+        );
     }
 }

@@ -1,0 +1,270 @@
+//! Configuration from the environment (DESIGN.md, "Configuration"), parsed
+//! once into types that cannot hold a bad value.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use secrecy::SecretString;
+use spot_runners_domain::webhook::WebhookSecrets;
+use spot_runners_domain::ControllerId;
+
+use crate::Error;
+
+/// The environment, as clap reads it (each variable can also be a flag).
+#[derive(Args, Clone)]
+pub struct RawSettings {
+    /// PostgreSQL URL; unset starts an embedded PostgreSQL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Where the embedded PostgreSQL keeps its data.
+    #[arg(long, env = "SPOT_RUNNERS_DATA_DIR", default_value = "./.spot-runners")]
+    pub data_dir: PathBuf,
+    /// Address for webhooks, health and metrics (port 0 picks a free port).
+    #[arg(long, env = "SPOT_RUNNERS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Webhook HMAC secret; a comma-separated list allows rotation.
+    #[arg(long, env = "SPOT_RUNNERS_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Names this deployment in tags and runner names.
+    #[arg(
+        long,
+        env = "SPOT_RUNNERS_CONTROLLER_ID",
+        default_value = "spot-runners"
+    )]
+    pub controller_id: String,
+    /// GitHub REST API base (GHES and tests point it elsewhere).
+    #[arg(
+        long,
+        env = "SPOT_RUNNERS_GITHUB_API_URL",
+        default_value = "https://api.github.com"
+    )]
+    pub github_api_url: String,
+    /// GitHub App id (preferred auth).
+    #[arg(long, env = "SPOT_RUNNERS_GITHUB_APP_ID")]
+    pub github_app_id: Option<u64>,
+    /// GitHub App private key: PEM text, or a path to a PEM file.
+    #[arg(
+        long,
+        env = "SPOT_RUNNERS_GITHUB_APP_PRIVATE_KEY",
+        hide_env_values = true
+    )]
+    pub github_app_private_key: Option<String>,
+    /// Alternative to an App: a token with org self-hosted-runner admin rights.
+    #[arg(long, env = "SPOT_RUNNERS_GITHUB_TOKEN", hide_env_values = true)]
+    pub github_token: Option<String>,
+    /// Seconds between periodic reconcile passes.
+    #[arg(
+        long,
+        env = "SPOT_RUNNERS_RECONCILE_INTERVAL_SECS",
+        default_value_t = 15
+    )]
+    pub reconcile_interval_secs: u64,
+    /// Global cap on live instances over all profiles.
+    #[arg(long, env = "SPOT_RUNNERS_MAX_INSTANCES", default_value_t = 100)]
+    pub max_instances: u32,
+    /// Days a delivery GUID is remembered for de-duplication.
+    #[arg(
+        long,
+        env = "SPOT_RUNNERS_DELIVERY_RETENTION_DAYS",
+        default_value_t = 7
+    )]
+    pub delivery_retention_days: u32,
+}
+
+/// How the service authenticates to GitHub.
+#[derive(Clone)]
+pub enum GitHubAuth {
+    App {
+        app_id: u64,
+        private_key: SecretString,
+    },
+    Token(SecretString),
+    None,
+}
+
+impl std::fmt::Debug for GitHubAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GitHubAuth::App { app_id, .. } => {
+                write!(f, "App {{ app_id: {app_id}, private_key: [redacted] }}")
+            }
+            GitHubAuth::Token(_) => f.write_str("Token([redacted])"),
+            GitHubAuth::None => f.write_str("None"),
+        }
+    }
+}
+
+/// Validated settings. `Debug` never shows a secret.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub database_url: Option<SecretString>,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub webhook_secrets: Option<WebhookSecrets>,
+    pub controller_id: ControllerId,
+    pub github_api_url: String,
+    pub github_auth: GitHubAuth,
+    pub reconcile_interval: Duration,
+    pub max_instances: u32,
+    pub delivery_retention: Duration,
+}
+
+fn non_blank(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
+impl RawSettings {
+    /// Validates everything; `simulate` relaxes what the simulator supplies.
+    pub fn parse(self, simulate: bool) -> Result<Settings, Error> {
+        let listen: SocketAddr = self.listen.parse().map_err(|_| {
+            Error::Config(format!(
+                "SPOT_RUNNERS_LISTEN={:?} is not an address like 0.0.0.0:8080",
+                self.listen
+            ))
+        })?;
+        let controller_id = ControllerId::parse(&self.controller_id)
+            .map_err(|e| Error::Config(format!("SPOT_RUNNERS_CONTROLLER_ID: {e}")))?;
+        let webhook_secrets = non_blank(self.webhook_secret)
+            .as_deref()
+            .and_then(WebhookSecrets::from_list);
+        if webhook_secrets.is_none() && !simulate {
+            return Err(Error::Config(
+                "SPOT_RUNNERS_WEBHOOK_SECRET is required (the secret set on the GitHub webhook; \
+                 a comma-separated list allows rotation)"
+                    .into(),
+            ));
+        }
+        let github_api_url = self.github_api_url.trim_end_matches('/').to_owned();
+        if !(github_api_url.starts_with("https://") || github_api_url.starts_with("http://")) {
+            return Err(Error::Config(format!(
+                "SPOT_RUNNERS_GITHUB_API_URL={github_api_url:?} is not an http(s) URL"
+            )));
+        }
+        let github_auth = match (
+            self.github_app_id,
+            non_blank(self.github_app_private_key),
+            non_blank(self.github_token),
+        ) {
+            (Some(app_id), Some(key), _) => GitHubAuth::App {
+                app_id,
+                private_key: SecretString::from(read_pem(&key)?),
+            },
+            (Some(_), None, _) | (None, Some(_), _) => return Err(Error::Config(
+                "SPOT_RUNNERS_GITHUB_APP_ID and SPOT_RUNNERS_GITHUB_APP_PRIVATE_KEY go together"
+                    .into(),
+            )),
+            (None, None, Some(token)) => GitHubAuth::Token(SecretString::from(token)),
+            (None, None, None) => GitHubAuth::None,
+        };
+        if self.reconcile_interval_secs == 0 {
+            return Err(Error::Config(
+                "SPOT_RUNNERS_RECONCILE_INTERVAL_SECS must be at least 1".into(),
+            ));
+        }
+        if self.delivery_retention_days == 0 {
+            return Err(Error::Config(
+                "SPOT_RUNNERS_DELIVERY_RETENTION_DAYS must be at least 1".into(),
+            ));
+        }
+        Ok(Settings {
+            database_url: non_blank(self.database_url).map(SecretString::from),
+            data_dir: self.data_dir,
+            listen,
+            webhook_secrets,
+            controller_id,
+            github_api_url,
+            github_auth,
+            reconcile_interval: Duration::from_secs(self.reconcile_interval_secs),
+            max_instances: self.max_instances,
+            delivery_retention: Duration::from_secs(
+                u64::from(self.delivery_retention_days) * 86_400,
+            ),
+        })
+    }
+}
+
+/// The key itself when it looks like PEM, else the contents of that file.
+fn read_pem(value: &str) -> Result<String, Error> {
+    if value.contains("-----BEGIN") {
+        return Ok(value.replace("\\n", "\n"));
+    }
+    std::fs::read_to_string(value.trim()).map_err(|e| {
+        Error::Config(format!(
+            "SPOT_RUNNERS_GITHUB_APP_PRIVATE_KEY is neither PEM text nor a readable file ({e})"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        raw: RawSettings,
+    }
+
+    fn raw(args: &[&str]) -> RawSettings {
+        Cli::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .unwrap()
+            .raw
+    }
+
+    #[test]
+    fn secret_required_unless_simulating() {
+        let err = raw(&[]).parse(false).unwrap_err().to_string();
+        assert!(err.contains("SPOT_RUNNERS_WEBHOOK_SECRET"), "{err}");
+        assert!(raw(&[]).parse(true).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_values_with_the_variable_named() {
+        let cases = [
+            (vec!["--listen", "nonsense"], "SPOT_RUNNERS_LISTEN"),
+            (
+                vec!["--controller-id", "Bad_Id"],
+                "SPOT_RUNNERS_CONTROLLER_ID",
+            ),
+            (
+                vec!["--github-api-url", "ftp://x"],
+                "SPOT_RUNNERS_GITHUB_API_URL",
+            ),
+            (
+                vec!["--github-app-id", "5"],
+                "SPOT_RUNNERS_GITHUB_APP_PRIVATE_KEY",
+            ),
+            (
+                vec!["--reconcile-interval-secs", "0"],
+                "SPOT_RUNNERS_RECONCILE_INTERVAL_SECS",
+            ),
+        ];
+        for (mut args, var) in cases {
+            args.extend(["--webhook-secret", "s"]);
+            let err = raw(&args).parse(false).unwrap_err().to_string();
+            assert!(err.contains(var), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let s = raw(&[
+            "--webhook-secret",
+            "hook-secret-1,hook-secret-2",
+            "--github-token",
+            "ghp_tokenvalue",
+            "--database-url",
+            "postgres://u:dbpassword@h/db",
+        ])
+        .parse(false)
+        .unwrap();
+        let shown = format!("{s:?}");
+        for secret in ["hook-secret-1", "ghp_tokenvalue", "dbpassword"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+        assert_eq!(s.webhook_secrets.unwrap().len(), 2);
+    }
+}

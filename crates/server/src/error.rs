@@ -1,0 +1,18 @@
+use thiserror::Error;
+
+/// Everything that can stop the service from starting or running.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] spot_runners_store::StoreError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}

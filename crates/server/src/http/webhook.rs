@@ -1,0 +1,242 @@
+//! `POST /webhook`: verify, parse, match, record durably, answer.
+//! Nothing here calls GitHub or AWS: the reconciler acts on the ledger.
+
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use spot_runners_domain::job::ParsedWorkflowJob;
+use spot_runners_domain::{JobStatus, WorkflowJobEvent};
+use spot_runners_store::{DeliveryOutcome, IncomingDelivery};
+use tokio::time::Instant;
+
+use super::{ApiError, AppState};
+use crate::ingest::IngestError;
+
+/// GitHub caps payloads at 25 MB.
+pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
+/// A delivery that cannot be committed within this is answered 503 (GitHub
+/// waits 10 s).
+pub const WEBHOOK_DEADLINE: Duration = Duration::from_secs(5);
+/// Longest `X-GitHub-Delivery` accepted (GitHub sends a 36-character GUID).
+const MAX_DELIVERY_ID: usize = 128;
+
+/// What a successful delivery came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Accepted {
+    Ping,
+    Recorded,
+    Duplicate,
+    Ignored,
+}
+
+impl Accepted {
+    fn outcome(self) -> &'static str {
+        match self {
+            Accepted::Ping | Accepted::Recorded => "accepted",
+            Accepted::Duplicate => "duplicate",
+            Accepted::Ignored => "ignored",
+        }
+    }
+}
+
+impl IntoResponse for Accepted {
+    fn into_response(self) -> Response {
+        let status = match self {
+            Accepted::Ping => StatusCode::OK,
+            _ => StatusCode::ACCEPTED,
+        };
+        let outcome = if self == Accepted::Ping {
+            "pong"
+        } else {
+            self.outcome()
+        };
+        (status, Json(serde_json::json!({ "outcome": outcome }))).into_response()
+    }
+}
+
+/// What the log line and the metric say about a delivery.
+#[derive(Default)]
+struct Delivery {
+    id: Option<String>,
+    event: String,
+    action: String,
+    job_id: Option<i64>,
+}
+
+impl Delivery {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        Self {
+            id: text("x-github-delivery"),
+            event: text("x-github-event").unwrap_or_default(),
+            ..Self::default()
+        }
+    }
+
+    /// Metric labels stay bounded whatever a sender puts in headers.
+    fn event_label(&self) -> &'static str {
+        match self.event.as_str() {
+            "workflow_job" => "workflow_job",
+            "ping" => "ping",
+            "" => "none",
+            _ => "other",
+        }
+    }
+
+    fn action_label(&self) -> &'static str {
+        match self.action.as_str() {
+            "" => "",
+            a => JobStatus::parse(a).map_or("other", JobStatus::as_str),
+        }
+    }
+}
+
+#[tracing::instrument(name = "webhook", skip_all)]
+pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let deadline = started + WEBHOOK_DEADLINE;
+    let mut delivery = Delivery::from_headers(&headers);
+    let result = handle(&state, &headers, body, &mut delivery, deadline).await;
+    let outcome = match &result {
+        Ok(a) => a.outcome(),
+        Err(e) => e.outcome(),
+    };
+    state
+        .metrics
+        .webhooks_total
+        .with_label_values(&[delivery.event_label(), delivery.action_label(), outcome])
+        .inc();
+    state
+        .metrics
+        .webhook_ack_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let id = delivery.id.as_deref().unwrap_or("");
+    match &result {
+        Ok(_) => tracing::info!(
+            delivery = id, event = %delivery.event, action = %delivery.action,
+            job_id = delivery.job_id, outcome, "webhook delivery"
+        ),
+        Err(e) => tracing::warn!(
+            delivery = id, event = %delivery.event, action = %delivery.action,
+            job_id = delivery.job_id, outcome, error = %e, "webhook delivery rejected"
+        ),
+    }
+    match result {
+        Ok(a) => a.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(ApiError::TooLarge);
+    }
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                ApiError::TooLarge
+            } else {
+                ApiError::Malformed(format!("reading the body: {e}"))
+            }
+        })
+}
+
+async fn handle(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    delivery: &mut Delivery,
+    deadline: Instant,
+) -> Result<Accepted, ApiError> {
+    let body = read_body(headers, body).await?;
+    if let Some(secrets) = &state.secrets {
+        let signature = headers
+            .get("x-hub-signature-256")
+            .and_then(|v| v.to_str().ok());
+        if !secrets.verify(signature, &body) {
+            return Err(ApiError::BadSignature);
+        }
+    }
+    match delivery.event.as_str() {
+        "ping" => return Ok(Accepted::Ping),
+        "workflow_job" => {}
+        "" => return Err(ApiError::Malformed("missing X-GitHub-Event".into())),
+        _ => return Ok(Accepted::Ignored),
+    }
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|ct| ct.starts_with("application/json"));
+    if !is_json {
+        return Err(ApiError::Malformed(
+            "content type must be application/json (set it in the webhook's settings)".into(),
+        ));
+    }
+    let id = match delivery.id.as_deref().map(str::trim) {
+        Some(id) if !id.is_empty() && id.len() <= MAX_DELIVERY_ID => id.to_owned(),
+        _ => {
+            return Err(ApiError::Malformed(
+                "missing or oversized X-GitHub-Delivery".into(),
+            ))
+        }
+    };
+    let job =
+        match WorkflowJobEvent::parse(&body).map_err(|e| ApiError::Malformed(e.to_string()))? {
+            ParsedWorkflowJob::Event(job) => *job,
+            ParsedWorkflowJob::IgnoredAction(action) => {
+                delivery.action = action;
+                return Ok(Accepted::Ignored);
+            }
+        };
+    delivery.action = job.status.as_str().to_owned();
+    delivery.job_id = Some(job.job_id);
+    let profile = state.profiles.match_job(&job.labels, &job.repository);
+    let wait = match (job.status, &profile, job.created_at, job.started_at) {
+        (JobStatus::InProgress, Ok(p), Some(created), Some(started)) => {
+            Some((p.clone(), (started - created).num_milliseconds()))
+        }
+        _ => None,
+    };
+    let incoming = IncomingDelivery {
+        delivery_id: id,
+        job,
+        profile,
+    };
+    let outcome = state
+        .ingest
+        .record(incoming, deadline)
+        .await
+        .map_err(|e: IngestError| ApiError::Unavailable(e.to_string()))?;
+    match outcome {
+        DeliveryOutcome::Duplicate => Ok(Accepted::Duplicate),
+        DeliveryOutcome::Accepted => {
+            if let Some((profile, ms)) = wait {
+                // GitHub's own clock on both ends, so a late delivery does
+                // not stretch the figure.
+                state
+                    .metrics
+                    .job_wait_seconds
+                    .with_label_values(&[&profile])
+                    .observe(ms.max(0) as f64 / 1000.0);
+            }
+            state.wake.notify_one();
+            Ok(Accepted::Recorded)
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The ledger writer. Webhook handlers hand it verified deliveries and wait
+//! for the durable commit; it writes whatever has queued up meanwhile in one
+//! transaction, so a burst shares commits (group commit) instead of paying
+//! one fsync per delivery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spot_runners_store::{DeliveryOutcome, IncomingDelivery, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Most deliveries written in one transaction.
+const MAX_BATCH: usize = 512;
+/// Deliveries waiting for the writer before senders are told "unavailable".
+const QUEUE: usize = 8192;
+
+/// Why a delivery could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the ledger could not be written in time")]
+    Timeout,
+    #[error("the ledger could not be written: {0}")]
+    Store(String),
+    #[error("the ledger writer has stopped")]
+    Stopped,
+}
+
+struct Pending {
+    delivery: IncomingDelivery,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<DeliveryOutcome, IngestError>>,
+}
+
+#[derive(Clone)]
+pub struct Ingest {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Ingest {
+    /// Starts the writer. It stops once every [`Ingest`] handle is dropped
+    /// and the queue is drained, so nothing accepted is left unwritten.
+    pub fn start(store: Arc<dyn Store>) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let task = tokio::spawn(write_loop(store, rx));
+        (Self { tx }, task)
+    }
+
+    /// Records one delivery; resolves after its transaction committed (or
+    /// failed, or `deadline` passed, in which case it is not recorded).
+    pub async fn record(
+        &self,
+        delivery: IncomingDelivery,
+        deadline: Instant,
+    ) -> Result<DeliveryOutcome, IngestError> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            delivery,
+            deadline,
+            reply,
+        };
+        tokio::time::timeout_at(deadline, self.tx.send(pending))
+            .await
+            .map_err(|_| IngestError::Timeout)?
+            .map_err(|_| IngestError::Stopped)?;
+        // The writer always answers, by the deadline at the latest (the
+        // store rolls back a batch it cannot commit in time); the margin
+        // only covers a writer that died.
+        match tokio::time::timeout_at(deadline + Duration::from_secs(1), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(IngestError::Stopped),
+            Err(_) => Err(IngestError::Timeout),
+        }
+    }
+}
+
+async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        // Whatever already missed its deadline is answered "unavailable"
+        // without being written, so it cannot cut the others' time short.
+        let now = Instant::now();
+        let (live, expired): (Vec<_>, Vec<_>) = batch.drain(..).partition(|p| p.deadline > now);
+        for p in expired {
+            let _ = p.reply.send(Err(IngestError::Timeout));
+        }
+        let Some(deadline) = live.iter().map(|p| p.deadline).min() else {
+            continue;
+        };
+        let (deliveries, replies): (Vec<_>, Vec<_>) =
+            live.into_iter().map(|p| (p.delivery, p.reply)).unzip();
+        match store.record_deliveries(&deliveries, deadline).await {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, deliveries = deliveries.len(), "ledger batch failed; answering 503");
+                for reply in replies {
+                    let _ = reply.send(Err(match &e {
+                        StoreError::Timeout => IngestError::Timeout,
+                        other => IngestError::Store(other.to_string()),
+                    }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! The spot-runners service: configuration, telemetry, the HTTP surface, the
+//! ledger writer and the background loops, wired together by [`startup`].
+
+pub mod configuration;
+pub mod database;
+mod error;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod profiles;
+pub mod startup;
+pub mod telemetry;
+
+pub use error::Error;

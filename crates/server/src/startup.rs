@@ -1,0 +1,188 @@
+//! Builds the service from settings and runs it until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spot_runners_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::configuration::Settings;
+use crate::database::Database;
+use crate::http::{router, AppState};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::profiles::ProfileCache;
+use crate::Error;
+
+/// Completed jobs stay in the jobs gauge this long.
+const COMPLETED_GAUGE_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// How often delivery GUIDs past their retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    database: Database,
+    writer: JoinHandle<()>,
+    settings: Settings,
+}
+
+impl Application {
+    /// Opens (and migrates) the database, loads the profiles and binds the
+    /// listener. Nothing is served until [`Application::run_until_stopped`].
+    pub async fn build(settings: Settings) -> Result<Self, Error> {
+        let database = Database::open(&settings).await?;
+        let metrics = Arc::new(Metrics::new()?);
+        let store: Arc<dyn Store> = Arc::new(database.store.clone());
+        let profiles = ProfileCache::default();
+        profiles.reload(store.as_ref(), &metrics).await?;
+        let (ingest, writer) = Ingest::start(Arc::clone(&store));
+        let listener = match TcpListener::bind(settings.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                database.close().await;
+                return Err(Error::Io {
+                    context: format!("binding {}", settings.listen),
+                    source: e,
+                });
+            }
+        };
+        let addr = listener.local_addr().map_err(|e| Error::Io {
+            context: "reading the bound address".into(),
+            source: e,
+        })?;
+        let state = AppState {
+            store,
+            ingest,
+            profiles,
+            metrics,
+            secrets: settings.webhook_secrets.clone(),
+            wake: Arc::new(Notify::new()),
+        };
+        Ok(Self {
+            listener,
+            addr,
+            state,
+            database,
+            writer,
+            settings,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains: in-flight requests
+    /// finish, every accepted delivery is committed, background loops stop,
+    /// and an embedded database is shut down.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Self {
+            listener,
+            addr,
+            state,
+            database,
+            writer,
+            settings,
+        } = self;
+        let stop = CancellationToken::new();
+        let background = vec![
+            tokio::spawn(state.profiles.clone().watch(
+                database.store.clone(),
+                Arc::clone(&state.metrics),
+                settings.reconcile_interval,
+                stop.clone(),
+            )),
+            tokio::spawn(maintenance(state.clone(), settings.clone(), stop.clone())),
+        ];
+        tracing::info!("listening on {addr}");
+        let app = router(state);
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        tracing::info!("shutting down");
+        stop.cancel();
+        for task in background {
+            let _ = task.await;
+        }
+        // The router (and with it every Ingest handle) is gone: the writer
+        // finishes what is queued and exits.
+        let _ = writer.await;
+        database.close().await;
+        served.map_err(|e| Error::Io {
+            context: "serving HTTP".into(),
+            source: e,
+        })
+    }
+}
+
+/// Periodic upkeep: the jobs gauge and delivery-GUID retention.
+async fn maintenance(state: AppState, settings: Settings, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(settings.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match state.store.job_counts(COMPLETED_GAUGE_WINDOW).await {
+            Ok(counts) => {
+                state.metrics.jobs.reset();
+                for c in counts {
+                    let profile = c.profile.as_deref().unwrap_or("");
+                    state
+                        .metrics
+                        .jobs
+                        .with_label_values(&[profile, c.status.as_str()])
+                        .set(c.count);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "counting jobs failed"),
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            match state
+                .store
+                .prune_deliveries(settings.delivery_retention)
+                .await
+            {
+                Ok(n) if n > 0 => tracing::info!(pruned = n, "forgot old delivery GUIDs"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "pruning deliveries failed"),
+            }
+            last_prune = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

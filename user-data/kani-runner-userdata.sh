@@ -1,0 +1,160 @@
+#!/bin/bash
+# spot-runners boot script: the service fills in the quoted values below
+# (plain text substitution) and sends the result as EC2 user data, so the file
+# must stay valid shell both as a template and once rendered, and stay small
+# (EC2 caps user data at 16 KB and the JIT config alone takes several KB).
+#
+# One instance runs one job, then powers itself off, which terminates it
+# (InstanceInitiatedShutdownBehavior=terminate). It also powers off when no job
+# has started by the idle limit, at the maximum lifetime, and whenever this
+# script fails: the service terminates instances itself, but an outage of the
+# service must never leave an instance running up a bill.
+set -euo pipefail
+
+CONTROLLER_ID='@@CONTROLLER_ID@@'
+PROFILE='@@PROFILE@@'
+RUNNER_NAME='@@RUNNER_NAME@@'
+JIT_CONFIG='@@JIT_CONFIG@@'
+# Seconds after boot by which a job must have started; seconds after boot at
+# which the instance goes whatever it is doing.
+IDLE_LIMIT_SECS='@@IDLE_LIMIT_SECS@@'
+MAX_LIFETIME_SECS='@@MAX_LIFETIME_SECS@@'
+
+# Used only when the AMI lacks the runner. Keep in step with the defaults in
+# packer/kani-runner-ami.pkr.hcl (scripts/check-assets compares them).
+RUNNER_VERSION='2.334.0'
+RUNNER_SHA256='048024cd2c848eb6f14d5646d56c13a4def2ae7ee3ad12122bee960c56f3d271'
+
+RUNNER_DIR=/opt/actions-runner
+RUNNER_USER=runner
+IMDS=http://169.254.169.254/latest
+
+# The journal for a live instance, the serial console for one that is gone or
+# unreachable (aws ec2 get-console-output), a file for a quick look.
+console=/dev/console
+[[ -w $console ]] || console=/dev/null
+exec > >(tee -a /var/log/spot-runners-userdata.log | logger -t spot-runners -s 2>"$console") 2>&1
+
+log() { printf '%s %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
+
+powering_off=''
+power_off() {
+  [[ -z $powering_off ]] || return 0
+  powering_off=1
+  log "powering off: $*"
+  shutdown -h now || poweroff --force
+}
+
+die() {
+  log "FATAL: $*"
+  exit 1
+}
+
+trap 'power_off "boot script ended (status $?)"' EXIT
+
+# A value that fails these checks means the service did not render the
+# template; running on would only burn money until a watchdog fired.
+[[ $JIT_CONFIG =~ ^[A-Za-z0-9+/=]+$ ]] || die "no JIT config in the user data"
+[[ $IDLE_LIMIT_SECS =~ ^[1-9][0-9]*$ ]] || die "idle limit is not a number of seconds"
+[[ $MAX_LIFETIME_SECS =~ ^[1-9][0-9]*$ ]] || die "lifetime is not a number of seconds"
+
+imds_token() {
+  curl -fsS --max-time 5 --retry 3 --retry-connrefused -X PUT \
+    -H 'X-aws-ec2-metadata-token-ttl-seconds: 21600' "$IMDS/api/token"
+}
+
+imds_get() {
+  curl -fsS --max-time 5 -H "X-aws-ec2-metadata-token: $1" "$IMDS/meta-data/$2" || echo '?'
+}
+
+uptime_secs() {
+  local up _
+  read -r up _ </proc/uptime
+  echo "${up%.*}"
+}
+
+# A Worker log appears, and a Runner.Worker process runs, only once the
+# runner has been given a job.
+job_started() {
+  compgen -G "$RUNNER_DIR/_diag/Worker_*.log" >/dev/null || pgrep -x Runner.Worker >/dev/null
+}
+
+watchdog() {
+  local up started=''
+  while sleep 10; do
+    up=$(uptime_secs)
+    if ((up >= MAX_LIFETIME_SECS)); then
+      power_off "maximum lifetime of ${MAX_LIFETIME_SECS}s reached"
+      return
+    fi
+    [[ -z $started ]] || continue
+    if job_started; then
+      started=1
+      log "job started ${up}s after boot"
+    elif ((up >= IDLE_LIMIT_SECS)); then
+      power_off "no job started within ${IDLE_LIMIT_SECS}s of boot"
+      return
+    fi
+  done
+}
+
+# EC2 posts a spot interruption notice about two minutes ahead. Nothing here
+# can save the job; the log line tells whoever reads the console why it died.
+spot_notice_watch() {
+  local token='' token_at=-100000 reply code
+  while sleep 5; do
+    # Tokens live 6 h and an instance may live longer: renew every hour.
+    if ((SECONDS - token_at > 3600)); then
+      token=$(imds_token 2>/dev/null) || continue
+      token_at=$SECONDS
+    fi
+    reply=$(curl -sS --max-time 3 -w '\n%{http_code}' \
+      -H "X-aws-ec2-metadata-token: $token" "$IMDS/meta-data/spot/instance-action" 2>/dev/null) || continue
+    code=${reply##*$'\n'}
+    case $code in
+      200)
+        log "spot interruption notice: ${reply%$'\n'*}"
+        return
+        ;;
+      401) token_at=-100000 ;;
+    esac
+  done
+}
+
+# Slow path for an AMI without the runner: a pinned release, checked against
+# its published digest before anything in it runs.
+install_runner() {
+  log "runner missing from the image: installing $RUNNER_VERSION (slow path)"
+  [[ $RUNNER_SHA256 =~ ^[0-9a-f]{64}$ ]] || die "RUNNER_SHA256 is not a digest; refusing an unverified runner"
+  id -u "$RUNNER_USER" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$RUNNER_USER"
+  local tgz=/tmp/actions-runner.tar.gz
+  curl -fsSL --retry 5 --retry-connrefused -o "$tgz" \
+    "https://github.com/actions/runner/releases/download/v${RUNNER_VERSION}/actions-runner-linux-x64-${RUNNER_VERSION}.tar.gz"
+  echo "$RUNNER_SHA256  $tgz" | sha256sum --check --quiet - || die "runner tarball does not match RUNNER_SHA256"
+  mkdir -p "$RUNNER_DIR"
+  tar -xzf "$tgz" -C "$RUNNER_DIR"
+  rm -f "$tgz"
+  "$RUNNER_DIR/bin/installdependencies.sh" || log "installdependencies.sh failed; trying the runner anyway"
+  chown -R "$RUNNER_USER:" "$RUNNER_DIR"
+}
+
+token=$(imds_token) || token=''
+log "runner $RUNNER_NAME, profile $PROFILE, controller $CONTROLLER_ID," \
+  "instance $(imds_get "$token" instance-id) ($(imds_get "$token" instance-type)," \
+  "$(imds_get "$token" placement/availability-zone)); job within ${IDLE_LIMIT_SECS}s," \
+  "lifetime ${MAX_LIFETIME_SECS}s"
+
+[[ -x $RUNNER_DIR/run.sh ]] || install_runner
+
+watchdog &
+spot_notice_watch &
+
+home=$(getent passwd "$RUNNER_USER" | cut -d: -f6)
+cd "$RUNNER_DIR"
+status=0
+# A clean environment: nothing from cloud-init or root leaks into jobs.
+runuser -u "$RUNNER_USER" -- env -i \
+  HOME="$home" USER="$RUNNER_USER" LOGNAME="$RUNNER_USER" SHELL=/bin/bash LANG=C.UTF-8 \
+  PATH="$home/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+  ./run.sh --jitconfig "$JIT_CONFIG" || status=$?
+log "runner exited with status $status"

@@ -10,6 +10,7 @@ mod error;
 pub mod job;
 pub mod matching;
 pub mod names;
+pub mod ports;
 pub mod profile;
 pub mod runner;
 pub mod userdata;

@@ -1,1 +1,450 @@
-//! placeholder
+//! The production [`GitHub`] port: registers just-in-time runners, lists and
+//! deletes runners, and looks up jobs through GitHub's REST API (octocrab).
+//!
+//! Authenticates as a GitHub App (an installation token per organization,
+//! cached and refreshed before expiry) or with a plain token. Server errors
+//! are retried here with backoff; rate limits are handed back to the caller
+//! as [`GitHubError::RateLimited`] with the wait GitHub asked for. Every URL
+//! is built from the configured API URL, never taken from a payload, and no
+//! credential reaches a log line or a `Debug` output.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Method, StatusCode, Uri};
+use octocrab::service::middleware::retry::RetryConfig;
+use octocrab::Octocrab;
+use secrecy::{ExposeSecret, SecretString};
+use spot_runners_domain::ports::{
+    GitHub, GitHubError, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+};
+
+mod app;
+mod scope;
+mod transport;
+
+use app::AppAuth;
+use scope::Target;
+use transport::{classify, Reply, Request, RetryPolicy, Transport};
+
+/// `per_page` maximum of the runners list.
+const PAGE_SIZE: usize = 100;
+
+/// Guards against a server that keeps answering full pages.
+const MAX_PAGES: u32 = 1000;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Told about every HTTP response the adapter receives (retries and token
+/// exchanges included). The server backs it with
+/// `spot_runners_github_api_requests_total{endpoint,status}` and
+/// `spot_runners_github_rate_limit_remaining`.
+pub trait ApiObserver: Send + Sync {
+    /// `endpoint` is one of `generate_jitconfig`, `list_runners`,
+    /// `delete_runner`, `get_job`, `get_installation`, `installation_token`.
+    fn request(&self, endpoint: &'static str, status: u16);
+
+    /// The `x-ratelimit-remaining` of a response that carried one.
+    fn rate_limit_remaining(&self, remaining: i64);
+}
+
+/// How the adapter authenticates.
+#[derive(Clone)]
+pub enum Auth {
+    /// A GitHub App; tokens are obtained per installation.
+    App {
+        app_id: u64,
+        private_key_pem: SecretString,
+    },
+    /// A personal access token or any other bearer token.
+    Token(SecretString),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::App { app_id, .. } => f
+                .debug_struct("App")
+                .field("app_id", app_id)
+                .field("private_key_pem", &"[redacted]")
+                .finish(),
+            Auth::Token(_) => f.write_str("Token([redacted])"),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GitHubConfig {
+    /// `https://api.github.com`, or a GHES `https://HOST/api/v3`.
+    pub api_url: String,
+    pub auth: Auth,
+    pub metrics: Option<Arc<dyn ApiObserver>>,
+}
+
+impl fmt::Debug for GitHubConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GitHubConfig")
+            .field("api_url", &self.api_url)
+            .field("auth", &self.auth)
+            .field("metrics", &self.metrics.is_some())
+            .finish()
+    }
+}
+
+/// Why the adapter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid GitHub API URL: {0}")]
+    InvalidUrl(String),
+    #[error("invalid GitHub App private key: {0}")]
+    InvalidPrivateKey(String),
+    #[error("cannot set up the GitHub HTTP client: {0}")]
+    Client(String),
+}
+
+enum Credentials {
+    Token(Octocrab),
+    App(AppAuth),
+}
+
+/// [`GitHub`] on octocrab.
+pub struct OctocrabGitHub {
+    api_url: String,
+    credentials: Credentials,
+    transport: Transport,
+}
+
+impl fmt::Debug for OctocrabGitHub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = f.debug_struct("OctocrabGitHub");
+        s.field("api_url", &self.api_url);
+        match &self.credentials {
+            Credentials::Token(_) => s.field("auth", &"token"),
+            Credentials::App(app) => s.field("app_id", &app.app_id),
+        };
+        s.field("retry", &self.transport.retry).finish()
+    }
+}
+
+impl OctocrabGitHub {
+    pub fn new(config: GitHubConfig) -> Result<Self, Error> {
+        let GitHubConfig {
+            api_url,
+            auth,
+            metrics,
+        } = config;
+        let (origin, base_path) = split_api_url(&api_url)?;
+
+        // Retries are ours: octocrab's would retry 5xx without backoff and
+        // sleep through rate limits.
+        let builder = Octocrab::builder()
+            .base_uri(origin)
+            .map_err(|e| Error::InvalidUrl(e.to_string()))?
+            .add_retry_config(RetryConfig::None)
+            .set_connect_timeout(Some(CONNECT_TIMEOUT))
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .add_header(
+                http::header::ACCEPT,
+                "application/vnd.github+json".to_owned(),
+            );
+
+        let credentials = match auth {
+            Auth::Token(token) => Credentials::Token(
+                builder
+                    .personal_token(token)
+                    .build()
+                    .map_err(|e| Error::Client(e.to_string()))?,
+            ),
+            Auth::App {
+                app_id,
+                private_key_pem,
+            } => {
+                let key =
+                    octocrab::EncodingKey::from_rsa_pem(private_key_pem.expose_secret().as_bytes())
+                        .map_err(|e| Error::InvalidPrivateKey(e.to_string()))?;
+                // A key that parses may still fail to sign; better to learn
+                // that at startup than on the first webhook.
+                octocrab::auth::create_jwt(octocrab::models::AppId(app_id), &key)
+                    .map_err(|e| Error::InvalidPrivateKey(e.to_string()))?;
+                let app = builder
+                    .app(octocrab::models::AppId(app_id), key)
+                    .build()
+                    .map_err(|e| Error::Client(e.to_string()))?;
+                Credentials::App(AppAuth::new(app_id, app))
+            }
+        };
+
+        Ok(Self {
+            api_url,
+            credentials,
+            transport: Transport {
+                base_path,
+                observer: metrics,
+                retry: RetryPolicy::default(),
+            },
+        })
+    }
+
+    /// Replaces the default server-error retries (3, from 250 ms doubling,
+    /// with jitter).
+    pub fn with_retries(mut self, max_retries: u32, base_delay: Duration) -> Self {
+        self.transport.retry.max_retries = max_retries;
+        self.transport.retry.base_delay = base_delay;
+        self
+    }
+
+    /// One call, authenticated for `target`. With App auth, a 401 means the
+    /// cached token was revoked early: it is replaced once.
+    async fn call(
+        &self,
+        target: &Target,
+        endpoint: &'static str,
+        request: Request,
+    ) -> Result<Reply, GitHubError> {
+        match &self.credentials {
+            Credentials::Token(client) => self.transport.send(client, endpoint, &request).await,
+            Credentials::App(app) => {
+                let (installation, client) = app.client(&self.transport, target).await?;
+                let reply = self.transport.send(&client, endpoint, &request).await?;
+                if reply.status != StatusCode::UNAUTHORIZED {
+                    return Ok(reply);
+                }
+                tracing::info!(
+                    installation,
+                    endpoint,
+                    "GitHub rejected the installation token; getting a new one"
+                );
+                app.forget_token(installation).await;
+                let (_, client) = app.client(&self.transport, target).await?;
+                self.transport.send(&client, endpoint, &request).await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl GitHub for OctocrabGitHub {
+    async fn generate_jit_config(
+        &self,
+        scope: &RunnerScope,
+        request: &JitRequest,
+    ) -> Result<JitConfig, GitHubError> {
+        const ENDPOINT: &str = "generate_jitconfig";
+        let target = Target::from_scope(scope)?;
+        let body = serde_json::json!({
+            "name": request.name,
+            "runner_group_id": request.runner_group_id,
+            "labels": request.labels,
+            "work_folder": "_work",
+        });
+        let http_request = self.transport.request(
+            Method::POST,
+            &format!("{}/actions/runners/generate-jitconfig", target.prefix()),
+            Some(body),
+        );
+        let reply = self.call(&target, ENDPOINT, http_request).await?;
+        if reply.status == StatusCode::CONFLICT {
+            return Err(GitHubError::NameTaken);
+        }
+        if !reply.status.is_success() {
+            return Err(classify(ENDPOINT, &reply));
+        }
+
+        #[derive(serde::Deserialize)]
+        struct Runner {
+            id: i64,
+        }
+        #[derive(serde::Deserialize)]
+        struct Body {
+            runner: Runner,
+            encoded_jit_config: String,
+        }
+        let body: Body = reply.json(ENDPOINT)?;
+        tracing::debug!(runner = %request.name, runner_id = body.runner.id, %scope, "JIT runner registered");
+        Ok(JitConfig {
+            runner_id: body.runner.id,
+            encoded: SecretString::from(body.encoded_jit_config),
+        })
+    }
+
+    async fn list_runners(&self, scope: &RunnerScope) -> Result<Vec<GitHubRunner>, GitHubError> {
+        const ENDPOINT: &str = "list_runners";
+        #[derive(serde::Deserialize)]
+        struct Label {
+            name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Runner {
+            id: i64,
+            name: String,
+            status: String,
+            busy: bool,
+            #[serde(default)]
+            labels: Vec<Label>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Page {
+            total_count: usize,
+            runners: Vec<Runner>,
+        }
+
+        let target = Target::from_scope(scope)?;
+        let mut runners: Vec<GitHubRunner> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for page in 1..=MAX_PAGES {
+            let http_request = self.transport.request(
+                Method::GET,
+                &format!(
+                    "{}/actions/runners?per_page={PAGE_SIZE}&page={page}",
+                    target.prefix()
+                ),
+                None,
+            );
+            let reply = self.call(&target, ENDPOINT, http_request).await?;
+            if !reply.status.is_success() {
+                return Err(classify(ENDPOINT, &reply));
+            }
+            let body: Page = reply.json(ENDPOINT)?;
+            let fetched = body.runners.len();
+            // Runners registered or removed between two pages shift the
+            // others; one may show up twice.
+            for r in body.runners {
+                if seen.insert(r.id) {
+                    runners.push(GitHubRunner {
+                        id: r.id,
+                        name: r.name,
+                        online: r.status == "online",
+                        busy: r.busy,
+                        labels: r.labels.into_iter().map(|l| l.name).collect(),
+                    });
+                }
+            }
+            if fetched < PAGE_SIZE || runners.len() >= body.total_count {
+                return Ok(runners);
+            }
+        }
+        Err(GitHubError::Transient(format!(
+            "{ENDPOINT}: more than {MAX_PAGES} pages of runners for {scope}"
+        )))
+    }
+
+    async fn delete_runner(&self, scope: &RunnerScope, runner_id: i64) -> Result<(), GitHubError> {
+        const ENDPOINT: &str = "delete_runner";
+        let target = Target::from_scope(scope)?;
+        let http_request = self.transport.request(
+            Method::DELETE,
+            &format!("{}/actions/runners/{runner_id}", target.prefix()),
+            None,
+        );
+        let reply = self.call(&target, ENDPOINT, http_request).await?;
+        if reply.status.is_success() || reply.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        Err(classify(ENDPOINT, &reply))
+    }
+
+    async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {
+        const ENDPOINT: &str = "get_job";
+        #[derive(serde::Deserialize)]
+        struct Job {
+            status: String,
+            conclusion: Option<String>,
+            runner_name: Option<String>,
+        }
+
+        let target = Target::repository(repository)?;
+        let http_request = self.transport.request(
+            Method::GET,
+            &format!("{}/actions/jobs/{job_id}", target.prefix()),
+            None,
+        );
+        let reply = self.call(&target, ENDPOINT, http_request).await?;
+        if !reply.status.is_success() {
+            return Err(classify(ENDPOINT, &reply));
+        }
+        let job: Job = reply.json(ENDPOINT)?;
+        Ok(JobReport {
+            status: job.status,
+            conclusion: job.conclusion,
+            // A queued job reports an empty name on some GitHub versions.
+            runner_name: job.runner_name.filter(|n| !n.is_empty()),
+        })
+    }
+}
+
+/// `scheme://authority` for octocrab, and the path prefix (GHES's `/api/v3`)
+/// for every request path.
+fn split_api_url(api_url: &str) -> Result<(String, String), Error> {
+    // Checked before parsing so that no error message can echo it: the part
+    // before '@' would be a credential.
+    if api_url.contains('@') {
+        return Err(Error::InvalidUrl(
+            "credentials in the URL are not supported".to_owned(),
+        ));
+    }
+    let uri: Uri = api_url
+        .trim()
+        .parse()
+        .map_err(|e| Error::InvalidUrl(format!("{api_url:?}: {e}")))?;
+    let scheme = match uri.scheme_str() {
+        Some(s @ ("http" | "https")) => s,
+        _ => {
+            return Err(Error::InvalidUrl(format!(
+                "{api_url:?}: must start with https:// or http://"
+            )))
+        }
+    };
+    let Some(authority) = uri.authority() else {
+        return Err(Error::InvalidUrl(format!("{api_url:?}: no host")));
+    };
+    if uri.query().is_some() {
+        return Err(Error::InvalidUrl(format!(
+            "{api_url:?}: a query string is not supported"
+        )));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    Ok((format!("{scheme}://{authority}"), base_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_urls_split_into_origin_and_prefix() {
+        assert_eq!(
+            split_api_url("https://api.github.com").unwrap(),
+            ("https://api.github.com".to_owned(), String::new())
+        );
+        assert_eq!(
+            split_api_url("https://ghe.example.com/api/v3/").unwrap(),
+            ("https://ghe.example.com".to_owned(), "/api/v3".to_owned())
+        );
+        assert_eq!(
+            split_api_url("http://127.0.0.1:8080").unwrap(),
+            ("http://127.0.0.1:8080".to_owned(), String::new())
+        );
+    }
+
+    #[test]
+    fn bad_api_urls_are_refused_without_echoing_credentials() {
+        for url in [
+            "",
+            "api.github.com",
+            "ftp://x",
+            "https://x/?a=b",
+            "not a url",
+        ] {
+            assert!(
+                matches!(split_api_url(url), Err(Error::InvalidUrl(_))),
+                "{url}"
+            );
+        }
+        let err = split_api_url("https://user:hunter2@ghe.example.com").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+}

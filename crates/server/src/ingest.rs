@@ -10,6 +10,7 @@ use spot_runners_store::{DeliveryOutcome, IncomingDelivery, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Most deliveries written in one transaction.
 const MAX_BATCH: usize = 512;
@@ -39,11 +40,12 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    /// Starts the writer. It stops once every [`Ingest`] handle is dropped
-    /// and the queue is drained, so nothing accepted is left unwritten.
-    pub fn start(store: Arc<dyn Store>) -> (Self, JoinHandle<()>) {
+    /// Starts the writer. Once `stop` fires it takes no new deliveries
+    /// (senders get "unavailable"), writes everything already queued and
+    /// exits, so nothing accepted is left unwritten.
+    pub fn start(store: Arc<dyn Store>, stop: CancellationToken) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let task = tokio::spawn(write_loop(store, rx));
+        let task = tokio::spawn(write_loop(store, rx, stop));
         (Self { tx }, task)
     }
 
@@ -75,9 +77,26 @@ impl Ingest {
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Pending>) {
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Pending>,
+    stop: CancellationToken,
+) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
+    let mut closed = false;
+    loop {
+        let first = tokio::select! {
+            biased;
+            p = rx.recv() => match p {
+                Some(p) => p,
+                None => break,
+            },
+            _ = stop.cancelled(), if !closed => {
+                rx.close();
+                closed = true;
+                continue;
+            }
+        };
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {

@@ -31,6 +31,8 @@ pub struct Application {
     database: Database,
     writer: JoinHandle<()>,
     settings: Settings,
+    /// Fired once the HTTP server has drained: stops the writer and loops.
+    stop: CancellationToken,
 }
 
 impl Application {
@@ -42,10 +44,12 @@ impl Application {
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
         profiles.reload(store.as_ref(), &metrics).await?;
-        let (ingest, writer) = Ingest::start(Arc::clone(&store));
+        let stop = CancellationToken::new();
+        let (ingest, writer) = Ingest::start(Arc::clone(&store), stop.clone());
         let listener = match TcpListener::bind(settings.listen).await {
             Ok(l) => l,
             Err(e) => {
+                stop.cancel();
                 database.close().await;
                 return Err(Error::Io {
                     context: format!("binding {}", settings.listen),
@@ -72,6 +76,7 @@ impl Application {
             database,
             writer,
             settings,
+            stop,
         })
     }
 
@@ -97,8 +102,8 @@ impl Application {
             database,
             writer,
             settings,
+            stop,
         } = self;
-        let stop = CancellationToken::new();
         let background = vec![
             tokio::spawn(state.profiles.clone().watch(
                 database.store.clone(),
@@ -118,8 +123,8 @@ impl Application {
         for task in background {
             let _ = task.await;
         }
-        // The router (and with it every Ingest handle) is gone: the writer
-        // finishes what is queued and exits.
+        // No request is in flight any more; the writer commits what is
+        // queued and exits.
         let _ = writer.await;
         database.close().await;
         served.map_err(|e| Error::Io {

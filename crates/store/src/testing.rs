@@ -1,6 +1,7 @@
 //! Test support: a fresh, migrated database per test on a real PostgreSQL.
 //!
-//! With `DATABASE_URL` set (it must name a role that may create databases),
+//! With `SPOT_RUNNERS_TEST_DATABASE_URL` or `DATABASE_URL` set (it must name a
+//! role that may create databases),
 //! databases are created there. Otherwise a throwaway cluster is started from
 //! the machine's PostgreSQL binaries under the system temp directory and
 //! shared by every test process (nextest runs each test in its own); it keeps
@@ -31,8 +32,12 @@ pub fn shared_cluster_dir() -> PathBuf {
 }
 
 async fn admin_url() -> Result<String, StoreError> {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok(url);
+    for var in ["SPOT_RUNNERS_TEST_DATABASE_URL", "DATABASE_URL"] {
+        if let Ok(url) = std::env::var(var) {
+            if !url.trim().is_empty() {
+                return Ok(url);
+            }
+        }
     }
     let dir = shared_cluster_dir();
     std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;

@@ -1,0 +1,134 @@
+//! The deployment assets agree with the service: every metric a dashboard or
+//! an alert queries is one the service exports, and the boot script the
+//! service renders is the one in `user-data/`, within EC2's size limit.
+
+use std::path::{Path, PathBuf};
+
+use spot_runners::metrics::Metrics;
+use spot_runners_domain::profile::{example_row, Profile};
+use spot_runners_domain::userdata::{render, UserDataValues, MAX_USER_DATA_BYTES, TEMPLATE};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Every `spot_runners_*` identifier in a text, histogram suffixes removed.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("spot_runners_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let preceded_by_word = rest[..i]
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !preceded_by_word {
+            let name = &tail[..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            names.push(base.to_owned());
+        }
+        rest = &tail[end..];
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[test]
+fn dashboards_and_alerts_query_only_exported_metrics() {
+    let exported = Metrics::new().unwrap().names();
+    let files = [
+        "deploy/grafana/dashboards/spot-runners.json",
+        "deploy/prometheus/alerts.yml",
+    ];
+    for file in files {
+        let text = std::fs::read_to_string(repo().join(file)).unwrap();
+        let used = metric_names(&text);
+        assert!(!used.is_empty(), "{file} queries no spot_runners metric");
+        for name in used {
+            // Families that are histograms are exported as name_bucket etc.,
+            // which metric_names already folded back.
+            assert!(
+                exported.contains(&name),
+                "{file} queries {name}, which the service does not export"
+            );
+        }
+    }
+}
+
+#[test]
+fn contract_metrics_are_exported() {
+    let exported = Metrics::new().unwrap().names();
+    for name in [
+        "spot_runners_webhooks_total",
+        "spot_runners_jobs",
+        "spot_runners_runners",
+        "spot_runners_launches_total",
+        "spot_runners_launch_errors_total",
+        "spot_runners_job_wait_seconds",
+        "spot_runners_launch_latency_seconds",
+        "spot_runners_reconcile_duration_seconds",
+        "spot_runners_github_api_requests_total",
+        "spot_runners_github_rate_limit_remaining",
+    ] {
+        assert!(exported.iter().any(|n| n == name), "{name} missing");
+    }
+}
+
+/// A JIT config of the real shape: base64 of a JSON document of a few KB.
+fn jit_shaped() -> String {
+    use base64::Engine;
+    let inner = format!(
+        r#"{{".runner":"{}",".credentials":"{}",".credentials_rsaparams":"{}"}}"#,
+        "x".repeat(600),
+        "y".repeat(500),
+        "z".repeat(1700)
+    );
+    base64::engine::general_purpose::STANDARD.encode(inner.as_bytes())
+}
+
+#[test]
+fn the_rendered_boot_script_is_the_repository_template_and_fits() {
+    let on_disk =
+        std::fs::read_to_string(repo().join("user-data/kani-runner-userdata.sh")).unwrap();
+    assert_eq!(
+        TEMPLATE, on_disk,
+        "the binary embeds user-data/kani-runner-userdata.sh"
+    );
+
+    let profile = Profile::try_from(example_row(
+        "kani-medium",
+        &["linux", "x64", "spot", "kani"],
+    ))
+    .unwrap();
+    let jit = jit_shaped();
+    assert!(jit.len() > 3500);
+    let rendered = render(&UserDataValues {
+        controller_id: "spot-runners",
+        runner_name: "spot-runners-kani-medium-abcd1234",
+        jit_config: &jit,
+        profile: &profile,
+    })
+    .unwrap();
+    assert!(
+        rendered.len() < MAX_USER_DATA_BYTES,
+        "{} bytes",
+        rendered.len()
+    );
+    assert!(rendered.contains(&jit));
+    assert!(
+        rendered.contains("'900'"),
+        "idle limit = boot + idle timeout"
+    );
+    assert!(rendered.contains("'28800'"), "lifetime from the profile");
+    assert!(!rendered.contains("@@"));
+    // scripts/test hands this file to shellcheck (scripts/check-assets).
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rendered-user-data.sh");
+    std::fs::write(&out, rendered).unwrap();
+}

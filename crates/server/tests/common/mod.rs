@@ -1,0 +1,222 @@
+//! `spawn_app()`: the real service on port 0 with a fresh database, driven by
+//! a real HTTP client with signed deliveries of GitHub's payload shape.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde_json::Value;
+use spot_runners::configuration::{GitHubAuth, Settings};
+use spot_runners::http::AppState;
+use spot_runners::startup::Application;
+use spot_runners_domain::webhook::{sign, WebhookSecrets};
+use spot_runners_store::testing::{test_database, TestDatabase};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SECRET: &str = "It's a Secret to Everybody";
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub db: TestDatabase,
+    pub state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), spot_runners::Error>>>,
+}
+
+pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
+    Settings {
+        database_url: Some(SecretString::from(db.url.clone())),
+        data_dir: PathBuf::from("/nonexistent"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        webhook_secrets: WebhookSecrets::from_list(secrets),
+        controller_id: Default::default(),
+        github_api_url: "http://127.0.0.1:9".into(),
+        github_auth: GitHubAuth::None,
+        reconcile_interval: Duration::from_secs(3600),
+        max_instances: 100,
+        delivery_retention: Duration::from_secs(7 * 86_400),
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with_secrets(SECRET).await
+}
+
+pub async fn spawn_app_with_secrets(secrets: &str) -> TestApp {
+    spot_runners::telemetry::init();
+    let db = test_database().await.expect("test database");
+    let app = Application::build(settings(&db, secrets))
+        .await
+        .expect("app builds");
+    let base = format!("http://{}", app.local_addr());
+    let state = app.state().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        db,
+        state,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    /// Signs `body` with the test secret and posts it.
+    pub async fn deliver(&self, event: &str, delivery: &str, body: &[u8]) -> reqwest::Response {
+        self.deliver_signed(event, delivery, body, &sign(SECRET.as_bytes(), body))
+            .await
+    }
+
+    pub async fn deliver_signed(
+        &self,
+        event: &str,
+        delivery: &str,
+        body: &[u8],
+        signature: &str,
+    ) -> reqwest::Response {
+        self.client
+            .post(format!("{}/webhook", self.base))
+            .header("X-GitHub-Event", event)
+            .header("X-GitHub-Delivery", delivery)
+            .header("X-Hub-Signature-256", signature)
+            .header("Content-Type", "application/json")
+            .header("User-Agent", "GitHub-Hookshot/test")
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn insert_profile(&self, name: &str, labels: &[&str]) {
+        let labels: Vec<String> = labels.iter().map(|s| (*s).to_owned()).collect();
+        sqlx::query(
+            "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids)
+             VALUES ($1, $2, '{c6i.4xlarge}', 'ami-0123456789abcdef0', '{}')",
+        )
+        .bind(name)
+        .bind(&labels)
+        .execute(self.db.store.pool())
+        .await
+        .expect("profile inserted");
+    }
+
+    /// (status, profile, match_error, runner_name) of a job.
+    pub async fn job(&self, id: i64) -> Option<JobRow> {
+        sqlx::query_as::<_, JobRow>(
+            "SELECT status, profile, match_error, runner_name, conclusion, org, repository,
+                    queued_at IS NOT NULL AS queued_seen
+             FROM workflow_jobs WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(self.db.store.pool())
+        .await
+        .expect("query")
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(self.db.store.pool())
+            .await
+            .expect("count")
+    }
+
+    /// Waits (bounded) until `f` holds.
+    pub async fn eventually<F, Fut>(&self, what: &str, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f().await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("joined").expect("clean shutdown");
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<spot_runners::metrics::Metrics> {
+        Arc::clone(&self.state.metrics)
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct JobRow {
+    pub status: String,
+    pub profile: Option<String>,
+    pub match_error: Option<String>,
+    pub runner_name: Option<String>,
+    pub conclusion: Option<String>,
+    pub org: Option<String>,
+    pub repository: String,
+    pub queued_seen: bool,
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).expect("fixture")).expect("fixture json")
+}
+
+/// A `workflow_job` body of GitHub's real shape (the official organization
+/// example), with this job id, action and labels.
+pub fn job_payload(action: &str, job_id: i64, labels: &[&str]) -> Vec<u8> {
+    let mut v = fixture("workflow_job/in_progress-org-1.json");
+    v["action"] = action.into();
+    let job = &mut v["workflow_job"];
+    job["id"] = job_id.into();
+    job["status"] = if action == "waiting" {
+        "waiting"
+    } else {
+        action
+    }
+    .into();
+    job["labels"] = labels.iter().map(|l| Value::from(*l)).collect();
+    match action {
+        "queued" | "waiting" => {
+            job["runner_id"] = Value::Null;
+            job["runner_name"] = Value::Null;
+            job["started_at"] = job["created_at"].clone();
+            job["conclusion"] = Value::Null;
+        }
+        "completed" => {
+            job["conclusion"] = "success".into();
+            job["completed_at"] = "2021-10-05T18:02:00Z".into();
+        }
+        _ => {}
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+pub fn fixture_bytes(name: &str) -> Vec<u8> {
+    serde_json::to_vec(&fixture(name)).unwrap()
+}

@@ -12,6 +12,7 @@ pub mod matching;
 pub mod names;
 pub mod ports;
 pub mod profile;
+pub mod ratelimit;
 pub mod runner;
 pub mod userdata;
 pub mod webhook;

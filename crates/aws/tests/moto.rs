@@ -1,0 +1,615 @@
+//! `Ec2Cloud` against a real moto server (DESIGN.md, "Testing").
+//!
+//! The harness starts one `moto_server` per test process on a free loopback
+//! port and points the SDK at it through the same environment variables an
+//! operator would use (`AWS_REGION`, `AWS_ENDPOINT_URL`, credentials).
+//!
+//! What moto (5.x) does not model, so these tests cannot cover it (the fake
+//! cloud in `spot-runners-sim` does):
+//! - `ClientToken` de-duplication: moto starts a new instance for a repeated
+//!   token, so idempotent retries are not asserted here.
+//! - Capacity and throttling errors (`InsufficientInstanceCapacity`,
+//!   `RequestLimitExceeded`, ...), spot prices and interruptions.
+//! - IAM: policies are not enforced, and an instance profile must exist in
+//!   moto's IAM (which this crate has no client for), so launches here carry
+//!   none.
+//! - Eventual consistency and real state transitions: instances are visible
+//!   at once, start `pending` and read back `running` on the next describe;
+//!   terminating answers `shutting-down` and the instance is `terminated`
+//!   immediately afterwards.
+//! - Its default hop limit is already 1, so only `HttpTokens` proves the
+//!   metadata options were sent.
+
+use std::collections::HashMap;
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, InstanceAttributeName, InstanceLifecycleType,
+    InstanceMetadataEndpointState, VolumeType,
+};
+use aws_sdk_ec2::Client;
+use base64::prelude::{Engine as _, BASE64_STANDARD};
+use spot_runners_aws::Ec2Cloud;
+use spot_runners_domain::ports::{
+    Cloud, CloudErrorKind, Instance, InstanceState, LaunchRequest, TAG_CONTROLLER, TAG_NAME,
+    TAG_PROFILE, TAG_RUNNER,
+};
+use spot_runners_domain::Market;
+
+// ------------------------------------------------------------- harness --
+
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Kept for the life of the test process. Nothing here is ever dropped
+/// (statics are not), so the server is stopped by the closing pipe instead:
+/// see [`spawn`].
+struct Moto {
+    endpoint: String,
+    _child: Mutex<Child>,
+    _lifeline: Mutex<ChildStdin>,
+}
+
+static MOTO: OnceLock<Result<Moto, String>> = OnceLock::new();
+
+/// The shared server; every test calls this before touching AWS config.
+/// The environment is written only inside this initialiser, which every
+/// other test waits on, so no thread reads it while it changes.
+fn moto() -> &'static Moto {
+    MOTO.get_or_init(|| {
+        let moto = start_moto()?;
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_ENDPOINT_URL", &moto.endpoint);
+        // Either would send requests somewhere other than this moto.
+        std::env::remove_var("AWS_ENDPOINT_URL_EC2");
+        std::env::remove_var("AWS_PROFILE");
+        std::env::remove_var("AWS_SESSION_TOKEN");
+        Ok(moto)
+    })
+    .as_ref()
+    .unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn find_moto() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("MOTO_SERVER").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("MOTO_SERVER={} is not a file", path.display()))
+        };
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("moto_server"))
+                .find(|candidate| candidate.is_file())
+        })
+        .unwrap_or_default();
+    let venv = workspace_root().join(".venv/bin/moto_server");
+    on_path
+        .or_else(|| venv.is_file().then_some(venv))
+        .ok_or_else(|| {
+            "moto_server not found: set MOTO_SERVER, put moto_server on PATH, or \
+         install it with `python3 -m venv .venv && .venv/bin/pip install 'moto[server]'` \
+         in the workspace root"
+                .to_owned()
+        })
+}
+
+fn start_moto() -> Result<Moto, String> {
+    let binary = find_moto()?;
+    let mut last_error = String::new();
+    // The port is free when picked but could be taken before moto binds it;
+    // moto then exits and another port is tried.
+    for _ in 0..3 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map_err(|e| format!("no free loopback port: {e}"))?
+            .port();
+        let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("moto-{port}.log"));
+        let (mut child, lifeline) = spawn(&binary, port, &log)?;
+        match wait_until_ready(&mut child, port) {
+            Ok(()) => {
+                return Ok(Moto {
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                    _child: Mutex::new(child),
+                    _lifeline: Mutex::new(lifeline),
+                })
+            }
+            Err(err) => {
+                let output = std::fs::read_to_string(&log).unwrap_or_default();
+                last_error = format!(
+                    "{} (port {port}): {err}\n--- {} ---\n{output}",
+                    binary.display(),
+                    log.display()
+                );
+                drop(lifeline);
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    Err(format!("moto_server did not start: {last_error}"))
+}
+
+/// Runs moto under a small shell that kills it once our end of its stdin
+/// pipe closes, which happens however this process ends (even SIGKILL).
+/// The shell itself exits with moto, so an early death is visible.
+fn spawn(binary: &Path, port: u16, log: &Path) -> Result<(Child, ChildStdin), String> {
+    let script = r#"exec 3<&0 </dev/null
+"$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
+pid=$!
+{ read -r _ <&3; kill "$pid" 2>/dev/null; } &
+wait "$pid""#;
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(binary)
+        .arg(port.to_string())
+        .arg(log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run sh for {}: {e}", binary.display()))?;
+    let lifeline = child.stdin.take().expect("stdin is piped");
+    Ok((child, lifeline))
+}
+
+fn wait_until_ready(child: &mut Child, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited early with {status}"));
+        }
+        if answers_as_moto(port) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no answer within {STARTUP_TIMEOUT:?}"));
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// `/moto-api/` is moto's dashboard: a 200 there means this port is moto,
+/// not some other process that grabbed it.
+fn answers_as_moto(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET /moto-api/ HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+// ------------------------------------------------------------- helpers --
+
+/// The adapter under test (built exactly as production builds it) and a
+/// plain client for looking behind its back.
+async fn clients() -> (Ec2Cloud, Client) {
+    moto();
+    let cloud = Ec2Cloud::from_env()
+        .await
+        .expect("AWS_REGION is set by the harness");
+    let config = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    (cloud, Client::new(&config))
+}
+
+/// Each test owns its controller id, so tests sharing the server never see
+/// each other's instances.
+fn controller_id(test: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{test}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An AMI from moto's built-in catalogue whose root device is not the
+/// `/dev/sda1` a naive mapping would assume; picked by asking moto rather
+/// than hard-coding an id its next release may drop.
+async fn xvda_image(ec2: &Client) -> String {
+    static IMAGE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    IMAGE
+        .get_or_init(|| async {
+            let images = ec2.describe_images().send().await.expect("DescribeImages");
+            let mut candidates: Vec<&str> = images
+                .images()
+                .iter()
+                .filter(|i| i.root_device_name() == Some("/dev/xvda"))
+                .filter_map(|i| i.image_id())
+                .collect();
+            candidates.sort_unstable();
+            candidates
+                .first()
+                .expect("moto offers an AMI with root device /dev/xvda")
+                .to_string()
+        })
+        .await
+        .clone()
+}
+
+async fn default_subnet(ec2: &Client) -> String {
+    let out = ec2
+        .describe_subnets()
+        .filters(
+            Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeSubnets");
+    let mut ids: Vec<&str> = out.subnets().iter().filter_map(|s| s.subnet_id()).collect();
+    ids.sort_unstable();
+    ids.first().expect("moto has default subnets").to_string()
+}
+
+async fn default_security_group(ec2: &Client) -> String {
+    let out = ec2
+        .describe_security_groups()
+        .filters(
+            Filter::builder()
+                .name("group-name")
+                .values("default")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("DescribeSecurityGroups");
+    out.security_groups()
+        .first()
+        .and_then(|g| g.group_id())
+        .expect("moto has a default security group")
+        .to_owned()
+}
+
+fn request(controller: &str, id: &str, image_id: &str, market: Market) -> LaunchRequest {
+    LaunchRequest {
+        runner_name: format!("{controller}-linux-{id}"),
+        controller_id: controller.to_owned(),
+        profile: "linux".to_owned(),
+        instance_type: "m5.large".to_owned(),
+        subnet_id: None,
+        image_id: image_id.to_owned(),
+        security_group_ids: Vec::new(),
+        iam_instance_profile: None,
+        market,
+        root_volume_gb: 40,
+        user_data: "#!/bin/bash\nset -eu\necho 'jit: c2VjcmV0'\n# ünïcödé ✓\n".to_owned(),
+    }
+}
+
+async fn describe(ec2: &Client, instance_id: &str) -> aws_sdk_ec2::types::Instance {
+    let out = ec2
+        .describe_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .expect("DescribeInstances");
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .find(|i| i.instance_id() == Some(instance_id))
+        .cloned()
+        .unwrap_or_else(|| panic!("{instance_id} not described"))
+}
+
+fn tags_of(tags: &[aws_sdk_ec2::types::Tag]) -> HashMap<String, String> {
+    tags.iter()
+        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+        .collect()
+}
+
+fn contract_tags(request: &LaunchRequest) -> HashMap<String, String> {
+    HashMap::from([
+        (TAG_CONTROLLER.to_owned(), request.controller_id.clone()),
+        (TAG_PROFILE.to_owned(), request.profile.clone()),
+        (TAG_RUNNER.to_owned(), request.runner_name.clone()),
+        (TAG_NAME.to_owned(), request.runner_name.clone()),
+    ])
+}
+
+// --------------------------------------------------------------- tests --
+
+#[tokio::test]
+async fn spot_launch_carries_the_whole_contract() {
+    let (cloud, ec2) = clients().await;
+    let image = xvda_image(&ec2).await;
+    let subnet = default_subnet(&ec2).await;
+    let group = default_security_group(&ec2).await;
+    let controller = controller_id("spot");
+    let mut req = request(&controller, "a1", &image, Market::Spot);
+    req.instance_type = "c5.xlarge".to_owned();
+    req.subnet_id = Some(subnet.clone());
+    req.security_group_ids = vec![group.clone()];
+
+    let launched = cloud.launch(&req).await.expect("launch");
+
+    assert!(launched.id.starts_with("i-"), "{launched:?}");
+    assert_eq!(
+        launched.runner_name.as_deref(),
+        Some(req.runner_name.as_str())
+    );
+    assert_eq!(launched.profile.as_deref(), Some("linux"));
+    assert_eq!(launched.instance_type, "c5.xlarge");
+    assert_eq!(launched.subnet_id.as_deref(), Some(subnet.as_str()));
+    assert_eq!(launched.market, Market::Spot);
+    assert!(launched.state.is_alive(), "{launched:?}");
+    assert!(launched.launched_at.is_some());
+
+    let raw = describe(&ec2, &launched.id).await;
+    assert_eq!(raw.instance_type().map(|t| t.as_str()), Some("c5.xlarge"));
+    assert_eq!(raw.instance_lifecycle(), Some(&InstanceLifecycleType::Spot));
+    assert_eq!(raw.subnet_id(), Some(subnet.as_str()));
+    assert_eq!(raw.image_id(), Some(image.as_str()));
+    let groups: Vec<&str> = raw
+        .security_groups()
+        .iter()
+        .filter_map(|g| g.group_id())
+        .collect();
+    assert_eq!(groups, [group.as_str()]);
+    assert_eq!(tags_of(raw.tags()), contract_tags(&req));
+
+    let metadata = raw.metadata_options().expect("metadata options");
+    assert_eq!(metadata.http_tokens(), Some(&HttpTokensState::Required));
+    assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
+    assert_eq!(
+        metadata.http_endpoint(),
+        Some(&InstanceMetadataEndpointState::Enabled)
+    );
+
+    // The root volume is resized in place, not added beside the AMI's own.
+    let devices: Vec<&str> = raw
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.device_name())
+        .collect();
+    assert_eq!(devices, ["/dev/xvda"]);
+    let root = raw.block_device_mappings()[0].ebs().expect("EBS root");
+    assert_eq!(root.delete_on_termination(), Some(true));
+    let volume_id = root.volume_id().expect("root volume id");
+    let volumes = ec2
+        .describe_volumes()
+        .volume_ids(volume_id)
+        .send()
+        .await
+        .expect("DescribeVolumes");
+    let volume = &volumes.volumes()[0];
+    assert_eq!(volume.size(), Some(40));
+    assert_eq!(volume.volume_type(), Some(&VolumeType::Gp3));
+    assert_eq!(volume.encrypted(), Some(true));
+    assert_eq!(tags_of(volume.tags()), contract_tags(&req));
+
+    let user_data = ec2
+        .describe_instance_attribute()
+        .instance_id(&launched.id)
+        .attribute(InstanceAttributeName::UserData)
+        .send()
+        .await
+        .expect("DescribeInstanceAttribute userData");
+    let encoded = user_data
+        .user_data()
+        .and_then(|v| v.value())
+        .expect("user data");
+    let decoded = BASE64_STANDARD.decode(encoded).expect("base64 user data");
+    assert_eq!(String::from_utf8(decoded).unwrap(), req.user_data);
+
+    let shutdown = ec2
+        .describe_instance_attribute()
+        .instance_id(&launched.id)
+        .attribute(InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+        .send()
+        .await
+        .expect("DescribeInstanceAttribute instanceInitiatedShutdownBehavior");
+    assert_eq!(
+        shutdown
+            .instance_initiated_shutdown_behavior()
+            .and_then(|v| v.value()),
+        Some("terminate")
+    );
+}
+
+#[tokio::test]
+async fn on_demand_launch_has_no_spot_lifecycle() {
+    let (cloud, ec2) = clients().await;
+    let image = xvda_image(&ec2).await;
+    let controller = controller_id("ondemand");
+    let req = request(&controller, "b2", &image, Market::OnDemand);
+
+    let launched = cloud.launch(&req).await.expect("launch");
+
+    assert_eq!(launched.market, Market::OnDemand);
+    assert_eq!(launched.instance_type, "m5.large");
+    let raw = describe(&ec2, &launched.id).await;
+    assert_eq!(raw.instance_lifecycle(), None);
+    assert_eq!(raw.instance_type().map(|t| t.as_str()), Some("m5.large"));
+    assert_eq!(tags_of(raw.tags()), contract_tags(&req));
+    assert_eq!(
+        raw.metadata_options().and_then(|m| m.http_tokens()),
+        Some(&HttpTokensState::Required)
+    );
+}
+
+#[tokio::test]
+async fn list_owned_sees_only_this_controllers_instances() {
+    let (cloud, ec2) = clients().await;
+    let image = xvda_image(&ec2).await;
+    let a = controller_id("owner-a");
+    let b = controller_id("owner-b");
+    let mine = cloud
+        .launch(&request(&a, "c3", &image, Market::Spot))
+        .await
+        .expect("launch for A");
+    let theirs = cloud
+        .launch(&request(&b, "d4", &image, Market::OnDemand))
+        .await
+        .expect("launch for B");
+
+    let listed_a = cloud.list_owned(&a).await.expect("list A");
+    let listed_b = cloud.list_owned(&b).await.expect("list B");
+
+    assert_eq!(ids(&listed_a), [mine.id.as_str()]);
+    assert_eq!(ids(&listed_b), [theirs.id.as_str()]);
+    let seen = &listed_a[0];
+    assert_eq!(
+        seen.runner_name.as_deref(),
+        Some(format!("{a}-linux-c3").as_str())
+    );
+    assert_eq!(seen.profile.as_deref(), Some("linux"));
+    assert_eq!(seen.market, Market::Spot);
+    assert_eq!(seen.instance_type, "m5.large");
+    assert!(seen.state.is_alive(), "{seen:?}");
+    assert!(seen.launched_at.is_some());
+    assert_eq!(listed_b[0].market, Market::OnDemand);
+
+    // A controller id that merely starts like A's owns nothing of A's.
+    assert!(cloud
+        .list_owned(&format!("{a}-x"))
+        .await
+        .expect("list other")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn list_owned_follows_every_page() {
+    let (cloud, ec2) = clients().await;
+    let cloud = cloud.with_page_size(5);
+    let image = xvda_image(&ec2).await;
+    let controller = controller_id("pages");
+    let mut launched = Vec::new();
+    for n in 0..7 {
+        let req = request(&controller, &format!("p{n}"), &image, Market::Spot);
+        launched.push(cloud.launch(&req).await.expect("launch").id);
+    }
+    launched.sort();
+
+    let listed = cloud.list_owned(&controller).await.expect("list");
+    let mut listed = ids(&listed);
+    listed.sort_unstable();
+
+    assert_eq!(listed, launched);
+}
+
+#[tokio::test]
+async fn terminate_ends_instances_and_ignores_ids_already_gone() {
+    let (cloud, ec2) = clients().await;
+    let image = xvda_image(&ec2).await;
+    let controller = controller_id("terminate");
+    let first = cloud
+        .launch(&request(&controller, "e5", &image, Market::Spot))
+        .await
+        .expect("launch");
+    let second = cloud
+        .launch(&request(&controller, "f6", &image, Market::OnDemand))
+        .await
+        .expect("launch");
+    let unknown = "i-0123456789abcdef0".to_owned();
+
+    // EC2 (and moto) reject a whole batch naming an unknown id.
+    cloud
+        .terminate(&[first.id.clone(), unknown.clone(), second.id.clone()])
+        .await
+        .expect("terminate with an unknown id in the batch");
+
+    let listed = cloud.list_owned(&controller).await.expect("list");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for instance in &listed {
+        assert!(
+            matches!(
+                instance.state,
+                InstanceState::ShuttingDown | InstanceState::Terminated
+            ),
+            "{instance:?}"
+        );
+    }
+
+    cloud
+        .terminate(std::slice::from_ref(&first.id))
+        .await
+        .expect("terminating a terminated instance");
+    cloud
+        .terminate(std::slice::from_ref(&unknown))
+        .await
+        .expect("terminating an unknown instance");
+    cloud
+        .terminate(&[unknown.clone(), "i-0fedcba9876543210".to_owned()])
+        .await
+        .expect("terminating only unknown instances");
+    cloud.terminate(&[]).await.expect("terminating nothing");
+}
+
+#[tokio::test]
+async fn ec2_errors_keep_their_code() {
+    let (cloud, ec2) = clients().await;
+    let image = xvda_image(&ec2).await;
+    let controller = controller_id("errors");
+
+    let mut bad_subnet = request(&controller, "g7", &image, Market::Spot);
+    bad_subnet.subnet_id = Some("subnet-0000000000000000f".to_owned());
+    let err = cloud.launch(&bad_subnet).await.expect_err("unknown subnet");
+    assert_eq!(err.kind, CloudErrorKind::Invalid, "{err}");
+    assert_eq!(err.code, "InvalidSubnetID.NotFound", "{err}");
+    assert!(!err.to_string().contains("c2VjcmV0"), "{err}");
+
+    let bad_image = request(&controller, "h8", "ami-00000000000000000", Market::Spot);
+    let err = cloud.launch(&bad_image).await.expect_err("unknown image");
+    assert_eq!(err.kind, CloudErrorKind::Invalid, "{err}");
+    assert!(err.code.starts_with("InvalidAMIID."), "{err}");
+
+    assert!(cloud
+        .list_owned(&controller)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn unreachable_endpoint_is_transient() {
+    moto();
+    // A port that was just free: nothing listens there.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .endpoint_url(format!("http://127.0.0.1:{port}"))
+        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::disabled())
+        .build();
+    let cloud = Ec2Cloud::new(Client::from_conf(config));
+
+    let err = cloud.list_owned("nobody").await.expect_err("no server");
+
+    assert_eq!(err.kind, CloudErrorKind::Transient, "{err}");
+    assert_eq!(err.code, "NetworkError", "{err}");
+}
+
+fn ids(instances: &[Instance]) -> Vec<&str> {
+    instances.iter().map(|i| i.id.as_str()).collect()
+}

@@ -10,6 +10,7 @@ mod error;
 pub mod job;
 pub mod matching;
 pub mod names;
+pub mod planner;
 pub mod ports;
 pub mod profile;
 pub mod ratelimit;

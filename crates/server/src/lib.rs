@@ -8,6 +8,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod profiles;
+pub mod reconciler;
 pub mod startup;
 pub mod telemetry;
 

@@ -212,3 +212,15 @@ impl Metrics {
         ]
     }
 }
+
+impl spot_runners_github::ApiObserver for Metrics {
+    fn request(&self, endpoint: &'static str, status: u16) {
+        self.github_api_requests_total
+            .with_label_values(&[endpoint, &status.to_string()])
+            .inc();
+    }
+
+    fn rate_limit_remaining(&self, remaining: i64) {
+        self.github_rate_limit_remaining.set(remaining);
+    }
+}

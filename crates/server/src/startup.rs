@@ -11,12 +11,13 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::configuration::Settings;
+use crate::configuration::{GitHubAuth, Settings};
 use crate::database::Database;
 use crate::http::{router, AppState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
+use crate::reconciler::{Backends, Reconciler};
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -33,14 +34,26 @@ pub struct Application {
     settings: Settings,
     /// Fired once the HTTP server has drained: stops the writer and loops.
     stop: CancellationToken,
+    reconciler: Option<Arc<Reconciler>>,
 }
 
 impl Application {
+    /// Builds the service with the real GitHub and EC2 adapters, or none
+    /// (ledger only) when their credentials are missing.
+    pub async fn build(settings: Settings) -> Result<Self, Error> {
+        let metrics = Arc::new(Metrics::new()?);
+        let backends = real_backends(&settings, &metrics).await?;
+        Self::build_with(settings, metrics, backends).await
+    }
+
     /// Opens (and migrates) the database, loads the profiles and binds the
     /// listener. Nothing is served until [`Application::run_until_stopped`].
-    pub async fn build(settings: Settings) -> Result<Self, Error> {
+    pub async fn build_with(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        backends: Option<Backends>,
+    ) -> Result<Self, Error> {
         let database = Database::open(&settings).await?;
-        let metrics = Arc::new(Metrics::new()?);
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
         profiles.reload(store.as_ref(), &metrics).await?;
@@ -69,7 +82,18 @@ impl Application {
             secrets: settings.webhook_secrets.clone(),
             wake: Arc::new(Notify::new()),
         };
+        let reconciler = backends.map(|b| {
+            Arc::new(Reconciler::new(
+                Arc::clone(&state.store),
+                b,
+                state.profiles.clone(),
+                Arc::clone(&state.metrics),
+                settings.controller_id.clone(),
+                settings.max_instances,
+            ))
+        });
         Ok(Self {
+            reconciler,
             listener,
             addr,
             state,
@@ -88,6 +112,10 @@ impl Application {
         &self.state
     }
 
+    pub fn reconciler(&self) -> Option<Arc<Reconciler>> {
+        self.reconciler.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains: in-flight requests
     /// finish, every accepted delivery is committed, background loops stop,
     /// and an embedded database is shut down.
@@ -103,8 +131,9 @@ impl Application {
             writer,
             settings,
             stop,
+            reconciler,
         } = self;
-        let background = vec![
+        let mut background = vec![
             tokio::spawn(state.profiles.clone().watch(
                 database.store.clone(),
                 Arc::clone(&state.metrics),
@@ -112,7 +141,22 @@ impl Application {
                 stop.clone(),
             )),
             tokio::spawn(maintenance(state.clone(), settings.clone(), stop.clone())),
+            tokio::spawn(relay_wakeups(
+                database.store.clone(),
+                Arc::clone(&state.wake),
+                stop.clone(),
+            )),
         ];
+        match &reconciler {
+            Some(r) => background.push(tokio::spawn(Arc::clone(r).run(
+                Arc::clone(&state.wake),
+                settings.reconcile_interval,
+                stop.clone(),
+            ))),
+            None => tracing::warn!(
+                "no GitHub credentials or AWS region: recording jobs only, launching nothing"
+            ),
+        }
         tracing::info!("listening on {addr}");
         let app = router(state);
         let served = axum::serve(listener, app)
@@ -189,5 +233,64 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// The production adapters, when their configuration is there.
+async fn real_backends(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Option<Backends>, Error> {
+    use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
+    let auth = match &settings.github_auth {
+        GitHubAuth::App { app_id, private_key } => Auth::App {
+            app_id: *app_id,
+            private_key_pem: private_key.clone(),
+        },
+        GitHubAuth::Token(t) => Auth::Token(t.clone()),
+        GitHubAuth::None => return Ok(None),
+    };
+    let observer: Arc<dyn spot_runners_github::ApiObserver> = metrics.clone();
+    let github = OctocrabGitHub::new(GitHubConfig {
+        api_url: settings.github_api_url.clone(),
+        auth,
+        metrics: Some(observer),
+    })
+    .map_err(|e| Error::Config(format!("GitHub: {e}")))?;
+    let cloud = match spot_runners_aws::Ec2Cloud::from_env().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "EC2 is not configured");
+            return Ok(None);
+        }
+    };
+    Ok(Some(Backends {
+        cloud: Arc::new(cloud),
+        github: Arc::new(github),
+    }))
+}
+
+/// Turns every replica's delivery notifications into local wake-ups.
+async fn relay_wakeups(store: spot_runners_store::PgStore, wake: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        let mut listener = match store.wake_listener().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for wake-ups; relying on the periodic pass");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                n = listener.recv() => match n {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "wake-up listener lost; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
     }
 }

@@ -3,15 +3,23 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use spot_runners_domain::{profile::ProfileRow, JobStatus};
+use spot_runners_domain::planner::RunnerCount;
+use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use rand::SeedableRng;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
-use crate::{DeliveryOutcome, IncomingDelivery, JobCount, Store, StoreError};
+use crate::runners::{queued_job, scope_columns, scope_of};
+use crate::{
+    DeliveryOutcome, IncomingDelivery, JobCount, PlanFn, PlanSnapshot, RunnerChange, RunnerRecord, Store,
+    StoreError,
+};
 
 /// Channel the `instance_profiles` trigger notifies on every change.
 pub const PROFILES_CHANNEL: &str = "spot_runners_profiles";
+/// Channel every accepted delivery batch notifies, waking all replicas.
+pub const WAKE_CHANNEL: &str = "spot_runners_wake";
 
 /// Below this much time left, a batch is not started: it could not commit in
 /// time and would only be rolled back.
@@ -51,6 +59,13 @@ impl PgStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("../../migrations").run(&self.pool).await?;
         Ok(())
+    }
+
+    /// A listener subscribed to wake-ups from any replica.
+    pub async fn wake_listener(&self) -> Result<PgListener, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(WAKE_CHANNEL).await?;
+        Ok(listener)
     }
 
     /// A listener subscribed to profile changes.
@@ -157,6 +172,12 @@ impl PgStore {
             // Dropping the transaction rolls it back.
             return Err(StoreError::Timeout);
         }
+        if outcomes.contains(&DeliveryOutcome::Accepted) {
+            // Delivered on commit, to every replica's reconciler.
+            sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(outcomes)
     }
@@ -234,5 +255,347 @@ impl Store for PgStore {
         .await
         .map_err(|_| StoreError::Timeout)??;
         Ok(())
+    }
+
+    async fn unmatched_open_jobs(&self, limit: i64) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
+        let rows = sqlx::query!(
+            r#"SELECT id, labels, repository FROM workflow_jobs
+               WHERE status IN ('waiting', 'queued') AND profile IS NULL
+               ORDER BY first_seen_at LIMIT $1"#,
+            limit
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.id, r.labels, r.repository)).collect())
+    }
+
+    async fn set_job_profile(&self, job_id: i64, profile: Result<&str, &str>) -> Result<(), StoreError> {
+        let (p, e) = match profile {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e)),
+        };
+        sqlx::query!(
+            "UPDATE workflow_jobs SET profile = $2, match_error = $3, updated_at = now() WHERE id = $1",
+            job_id,
+            p,
+            e
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn plan_runners(&self, controller_id: &str, plan: PlanFn) -> Result<Vec<RunnerRecord>, StoreError> {
+        self.plan_in_tx(controller_id, plan).await
+    }
+
+    async fn claim_provisioning(
+        &self,
+        controller_id: &str,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
+        let rows = sqlx::query_as!(
+            RunnerRow,
+            r#"UPDATE runners SET lease_owner = $2, lease_until = now() + make_interval(secs => $3), updated_at = now()
+               WHERE name IN (
+                   SELECT name FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('requested', 'registered', 'launching')
+                     AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY created_at
+                   LIMIT $4
+                   FOR UPDATE SKIP LOCKED)
+               RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
+                         instance_type, subnet_id, market, job_id, launch_attempts,
+                         last_error_code, reason, demand_since, created_at, launched_at"#,
+            controller_id,
+            owner,
+            lease.as_secs_f64(),
+            limit
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = records(rows)?;
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(out)
+    }
+
+    async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError> {
+        let done = match change {
+            RunnerChange::Registered { github_runner_id } => {
+                sqlx::query!(
+                    "UPDATE runners SET state = 'registered', github_runner_id = $2, registered_at = now(),
+                            updated_at = now() WHERE name = $1",
+                    name,
+                    github_runner_id
+                )
+                .execute(&self.pool)
+                .await?
+            }
+            RunnerChange::Launching {
+                instance_type,
+                subnet_id,
+                market,
+            } => {
+                sqlx::query!(
+                    "UPDATE runners SET state = 'launching', instance_type = $2, subnet_id = $3, market = $4,
+                            launch_attempts = launch_attempts + 1, updated_at = now() WHERE name = $1",
+                    name,
+                    instance_type,
+                    subnet_id,
+                    market
+                )
+                .execute(&self.pool)
+                .await?
+            }
+            RunnerChange::AttemptFailed { code, message } => {
+                sqlx::query!(
+                    "UPDATE runners SET last_error_code = $2, last_error = $3, updated_at = now() WHERE name = $1",
+                    name,
+                    code,
+                    message
+                )
+                .execute(&self.pool)
+                .await?
+            }
+            RunnerChange::Booting {
+                instance_id,
+                instance_type,
+                subnet_id,
+                market,
+            } => {
+                sqlx::query!(
+                    "UPDATE runners SET state = 'booting', instance_id = $2, instance_type = $3, subnet_id = $4,
+                            market = $5, launched_at = now(), lease_owner = NULL, lease_until = NULL,
+                            updated_at = now() WHERE name = $1",
+                    name,
+                    instance_id,
+                    instance_type,
+                    subnet_id,
+                    market
+                )
+                .execute(&self.pool)
+                .await?
+            }
+            RunnerChange::Ended { state, code, reason } => {
+                sqlx::query!(
+                    "UPDATE runners SET state = $2, last_error_code = COALESCE($3, last_error_code), reason = $4,
+                            terminated_at = COALESCE(terminated_at, now()), lease_owner = NULL, lease_until = NULL,
+                            updated_at = now() WHERE name = $1",
+                    name,
+                    state.as_str(),
+                    code,
+                    reason
+                )
+                .execute(&self.pool)
+                .await?
+            }
+            RunnerChange::Requeue => {
+                sqlx::query!(
+                    "UPDATE runners SET state = 'requested', github_runner_id = NULL, updated_at = now()
+                     WHERE name = $1",
+                    name
+                )
+                .execute(&self.pool)
+                .await?
+            }
+        };
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Corrupt(format!("no runner named {name}")));
+        }
+        Ok(())
+    }
+
+    async fn runners(&self, controller_id: &str, ended_within: Duration) -> Result<Vec<RunnerRecord>, StoreError> {
+        let rows = sqlx::query_as!(
+            RunnerRow,
+            r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
+                      instance_type, subnet_id, market, job_id, launch_attempts,
+                      last_error_code, reason, demand_since, created_at, launched_at
+               FROM runners
+               WHERE controller_id = $1
+                 AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))
+               ORDER BY created_at"#,
+            controller_id,
+            &live_states(),
+            ended_within.as_secs_f64()
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        records(rows)
+    }
+
+    async fn notify_wake(&self) -> Result<(), StoreError> {
+        sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A runner row as selected; converted into [`RunnerRecord`].
+struct RunnerRow {
+    name: String,
+    profile: String,
+    state: String,
+    org: Option<String>,
+    repository: Option<String>,
+    github_runner_id: Option<i64>,
+    instance_id: Option<String>,
+    instance_type: Option<String>,
+    subnet_id: Option<String>,
+    market: Option<String>,
+    job_id: Option<i64>,
+    launch_attempts: i32,
+    last_error_code: Option<String>,
+    reason: Option<String>,
+    demand_since: Option<chrono::DateTime<chrono::Utc>>,
+    created_at: chrono::DateTime<chrono::Utc>,
+    launched_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl TryFrom<RunnerRow> for RunnerRecord {
+    type Error = StoreError;
+
+    fn try_from(r: RunnerRow) -> Result<Self, StoreError> {
+        Ok(RunnerRecord {
+            state: RunnerState::parse(&r.state).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            scope: scope_of(r.org, r.repository)
+                .ok_or_else(|| StoreError::Corrupt(format!("runner {} has no scope", r.name)))?,
+            name: r.name,
+            profile: r.profile,
+            github_runner_id: r.github_runner_id,
+            instance_id: r.instance_id,
+            instance_type: r.instance_type,
+            subnet_id: r.subnet_id,
+            market: r.market,
+            job_id: r.job_id,
+            launch_attempts: r.launch_attempts,
+            last_error_code: r.last_error_code,
+            reason: r.reason,
+            demand_since: r.demand_since,
+            created_at: r.created_at,
+            launched_at: r.launched_at,
+        })
+    }
+}
+
+fn records(rows: Vec<RunnerRow>) -> Result<Vec<RunnerRecord>, StoreError> {
+    rows.into_iter().map(RunnerRecord::try_from).collect()
+}
+
+/// States that may still have (or get) an instance.
+const LIVE_STATES: &[&str] = &[
+    "requested",
+    "registered",
+    "launching",
+    "booting",
+    "idle",
+    "busy",
+    "done",
+    "terminating",
+];
+
+fn live_states() -> Vec<String> {
+    LIVE_STATES.iter().map(|s| (*s).to_owned()).collect()
+}
+
+impl PgStore {
+    async fn plan_in_tx(&self, controller_id: &str, plan: PlanFn) -> Result<Vec<RunnerRecord>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock(hashtext('spot-runners:plan:' || $1)) AS "locked!""#,
+            controller_id
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        if !locked {
+            return Ok(Vec::new());
+        }
+        let mut snapshot = PlanSnapshot::default();
+        let queued = sqlx::query!(
+            r#"SELECT profile AS "profile!", first_seen_at, org, repository
+               FROM workflow_jobs
+               WHERE status = 'queued' AND profile IS NOT NULL
+               ORDER BY first_seen_at, id"#
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for j in queued {
+            snapshot
+                .demand
+                .entry(j.profile)
+                .or_default()
+                .queued
+                .push(queued_job(j.first_seen_at, j.org, j.repository));
+        }
+        // Warm pools register where the profile's latest job came from.
+        let latest = sqlx::query!(
+            r#"SELECT DISTINCT ON (profile) profile AS "profile!", org, repository
+               FROM workflow_jobs
+               WHERE profile IS NOT NULL AND first_seen_at > now() - interval '30 days'
+               ORDER BY profile, first_seen_at DESC"#
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for j in latest {
+            snapshot.demand.entry(j.profile).or_default().warm_scope =
+                Some(queued_job(chrono::Utc::now(), j.org, j.repository).scope);
+        }
+        let runners = sqlx::query!(
+            r#"SELECT profile, state, org, repository FROM runners
+               WHERE controller_id = $1 AND state = ANY($2)"#,
+            controller_id,
+            &live_states()
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in runners {
+            snapshot.runners.push(RunnerCount {
+                state: RunnerState::parse(&r.state).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                scope: scope_of(r.org, r.repository),
+                profile: r.profile,
+            });
+        }
+        let launches = plan(&snapshot);
+        if launches.is_empty() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let controller = ControllerId::parse(controller_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (mut names, mut profiles, mut orgs, mut repos, mut since) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        for launch in &launches {
+            for r in &launch.runners {
+                names.push(RunnerName::generate(&controller, &launch.profile, &mut rng).as_str().to_owned());
+                profiles.push(launch.profile.to_string());
+                let (org, repo) = scope_columns(&r.scope);
+                orgs.push(org.map(str::to_owned));
+                repos.push(repo.map(str::to_owned));
+                since.push(r.demand_since);
+            }
+        }
+        let rows = sqlx::query_as!(
+            RunnerRow,
+            r#"INSERT INTO runners (name, controller_id, profile, state, org, repository, demand_since)
+               SELECT n, $2, p, 'requested', o, r, d
+               FROM UNNEST($1::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS t(n, p, o, r, d)
+               RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
+                         instance_type, subnet_id, market, job_id, launch_attempts,
+                         last_error_code, reason, demand_since, created_at, launched_at"#,
+            &names,
+            controller_id,
+            &profiles,
+            &orgs as &[Option<String>],
+            &repos as &[Option<String>],
+            &since as &[Option<chrono::DateTime<chrono::Utc>>],
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        records(rows)
     }
 }

@@ -1,0 +1,430 @@
+//! Load generator for the webhook ingest benchmark (`scripts/bench-ingest`).
+//!
+//! Fires signed `workflow_job` `queued` deliveries, each with its own job id
+//! and delivery GUID, at a running `spot-runners serve`, from a fixed number
+//! of concurrent senders over keep-alive connections (a closed loop: each
+//! sender sends its next delivery as soon as the previous one is answered).
+//! Every body and signature is built before the clock starts, and a short
+//! warm-up is not counted. It prints the acknowledged deliveries per second,
+//! the acknowledgement latency percentiles and every answer that was not
+//! `202`, then one machine-readable `RESULT key=value …` line.
+//!
+//! ```sh
+//! cargo run --release --example loadgen -- \
+//!     --url http://127.0.0.1:8080 --secret change-me --requests 20000 --concurrency 64
+//! ```
+//!
+//! Exits non-zero only when it cannot run at all (bad template, service never
+//! ready); a slow or failing service is reported, not treated as an error.
+
+// The report on stdout is this tool's whole purpose.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context};
+use bytes::Bytes;
+use clap::Parser;
+use rand::Rng;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use serde_json::{json, Value};
+use spot_runners_domain::webhook::sign;
+
+const DEFAULT_TEMPLATE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/workflow_job/in_progress-org-1.json"
+);
+
+#[derive(Parser)]
+#[command(about = "Fires signed workflow_job deliveries at spot-runners and reports ack latency")]
+struct Args {
+    /// Base URL of the service (`/webhook` and `/readyz` are appended).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Webhook secret the service was started with.
+    #[arg(long, env = "SPOT_RUNNERS_WEBHOOK_SECRET", hide_env_values = true)]
+    secret: String,
+    /// Measured deliveries.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    requests: usize,
+    /// Concurrent senders (each keeps one connection alive).
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// Deliveries sent first and not counted.
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+    /// A GitHub `workflow_job` payload to shape the deliveries after.
+    #[arg(long, default_value = DEFAULT_TEMPLATE)]
+    template: PathBuf,
+    /// First job id (default: derived from the clock, so runs against the
+    /// same database do not collide).
+    #[arg(long)]
+    job_id_base: Option<i64>,
+    /// `runs-on` labels of every job, comma-separated.
+    #[arg(long, default_value = "self-hosted,linux,x64,kani")]
+    labels: String,
+    /// Runtime threads of the generator (1 keeps it to one core, leaving the
+    /// rest to the service and the database).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// How long to wait for `/readyz` before giving up.
+    #[arg(long, default_value_t = 30)]
+    ready_timeout_secs: u64,
+}
+
+/// One delivery, ready to send: nothing is built or signed while timing.
+struct Delivery {
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// What the senders saw.
+#[derive(Default)]
+struct Tally {
+    /// Acknowledgement latency of every answered request, in microseconds.
+    latencies_us: Vec<u64>,
+    accepted: usize,
+    duplicates: usize,
+    /// Answers other than 202, by status code.
+    other_status: BTreeMap<u16, usize>,
+    transport_errors: usize,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.latencies_us.extend(other.latencies_us);
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        for (status, n) in other.other_status {
+            *self.other_status.entry(status).or_default() += n;
+        }
+        self.transport_errors += other.transport_errors;
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+
+    fn non_202(&self) -> usize {
+        self.other_status.values().sum::<usize>() + self.transport_errors
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    ensure!(args.requests > 0, "--requests must be at least 1");
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let base_url = args.url.trim_end_matches('/').to_owned();
+    let webhook_url = format!("{base_url}/webhook");
+    let text = std::fs::read(&args.template)
+        .with_context(|| format!("reading {}", args.template.display()))?;
+    let template: Value = serde_json::from_slice(&text)
+        .with_context(|| format!("parsing {}", args.template.display()))?;
+    ensure!(
+        template.get("workflow_job").is_some_and(Value::is_object),
+        "{} is not a workflow_job payload",
+        args.template.display()
+    );
+    let labels: Vec<&str> = args
+        .labels
+        .split(',')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let base = match args.job_id_base {
+        Some(b) => b,
+        // Microseconds since the epoch: far below i64::MAX, and a later run
+        // starts past this run's ids unless it sends a million per second.
+        None => i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros())?,
+    };
+
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(args.concurrency)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    wait_ready(
+        &client,
+        &format!("{base_url}/readyz"),
+        Duration::from_secs(args.ready_timeout_secs),
+    )
+    .await?;
+
+    let total = args.warmup + args.requests;
+    let built = Instant::now();
+    let mut all = Vec::with_capacity(total);
+    let mut rng = rand::thread_rng();
+    for i in 0..total {
+        let job_id = base + i64::try_from(i)?;
+        all.push(delivery(&template, &labels, job_id, &mut rng, &args.secret)?);
+    }
+    let body_bytes: usize = all.iter().map(|d| d.body.len()).sum();
+    println!(
+        "loadgen: {total} deliveries built and signed in {:.1} s ({} bytes each on average), job ids {base}..{}",
+        built.elapsed().as_secs_f64(),
+        body_bytes / total,
+        base + i64::try_from(total)? - 1,
+    );
+    let measured = all.split_off(args.warmup);
+
+    if args.warmup > 0 {
+        let (warm, elapsed) = fire(&client, &webhook_url, all, args.concurrency).await;
+        println!(
+            "warm-up: {} deliveries in {:.2} s, {} not 202",
+            args.warmup,
+            elapsed.as_secs_f64(),
+            warm.non_202()
+        );
+    }
+
+    let (mut tally, elapsed) = fire(&client, &webhook_url, measured, args.concurrency).await;
+    report(&args, &mut tally, elapsed);
+    Ok(())
+}
+
+/// Polls `/readyz` until it answers 200.
+async fn wait_ready(client: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + timeout;
+    loop {
+        let last = match client.get(url).send().await {
+            Ok(r) if r.status().is_success() => return Ok(()),
+            Ok(r) => format!("answered {}", r.status()),
+            Err(e) => e.to_string(),
+        };
+        if Instant::now() >= until {
+            bail!("{url} not ready after {timeout:?}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `queued` delivery for job `job_id` in GitHub's payload shape.
+fn delivery(
+    template: &Value,
+    labels: &[&str],
+    job_id: i64,
+    rng: &mut impl Rng,
+    secret: &str,
+) -> anyhow::Result<Delivery> {
+    let mut payload = template.clone();
+    payload["action"] = json!("queued");
+    let job = &mut payload["workflow_job"];
+    let repo = job["html_url"]
+        .as_str()
+        .and_then(|u| u.split("/runs/").next())
+        .unwrap_or("https://github.com/octo-org/example-workflow")
+        .to_owned();
+    let run_id = job_id / 4;
+    job["id"] = json!(job_id);
+    job["run_id"] = json!(run_id);
+    job["run_attempt"] = json!(1);
+    job["status"] = json!("queued");
+    job["conclusion"] = Value::Null;
+    job["completed_at"] = Value::Null;
+    job["created_at"] = job["started_at"].clone();
+    job["steps"] = json!([]);
+    job["labels"] = json!(labels);
+    job["html_url"] = json!(format!("{repo}/runs/{job_id}"));
+    job["workflow_name"] = json!("Kani proofs");
+    for field in [
+        "runner_id",
+        "runner_name",
+        "runner_group_id",
+        "runner_group_name",
+    ] {
+        job[field] = Value::Null;
+    }
+    let body = serde_json::to_vec(&payload)?;
+    let signature = sign(secret.as_bytes(), &body);
+
+    let mut headers = HeaderMap::with_capacity(6);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static("GitHub-Hookshot/loadgen"));
+    headers.insert(
+        HeaderName::from_static("x-github-event"),
+        HeaderValue::from_static("workflow_job"),
+    );
+    headers.insert(
+        HeaderName::from_static("x-github-delivery"),
+        HeaderValue::from_str(&guid(rng))?,
+    );
+    headers.insert(
+        HeaderName::from_static("x-hub-signature-256"),
+        HeaderValue::from_str(&signature)?,
+    );
+    Ok(Delivery {
+        headers,
+        body: Bytes::from(body),
+    })
+}
+
+/// A random version-4 GUID, like GitHub's `X-GitHub-Delivery`.
+fn guid(rng: &mut impl Rng) -> String {
+    let mut b: [u8; 16] = rng.gen();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "{}-{}-{}-{}-{}",
+        h(0..4),
+        h(4..6),
+        h(6..8),
+        h(8..10),
+        h(10..16)
+    )
+}
+
+/// Sends every delivery from `concurrency` senders; returns what they saw and
+/// the wall time from the first send to the last answer.
+async fn fire(
+    client: &reqwest::Client,
+    url: &str,
+    deliveries: Vec<Delivery>,
+    concurrency: usize,
+) -> (Tally, Duration) {
+    let per_sender = deliveries.len() / concurrency + 1;
+    let queue = Arc::new(Mutex::new(VecDeque::from(deliveries)));
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let queue = Arc::clone(&queue);
+        let client = client.clone();
+        let url = url.to_owned();
+        senders.spawn(async move {
+            let mut tally = Tally {
+                latencies_us: Vec::with_capacity(per_sender),
+                ..Tally::default()
+            };
+            loop {
+                let next = queue.lock().map(|mut q| q.pop_front()).ok().flatten();
+                let Some(d) = next else { break };
+                send(&client, &url, d, &mut tally).await;
+            }
+            tally
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(done) = senders.join_next().await {
+        match done {
+            Ok(t) => tally.merge(t),
+            Err(e) => {
+                tally.transport_errors += 1;
+                tally.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    (tally, started.elapsed())
+}
+
+async fn send(client: &reqwest::Client, url: &str, d: Delivery, tally: &mut Tally) {
+    let sent = Instant::now();
+    let answer = client.post(url).headers(d.headers).body(d.body).send().await;
+    let result = match answer {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            r.bytes().await.map(|body| (status, body))
+        }
+        Err(e) => Err(e),
+    };
+    let latency = sent.elapsed();
+    match result {
+        Ok((status, body)) => {
+            tally
+                .latencies_us
+                .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+            if status == 202 {
+                tally.accepted += 1;
+                if body.windows(9).any(|w| w == b"duplicate") {
+                    tally.duplicates += 1;
+                }
+            } else {
+                *tally.other_status.entry(status).or_default() += 1;
+            }
+        }
+        Err(e) => {
+            tally.transport_errors += 1;
+            tally.first_error.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted microseconds, in milliseconds.
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    // Precision loss is irrelevant for sample counts and microseconds.
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
+    let idx = rank.clamp(1, sorted_us.len()) - 1;
+    #[allow(clippy::cast_precision_loss)]
+    let ms = sorted_us[idx] as f64 / 1000.0;
+    ms
+}
+
+fn report(args: &Args, tally: &mut Tally, elapsed: Duration) {
+    tally.latencies_us.sort_unstable();
+    let secs = elapsed.as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let rate = tally.accepted as f64 / secs;
+    let lat = &tally.latencies_us;
+    let (p50, p90, p99, max) = (
+        percentile_ms(lat, 50.0),
+        percentile_ms(lat, 90.0),
+        percentile_ms(lat, 99.0),
+        percentile_ms(lat, 100.0),
+    );
+    println!(
+        "measured: {} deliveries, concurrency {}, {:.2} s",
+        args.requests, args.concurrency, secs
+    );
+    println!("  rate     {rate:.0} deliveries/s acknowledged (202)");
+    println!("  latency  p50 {p50:.2} ms  p90 {p90:.2} ms  p99 {p99:.2} ms  max {max:.2} ms");
+    println!(
+        "  answers  {} accepted ({} of them duplicates), {} not 202",
+        tally.accepted,
+        tally.duplicates,
+        tally.non_202()
+    );
+    for (status, n) in &tally.other_status {
+        println!("           {n} x HTTP {status}");
+    }
+    if tally.transport_errors > 0 {
+        println!(
+            "           {} transport errors, first: {}",
+            tally.transport_errors,
+            tally.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    println!(
+        "RESULT requests={} concurrency={} elapsed_s={secs:.3} rate={rate:.1} p50_ms={p50:.3} p90_ms={p90:.3} p99_ms={p99:.3} max_ms={max:.3} accepted={} duplicates={} non_202={}",
+        args.requests,
+        args.concurrency,
+        tally.accepted,
+        tally.duplicates,
+        tally.non_202()
+    );
+}

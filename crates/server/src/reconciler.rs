@@ -1,0 +1,514 @@
+//! The reconciler: compares what is wanted (queued demand per profile, plus
+//! warm pools) with what exists (runners) and acts on the difference.
+//!
+//! A *pass* is quick and touches only the database: re-match jobs that
+//! arrived before their profile existed, plan, write `requested` rows, and
+//! refresh gauges. *Provisioning* — the slow part, paced by EC2's and
+//! GitHub's rate limits — runs beside it, claiming `requested` rows with a
+//! lease, so a crash anywhere leaves rows the next claim resumes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use spot_runners_domain::planner::{launch_candidates, plan_launches};
+use spot_runners_domain::ports::{
+    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, JitConfig, JitRequest, LaunchRequest, RunnerScope,
+};
+use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::userdata::{render, UserDataValues};
+use spot_runners_domain::{ControllerId, Profile, RunnerState};
+use spot_runners_store::{RunnerChange, RunnerRecord, Store, StoreError, DEFAULT_LEASE};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::profiles::ProfileCache;
+
+/// Rows one provisioner claims at a time; each waits its turn at the
+/// token bucket, so this bounds in-flight calls, not throughput.
+const CLAIM_BATCH: i64 = 32;
+/// Retries of one launch candidate on throttling or transient errors.
+const MAX_RETRIES: u32 = 4;
+/// Rate-limit waits longer than this are not slept through: the row is
+/// released and a later claim tries again.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How long ended runners stay in the runners gauge.
+const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// The outside world the reconciler acts on.
+#[derive(Clone)]
+pub struct Backends {
+    pub cloud: Arc<dyn Cloud>,
+    pub github: Arc<dyn GitHub>,
+}
+
+pub struct Reconciler {
+    store: Arc<dyn Store>,
+    backends: Backends,
+    profiles: ProfileCache,
+    metrics: Arc<Metrics>,
+    controller_id: ControllerId,
+    max_instances: u32,
+    /// Names this process in provisioning leases.
+    owner: String,
+    launch_bucket: Mutex<TokenBucket>,
+    jit_bucket: Mutex<TokenBucket>,
+    provision_wake: Notify,
+}
+
+/// What a pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub rematched: usize,
+    pub requested: usize,
+}
+
+enum Failure {
+    /// Give up on this runner (a final state); the planner makes a new one
+    /// if the demand is still there.
+    End { code: String, reason: String },
+    /// Leave the row for a later claim (its lease runs out).
+    Later,
+}
+
+impl Reconciler {
+    pub fn new(
+        store: Arc<dyn Store>,
+        backends: Backends,
+        profiles: ProfileCache,
+        metrics: Arc<Metrics>,
+        controller_id: ControllerId,
+        max_instances: u32,
+    ) -> Self {
+        let owner = format!(
+            "{}-{}-{:08x}",
+            controller_id,
+            std::process::id(),
+            rand::thread_rng().gen::<u32>()
+        );
+        Self {
+            store,
+            backends,
+            profiles,
+            metrics,
+            controller_id,
+            max_instances,
+            owner,
+            launch_bucket: Mutex::new(TokenBucket::ec2_run_instances()),
+            jit_bucket: Mutex::new(TokenBucket::github_jit_configs()),
+            provision_wake: Notify::new(),
+        }
+    }
+
+    /// One reconcile pass over the ledger.
+    pub async fn pass(&self) -> Result<PassReport, StoreError> {
+        let started = tokio::time::Instant::now();
+        let result = self.pass_inner().await;
+        self.metrics
+            .reconcile_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.reconcile_passes_total.with_label_values(&[outcome]).inc();
+        result
+    }
+
+    async fn pass_inner(&self) -> Result<PassReport, StoreError> {
+        let mut report = PassReport::default();
+        // Jobs that arrived before a fitting profile existed.
+        for (id, labels, repository) in self.store.unmatched_open_jobs(1000).await? {
+            if let Ok(profile) = self.profiles.match_job(&labels, &repository) {
+                self.store.set_job_profile(id, Ok(&profile)).await?;
+                report.rematched += 1;
+            }
+        }
+        let profiles = self.profiles.get();
+        let cap = self.max_instances;
+        let planned: Vec<Profile> = profiles.profiles.clone();
+        let created = self
+            .store
+            .plan_runners(
+                self.controller_id.as_str(),
+                Box::new(move |snap| plan_launches(&planned, &snap.demand, &snap.runners, cap)),
+            )
+            .await?;
+        report.requested = created.len();
+        for r in &created {
+            tracing::info!(runner = %r.name, profile = %r.profile, scope = %r.scope, "runner requested");
+        }
+        if !created.is_empty() {
+            self.provision_wake.notify_one();
+        }
+        self.refresh_gauges().await?;
+        Ok(report)
+    }
+
+    async fn refresh_gauges(&self) -> Result<(), StoreError> {
+        let runners = self
+            .store
+            .runners(self.controller_id.as_str(), ENDED_GAUGE_WINDOW)
+            .await?;
+        self.metrics.runners.reset();
+        self.metrics.instances.reset();
+        for r in &runners {
+            self.metrics
+                .runners
+                .with_label_values(&[&r.profile, r.state.as_str()])
+                .inc();
+            if r.state.is_live() && r.instance_id.is_some() {
+                let market = r.market.as_deref().unwrap_or("spot");
+                self.metrics.instances.with_label_values(&[&r.profile, market]).inc();
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs passes on every wake-up and every `interval`, and provisions
+    /// beside them, until `stop`.
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, interval: Duration, stop: CancellationToken) {
+        let provisioner = tokio::spawn(Arc::clone(&self).provision_loop(stop.clone()));
+        loop {
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "reconcile pass failed");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+        let _ = provisioner.await;
+    }
+
+    async fn provision_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            while !stop.is_cancelled() {
+                match self.provision_batch().await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming runners to provision failed");
+                        break;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = self.provision_wake.notified() => {}
+                // Picks up rows whose lease ran out (a crashed replica's).
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// Claims a batch of rows that need provisioning and drives each to
+    /// `booting` or a final state. Returns how many were claimed.
+    pub async fn provision_batch(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let claimed = self
+            .store
+            .claim_provisioning(self.controller_id.as_str(), &self.owner, DEFAULT_LEASE, CLAIM_BATCH)
+            .await?;
+        let n = claimed.len();
+        let mut tasks = JoinSet::new();
+        for runner in claimed {
+            let me = Arc::clone(self);
+            tasks.spawn(async move { me.provision(runner).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(n)
+    }
+
+    async fn provision(&self, runner: RunnerRecord) {
+        let name = runner.name.clone();
+        if let Err(failure) = self.provision_inner(runner.clone()).await {
+            match failure {
+                Failure::End { code, reason } => {
+                    tracing::warn!(runner = %name, code = %code, reason = %reason, "launch failed");
+                    let change = RunnerChange::Ended {
+                        state: RunnerState::LaunchFailed,
+                        code: Some(code),
+                        reason,
+                    };
+                    if let Err(e) = self.store.update_runner(&name, change).await {
+                        tracing::warn!(runner = %name, error = %e, "recording a failed launch failed");
+                    }
+                }
+                Failure::Later => tracing::info!(runner = %name, "provisioning postponed"),
+            }
+        }
+    }
+
+    async fn provision_inner(&self, mut runner: RunnerRecord) -> Result<(), Failure> {
+        let profiles = self.profiles.get();
+        let Some(profile) = profiles.profiles.iter().find(|p| p.name.as_str() == runner.profile).cloned() else {
+            self.forget_registration(&runner).await;
+            return Err(Failure::End {
+                code: "ProfileGone".into(),
+                reason: format!("profile {} no longer exists or is invalid", runner.profile),
+            });
+        };
+        match runner.state {
+            RunnerState::Launching => return self.recover_launching(&runner).await,
+            RunnerState::Registered => {
+                // The JIT config lived only in the memory of a process that
+                // is gone; GitHub will not issue it twice.
+                self.forget_registration(&runner).await;
+                self.update(&runner.name, RunnerChange::Requeue).await?;
+                runner.github_runner_id = None;
+            }
+            _ => {}
+        }
+        let jit = self.register(&runner, &profile).await?;
+        self.update(
+            &runner.name,
+            RunnerChange::Registered {
+                github_runner_id: jit.runner_id,
+            },
+        )
+        .await?;
+        runner.github_runner_id = Some(jit.runner_id);
+        let result = self.launch(&runner, &profile, &jit).await;
+        if result.is_err() {
+            self.forget_registration(&runner).await;
+        }
+        result
+    }
+
+    async fn update(&self, name: &str, change: RunnerChange) -> Result<(), Failure> {
+        self.store.update_runner(name, change).await.map_err(|e| {
+            tracing::warn!(runner = %name, error = %e, "updating a runner failed");
+            Failure::Later
+        })
+    }
+
+    /// A row left in `launching` by a crash: `RunInstances` may or may not
+    /// have happened. Adopt the instance if it exists; otherwise end the
+    /// runner (anything that appears later under its name is an orphan the
+    /// sweep terminates).
+    async fn recover_launching(&self, runner: &RunnerRecord) -> Result<(), Failure> {
+        let owned = self
+            .backends
+            .cloud
+            .list_owned(self.controller_id.as_str())
+            .await
+            .map_err(|e| {
+                tracing::warn!(runner = %runner.name, error = %e, "listing instances failed");
+                Failure::Later
+            })?;
+        if let Some(instance) = owned
+            .into_iter()
+            .find(|i| i.runner_name.as_deref() == Some(runner.name.as_str()) && i.state.is_alive())
+        {
+            tracing::info!(runner = %runner.name, instance = %instance.id, "adopted the instance of an interrupted launch");
+            return self
+                .update(
+                    &runner.name,
+                    RunnerChange::Booting {
+                        instance_id: instance.id,
+                        instance_type: instance.instance_type,
+                        subnet_id: instance.subnet_id,
+                        market: instance.market.as_str().to_owned(),
+                    },
+                )
+                .await;
+        }
+        self.forget_registration(runner).await;
+        Err(Failure::End {
+            code: "LostInLaunch".into(),
+            reason: "interrupted during RunInstances and no instance found".into(),
+        })
+    }
+
+    /// Deletes the runner's GitHub registration, if it has one.
+    async fn forget_registration(&self, runner: &RunnerRecord) {
+        if let Some(id) = runner.github_runner_id {
+            if let Err(e) = self.backends.github.delete_runner(&runner.scope, id).await {
+                tracing::warn!(runner = %runner.name, error = %e, "deleting the GitHub registration failed; the orphan sweep will retry");
+            }
+        }
+    }
+
+    async fn pace(bucket: &Mutex<TokenBucket>) {
+        let wait = match bucket.lock() {
+            Ok(mut b) => b.reserve(tokio::time::Instant::now().into_std()),
+            Err(p) => p.into_inner().reserve(tokio::time::Instant::now().into_std()),
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn register(&self, runner: &RunnerRecord, profile: &Profile) -> Result<JitConfig, Failure> {
+        let request = JitRequest {
+            name: runner.name.clone(),
+            runner_group_id: profile.runner_group_id,
+            labels: profile.runner_labels(),
+        };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            Self::pace(&self.jit_bucket).await;
+            match self.backends.github.generate_jit_config(&runner.scope, &request).await {
+                Ok(jit) => return Ok(jit),
+                Err(GitHubError::NameTaken) if attempt <= MAX_RETRIES => {
+                    // A crash between GitHub's answer and our write: the
+                    // config is gone, so delete the registration and ask again.
+                    self.delete_by_name(&runner.scope, &runner.name).await?;
+                }
+                Err(GitHubError::RateLimited(wait)) if wait <= MAX_WAIT && attempt <= MAX_RETRIES => {
+                    tokio::time::sleep(wait).await;
+                }
+                Err(GitHubError::Transient(e)) if attempt <= MAX_RETRIES => {
+                    tracing::info!(runner = %runner.name, error = %e, "GitHub failed; retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(GitHubError::RateLimited(_) | GitHubError::Transient(_)) => return Err(Failure::Later),
+                Err(e) => {
+                    return Err(Failure::End {
+                        code: "GitHubRefused".into(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    async fn delete_by_name(&self, scope: &RunnerScope, name: &str) -> Result<(), Failure> {
+        let runners = self.backends.github.list_runners(scope).await.map_err(|e| {
+            tracing::warn!(runner = %name, error = %e, "listing GitHub runners failed");
+            Failure::Later
+        })?;
+        for r in runners.iter().filter(|r| r.name == name) {
+            self.backends
+                .github
+                .delete_runner(scope, r.id)
+                .await
+                .map_err(|_| Failure::Later)?;
+        }
+        Ok(())
+    }
+
+    async fn launch(&self, runner: &RunnerRecord, profile: &Profile, jit: &JitConfig) -> Result<(), Failure> {
+        use secrecy::ExposeSecret;
+        let user_data = render(&UserDataValues {
+            controller_id: self.controller_id.as_str(),
+            runner_name: &runner.name,
+            jit_config: jit.encoded.expose_secret(),
+            profile,
+        })
+        .map_err(|e| Failure::End {
+            code: "UserData".into(),
+            reason: e.to_string(),
+        })?;
+        let mut last: Option<CloudError> = None;
+        for (instance_type, subnet_id, market) in launch_candidates(profile) {
+            let request = LaunchRequest {
+                runner_name: runner.name.clone(),
+                controller_id: self.controller_id.to_string(),
+                profile: profile.name.to_string(),
+                instance_type: instance_type.clone(),
+                subnet_id: subnet_id.clone(),
+                image_id: profile.image_id.clone(),
+                security_group_ids: profile.security_group_ids.clone(),
+                iam_instance_profile: profile.iam_instance_profile.clone(),
+                market,
+                root_volume_gb: profile.root_volume_gb,
+                user_data: user_data.clone(),
+            };
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                Self::pace(&self.launch_bucket).await;
+                self.update(
+                    &runner.name,
+                    RunnerChange::Launching {
+                        instance_type: instance_type.clone(),
+                        subnet_id: subnet_id.clone(),
+                        market: market.as_str().to_owned(),
+                    },
+                )
+                .await?;
+                if let Some(since) = runner.demand_since {
+                    let secs = (Utc::now() - since).num_milliseconds().max(0) as f64 / 1000.0;
+                    self.metrics
+                        .launch_latency_seconds
+                        .with_label_values(&[profile.name.as_str()])
+                        .observe(secs);
+                }
+                match self.backends.cloud.launch(&request).await {
+                    Ok(instance) => {
+                        self.metrics
+                            .launches_total
+                            .with_label_values(&[profile.name.as_str(), market.as_str(), "launched"])
+                            .inc();
+                        tracing::info!(
+                            runner = %runner.name, instance = %instance.id, instance_type = %instance_type,
+                            market = %market, "instance launched"
+                        );
+                        return self
+                            .update(
+                                &runner.name,
+                                RunnerChange::Booting {
+                                    instance_id: instance.id,
+                                    instance_type,
+                                    subnet_id,
+                                    market: market.as_str().to_owned(),
+                                },
+                            )
+                            .await;
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .launches_total
+                            .with_label_values(&[profile.name.as_str(), market.as_str(), "failed"])
+                            .inc();
+                        self.metrics
+                            .launch_errors_total
+                            .with_label_values(&[profile.name.as_str(), &e.code])
+                            .inc();
+                        let _ = self
+                            .store
+                            .update_runner(
+                                &runner.name,
+                                RunnerChange::AttemptFailed {
+                                    code: e.code.clone(),
+                                    message: e.message.clone(),
+                                },
+                            )
+                            .await;
+                        tracing::info!(runner = %runner.name, instance_type = %instance_type, market = %market, code = %e.code, "launch attempt failed");
+                        let kind = e.kind;
+                        last = Some(e);
+                        match kind {
+                            CloudErrorKind::Capacity => break,
+                            CloudErrorKind::Throttled | CloudErrorKind::Transient if attempt <= MAX_RETRIES => {
+                                tokio::time::sleep(backoff(attempt)).await;
+                            }
+                            CloudErrorKind::Throttled | CloudErrorKind::Transient => break,
+                            CloudErrorKind::Invalid => {
+                                let e = last.unwrap_or_else(|| CloudError::from_code("Unknown", ""));
+                                return Err(Failure::End {
+                                    code: e.code,
+                                    reason: e.message,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let e = last.unwrap_or_else(|| CloudError::from_code("NoCandidates", "the profile names nothing to launch"));
+        Err(Failure::End {
+            code: e.code,
+            reason: format!("every instance type, subnet and market was tried: {}", e.message),
+        })
+    }
+}
+
+/// Exponential backoff with full jitter, from 250 ms.
+fn backoff(attempt: u32) -> Duration {
+    let cap = 250u64.saturating_mul(1 << attempt.min(6));
+    Duration::from_millis(rand::thread_rng().gen_range(cap / 2..=cap))
+}

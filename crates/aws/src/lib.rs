@@ -6,6 +6,9 @@
 //! one EC2 call per request (plus a cached image lookup) and classifies the
 //! outcome with EC2's own error codes.
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;

@@ -75,7 +75,10 @@ pub fn plan_launches(
 
     let mut launches = Vec::new();
     for p in order {
-        let mine: Vec<&RunnerCount> = runners.iter().filter(|r| r.profile == p.name.as_str()).collect();
+        let mine: Vec<&RunnerCount> = runners
+            .iter()
+            .filter(|r| r.profile == p.name.as_str())
+            .collect();
         let live = mine.iter().filter(|r| r.state.is_live()).count();
         let empty = Demand::default();
         let d = demand.get(p.name.as_str()).unwrap_or(&empty);
@@ -192,7 +195,10 @@ mod tests {
     }
 
     fn counts(launches: &[Launch]) -> Vec<(String, usize)> {
-        launches.iter().map(|l| (l.profile.to_string(), l.count())).collect()
+        launches
+            .iter()
+            .map(|l| (l.profile.to_string(), l.count()))
+            .collect()
     }
 
     #[test]
@@ -209,7 +215,14 @@ mod tests {
             (0, 2, 10, vec![], 100, 2),
             (1, 2, 10, vec![(Idle, 2)], 100, 1),
             (3, 0, 10, vec![(Terminated, 50), (LaunchFailed, 9)], 100, 3),
-            (3, 0, 10, vec![(Requested, 1), (Registered, 1), (Launching, 1)], 100, 0),
+            (
+                3,
+                0,
+                10,
+                vec![(Requested, 1), (Registered, 1), (Launching, 1)],
+                100,
+                0,
+            ),
             (2, 0, 10, vec![(Done, 3), (Terminating, 3)], 7, 1),
         ];
         for (q, min_idle, max, existing, cap, want) in cases {
@@ -217,14 +230,20 @@ mod tests {
             let demand = BTreeMap::from([("kani".to_owned(), queued(q))]);
             let launches = plan_launches(&profiles, &demand, &runners("kani", &existing), cap);
             let got: usize = launches.iter().map(Launch::count).sum();
-            assert_eq!(got, want, "queued {q}, idle {min_idle}, max {max}, {existing:?}, cap {cap}");
+            assert_eq!(
+                got, want,
+                "queued {q}, idle {min_idle}, max {max}, {existing:?}, cap {cap}"
+            );
         }
     }
 
     #[test]
     fn global_cap_goes_to_priority_first() {
         let profiles = vec![profile("bench", 10, 0, 0), profile("kani", 10, 0, 5)];
-        let demand = BTreeMap::from([("bench".to_owned(), queued(4)), ("kani".to_owned(), queued(4))]);
+        let demand = BTreeMap::from([
+            ("bench".to_owned(), queued(4)),
+            ("kani".to_owned(), queued(4)),
+        ]);
         let launches = plan_launches(&profiles, &demand, &[], 6);
         assert_eq!(counts(&launches), [("kani".into(), 4), ("bench".into(), 2)]);
     }
@@ -234,7 +253,10 @@ mod tests {
         let mut row = example_row("off", &["kani"]);
         row.enabled = false;
         let profiles = vec![Profile::try_from(row).unwrap()];
-        let demand = BTreeMap::from([("off".to_owned(), queued(3)), ("gone".to_owned(), queued(3))]);
+        let demand = BTreeMap::from([
+            ("off".to_owned(), queued(3)),
+            ("gone".to_owned(), queued(3)),
+        ]);
         assert!(plan_launches(&profiles, &demand, &[], 100).is_empty());
     }
 
@@ -259,7 +281,10 @@ mod tests {
         let existing = runners("kani", &[(RunnerState::Idle, 1)]);
         let launches = plan_launches(&profiles, &demand, &existing, 100);
         assert_eq!(launches[0].runners.len(), 1);
-        assert_eq!(launches[0].runners[0].scope, RunnerScope::Repo("alice/proofs".into()));
+        assert_eq!(
+            launches[0].runners[0].scope,
+            RunnerScope::Repo("alice/proofs".into())
+        );
     }
 
     #[test]
@@ -275,8 +300,14 @@ mod tests {
         assert_eq!(
             c,
             [
-                "a/s1/spot", "a/s2/spot", "b/s1/spot", "b/s2/spot",
-                "a/s1/on-demand", "a/s2/on-demand", "b/s1/on-demand", "b/s2/on-demand"
+                "a/s1/spot",
+                "a/s2/spot",
+                "b/s1/spot",
+                "b/s2/spot",
+                "a/s1/on-demand",
+                "a/s2/on-demand",
+                "b/s1/on-demand",
+                "b/s2/on-demand"
             ]
         );
         row.on_demand_fallback = false;

@@ -41,21 +41,36 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, now: Instant) {
-        if let Some(last) = self.last {
-            let elapsed = now.saturating_duration_since(last).as_secs_f64();
-            self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        match self.last {
+            // Callers racing for a lock may arrive with slightly older
+            // readings; time never runs backwards for the bucket.
+            Some(last) if now <= last => {}
+            Some(last) => {
+                let elapsed = (now - last).as_secs_f64();
+                self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+                self.last = Some(now);
+            }
+            None => self.last = Some(now),
         }
-        self.last = Some(now);
+    }
+
+    /// Seconds to a whole token, rounded up to the microsecond so a caller
+    /// that waits exactly this long is never a rounding error short.
+    fn wait_for(&self, deficit: f64) -> Duration {
+        let micros = (deficit / self.per_sec * 1e6).ceil();
+        Duration::from_micros(micros as u64)
     }
 
     /// Takes a token, or says how long until one is there.
     pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
         self.refill(now);
-        if self.tokens >= 1.0 {
+        // Tolerate float rounding: a caller that waited exactly the time it
+        // was told must get its token.
+        if self.tokens >= 1.0 - 1e-6 {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec))
+            Err(self.wait_for(1.0 - self.tokens))
         }
     }
 
@@ -67,7 +82,7 @@ impl TokenBucket {
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.per_sec)
+            self.wait_for(-self.tokens)
         }
     }
 }
@@ -84,7 +99,7 @@ mod tests {
             assert!(b.try_take(t0).is_ok());
         }
         let wait = b.try_take(t0).unwrap_err();
-        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9);
+        assert_eq!(wait, Duration::from_millis(500));
         assert!(b.try_take(t0 + Duration::from_millis(499)).is_err());
         assert!(b.try_take(t0 + Duration::from_millis(500)).is_ok());
         // Never more than the capacity, however long it rested.
@@ -97,6 +112,24 @@ mod tests {
 
     /// Reservations spaced as they say are always honoured by an identical
     /// bucket on the other side.
+    /// The JIT rate (3/s) has no exact binary fraction; waiting what the
+    /// bucket says must still always be enough.
+    #[test]
+    fn waiting_the_reported_time_always_suffices() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::github_jit_configs();
+        let mut now = t0;
+        for _ in 0..2000 {
+            match b.try_take(now) {
+                Ok(()) => {}
+                Err(wait) => {
+                    now += wait;
+                    assert!(b.try_take(now).is_ok());
+                }
+            }
+        }
+    }
+
     #[test]
     fn reservations_never_overdraw_an_identical_bucket() {
         let t0 = Instant::now();

@@ -175,7 +175,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut rng = rand::thread_rng();
     for i in 0..total {
         let job_id = base + i64::try_from(i)?;
-        all.push(delivery(&template, &labels, job_id, &mut rng, &args.secret)?);
+        all.push(delivery(
+            &template,
+            &labels,
+            job_id,
+            &mut rng,
+            &args.secret,
+        )?);
     }
     let body_bytes: usize = all.iter().map(|d| d.body.len()).sum();
     println!(
@@ -258,7 +264,10 @@ fn delivery(
 
     let mut headers = HeaderMap::with_capacity(6);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(USER_AGENT, HeaderValue::from_static("GitHub-Hookshot/loadgen"));
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static("GitHub-Hookshot/loadgen"),
+    );
     headers.insert(
         HeaderName::from_static("x-github-event"),
         HeaderValue::from_static("workflow_job"),
@@ -337,7 +346,12 @@ async fn fire(
 
 async fn send(client: &reqwest::Client, url: &str, d: Delivery, tally: &mut Tally) {
     let sent = Instant::now();
-    let answer = client.post(url).headers(d.headers).body(d.body).send().await;
+    let answer = client
+        .post(url)
+        .headers(d.headers)
+        .body(d.body)
+        .send()
+        .await;
     let result = match answer {
         Ok(r) => {
             let status = r.status().as_u16();

@@ -14,7 +14,8 @@ use chrono::Utc;
 use rand::Rng;
 use spot_runners_domain::planner::{launch_candidates, plan_launches};
 use spot_runners_domain::ports::{
-    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, JitConfig, JitRequest, LaunchRequest, RunnerScope,
+    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, JitConfig, JitRequest, LaunchRequest,
+    RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::userdata::{render, UserDataValues};
@@ -30,8 +31,12 @@ use crate::profiles::ProfileCache;
 /// Rows one provisioner claims at a time; each waits its turn at the
 /// token bucket, so this bounds in-flight calls, not throughput.
 const CLAIM_BATCH: i64 = 32;
-/// Retries of one launch candidate on throttling or transient errors.
+/// Retries of one call on transient errors.
 const MAX_RETRIES: u32 = 4;
+/// Retries of one launch candidate on `RequestLimitExceeded`. EC2's bucket
+/// is per account: another replica or tool spending it is no reason to give
+/// up, only to wait longer.
+const MAX_THROTTLED_RETRIES: u32 = 12;
 /// Rate-limit waits longer than this are not slept through: the row is
 /// released and a later claim tries again.
 const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -97,7 +102,10 @@ impl Reconciler {
             controller_id,
             max_instances,
             owner,
-            launch_bucket: Mutex::new(TokenBucket::ec2_run_instances()),
+            // One token less than EC2's bucket: calls reach EC2 a variable
+            // time after they were paced, and a full token of slack keeps
+            // that jitter from ever costing a RequestLimitExceeded.
+            launch_bucket: Mutex::new(TokenBucket::new(4, 2.0)),
             jit_bucket: Mutex::new(TokenBucket::github_jit_configs()),
             provision_wake: Notify::new(),
         }
@@ -111,7 +119,10 @@ impl Reconciler {
             .reconcile_duration_seconds
             .observe(started.elapsed().as_secs_f64());
         let outcome = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.reconcile_passes_total.with_label_values(&[outcome]).inc();
+        self.metrics
+            .reconcile_passes_total
+            .with_label_values(&[outcome])
+            .inc();
         result
     }
 
@@ -159,7 +170,10 @@ impl Reconciler {
                 .inc();
             if r.state.is_live() && r.instance_id.is_some() {
                 let market = r.market.as_deref().unwrap_or("spot");
-                self.metrics.instances.with_label_values(&[&r.profile, market]).inc();
+                self.metrics
+                    .instances
+                    .with_label_values(&[&r.profile, market])
+                    .inc();
             }
         }
         Ok(())
@@ -167,7 +181,12 @@ impl Reconciler {
 
     /// Runs passes on every wake-up and every `interval`, and provisions
     /// beside them, until `stop`.
-    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, interval: Duration, stop: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
         let provisioner = tokio::spawn(Arc::clone(&self).provision_loop(stop.clone()));
         loop {
             if let Err(e) = self.pass().await {
@@ -208,7 +227,12 @@ impl Reconciler {
     pub async fn provision_batch(self: &Arc<Self>) -> Result<usize, StoreError> {
         let claimed = self
             .store
-            .claim_provisioning(self.controller_id.as_str(), &self.owner, DEFAULT_LEASE, CLAIM_BATCH)
+            .claim_provisioning(
+                self.controller_id.as_str(),
+                &self.owner,
+                DEFAULT_LEASE,
+                CLAIM_BATCH,
+            )
             .await?;
         let n = claimed.len();
         let mut tasks = JoinSet::new();
@@ -242,7 +266,12 @@ impl Reconciler {
 
     async fn provision_inner(&self, mut runner: RunnerRecord) -> Result<(), Failure> {
         let profiles = self.profiles.get();
-        let Some(profile) = profiles.profiles.iter().find(|p| p.name.as_str() == runner.profile).cloned() else {
+        let Some(profile) = profiles
+            .profiles
+            .iter()
+            .find(|p| p.name.as_str() == runner.profile)
+            .cloned()
+        else {
             self.forget_registration(&runner).await;
             return Err(Failure::End {
                 code: "ProfileGone".into(),
@@ -333,14 +362,20 @@ impl Reconciler {
     async fn pace(bucket: &Mutex<TokenBucket>) {
         let wait = match bucket.lock() {
             Ok(mut b) => b.reserve(tokio::time::Instant::now().into_std()),
-            Err(p) => p.into_inner().reserve(tokio::time::Instant::now().into_std()),
+            Err(p) => p
+                .into_inner()
+                .reserve(tokio::time::Instant::now().into_std()),
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
     }
 
-    async fn register(&self, runner: &RunnerRecord, profile: &Profile) -> Result<JitConfig, Failure> {
+    async fn register(
+        &self,
+        runner: &RunnerRecord,
+        profile: &Profile,
+    ) -> Result<JitConfig, Failure> {
         let request = JitRequest {
             name: runner.name.clone(),
             runner_group_id: profile.runner_group_id,
@@ -350,21 +385,30 @@ impl Reconciler {
         loop {
             attempt += 1;
             Self::pace(&self.jit_bucket).await;
-            match self.backends.github.generate_jit_config(&runner.scope, &request).await {
+            match self
+                .backends
+                .github
+                .generate_jit_config(&runner.scope, &request)
+                .await
+            {
                 Ok(jit) => return Ok(jit),
                 Err(GitHubError::NameTaken) if attempt <= MAX_RETRIES => {
                     // A crash between GitHub's answer and our write: the
                     // config is gone, so delete the registration and ask again.
                     self.delete_by_name(&runner.scope, &runner.name).await?;
                 }
-                Err(GitHubError::RateLimited(wait)) if wait <= MAX_WAIT && attempt <= MAX_RETRIES => {
+                Err(GitHubError::RateLimited(wait))
+                    if wait <= MAX_WAIT && attempt <= MAX_RETRIES =>
+                {
                     tokio::time::sleep(wait).await;
                 }
                 Err(GitHubError::Transient(e)) if attempt <= MAX_RETRIES => {
                     tracing::info!(runner = %runner.name, error = %e, "GitHub failed; retrying");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                Err(GitHubError::RateLimited(_) | GitHubError::Transient(_)) => return Err(Failure::Later),
+                Err(GitHubError::RateLimited(_) | GitHubError::Transient(_)) => {
+                    return Err(Failure::Later)
+                }
                 Err(e) => {
                     return Err(Failure::End {
                         code: "GitHubRefused".into(),
@@ -376,10 +420,15 @@ impl Reconciler {
     }
 
     async fn delete_by_name(&self, scope: &RunnerScope, name: &str) -> Result<(), Failure> {
-        let runners = self.backends.github.list_runners(scope).await.map_err(|e| {
-            tracing::warn!(runner = %name, error = %e, "listing GitHub runners failed");
-            Failure::Later
-        })?;
+        let runners = self
+            .backends
+            .github
+            .list_runners(scope)
+            .await
+            .map_err(|e| {
+                tracing::warn!(runner = %name, error = %e, "listing GitHub runners failed");
+                Failure::Later
+            })?;
         for r in runners.iter().filter(|r| r.name == name) {
             self.backends
                 .github
@@ -390,7 +439,12 @@ impl Reconciler {
         Ok(())
     }
 
-    async fn launch(&self, runner: &RunnerRecord, profile: &Profile, jit: &JitConfig) -> Result<(), Failure> {
+    async fn launch(
+        &self,
+        runner: &RunnerRecord,
+        profile: &Profile,
+        jit: &JitConfig,
+    ) -> Result<(), Failure> {
         use secrecy::ExposeSecret;
         let user_data = render(&UserDataValues {
             controller_id: self.controller_id.as_str(),
@@ -441,7 +495,11 @@ impl Reconciler {
                     Ok(instance) => {
                         self.metrics
                             .launches_total
-                            .with_label_values(&[profile.name.as_str(), market.as_str(), "launched"])
+                            .with_label_values(&[
+                                profile.name.as_str(),
+                                market.as_str(),
+                                "launched",
+                            ])
                             .inc();
                         tracing::info!(
                             runner = %runner.name, instance = %instance.id, instance_type = %instance_type,
@@ -483,12 +541,16 @@ impl Reconciler {
                         last = Some(e);
                         match kind {
                             CloudErrorKind::Capacity => break,
-                            CloudErrorKind::Throttled | CloudErrorKind::Transient if attempt <= MAX_RETRIES => {
+                            CloudErrorKind::Throttled if attempt <= MAX_THROTTLED_RETRIES => {
+                                tokio::time::sleep(backoff(attempt)).await;
+                            }
+                            CloudErrorKind::Transient if attempt <= MAX_RETRIES => {
                                 tokio::time::sleep(backoff(attempt)).await;
                             }
                             CloudErrorKind::Throttled | CloudErrorKind::Transient => break,
                             CloudErrorKind::Invalid => {
-                                let e = last.unwrap_or_else(|| CloudError::from_code("Unknown", ""));
+                                let e =
+                                    last.unwrap_or_else(|| CloudError::from_code("Unknown", ""));
                                 return Err(Failure::End {
                                     code: e.code,
                                     reason: e.message,
@@ -499,15 +561,20 @@ impl Reconciler {
                 }
             }
         }
-        let e = last.unwrap_or_else(|| CloudError::from_code("NoCandidates", "the profile names nothing to launch"));
+        let e = last.unwrap_or_else(|| {
+            CloudError::from_code("NoCandidates", "the profile names nothing to launch")
+        });
         Err(Failure::End {
             code: e.code,
-            reason: format!("every instance type, subnet and market was tried: {}", e.message),
+            reason: format!(
+                "every instance type, subnet and market was tried: {}",
+                e.message
+            ),
         })
     }
 }
 
-/// Exponential backoff with full jitter, from 250 ms.
+/// Exponential backoff with jitter, from 250 ms, at most 16 s.
 fn backoff(attempt: u32) -> Duration {
     let cap = 250u64.saturating_mul(1 << attempt.min(6));
     Duration::from_millis(rand::thread_rng().gen_range(cap / 2..=cap))

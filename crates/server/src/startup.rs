@@ -237,10 +237,16 @@ pub async fn shutdown_signal() {
 }
 
 /// The production adapters, when their configuration is there.
-async fn real_backends(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Option<Backends>, Error> {
+async fn real_backends(
+    settings: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Backends>, Error> {
     use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
     let auth = match &settings.github_auth {
-        GitHubAuth::App { app_id, private_key } => Auth::App {
+        GitHubAuth::App {
+            app_id,
+            private_key,
+        } => Auth::App {
             app_id: *app_id,
             private_key_pem: private_key.clone(),
         },
@@ -268,7 +274,11 @@ async fn real_backends(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Op
 }
 
 /// Turns every replica's delivery notifications into local wake-ups.
-async fn relay_wakeups(store: spot_runners_store::PgStore, wake: Arc<Notify>, stop: CancellationToken) {
+async fn relay_wakeups(
+    store: spot_runners_store::PgStore,
+    wake: Arc<Notify>,
+    stop: CancellationToken,
+) {
     loop {
         let mut listener = match store.wake_listener().await {
             Ok(l) => l,

@@ -1,1 +1,31 @@
-//! placeholder
+//! In-memory stand-ins for EC2 and GitHub behind the production traits
+//! ([`Cloud`](spot_runners_domain::ports::Cloud) and
+//! [`GitHub`](spot_runners_domain::ports::GitHub)), used by the simulator and
+//! by the reconciler's tests.
+//!
+//! They exist for what emulators such as moto or an HTTP mock cannot do:
+//! capacity errors, throttling by the real token buckets, `ClientToken`
+//! de-duplication, instances dying underneath the service, and a clock the
+//! test controls. Every timestamp comes from tokio's clock, so a test under
+//! `#[tokio::test(start_paused = true)]` decides when instances finish
+//! booting and when buckets refill.
+
+pub mod cloud;
+pub mod github;
+
+pub use cloud::FakeCloud;
+pub use github::FakeGitHub;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+/// Tokio's clock rather than the system's, so paused tests can move it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A test that panicked while holding the lock should not turn every later
+/// assertion into a poison error that hides the first failure.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}

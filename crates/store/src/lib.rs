@@ -73,26 +73,47 @@ pub trait Store: Send + Sync + 'static {
 
     /// Open jobs that matched no profile when they arrived: `(id, labels,
     /// repository)`, at most `limit`.
-    async fn unmatched_open_jobs(&self, limit: i64) -> Result<Vec<(i64, Vec<String>, String)>, StoreError>;
+    async fn unmatched_open_jobs(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<String>, String)>, StoreError>;
 
     /// Records a (re)match for an open job.
-    async fn set_job_profile(&self, job_id: i64, profile: Result<&str, &str>) -> Result<(), StoreError>;
+    async fn set_job_profile(
+        &self,
+        job_id: i64,
+        profile: Result<&str, &str>,
+    ) -> Result<(), StoreError>;
 
     /// Runs `plan` on a consistent snapshot and writes the runner rows it
     /// asks for, all under one lock shared by every replica, so two
     /// replicas never plan the same demand twice. Returns the new rows
     /// (none when another replica holds the lock).
-    async fn plan_runners(&self, controller_id: &str, plan: PlanFn) -> Result<Vec<RunnerRecord>, StoreError>;
+    async fn plan_runners(
+        &self,
+        controller_id: &str,
+        plan: PlanFn,
+    ) -> Result<Vec<RunnerRecord>, StoreError>;
 
     /// Claims up to `limit` rows that need provisioning (requested,
     /// registered, launching) and are not leased by anyone else.
-    async fn claim_provisioning(&self, controller_id: &str, owner: &str, lease: Duration, limit: i64) -> Result<Vec<RunnerRecord>, StoreError>;
+    async fn claim_provisioning(
+        &self,
+        controller_id: &str,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<RunnerRecord>, StoreError>;
 
     /// Applies a transition. Ending a row also drops its lease.
     async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError>;
 
     /// Runners in a live state, plus those that ended within `ended_within`.
-    async fn runners(&self, controller_id: &str, ended_within: Duration) -> Result<Vec<RunnerRecord>, StoreError>;
+    async fn runners(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerRecord>, StoreError>;
 
     /// Wakes every replica's reconciler.
     async fn notify_wake(&self) -> Result<(), StoreError>;

@@ -3,17 +3,17 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rand::SeedableRng;
 use spot_runners_domain::planner::RunnerCount;
 use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use rand::SeedableRng;
 use sqlx::PgPool;
 use tokio::time::Instant;
 
 use crate::runners::{queued_job, scope_columns, scope_of};
 use crate::{
-    DeliveryOutcome, IncomingDelivery, JobCount, PlanFn, PlanSnapshot, RunnerChange, RunnerRecord, Store,
-    StoreError,
+    DeliveryOutcome, IncomingDelivery, JobCount, PlanFn, PlanSnapshot, RunnerChange, RunnerRecord,
+    Store, StoreError,
 };
 
 /// Channel the `instance_profiles` trigger notifies on every change.
@@ -257,7 +257,10 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn unmatched_open_jobs(&self, limit: i64) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
+    async fn unmatched_open_jobs(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
         let rows = sqlx::query!(
             r#"SELECT id, labels, repository FROM workflow_jobs
                WHERE status IN ('waiting', 'queued') AND profile IS NULL
@@ -266,10 +269,17 @@ impl Store for PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.id, r.labels, r.repository)).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.id, r.labels, r.repository))
+            .collect())
     }
 
-    async fn set_job_profile(&self, job_id: i64, profile: Result<&str, &str>) -> Result<(), StoreError> {
+    async fn set_job_profile(
+        &self,
+        job_id: i64,
+        profile: Result<&str, &str>,
+    ) -> Result<(), StoreError> {
         let (p, e) = match profile {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
@@ -285,7 +295,11 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn plan_runners(&self, controller_id: &str, plan: PlanFn) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn plan_runners(
+        &self,
+        controller_id: &str,
+        plan: PlanFn,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         self.plan_in_tx(controller_id, plan).await
     }
 
@@ -408,7 +422,11 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn runners(&self, controller_id: &str, ended_within: Duration) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn runners(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         let rows = sqlx::query_as!(
             RunnerRow,
             r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
@@ -503,7 +521,11 @@ fn live_states() -> Vec<String> {
 }
 
 impl PgStore {
-    async fn plan_in_tx(&self, controller_id: &str, plan: PlanFn) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn plan_in_tx(
+        &self,
+        controller_id: &str,
+        plan: PlanFn,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let locked = sqlx::query_scalar!(
             r#"SELECT pg_try_advisory_xact_lock(hashtext('spot-runners:plan:' || $1)) AS "locked!""#,
@@ -554,7 +576,8 @@ impl PgStore {
         .await?;
         for r in runners {
             snapshot.runners.push(RunnerCount {
-                state: RunnerState::parse(&r.state).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                state: RunnerState::parse(&r.state)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
             });
@@ -564,13 +587,18 @@ impl PgStore {
             tx.commit().await?;
             return Ok(Vec::new());
         }
-        let controller = ControllerId::parse(controller_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let controller =
+            ControllerId::parse(controller_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (mut names, mut profiles, mut orgs, mut repos, mut since) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut rng = rand::rngs::StdRng::from_entropy();
         for launch in &launches {
             for r in &launch.runners {
-                names.push(RunnerName::generate(&controller, &launch.profile, &mut rng).as_str().to_owned());
+                names.push(
+                    RunnerName::generate(&controller, &launch.profile, &mut rng)
+                        .as_str()
+                        .to_owned(),
+                );
                 profiles.push(launch.profile.to_string());
                 let (org, repo) = scope_columns(&r.scope);
                 orgs.push(org.map(str::to_owned));

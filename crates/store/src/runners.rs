@@ -88,7 +88,11 @@ pub type PlanFn = Box<dyn FnOnce(&PlanSnapshot) -> Vec<Launch> + Send>;
 /// How long a provisioning claim lasts before another pass may resume it.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
 
-pub(crate) fn queued_job(since: DateTime<Utc>, org: Option<String>, repository: String) -> QueuedJob {
+pub(crate) fn queued_job(
+    since: DateTime<Utc>,
+    org: Option<String>,
+    repository: String,
+) -> QueuedJob {
     QueuedJob {
         since,
         scope: match org {

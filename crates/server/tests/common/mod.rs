@@ -47,9 +47,22 @@ pub async fn spawn_app() -> TestApp {
 }
 
 pub async fn spawn_app_with_secrets(secrets: &str) -> TestApp {
+    spawn_app_with(secrets, |_| {}, None).await
+}
+
+/// The service with these settings tweaks and, when given, GitHub and EC2
+/// adapters (else it records jobs only).
+pub async fn spawn_app_with(
+    secrets: &str,
+    tweak: impl FnOnce(&mut Settings),
+    backends: Option<spot_runners::reconciler::Backends>,
+) -> TestApp {
     spot_runners::telemetry::init();
     let db = test_database().await.expect("test database");
-    let app = Application::build(settings(&db, secrets))
+    let mut settings = settings(&db, secrets);
+    tweak(&mut settings);
+    let metrics = Arc::new(spot_runners::metrics::Metrics::new().unwrap());
+    let app = Application::build_with(settings, metrics, backends)
         .await
         .expect("app builds");
     let base = format!("http://{}", app.local_addr());

@@ -1,0 +1,174 @@
+//! End to end on the real adapters: a signed `queued` delivery → a JIT
+//! config requested from GitHub (an HTTP mock, through octocrab) → a spot
+//! instance in moto (through aws-sdk-ec2), tagged and configured as the
+//! contract says.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::Filter;
+use base64::Engine;
+use common::{job_payload, spawn_app_with, SECRET};
+use secrecy::SecretString;
+use spot_runners::reconciler::Backends;
+use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
+use wiremock::matchers::{body_partial_json, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+#[tokio::test]
+async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
+    spot_runners_aws::testing::moto();
+    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let ec2 = aws_sdk_ec2::Client::new(&aws);
+    let image = ec2
+        .describe_images()
+        .send()
+        .await
+        .unwrap()
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_owned))
+        .min()
+        .expect("moto has images");
+
+    let github_mock = MockServer::start().await;
+    let jit =
+        base64::engine::general_purpose::STANDARD.encode(r#"{".runner":"x",".credentials":"y"}"#);
+    Mock::given(method("POST"))
+        .and(path("/orgs/octo-org/actions/runners/generate-jitconfig"))
+        .and(body_partial_json(serde_json::json!({
+            "runner_group_id": 1,
+            "labels": ["self-hosted", "linux", "x64", "spot", "kani"],
+        })))
+        .respond_with(ResponseTemplate::new(201).set_body_json(serde_json::json!({
+            "runner": {"id": 4242, "name": "ignored", "os": "linux", "status": "offline", "busy": false, "labels": []},
+            "encoded_jit_config": jit,
+        })))
+        .expect(1)
+        .mount(&github_mock)
+        .await;
+
+    let github = OctocrabGitHub::new(GitHubConfig {
+        api_url: github_mock.uri(),
+        auth: Auth::Token(SecretString::from("ghs_test".to_owned())),
+        metrics: None,
+    })
+    .unwrap();
+    let cloud = spot_runners_aws::Ec2Cloud::from_env().await.unwrap();
+    let controller = "e2e-moto";
+    let app = spawn_app_with(
+        SECRET,
+        |s| {
+            s.controller_id = controller.parse().unwrap();
+            s.reconcile_interval = Duration::from_secs(1);
+        },
+        Some(Backends {
+            cloud: Arc::new(cloud),
+            github: Arc::new(github),
+        }),
+    )
+    .await;
+    sqlx::query(
+        "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids, max_instances)
+         VALUES ('kani', '{linux,x64,spot,kani}', '{c6i.4xlarge}', $1, '{}', 5)",
+    )
+    .bind(&image)
+    .execute(app.db.store.pool())
+    .await
+    .unwrap();
+    app.eventually("profile loaded", || async {
+        !app.state.profiles.get().profiles.is_empty()
+    })
+    .await;
+
+    let body = job_payload(
+        "queued",
+        777,
+        &["self-hosted", "Linux", "X64", "spot", "kani"],
+    );
+    assert_eq!(
+        app.deliver("workflow_job", "e2e-1", &body).await.status(),
+        202
+    );
+
+    let booted = || async {
+        sqlx::query_scalar::<_, String>("SELECT name FROM runners WHERE state = 'booting'")
+            .fetch_optional(app.db.store.pool())
+            .await
+            .unwrap()
+    };
+    app.eventually("runner booting", || async { booted().await.is_some() })
+        .await;
+    let runner = booted().await.unwrap();
+    assert!(runner.starts_with("e2e-moto-kani-"), "{runner}");
+
+    let described = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:spot-runners:runner")
+                .values(&runner)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let instances: Vec<_> = described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .collect();
+    assert_eq!(instances.len(), 1);
+    let i = instances[0];
+    assert_eq!(i.instance_type().map(|t| t.as_str()), Some("c6i.4xlarge"));
+    assert_eq!(i.instance_lifecycle().map(|l| l.as_str()), Some("spot"));
+    let tag = |k: &str| {
+        i.tags()
+            .iter()
+            .find(|t| t.key() == Some(k))
+            .and_then(|t| t.value())
+            .map(str::to_owned)
+    };
+    assert_eq!(tag("spot-runners:controller").as_deref(), Some(controller));
+    assert_eq!(tag("spot-runners:profile").as_deref(), Some("kani"));
+    assert_eq!(tag("spot-runners:runner").as_deref(), Some(runner.as_str()));
+    assert_eq!(tag("Name").as_deref(), Some(runner.as_str()));
+    let row: (i64, String) =
+        sqlx::query_as("SELECT github_runner_id, instance_id FROM runners WHERE name = $1")
+            .bind(&runner)
+            .fetch_one(app.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(row.0, 4242);
+    assert_eq!(Some(row.1.as_str()), i.instance_id());
+
+    // The boot script carries the JIT config, and the request named the runner.
+    let attr = ec2
+        .describe_instance_attribute()
+        .instance_id(i.instance_id().unwrap())
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let user_data = base64::engine::general_purpose::STANDARD
+        .decode(attr.user_data().and_then(|v| v.value()).unwrap())
+        .unwrap();
+    let user_data = String::from_utf8(user_data).unwrap();
+    assert!(user_data.contains(&format!("JIT_CONFIG='{jit}'")));
+    let requests = github_mock.received_requests().await.unwrap();
+    let jit_request: serde_json::Value = requests
+        .iter()
+        .find(|r| r.url.path().ends_with("generate-jitconfig"))
+        .map(|r| serde_json::from_slice(&r.body).unwrap())
+        .unwrap();
+    assert_eq!(jit_request["name"], runner.as_str());
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(
+        r#"spot_runners_launches_total{market="spot",outcome="launched",profile="kani"} 1"#
+    ));
+    app.stop().await;
+}

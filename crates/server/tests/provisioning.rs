@@ -1,0 +1,463 @@
+//! Provisioning on the fake cloud and fake GitHub (what emulators cannot
+//! do: EC2's token bucket, capacity errors, ClientToken de-duplication,
+//! crashes), against a real PostgreSQL. The fake enforces EC2's real token
+//! bucket, so the 200-runner burst takes EC2's own ~100 s: tokio's paused
+//! clock cannot be used beside real database IO.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spot_runners::metrics::Metrics;
+use spot_runners::profiles::ProfileCache;
+use spot_runners::reconciler::{Backends, Reconciler};
+use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, LaunchRequest, RunnerScope};
+use spot_runners_domain::{ControllerId, Market};
+use spot_runners_sim::cloud::CloudCall;
+use spot_runners_sim::{FakeCloud, FakeGitHub};
+use spot_runners_store::testing::{test_database, TestDatabase};
+use spot_runners_store::PgStore;
+
+struct Harness {
+    _db: TestDatabase,
+    store: Arc<PgStore>,
+    cloud: FakeCloud,
+    github: FakeGitHub,
+    profiles: ProfileCache,
+    metrics: Arc<Metrics>,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let db = test_database().await.unwrap();
+        // Up to 32 provisioning tasks write at once.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(64)
+            .acquire_timeout(Duration::from_secs(24 * 3600))
+            .connect(&db.url)
+            .await
+            .unwrap();
+        Self {
+            store: Arc::new(PgStore::from_pool(pool)),
+            _db: db,
+            cloud: FakeCloud::with_seed(1),
+            github: FakeGitHub::with_seed(1),
+            profiles: ProfileCache::default(),
+            metrics: Arc::new(Metrics::new().unwrap()),
+        }
+    }
+
+    fn reconciler(&self, max_instances: u32) -> Arc<Reconciler> {
+        Arc::new(Reconciler::new(
+            self.store.clone(),
+            Backends {
+                cloud: Arc::new(self.cloud.clone()),
+                github: Arc::new(self.github.clone()),
+            },
+            self.profiles.clone(),
+            Arc::clone(&self.metrics),
+            ControllerId::default(),
+            max_instances,
+        ))
+    }
+
+    async fn profile(&self, name: &str, sql_set: &str) {
+        sqlx::query(
+            "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids)
+             VALUES ($1, '{linux,x64,kani}', '{c6i.4xlarge,c6a.4xlarge}', 'ami-1', '{subnet-a,subnet-b}')",
+        )
+        .bind(name)
+        .execute(self.store.pool())
+        .await
+        .unwrap();
+        sqlx::query(&format!(
+            "UPDATE instance_profiles SET {sql_set} WHERE name = $1"
+        ))
+        .bind(name)
+        .execute(self.store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("profile {name}: {e}"));
+        self.profiles
+            .reload(self.store.as_ref(), &self.metrics)
+            .await
+            .unwrap();
+    }
+
+    async fn queue(&self, profile: &str, ids: std::ops::Range<i64>) {
+        sqlx::query(
+            "INSERT INTO workflow_jobs (id, run_id, repository, owner, org, labels, status, profile, queued_at)
+             SELECT i, i, 'acme/proofs', 'acme', 'acme', '{self-hosted,linux,x64,kani}', 'queued', $1, now()
+             FROM generate_series($2::bigint, $3::bigint - 1) AS i",
+        )
+        .bind(profile)
+        .bind(ids.start)
+        .bind(ids.end)
+        .execute(self.store.pool())
+        .await
+        .unwrap();
+    }
+
+    /// One pass, then provisioning until nothing is left to claim.
+    async fn reconcile(&self, r: &Arc<Reconciler>) {
+        r.pass().await.unwrap();
+        while r.provision_batch().await.unwrap() > 0 {}
+    }
+
+    async fn states(&self) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT state, count(*) FROM runners GROUP BY state ORDER BY state")
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap()
+    }
+
+    async fn sql(&self, q: &str) {
+        sqlx::query(q).execute(self.store.pool()).await.unwrap();
+    }
+}
+
+fn launches(cloud: &FakeCloud) -> Vec<(String, Option<String>, Market, Result<String, String>)> {
+    cloud
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CloudCall::Launch {
+                instance_type,
+                subnet_id,
+                market,
+                outcome,
+                ..
+            } => Some((instance_type, subnet_id, market, outcome)),
+            CloudCall::Terminate { .. } => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_burst_of_200_launches_exactly_200_without_being_throttled() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 500").await;
+    h.queue("kani", 0..200).await;
+    let r = h.reconciler(1000);
+    h.reconcile(&r).await;
+
+    let failed: Vec<_> = launches(&h.cloud)
+        .into_iter()
+        .filter(|l| l.3.is_err())
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(h.cloud.launch_attempts(), 200);
+    assert_eq!(
+        h.cloud.throttled_count(),
+        0,
+        "the client bucket kept us under EC2's"
+    );
+    assert_eq!(h.cloud.live_count(Some("kani")), 200);
+    assert_eq!(h.github.runners().len(), 200);
+    assert_eq!(h.states().await, [("booting".to_owned(), 200)]);
+    // Every runner registered with self-hosted plus the profile's labels.
+    assert!(h
+        .github
+        .runners()
+        .iter()
+        .all(|g| g.labels == ["self-hosted", "linux", "x64", "kani"]));
+
+    // Another pass converges: nothing new.
+    h.reconcile(&r).await;
+    assert_eq!(h.cloud.launch_attempts(), 200);
+}
+
+#[tokio::test]
+async fn a_profile_capped_at_5_never_has_a_sixth_instance() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.queue("kani", 0..20).await;
+    let r = h.reconciler(100);
+    for _ in 0..3 {
+        h.reconcile(&r).await;
+    }
+    assert_eq!(h.cloud.peak_live("kani"), 5);
+    assert_eq!(h.cloud.launch_attempts(), 5);
+}
+
+#[tokio::test]
+async fn the_global_cap_holds_across_profiles() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 50, priority = 1").await;
+    h.profile("bench", "max_instances = 50, labels = '{linux,x64,bench}'")
+        .await;
+    h.queue("kani", 0..8).await;
+    h.queue("bench", 100..108).await;
+    let r = h.reconciler(10);
+    h.reconcile(&r).await;
+    assert_eq!(h.cloud.peak_live_total(), 10);
+    assert_eq!(h.cloud.live_count(Some("kani")), 8, "priority first");
+}
+
+#[tokio::test]
+async fn capacity_errors_walk_types_and_subnets_then_fall_back_to_on_demand() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    for t in ["c6i.4xlarge", "c6a.4xlarge"] {
+        for s in ["subnet-a", "subnet-b"] {
+            h.cloud.set_capacity(t, Some(s), Market::Spot, Some(0));
+        }
+    }
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    h.reconcile(&r).await;
+    let walk: Vec<String> = launches(&h.cloud)
+        .into_iter()
+        .map(|(t, s, m, o)| format!("{t}/{}/{m}/{}", s.unwrap(), o.is_ok()))
+        .collect();
+    assert_eq!(
+        walk,
+        [
+            "c6i.4xlarge/subnet-a/spot/false",
+            "c6i.4xlarge/subnet-b/spot/false",
+            "c6a.4xlarge/subnet-a/spot/false",
+            "c6a.4xlarge/subnet-b/spot/false",
+            "c6i.4xlarge/subnet-a/on-demand/true",
+        ]
+    );
+    let text = h.metrics.render();
+    assert!(text.contains(
+        r#"spot_runners_launch_errors_total{code="InsufficientInstanceCapacity",profile="kani"} 4"#
+    ));
+    assert!(text.contains(
+        r#"spot_runners_launches_total{market="on-demand",outcome="launched",profile="kani"} 1"#
+    ));
+}
+
+#[tokio::test]
+async fn without_on_demand_fallback_an_exhausted_profile_fails_cleanly() {
+    let h = Harness::new().await;
+    h.profile(
+        "kani",
+        "on_demand_fallback = false, instance_types = '{c6i.4xlarge}', subnet_ids = '{}'",
+    )
+    .await;
+    h.cloud
+        .set_capacity("c6i.4xlarge", None, Market::Spot, Some(0));
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    r.pass().await.unwrap();
+    r.provision_batch().await.unwrap();
+    assert_eq!(h.states().await, [("launch_failed".to_owned(), 1)]);
+    assert!(h.github.runners().is_empty(), "the registration is deleted");
+    let code: String = sqlx::query_scalar("SELECT last_error_code FROM runners")
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(code, "InsufficientInstanceCapacity");
+    // The demand is still there: the next pass asks for a new runner.
+    assert_eq!(r.pass().await.unwrap().requested, 1);
+}
+
+#[tokio::test]
+async fn throttling_is_retried_with_backoff() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.cloud.fail_next("RequestLimitExceeded");
+    h.cloud.fail_next("RequestLimitExceeded");
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    h.reconcile(&r).await;
+    let outcomes: Vec<bool> = launches(&h.cloud)
+        .into_iter()
+        .map(|l| l.3.is_ok())
+        .collect();
+    assert_eq!(outcomes, [false, false, true]);
+    assert_eq!(h.cloud.live_count(None), 1);
+}
+
+#[tokio::test]
+async fn an_invalid_request_ends_the_runner_without_walking_on() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.cloud.fail_next("InvalidAMIID.NotFound");
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    r.pass().await.unwrap();
+    r.provision_batch().await.unwrap();
+    assert_eq!(h.cloud.launch_attempts(), 1);
+    assert_eq!(h.states().await, [("launch_failed".to_owned(), 1)]);
+    assert!(h.github.runners().is_empty());
+}
+
+/// A crash between GitHub's answer and the ledger write: the runner exists
+/// at GitHub, the row still says `requested`. The retry hits 409, deletes
+/// the old registration and registers again.
+#[tokio::test]
+async fn a_crash_after_the_jit_call_is_healed_by_the_409_path() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    r.pass().await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT name FROM runners")
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    let scope = RunnerScope::Org("acme".into());
+    let stale = h
+        .github
+        .generate_jit_config(
+            &scope,
+            &JitRequest {
+                name: name.clone(),
+                runner_group_id: 1,
+                labels: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    while r.provision_batch().await.unwrap() > 0 {}
+    let registered: Vec<_> = h
+        .github
+        .runners()
+        .into_iter()
+        .filter(|g| g.name == name)
+        .collect();
+    assert_eq!(registered.len(), 1);
+    assert_ne!(registered[0].id, stale.runner_id);
+    assert_eq!(h.cloud.live_count(None), 1);
+}
+
+/// A crash after the ledger said `registered` but before `RunInstances`:
+/// the JIT config is lost, so the registration is replaced; one instance.
+#[tokio::test]
+async fn a_crash_between_the_jit_call_and_run_instances_launches_once() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    r.pass().await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT name FROM runners")
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    let scope = RunnerScope::Org("acme".into());
+    let jit = h
+        .github
+        .generate_jit_config(
+            &scope,
+            &JitRequest {
+                name: name.clone(),
+                runner_group_id: 1,
+                labels: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    h.sql(&format!(
+        "UPDATE runners SET state = 'registered', github_runner_id = {}, lease_owner = 'dead', lease_until = now() - interval '1 s'",
+        jit.runner_id
+    ))
+    .await;
+    // A new process (a second reconciler) resumes the row.
+    let r2 = h.reconciler(100);
+    while r2.provision_batch().await.unwrap() > 0 {}
+    assert_eq!(h.cloud.launch_attempts(), 1);
+    assert_eq!(h.cloud.live_count(None), 1);
+    let gh: Vec<_> = h
+        .github
+        .runners()
+        .into_iter()
+        .filter(|g| g.name == name)
+        .collect();
+    assert_eq!(
+        gh.len(),
+        1,
+        "the lost registration was replaced, not duplicated"
+    );
+    assert_ne!(gh[0].id, jit.runner_id);
+    assert_eq!(h.states().await, [("booting".to_owned(), 1)]);
+    // No new demand-less runner: the next pass changes nothing.
+    h.reconcile(&r2).await;
+    assert_eq!(h.cloud.launch_attempts(), 1);
+}
+
+/// A crash during `RunInstances`: the instance exists but the ledger still
+/// says `launching`. The resumed row adopts it instead of launching again.
+#[tokio::test]
+async fn a_crash_during_run_instances_adopts_the_instance() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    r.pass().await.unwrap();
+    let name: String = sqlx::query_scalar("SELECT name FROM runners")
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    let instance = h
+        .cloud
+        .launch(&LaunchRequest {
+            runner_name: name.clone(),
+            controller_id: "spot-runners".into(),
+            profile: "kani".into(),
+            instance_type: "c6i.4xlarge".into(),
+            subnet_id: Some("subnet-a".into()),
+            image_id: "ami-1".into(),
+            security_group_ids: vec![],
+            iam_instance_profile: None,
+            market: Market::Spot,
+            root_volume_gb: 64,
+            user_data: "#!/bin/bash".into(),
+        })
+        .await
+        .unwrap();
+    h.sql("UPDATE runners SET state = 'launching', github_runner_id = 1, lease_until = now() - interval '1 s'")
+        .await;
+    while r.provision_batch().await.unwrap() > 0 {}
+    assert_eq!(h.cloud.launch_attempts(), 1, "no second RunInstances");
+    let adopted: String =
+        sqlx::query_scalar("SELECT instance_id FROM runners WHERE state = 'booting'")
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(adopted, instance.id);
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_database_never_launch_the_same_demand_twice() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 100").await;
+    h.queue("kani", 0..40).await;
+    let (a, b) = (h.reconciler(100), h.reconciler(100));
+    let run = |r: Arc<Reconciler>| async move {
+        for _ in 0..3 {
+            r.pass().await.unwrap();
+            while r.provision_batch().await.unwrap() > 0 {}
+        }
+    };
+    tokio::join!(run(a), run(b));
+    // Two clients share EC2's one bucket, so some calls are throttled and
+    // retried; what must hold is one instance per unit of demand.
+    assert_eq!(h.cloud.live_count(None), 40);
+    let mut names: Vec<String> = h
+        .cloud
+        .instances()
+        .into_iter()
+        .map(|i| i.request.runner_name)
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 40, "no runner has two instances");
+    assert_eq!(h.states().await, [("booting".to_owned(), 40)]);
+    assert_eq!(h.github.runners().len(), 40);
+}
+
+#[tokio::test]
+async fn unmatched_jobs_are_rematched_when_a_profile_appears() {
+    let h = Harness::new().await;
+    h.sql(
+        "INSERT INTO workflow_jobs (id, run_id, repository, owner, org, labels, status, match_error, queued_at)
+         VALUES (1, 1, 'acme/p', 'acme', 'acme', '{self-hosted,kani}', 'queued', 'no profile', now())",
+    )
+    .await;
+    let r = h.reconciler(100);
+    assert_eq!(r.pass().await.unwrap().requested, 0);
+    h.profile("kani", "max_instances = 5").await;
+    let report = r.pass().await.unwrap();
+    assert_eq!((report.rematched, report.requested), (1, 1));
+}

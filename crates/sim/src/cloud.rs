@@ -1,0 +1,867 @@
+//! A fake EC2 that behaves like the real one where the reconciler depends on
+//! it: the `RunInstances` and `TerminateInstances` buckets, `ClientToken`
+//! idempotency, capacity running out per type/subnet/market, instances that
+//! take time to boot, and instances that vanish by spot reclaim or by shutting
+//! themselves down.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use spot_runners_domain::ports::{Cloud, CloudError, Instance, InstanceState, LaunchRequest};
+use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::Market;
+
+/// EC2's state reason codes, as `DescribeInstances` reports them.
+pub const REASON_USER_TERMINATED: &str = "Client.UserInitiatedShutdown";
+pub const REASON_SPOT_RECLAIMED: &str = "Server.SpotInstanceTermination";
+pub const REASON_SHUTDOWN_FROM_INSIDE: &str = "Client.InstanceInitiatedShutdown";
+
+/// EC2 refuses user data above 16 KiB (before base64).
+const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
+const DEFAULT_BOOT_TIME: Duration = Duration::from_secs(30);
+/// EC2 keeps reporting terminated instances for about an hour.
+const DEFAULT_TERMINATED_RETENTION: Duration = Duration::from_secs(3600);
+
+/// One call the service made, for assertions on what it asked of EC2.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloudCall {
+    /// Every `launch`, including throttled and failed ones.
+    Launch {
+        runner_name: String,
+        instance_type: String,
+        subnet_id: Option<String>,
+        market: Market,
+        at: Instant,
+        /// The instance id, or EC2's error code.
+        outcome: Result<String, String>,
+    },
+    /// A `terminate` EC2 accepted; throttled or failed calls change nothing
+    /// and show only in [`FakeCloud::throttled_count`].
+    Terminate { ids: Vec<String>, at: Instant },
+}
+
+/// An instance as the fake holds it, with what `Instance` cannot carry.
+#[derive(Clone, Debug)]
+pub struct FakeInstance {
+    /// As `list_owned` would report it now.
+    pub instance: Instance,
+    /// The request that created it (controller id, user data, …).
+    pub request: LaunchRequest,
+    pub launched_at: Instant,
+    pub terminated_at: Option<Instant>,
+}
+
+type CapacityKey = (String, Option<String>, Market);
+
+struct Record {
+    id: String,
+    request: LaunchRequest,
+    launched_at: Instant,
+    running_at: Instant,
+    ended: Option<(Instant, Option<String>)>,
+}
+
+impl Record {
+    fn is_live(&self) -> bool {
+        self.ended.is_none()
+    }
+
+    fn state(&self, now: Instant) -> InstanceState {
+        match self.ended {
+            Some(_) => InstanceState::Terminated,
+            None if now >= self.running_at => InstanceState::Running,
+            None => InstanceState::Pending,
+        }
+    }
+}
+
+struct State {
+    run_bucket: TokenBucket,
+    terminate_bucket: TokenBucket,
+    boot_time: Duration,
+    latency: Duration,
+    terminated_retention: Duration,
+    /// In launch order.
+    records: Vec<Record>,
+    by_token: HashMap<String, usize>,
+    /// Absent means unlimited.
+    capacity: HashMap<CapacityKey, u32>,
+    fail_launch: VecDeque<String>,
+    fail_terminate: VecDeque<String>,
+    fail_list: VecDeque<String>,
+    live: HashMap<String, u32>,
+    peak: HashMap<String, u32>,
+    live_total: u32,
+    peak_total: u32,
+    calls: Vec<CloudCall>,
+    launch_attempts: u64,
+    throttled: u64,
+    rng: StdRng,
+    /// Ties tokio's clock to wall time, so `launched_at` moves with a paused
+    /// clock instead of with the machine's.
+    epoch: (Instant, DateTime<Utc>),
+}
+
+impl State {
+    fn wall_time(&self, at: Instant) -> DateTime<Utc> {
+        let (base, base_utc) = self.epoch;
+        let delta = |d: Duration| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
+        match at.checked_duration_since(base) {
+            Some(after) => base_utc + delta(after),
+            None => base_utc - delta(base - at),
+        }
+    }
+
+    fn view(&self, record: &Record, now: Instant) -> Instance {
+        let request = &record.request;
+        Instance {
+            id: record.id.clone(),
+            // Tags, exactly as the EC2 adapter sets them at launch.
+            runner_name: Some(request.runner_name.clone()),
+            profile: Some(request.profile.clone()),
+            instance_type: request.instance_type.clone(),
+            subnet_id: request.subnet_id.clone(),
+            market: request.market,
+            state: record.state(now),
+            state_reason: record.ended.as_ref().and_then(|(_, r)| r.clone()),
+            launched_at: Some(self.wall_time(record.launched_at)),
+        }
+    }
+
+    fn new_instance_id(&mut self) -> String {
+        loop {
+            let bits: u128 = self.rng.gen::<u128>() & ((1 << 68) - 1);
+            let id = format!("i-{bits:017x}");
+            if !self.records.iter().any(|r| r.id == id) {
+                return id;
+            }
+        }
+    }
+
+    fn try_launch(
+        &mut self,
+        request: &LaunchRequest,
+        now: Instant,
+    ) -> Result<Instance, CloudError> {
+        if self.run_bucket.try_take(now).is_err() {
+            self.throttled += 1;
+            return Err(CloudError::from_code(
+                "RequestLimitExceeded",
+                "Request limit exceeded.",
+            ));
+        }
+
+        if let Some(&index) = self.by_token.get(&request.runner_name) {
+            let first = &self.records[index];
+            let same = first.request.instance_type == request.instance_type
+                && first.request.subnet_id == request.subnet_id
+                && first.request.market == request.market
+                && first.request.image_id == request.image_id
+                && first.request.user_data == request.user_data;
+            return if same {
+                Ok(self.view(first, now))
+            } else {
+                Err(CloudError::from_code(
+                    "IdempotentParameterMismatch",
+                    format!(
+                        "client token {} was already used with different parameters",
+                        request.runner_name
+                    ),
+                ))
+            };
+        }
+
+        if let Some(code) = self.fail_launch.pop_front() {
+            return Err(CloudError::from_code(&code, "injected by the fake cloud"));
+        }
+
+        if request.user_data.len() > MAX_USER_DATA_BYTES {
+            return Err(CloudError::from_code(
+                "InvalidParameterValue",
+                format!("user data is limited to {MAX_USER_DATA_BYTES} bytes"),
+            ));
+        }
+
+        let key = (
+            request.instance_type.clone(),
+            request.subnet_id.clone(),
+            request.market,
+        );
+        if let Some(left) = self.capacity.get_mut(&key) {
+            if *left == 0 {
+                return Err(CloudError::from_code(
+                    "InsufficientInstanceCapacity",
+                    format!(
+                        "there is not enough {} {} capacity in subnet {}",
+                        request.market,
+                        request.instance_type,
+                        request.subnet_id.as_deref().unwrap_or("(default)"),
+                    ),
+                ));
+            }
+            *left -= 1;
+        }
+
+        let id = self.new_instance_id();
+        let record = Record {
+            id,
+            request: request.clone(),
+            launched_at: now,
+            running_at: now + self.boot_time,
+            ended: None,
+        };
+        let instance = self.view(&record, now);
+        self.by_token
+            .insert(request.runner_name.clone(), self.records.len());
+        self.records.push(record);
+
+        let live = self.live.entry(request.profile.clone()).or_default();
+        *live += 1;
+        let live = *live;
+        let peak = self.peak.entry(request.profile.clone()).or_default();
+        *peak = (*peak).max(live);
+        self.live_total += 1;
+        self.peak_total = self.peak_total.max(self.live_total);
+        Ok(instance)
+    }
+
+    /// Ends a live instance; `false` when there is none by that id.
+    fn end(&mut self, id: &str, now: Instant, reason: &str) -> bool {
+        self.end_where(id, now, reason, |_| true)
+    }
+
+    fn end_where(
+        &mut self,
+        id: &str,
+        now: Instant,
+        reason: &str,
+        eligible: impl Fn(&Record) -> bool,
+    ) -> bool {
+        let Some(record) = self
+            .records
+            .iter_mut()
+            .find(|r| r.id == id && r.is_live() && eligible(r))
+        else {
+            return false;
+        };
+        record.ended = Some((now, Some(reason.to_owned())));
+        if let Some(live) = self.live.get_mut(&record.request.profile) {
+            *live = live.saturating_sub(1);
+        }
+        self.live_total = self.live_total.saturating_sub(1);
+        true
+    }
+}
+
+/// A cheaply cloneable handle; clones share one fake EC2 region.
+#[derive(Clone)]
+pub struct FakeCloud {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for FakeCloud {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeCloud {
+    /// Unlimited capacity, full buckets, 30 s boot time, no latency.
+    pub fn new() -> Self {
+        Self::with_rng(StdRng::from_entropy())
+    }
+
+    /// Instance ids drawn from a seeded generator, so a simulation run can
+    /// be replayed exactly.
+    pub fn with_seed(seed: u64) -> Self {
+        Self::with_rng(StdRng::seed_from_u64(seed))
+    }
+
+    fn with_rng(rng: StdRng) -> Self {
+        let state = State {
+            run_bucket: TokenBucket::ec2_run_instances(),
+            terminate_bucket: TokenBucket::ec2_terminate_instances(),
+            boot_time: DEFAULT_BOOT_TIME,
+            latency: Duration::ZERO,
+            terminated_retention: DEFAULT_TERMINATED_RETENTION,
+            records: Vec::new(),
+            by_token: HashMap::new(),
+            capacity: HashMap::new(),
+            fail_launch: VecDeque::new(),
+            fail_terminate: VecDeque::new(),
+            fail_list: VecDeque::new(),
+            live: HashMap::new(),
+            peak: HashMap::new(),
+            live_total: 0,
+            peak_total: 0,
+            calls: Vec::new(),
+            launch_attempts: 0,
+            throttled: 0,
+            rng,
+            epoch: (crate::now(), Utc::now()),
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        crate::lock(&self.state)
+    }
+
+    async fn delay(&self) {
+        let latency = self.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
+
+    // ------------------------------------------------------- controls --
+
+    /// The next launch that gets past the bucket and the `ClientToken` check
+    /// fails with this EC2 error code; queued codes are used one per launch.
+    pub fn fail_next(&self, code: &str) {
+        self.lock().fail_launch.push_back(code.to_owned());
+    }
+
+    /// Like [`fail_next`](Self::fail_next), for the next accepted `terminate`.
+    pub fn fail_next_terminate(&self, code: &str) {
+        self.lock().fail_terminate.push_back(code.to_owned());
+    }
+
+    /// Like [`fail_next`](Self::fail_next), for the next `list_owned`.
+    pub fn fail_next_list(&self, code: &str) {
+        self.lock().fail_list.push_back(code.to_owned());
+    }
+
+    /// `Some(n)`: at most `n` more launches of exactly this type, subnet
+    /// (`None` being the default subnet) and market succeed; after that they
+    /// fail with `InsufficientInstanceCapacity`. `None`: unlimited again.
+    pub fn set_capacity(
+        &self,
+        instance_type: &str,
+        subnet: Option<&str>,
+        market: Market,
+        available: Option<u32>,
+    ) {
+        let key = (instance_type.to_owned(), subnet.map(str::to_owned), market);
+        let mut state = self.lock();
+        match available {
+            Some(n) => state.capacity.insert(key, n),
+            None => state.capacity.remove(&key),
+        };
+    }
+
+    /// How long from launch until an instance reports `Running`; applies to
+    /// instances launched from now on.
+    pub fn set_boot_time(&self, boot_time: Duration) {
+        self.lock().boot_time = boot_time;
+    }
+
+    /// Added (as a tokio sleep) before every call, to expose code that holds
+    /// locks or blocks other work across a slow EC2 API.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// How long `list_owned` keeps reporting an instance after it
+    /// terminated; EC2's is about an hour.
+    pub fn set_terminated_retention(&self, retention: Duration) {
+        self.lock().terminated_retention = retention;
+    }
+
+    /// Spot reclaim. `false` (and nothing happens) unless the instance is a
+    /// live spot instance: EC2 never reclaims on-demand ones.
+    pub fn interrupt(&self, instance_id: &str) -> bool {
+        let now = crate::now();
+        self.lock()
+            .end_where(instance_id, now, REASON_SPOT_RECLAIMED, |r| {
+                r.request.market == Market::Spot
+            })
+    }
+
+    /// The instance powered itself off (job done, or its watchdog fired);
+    /// instances are launched to terminate on shutdown. `false` if not live.
+    pub fn shutdown_from_inside(&self, instance_id: &str) -> bool {
+        let now = crate::now();
+        self.lock()
+            .end(instance_id, now, REASON_SHUTDOWN_FROM_INSIDE)
+    }
+
+    // ----------------------------------------------------- inspection --
+
+    /// Live (pending or running) instances, of one profile or of all.
+    pub fn live_count(&self, profile: Option<&str>) -> u32 {
+        let state = self.lock();
+        match profile {
+            Some(p) => state.live.get(p).copied().unwrap_or(0),
+            None => state.live_total,
+        }
+    }
+
+    /// The most instances of this profile ever live at once.
+    pub fn peak_live(&self, profile: &str) -> u32 {
+        self.lock().peak.get(profile).copied().unwrap_or(0)
+    }
+
+    /// The most instances ever live at once over all profiles.
+    pub fn peak_live_total(&self) -> u32 {
+        self.lock().peak_total
+    }
+
+    /// Every instance ever launched, in launch order, whatever its owner and
+    /// however long ago it terminated.
+    pub fn instances(&self) -> Vec<FakeInstance> {
+        let now = crate::now();
+        let state = self.lock();
+        state
+            .records
+            .iter()
+            .map(|r| FakeInstance {
+                instance: state.view(r, now),
+                request: r.request.clone(),
+                launched_at: r.launched_at,
+                terminated_at: r.ended.as_ref().map(|(at, _)| *at),
+            })
+            .collect()
+    }
+
+    /// One instance as `list_owned` would report it now.
+    pub fn instance(&self, instance_id: &str) -> Option<Instance> {
+        let now = crate::now();
+        let state = self.lock();
+        state
+            .records
+            .iter()
+            .find(|r| r.id == instance_id)
+            .map(|r| state.view(r, now))
+    }
+
+    pub fn calls(&self) -> Vec<CloudCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Every `launch` call, whatever its outcome.
+    pub fn launch_attempts(&self) -> u64 {
+        self.lock().launch_attempts
+    }
+
+    /// Calls refused with `RequestLimitExceeded`, launches and terminations.
+    pub fn throttled_count(&self) -> u64 {
+        self.lock().throttled
+    }
+}
+
+#[async_trait]
+impl Cloud for FakeCloud {
+    async fn launch(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.launch_attempts += 1;
+        let result = state.try_launch(request, now);
+        state.calls.push(CloudCall::Launch {
+            runner_name: request.runner_name.clone(),
+            instance_type: request.instance_type.clone(),
+            subnet_id: request.subnet_id.clone(),
+            market: request.market,
+            at: now,
+            outcome: match &result {
+                Ok(instance) => Ok(instance.id.clone()),
+                Err(e) => Err(e.code.clone()),
+            },
+        });
+        result
+    }
+
+    async fn terminate(&self, instance_ids: &[String]) -> Result<(), CloudError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        if state.terminate_bucket.try_take(now).is_err() {
+            state.throttled += 1;
+            return Err(CloudError::from_code(
+                "RequestLimitExceeded",
+                "Request limit exceeded.",
+            ));
+        }
+        if let Some(code) = state.fail_terminate.pop_front() {
+            return Err(CloudError::from_code(&code, "injected by the fake cloud"));
+        }
+        for id in instance_ids {
+            state.end(id, now, REASON_USER_TERMINATED);
+        }
+        state.calls.push(CloudCall::Terminate {
+            ids: instance_ids.to_vec(),
+            at: now,
+        });
+        Ok(())
+    }
+
+    async fn list_owned(&self, controller_id: &str) -> Result<Vec<Instance>, CloudError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        if let Some(code) = state.fail_list.pop_front() {
+            return Err(CloudError::from_code(&code, "injected by the fake cloud"));
+        }
+        let retention = state.terminated_retention;
+        Ok(state
+            .records
+            .iter()
+            .filter(|r| r.request.controller_id == controller_id)
+            .filter(|r| match r.ended {
+                Some((at, _)) => now < at + retention,
+                None => true,
+            })
+            .map(|r| state.view(r, now))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spot_runners_domain::ports::CloudErrorKind;
+
+    fn request(name: &str) -> LaunchRequest {
+        LaunchRequest {
+            runner_name: name.to_owned(),
+            controller_id: "ctl".to_owned(),
+            profile: "linux".to_owned(),
+            instance_type: "c6i.large".to_owned(),
+            subnet_id: Some("subnet-a".to_owned()),
+            image_id: "ami-1".to_owned(),
+            security_group_ids: vec!["sg-1".to_owned()],
+            iam_instance_profile: None,
+            market: Market::Spot,
+            root_volume_gb: 64,
+            user_data: "#!/bin/sh\necho hi\n".to_owned(),
+        }
+    }
+
+    /// Advances past the `RunInstances` bucket so the next launch is about
+    /// what the test is checking, not about throttling.
+    async fn refill() {
+        tokio::time::advance(Duration::from_secs(10)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_six_is_throttled_at_the_sixth_and_recovers() {
+        let cloud = FakeCloud::new();
+        for i in 0..5 {
+            cloud.launch(&request(&format!("r-{i}"))).await.unwrap();
+        }
+        let err = cloud.launch(&request("r-5")).await.unwrap_err();
+        assert_eq!(err.code, "RequestLimitExceeded");
+        assert_eq!(err.kind, CloudErrorKind::Throttled);
+        assert_eq!(cloud.throttled_count(), 1);
+        assert_eq!(cloud.launch_attempts(), 6);
+        assert_eq!(cloud.live_count(None), 5);
+
+        tokio::time::advance(Duration::from_millis(500)).await;
+        cloud.launch(&request("r-5")).await.unwrap();
+        assert!(cloud.launch(&request("r-6")).await.is_err());
+        assert_eq!(cloud.throttled_count(), 2);
+        assert_eq!(cloud.live_count(Some("linux")), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_client_token_returns_the_same_instance() {
+        let cloud = FakeCloud::new();
+        let first = cloud.launch(&request("r-1")).await.unwrap();
+        assert!(first.id.starts_with("i-") && first.id.len() == 19);
+        assert!(first.id[2..].chars().all(|c| c.is_ascii_hexdigit()));
+
+        // Only the fields EC2 compares matter; a different security group
+        // is not one of them here.
+        let mut again = request("r-1");
+        again.security_group_ids = vec!["sg-2".to_owned()];
+        assert_eq!(cloud.launch(&again).await.unwrap().id, first.id);
+        assert_eq!(cloud.instances().len(), 1);
+        assert_eq!(cloud.live_count(None), 1);
+
+        type Change = fn(&mut LaunchRequest);
+        let changes: [Change; 5] = [
+            |r| r.instance_type = "c6a.large".to_owned(),
+            |r| r.subnet_id = Some("subnet-b".to_owned()),
+            |r| r.market = Market::OnDemand,
+            |r| r.image_id = "ami-2".to_owned(),
+            |r| r.user_data.push('\n'),
+        ];
+        for change in changes {
+            refill().await;
+            let mut different = request("r-1");
+            change(&mut different);
+            let err = cloud.launch(&different).await.unwrap_err();
+            assert_eq!(err.code, "IdempotentParameterMismatch");
+            assert_eq!(err.kind, CloudErrorKind::Invalid);
+        }
+        assert_eq!(cloud.instances().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_repeated_token_reports_the_instance_as_it_is_now() {
+        let cloud = FakeCloud::new();
+        let first = cloud.launch(&request("r-1")).await.unwrap();
+        cloud
+            .terminate(std::slice::from_ref(&first.id))
+            .await
+            .unwrap();
+        let again = cloud.launch(&request("r-1")).await.unwrap();
+        assert_eq!(again.id, first.id);
+        assert_eq!(again.state, InstanceState::Terminated);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_runs_out_per_type_subnet_and_market() {
+        let cloud = FakeCloud::new();
+        cloud.set_capacity("c6i.large", Some("subnet-a"), Market::Spot, Some(1));
+
+        cloud.launch(&request("r-1")).await.unwrap();
+        let err = cloud.launch(&request("r-2")).await.unwrap_err();
+        assert_eq!(err.code, "InsufficientInstanceCapacity");
+        assert_eq!(err.kind, CloudErrorKind::Capacity);
+
+        // Any other combination still has room.
+        let mut other_subnet = request("r-2");
+        other_subnet.subnet_id = Some("subnet-b".to_owned());
+        cloud.launch(&other_subnet).await.unwrap();
+        let mut other_type = request("r-3");
+        other_type.instance_type = "c6a.large".to_owned();
+        cloud.launch(&other_type).await.unwrap();
+        let mut on_demand = request("r-4");
+        on_demand.market = Market::OnDemand;
+        cloud.launch(&on_demand).await.unwrap();
+
+        refill().await;
+        cloud.set_capacity("c6i.large", Some("subnet-a"), Market::OnDemand, Some(0));
+        let mut on_demand = request("r-5");
+        on_demand.market = Market::OnDemand;
+        let err = cloud.launch(&on_demand).await.unwrap_err();
+        assert_eq!(err.code, "InsufficientInstanceCapacity");
+
+        cloud.set_capacity("c6i.large", Some("subnet-a"), Market::Spot, None);
+        cloud.launch(&request("r-6")).await.unwrap();
+
+        let outcomes: Vec<_> = cloud
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                CloudCall::Launch {
+                    runner_name,
+                    outcome,
+                    ..
+                } => Some((runner_name, outcome.is_ok())),
+                CloudCall::Terminate { .. } => None,
+            })
+            .collect();
+        let expected = [
+            ("r-1", true),
+            ("r-2", false),
+            ("r-2", true),
+            ("r-3", true),
+            ("r-4", true),
+            ("r-5", false),
+            ("r-6", true),
+        ];
+        let expected: Vec<_> = expected
+            .iter()
+            .map(|(n, ok)| ((*n).to_owned(), *ok))
+            .collect();
+        assert_eq!(outcomes, expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_failures_are_used_one_per_launch() {
+        let cloud = FakeCloud::new();
+        cloud.fail_next("InternalError");
+        cloud.fail_next("InvalidAMIID.NotFound");
+        let err = cloud.launch(&request("r-1")).await.unwrap_err();
+        assert_eq!(err.kind, CloudErrorKind::Transient);
+        let err = cloud.launch(&request("r-1")).await.unwrap_err();
+        assert_eq!(err.kind, CloudErrorKind::Invalid);
+        cloud.launch(&request("r-1")).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_user_data_is_refused() {
+        let cloud = FakeCloud::new();
+        let mut big = request("r-1");
+        big.user_data = "x".repeat(MAX_USER_DATA_BYTES + 1);
+        let err = cloud.launch(&big).await.unwrap_err();
+        assert_eq!(err.code, "InvalidParameterValue");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn instances_run_after_their_boot_time() {
+        let cloud = FakeCloud::new();
+        let launched = cloud.launch(&request("r-1")).await.unwrap();
+        assert_eq!(launched.state, InstanceState::Pending);
+        assert!(launched.launched_at.is_some());
+        assert_eq!(launched.runner_name.as_deref(), Some("r-1"));
+        assert_eq!(launched.profile.as_deref(), Some("linux"));
+
+        tokio::time::advance(Duration::from_secs(29)).await;
+        let listed = cloud.list_owned("ctl").await.unwrap();
+        assert_eq!(listed[0].state, InstanceState::Pending);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let listed = cloud.list_owned("ctl").await.unwrap();
+        assert_eq!(listed[0].state, InstanceState::Running);
+        assert_eq!(listed[0].launched_at, launched.launched_at);
+
+        cloud.set_boot_time(Duration::from_secs(5));
+        let quick = cloud.launch(&request("r-2")).await.unwrap();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let quick = cloud.instance(&quick.id).unwrap();
+        assert_eq!(quick.state, InstanceState::Running);
+        // The wall-clock launch time follows tokio's clock.
+        let gap = quick.launched_at.unwrap() - launched.launched_at.unwrap();
+        assert_eq!(gap, TimeDelta::seconds(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn list_owned_keeps_to_its_controller_and_forgets_after_an_hour() {
+        let cloud = FakeCloud::new();
+        let mine = cloud.launch(&request("r-1")).await.unwrap();
+        let mut theirs = request("other-1");
+        theirs.controller_id = "other".to_owned();
+        cloud.launch(&theirs).await.unwrap();
+
+        let listed = cloud.list_owned("ctl").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, mine.id);
+
+        cloud
+            .terminate(std::slice::from_ref(&mine.id))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(3599)).await;
+        let listed = cloud.list_owned("ctl").await.unwrap();
+        assert_eq!(listed[0].state, InstanceState::Terminated);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cloud.list_owned("ctl").await.unwrap().is_empty());
+        assert_eq!(cloud.instances().len(), 2);
+
+        cloud.fail_next_list("InternalError");
+        assert!(cloud.list_owned("ctl").await.is_err());
+        assert!(cloud.list_owned("ctl").await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spot_reclaim_and_self_shutdown_carry_ec2_reasons() {
+        let cloud = FakeCloud::new();
+        let spot = cloud.launch(&request("r-1")).await.unwrap();
+        let mut od = request("r-2");
+        od.market = Market::OnDemand;
+        let od = cloud.launch(&od).await.unwrap();
+
+        assert!(!cloud.interrupt(&od.id), "EC2 does not reclaim on-demand");
+        assert!(cloud.interrupt(&spot.id));
+        assert!(!cloud.interrupt(&spot.id));
+        let spot = cloud.instance(&spot.id).unwrap();
+        assert_eq!(spot.state, InstanceState::Terminated);
+        assert_eq!(spot.state_reason.as_deref(), Some(REASON_SPOT_RECLAIMED));
+
+        assert!(cloud.shutdown_from_inside(&od.id));
+        let od = cloud.instance(&od.id).unwrap();
+        assert_eq!(od.state, InstanceState::Terminated);
+        assert_eq!(
+            od.state_reason.as_deref(),
+            Some(REASON_SHUTDOWN_FROM_INSIDE)
+        );
+        assert_eq!(cloud.live_count(None), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_live_remembers_the_most_at_once() {
+        let cloud = FakeCloud::new();
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            ids.push(cloud.launch(&request(&format!("r-{i}"))).await.unwrap().id);
+        }
+        let mut other = request("w-1");
+        other.profile = "windows".to_owned();
+        cloud.launch(&other).await.unwrap();
+
+        cloud.terminate(&ids[..2]).await.unwrap();
+        refill().await;
+        cloud.launch(&request("r-3")).await.unwrap();
+
+        assert_eq!(cloud.live_count(Some("linux")), 2);
+        assert_eq!(cloud.peak_live("linux"), 3);
+        assert_eq!(cloud.peak_live("windows"), 1);
+        assert_eq!(cloud.peak_live("none"), 0);
+        assert_eq!(cloud.peak_live_total(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn terminate_is_idempotent_and_metered() {
+        let cloud = FakeCloud::new();
+        let a = cloud.launch(&request("r-1")).await.unwrap();
+        let ids = vec![a.id.clone(), "i-00000000000000000".to_owned()];
+        cloud.terminate(&ids).await.unwrap();
+        let first = cloud.instances()[0].terminated_at;
+        assert!(first.is_some());
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cloud.terminate(&ids).await.unwrap();
+        let after = &cloud.instances()[0];
+        assert_eq!(
+            after.terminated_at, first,
+            "a second terminate changes nothing"
+        );
+        assert_eq!(
+            after.instance.state_reason.as_deref(),
+            Some(REASON_USER_TERMINATED)
+        );
+        assert_eq!(cloud.live_count(None), 0);
+
+        cloud.fail_next_terminate("InternalError");
+        assert!(cloud.terminate(&ids).await.is_err());
+
+        // The bucket holds 100 calls; the 101st at the same instant waits.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..100 {
+            cloud.terminate(&ids).await.unwrap();
+        }
+        let err = cloud.terminate(&ids).await.unwrap_err();
+        assert_eq!(err.kind, CloudErrorKind::Throttled);
+        assert_eq!(cloud.throttled_count(), 1);
+        let terminations = cloud
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, CloudCall::Terminate { .. }))
+            .count();
+        assert_eq!(terminations, 102);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_delays_every_call() {
+        let cloud = FakeCloud::new();
+        cloud.set_latency(Duration::from_secs(2));
+        let start = crate::now();
+        cloud.launch(&request("r-1")).await.unwrap();
+        cloud.list_owned("ctl").await.unwrap();
+        assert_eq!(crate::now() - start, Duration::from_secs(4));
+        match &cloud.calls()[0] {
+            CloudCall::Launch { at, .. } => assert_eq!(*at - start, Duration::from_secs(2)),
+            other => panic!("unexpected call {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn seeded_clouds_draw_the_same_ids() {
+        let a = FakeCloud::with_seed(7);
+        let b = FakeCloud::with_seed(7);
+        let x = a.launch(&request("r-1")).await.unwrap();
+        let y = b.launch(&request("r-1")).await.unwrap();
+        assert_eq!(x.id, y.id);
+    }
+}

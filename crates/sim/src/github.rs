@@ -1,0 +1,560 @@
+//! A fake GitHub holding self-hosted runners and jobs, with the behaviour the
+//! reconciler has to cope with: a JIT-config allowance that runs out, 409 on
+//! a name already registered, runners that come online (or not) on their
+//! own schedule, and failures on demand.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use secrecy::SecretString;
+use serde_json::json;
+use spot_runners_domain::ports::{
+    GitHub, GitHubError, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+};
+use spot_runners_domain::ratelimit::TokenBucket;
+
+/// A registered runner with what the list API does not show.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeRunner {
+    pub id: i64,
+    pub name: String,
+    pub labels: Vec<String>,
+    pub runner_group_id: i64,
+    pub scope: RunnerScope,
+    pub online: bool,
+    pub busy: bool,
+}
+
+impl FakeRunner {
+    fn listed(&self) -> GitHubRunner {
+        GitHubRunner {
+            id: self.id,
+            name: self.name.clone(),
+            online: self.online,
+            busy: self.busy,
+            labels: self.labels.clone(),
+        }
+    }
+}
+
+/// One call the service made, for assertions on what it asked of GitHub.
+/// Calls that failed (injected, rate limited, 409) are recorded too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GitHubCall {
+    GenerateJitConfig {
+        scope: RunnerScope,
+        name: String,
+        at: Instant,
+    },
+    ListRunners {
+        scope: RunnerScope,
+        at: Instant,
+    },
+    DeleteRunner {
+        scope: RunnerScope,
+        runner_id: i64,
+        at: Instant,
+    },
+    Job {
+        repository: String,
+        job_id: i64,
+        at: Instant,
+    },
+}
+
+impl GitHubCall {
+    /// The trait method's name.
+    pub fn method(&self) -> &'static str {
+        match self {
+            GitHubCall::GenerateJitConfig { .. } => "generate_jit_config",
+            GitHubCall::ListRunners { .. } => "list_runners",
+            GitHubCall::DeleteRunner { .. } => "delete_runner",
+            GitHubCall::Job { .. } => "job",
+        }
+    }
+
+    pub fn at(&self) -> Instant {
+        match self {
+            GitHubCall::GenerateJitConfig { at, .. }
+            | GitHubCall::ListRunners { at, .. }
+            | GitHubCall::DeleteRunner { at, .. }
+            | GitHubCall::Job { at, .. } => *at,
+        }
+    }
+}
+
+struct State {
+    jit_bucket: TokenBucket,
+    latency: Duration,
+    next_id: i64,
+    /// In registration order.
+    runners: Vec<FakeRunner>,
+    /// Keyed by lower-cased `owner/repo`: GitHub names are case-insensitive.
+    jobs: HashMap<(String, i64), JobReport>,
+    fail_next: VecDeque<GitHubError>,
+    calls: Vec<GitHubCall>,
+    jit_calls: u64,
+    rng: StdRng,
+}
+
+impl State {
+    /// Records the call and applies an injected failure, if one is queued.
+    fn begin(&mut self, call: GitHubCall) -> Result<(), GitHubError> {
+        self.calls.push(call);
+        match self.fail_next.pop_front() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies `change` to every runner by that name; `false` if none.
+    fn update(&mut self, name: &str, change: impl Fn(&mut FakeRunner)) -> bool {
+        let mut found = false;
+        for runner in &mut self.runners {
+            if runner.name.eq_ignore_ascii_case(name) {
+                change(runner);
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// A document shaped like GitHub's (runner settings, OAuth credentials,
+    /// key material) so user data has a realistic size, but our own layout.
+    fn jit_document(&mut self, scope: &RunnerScope, runner: &FakeRunner) -> String {
+        let path = match scope {
+            RunnerScope::Org(org) => org,
+            RunnerScope::Repo(repo) => repo,
+        };
+        let client_id = format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            self.rng.gen::<u32>(),
+            self.rng.gen::<u16>(),
+            self.rng.gen::<u16>(),
+            self.rng.gen::<u16>(),
+            self.rng.gen::<u64>() & 0xffff_ffff_ffff
+        );
+        let key: Vec<u8> = (0..384).map(|_| self.rng.gen()).collect();
+        let doc = json!({
+            "runner": {
+                "id": runner.id,
+                "name": runner.name,
+                "labels": runner.labels,
+                "runner_group_id": runner.runner_group_id,
+                "github_url": format!("https://github.com/{path}"),
+                "work_folder": "_work",
+                "ephemeral": true,
+            },
+            "credentials": {
+                "scheme": "OAuth",
+                "client_id": client_id,
+                "authorization_url": format!(
+                    "https://token.actions.fake.invalid/{client_id}/oauth2/token"
+                ),
+            },
+            "rsa_params": BASE64.encode(key),
+        });
+        BASE64.encode(doc.to_string())
+    }
+}
+
+/// The bucket's float arithmetic can leave a caller that waited exactly the
+/// advertised time a hair short of a token (1/3 s a token at 3/s), and then
+/// advertise a wait of zero; whole milliseconds, rounded up, always suffice.
+fn retry_after(wait: Duration) -> Duration {
+    let ms = wait.as_nanos().div_ceil(1_000_000).max(1);
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// A cheaply cloneable handle; clones share one fake GitHub.
+#[derive(Clone)]
+pub struct FakeGitHub {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for FakeGitHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeGitHub {
+    pub fn new() -> Self {
+        Self::with_rng(StdRng::from_entropy())
+    }
+
+    /// JIT configs drawn from a seeded generator, for replayable runs.
+    pub fn with_seed(seed: u64) -> Self {
+        Self::with_rng(StdRng::seed_from_u64(seed))
+    }
+
+    fn with_rng(rng: StdRng) -> Self {
+        let state = State {
+            jit_bucket: TokenBucket::github_jit_configs(),
+            latency: Duration::ZERO,
+            next_id: 1,
+            runners: Vec::new(),
+            jobs: HashMap::new(),
+            fail_next: VecDeque::new(),
+            calls: Vec::new(),
+            jit_calls: 0,
+            rng,
+        };
+        Self {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        crate::lock(&self.state)
+    }
+
+    async fn delay(&self) {
+        let latency = self.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+    }
+
+    /// The runner name inside a JIT config this fake issued: what the runner
+    /// on a simulated instance would register as.
+    pub fn jit_runner_name(encoded: &str) -> Option<String> {
+        let bytes = BASE64.decode(encoded.trim()).ok()?;
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        doc["runner"]["name"].as_str().map(str::to_owned)
+    }
+
+    // ------------------------------------------------------- controls --
+
+    /// The next call, of any method, fails with this error; queued errors
+    /// are used one per call.
+    pub fn fail_next(&self, error: GitHubError) {
+        self.lock().fail_next.push_back(error);
+    }
+
+    /// Added (as a tokio sleep) before every call.
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// The runner connected (or lost its connection). `false` when no
+    /// runner has that name.
+    pub fn set_online(&self, name: &str, online: bool) -> bool {
+        self.lock().update(name, |r| r.online = online)
+    }
+
+    /// The runner took (or finished) a job. `false` when no runner has that
+    /// name.
+    pub fn set_busy(&self, name: &str, busy: bool) -> bool {
+        self.lock().update(name, |r| r.busy = busy)
+    }
+
+    /// GitHub removed the runner on its own, as it does for an ephemeral
+    /// runner once its job is done. `false` when no runner has that name.
+    pub fn deregister(&self, name: &str) -> bool {
+        let mut state = self.lock();
+        let before = state.runners.len();
+        state.runners.retain(|r| !r.name.eq_ignore_ascii_case(name));
+        state.runners.len() != before
+    }
+
+    /// What `job(repository, job_id)` answers from now on.
+    pub fn set_job(&self, repository: &str, job_id: i64, report: JobReport) {
+        self.lock()
+            .jobs
+            .insert((repository.to_ascii_lowercase(), job_id), report);
+    }
+
+    // ----------------------------------------------------- inspection --
+
+    /// Every registered runner, of every scope, in registration order.
+    pub fn runners(&self) -> Vec<FakeRunner> {
+        self.lock().runners.clone()
+    }
+
+    /// Every `generate_jit_config` call, whatever its outcome.
+    pub fn jit_calls(&self) -> u64 {
+        self.lock().jit_calls
+    }
+
+    pub fn calls(&self) -> Vec<GitHubCall> {
+        self.lock().calls.clone()
+    }
+}
+
+#[async_trait]
+impl GitHub for FakeGitHub {
+    async fn generate_jit_config(
+        &self,
+        scope: &RunnerScope,
+        request: &JitRequest,
+    ) -> Result<JitConfig, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.jit_calls += 1;
+        state.begin(GitHubCall::GenerateJitConfig {
+            scope: scope.clone(),
+            name: request.name.clone(),
+            at: now,
+        })?;
+        state
+            .jit_bucket
+            .try_take(now)
+            .map_err(|wait| GitHubError::RateLimited(retry_after(wait)))?;
+        let taken = state
+            .runners
+            .iter()
+            .any(|r| &r.scope == scope && r.name.eq_ignore_ascii_case(&request.name));
+        if taken {
+            return Err(GitHubError::NameTaken);
+        }
+
+        let runner = FakeRunner {
+            id: state.next_id,
+            name: request.name.clone(),
+            labels: request.labels.clone(),
+            runner_group_id: request.runner_group_id,
+            scope: scope.clone(),
+            online: false,
+            busy: false,
+        };
+        state.next_id += 1;
+        let encoded = state.jit_document(scope, &runner);
+        let runner_id = runner.id;
+        state.runners.push(runner);
+        Ok(JitConfig {
+            runner_id,
+            encoded: SecretString::from(encoded),
+        })
+    }
+
+    async fn list_runners(&self, scope: &RunnerScope) -> Result<Vec<GitHubRunner>, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::ListRunners {
+            scope: scope.clone(),
+            at: now,
+        })?;
+        Ok(state
+            .runners
+            .iter()
+            .filter(|r| &r.scope == scope)
+            .map(FakeRunner::listed)
+            .collect())
+    }
+
+    async fn delete_runner(&self, scope: &RunnerScope, runner_id: i64) -> Result<(), GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::DeleteRunner {
+            scope: scope.clone(),
+            runner_id,
+            at: now,
+        })?;
+        state
+            .runners
+            .retain(|r| !(r.id == runner_id && &r.scope == scope));
+        Ok(())
+    }
+
+    async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::Job {
+            repository: repository.to_owned(),
+            job_id,
+            at: now,
+        })?;
+        state
+            .jobs
+            .get(&(repository.to_ascii_lowercase(), job_id))
+            .cloned()
+            .ok_or(GitHubError::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn org() -> RunnerScope {
+        RunnerScope::Org("acme".to_owned())
+    }
+
+    fn jit(name: &str) -> JitRequest {
+        JitRequest {
+            name: name.to_owned(),
+            runner_group_id: 1,
+            labels: vec!["self-hosted".to_owned(), "linux".to_owned()],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registers_runners_with_increasing_ids_and_a_realistic_config() {
+        let gh = FakeGitHub::new();
+        let a = gh
+            .generate_jit_config(&org(), &jit("ctl-linux-a"))
+            .await
+            .unwrap();
+        let b = gh
+            .generate_jit_config(&org(), &jit("ctl-linux-b"))
+            .await
+            .unwrap();
+        assert_eq!((a.runner_id, b.runner_id), (1, 2));
+
+        let encoded = a.encoded.expose_secret();
+        assert!(encoded.len() > 300, "{} bytes", encoded.len());
+        assert!(encoded
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=')));
+        assert_eq!(
+            FakeGitHub::jit_runner_name(encoded).as_deref(),
+            Some("ctl-linux-a")
+        );
+
+        let listed = gh.list_runners(&org()).await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].name, "ctl-linux-a");
+        assert_eq!(listed[0].labels, ["self-hosted", "linux"]);
+        assert!(!listed[0].online && !listed[0].busy);
+        assert_eq!(gh.jit_calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_taken_name_is_409_until_the_runner_is_deleted() {
+        let gh = FakeGitHub::new();
+        let first = gh.generate_jit_config(&org(), &jit("r-1")).await.unwrap();
+        assert_eq!(
+            gh.generate_jit_config(&org(), &jit("r-1"))
+                .await
+                .unwrap_err(),
+            GitHubError::NameTaken
+        );
+        // Names are per scope.
+        let repo = RunnerScope::Repo("someone/thing".to_owned());
+        gh.generate_jit_config(&repo, &jit("r-1")).await.unwrap();
+
+        // Deleting in the wrong scope, or twice, is harmless.
+        gh.delete_runner(&repo, first.runner_id).await.unwrap();
+        assert_eq!(gh.runners().len(), 2);
+        gh.delete_runner(&org(), first.runner_id).await.unwrap();
+        gh.delete_runner(&org(), first.runner_id).await.unwrap();
+        assert!(gh.list_runners(&org()).await.unwrap().is_empty());
+
+        let again = gh.generate_jit_config(&org(), &jit("r-1")).await.unwrap();
+        assert_ne!(again.runner_id, first.runner_id);
+        let methods: Vec<_> = gh.calls().iter().map(GitHubCall::method).collect();
+        assert_eq!(
+            methods,
+            [
+                "generate_jit_config",
+                "generate_jit_config",
+                "generate_jit_config",
+                "delete_runner",
+                "delete_runner",
+                "delete_runner",
+                "list_runners",
+                "generate_jit_config",
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jit_configs_are_rate_limited_and_refill() {
+        let gh = FakeGitHub::new();
+        for i in 0..10 {
+            gh.generate_jit_config(&org(), &jit(&format!("r-{i}")))
+                .await
+                .unwrap();
+        }
+        let err = gh
+            .generate_jit_config(&org(), &jit("r-10"))
+            .await
+            .unwrap_err();
+        let GitHubError::RateLimited(wait) = err else {
+            panic!("expected a rate limit, got {err:?}");
+        };
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1));
+        tokio::time::advance(wait).await;
+        gh.generate_jit_config(&org(), &jit("r-10")).await.unwrap();
+        assert_eq!(gh.jit_calls(), 12);
+        assert_eq!(gh.runners().len(), 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_are_answered_from_what_was_set() {
+        let gh = FakeGitHub::new();
+        assert_eq!(
+            gh.job("acme/app", 7).await.unwrap_err(),
+            GitHubError::NotFound
+        );
+        let report = JobReport {
+            status: "completed".to_owned(),
+            conclusion: Some("success".to_owned()),
+            runner_name: Some("r-1".to_owned()),
+        };
+        gh.set_job("acme/app", 7, report.clone());
+        assert_eq!(gh.job("Acme/App", 7).await.unwrap(), report);
+        assert_eq!(
+            gh.job("acme/app", 8).await.unwrap_err(),
+            GitHubError::NotFound
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn injected_failures_hit_the_next_call_of_any_method() {
+        let gh = FakeGitHub::new();
+        gh.fail_next(GitHubError::Transient("502".to_owned()));
+        gh.fail_next(GitHubError::Refused("bad credentials".to_owned()));
+        assert_eq!(
+            gh.list_runners(&org()).await.unwrap_err(),
+            GitHubError::Transient("502".to_owned())
+        );
+        assert_eq!(
+            gh.generate_jit_config(&org(), &jit("r-1"))
+                .await
+                .unwrap_err(),
+            GitHubError::Refused("bad credentials".to_owned())
+        );
+        assert!(gh.runners().is_empty());
+        gh.generate_jit_config(&org(), &jit("r-1")).await.unwrap();
+        assert_eq!(gh.jit_calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runners_come_online_get_busy_and_go_away() {
+        let gh = FakeGitHub::new();
+        gh.generate_jit_config(&org(), &jit("r-1")).await.unwrap();
+        assert!(gh.set_online("r-1", true));
+        assert!(gh.set_busy("r-1", true));
+        assert!(!gh.set_online("nobody", true));
+        let listed = gh.list_runners(&org()).await.unwrap();
+        assert!(listed[0].online && listed[0].busy);
+
+        assert!(gh.deregister("r-1"));
+        assert!(!gh.deregister("r-1"));
+        assert!(gh.list_runners(&org()).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_delays_every_call() {
+        let gh = FakeGitHub::new();
+        gh.set_latency(Duration::from_millis(300));
+        let start = crate::now();
+        gh.list_runners(&org()).await.unwrap();
+        let _ = gh.job("acme/app", 1).await;
+        assert_eq!(crate::now() - start, Duration::from_millis(600));
+        assert_eq!(gh.calls()[1].at() - start, Duration::from_millis(600));
+    }
+}

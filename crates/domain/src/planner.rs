@@ -205,7 +205,8 @@ mod tests {
     fn table() {
         use RunnerState::*;
         // (queued, min_idle, max, existing runners, global cap) -> launches
-        let cases: Vec<(usize, i32, i32, Vec<(RunnerState, usize)>, u32, usize)> = vec![
+        type Case = (usize, i32, i32, Vec<(RunnerState, usize)>, u32, usize);
+        let cases: Vec<Case> = vec![
             (0, 0, 10, vec![], 100, 0),
             (3, 0, 10, vec![], 100, 3),
             (3, 0, 10, vec![(Booting, 1), (Idle, 1)], 100, 1),

@@ -114,7 +114,10 @@ impl Harness {
     }
 }
 
-fn launches(cloud: &FakeCloud) -> Vec<(String, Option<String>, Market, Result<String, String>)> {
+/// (instance type, subnet, market, instance id or EC2 error code)
+type Attempt = (String, Option<String>, Market, Result<String, String>);
+
+fn launches(cloud: &FakeCloud) -> Vec<Attempt> {
     cloud
         .calls()
         .into_iter()

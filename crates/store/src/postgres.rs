@@ -332,7 +332,7 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         let mut out = records(rows)?;
-        out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        out.sort_by_key(|r| r.created_at);
         Ok(out)
     }
 

@@ -40,6 +40,8 @@ const MAX_THROTTLED_RETRIES: u32 = 12;
 /// Rate-limit waits longer than this are not slept through: the row is
 /// released and a later claim tries again.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// An instance missing from EC2's listing this long after its launch is gone.
+const GONE_AFTER_SECS: i64 = 300;
 /// How long ended runners stay in the runners gauge.
 const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -67,6 +69,10 @@ pub struct Reconciler {
 /// What a pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct PassReport {
+    /// Instances whose job completed, terminated this pass.
+    pub terminated: usize,
+    /// Runners whose instance was found gone (reclaimed, shut down).
+    pub gone: usize,
     pub rematched: usize,
     pub requested: usize,
 }
@@ -127,7 +133,11 @@ impl Reconciler {
     }
 
     async fn pass_inner(&self) -> Result<PassReport, StoreError> {
-        let mut report = PassReport::default();
+        let mut report = PassReport {
+            terminated: self.finish_completed().await?,
+            ..PassReport::default()
+        };
+        report.gone = self.sweep_gone().await?;
         // Jobs that arrived before a fitting profile existed.
         for (id, labels, repository) in self.store.unmatched_open_jobs(1000).await? {
             if let Ok(profile) = self.profiles.match_job(&labels, &repository) {
@@ -154,6 +164,117 @@ impl Reconciler {
         }
         self.refresh_gauges().await?;
         Ok(report)
+    }
+
+    /// Terminates the instance of every runner whose job completed, at
+    /// once: the instance would shut itself down, but that is the safety
+    /// net for when this service is unreachable, not the plan.
+    async fn finish_completed(&self) -> Result<usize, StoreError> {
+        let done = self.store.settle_jobs(self.controller_id.as_str()).await?;
+        if done.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = done
+            .iter()
+            .filter_map(|(r, _)| r.instance_id.clone())
+            .collect();
+        if let Err(e) = self.backends.cloud.terminate(&ids).await {
+            tracing::warn!(error = %e, instances = ids.len(), "terminating finished instances failed; retrying next pass");
+            return Ok(0);
+        }
+        let names: Vec<String> = done.iter().map(|(r, _)| r.name.clone()).collect();
+        self.store.mark_terminating(&names).await?;
+        let now = Utc::now();
+        for (r, completed_at) in &done {
+            self.metrics
+                .reaps_total
+                .with_label_values(&[&r.profile, "completed"])
+                .inc();
+            if let Some(at) = completed_at {
+                let secs = (now - *at).num_milliseconds().max(0) as f64 / 1000.0;
+                self.metrics
+                    .terminate_latency_seconds
+                    .with_label_values(&[&r.profile])
+                    .observe(secs);
+            }
+            tracing::info!(runner = %r.name, instance = ?r.instance_id, job_id = ?r.job_id, "job completed; instance terminated");
+        }
+        Ok(done.len())
+    }
+
+    /// Ends runners whose instance is gone: reclaimed by EC2, shut down by
+    /// its own watchdog, or terminated by us. Their capacity is free again,
+    /// and the planner relaunches for demand that is still queued.
+    async fn sweep_gone(&self) -> Result<usize, StoreError> {
+        let runners = self
+            .store
+            .runners(self.controller_id.as_str(), Duration::ZERO)
+            .await?;
+        let with_instance: Vec<&RunnerRecord> = runners
+            .iter()
+            .filter(|r| r.instance_id.is_some() && r.state.is_live())
+            .collect();
+        if with_instance.is_empty() {
+            return Ok(0);
+        }
+        let owned = match self
+            .backends
+            .cloud
+            .list_owned(self.controller_id.as_str())
+            .await
+        {
+            Ok(owned) => owned,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing instances failed; sweep skipped");
+                return Ok(0);
+            }
+        };
+        let mut gone = 0;
+        for r in with_instance {
+            let instance = owned.iter().find(|i| Some(&i.id) == r.instance_id.as_ref());
+            let vanished = match instance {
+                Some(i) => !i.state.is_alive(),
+                // EC2's listing lags a fresh launch by seconds: only an
+                // instance missing well after its launch is gone.
+                None => r
+                    .launched_at
+                    .is_some_and(|t| Utc::now() - t > chrono::Duration::seconds(GONE_AFTER_SECS)),
+            };
+            if !vanished {
+                continue;
+            }
+            let reason = instance
+                .and_then(|i| i.state_reason.clone())
+                .unwrap_or_else(|| "instance no longer listed".into());
+            let state = if reason == "Server.SpotInstanceTermination" {
+                RunnerState::Interrupted
+            } else {
+                RunnerState::Terminated
+            };
+            if !matches!(r.state, RunnerState::Done | RunnerState::Terminating) {
+                self.metrics
+                    .orphans_total
+                    .with_label_values(&["ledger_runner"])
+                    .inc();
+                self.metrics
+                    .reaps_total
+                    .with_label_values(&[&r.profile, state.as_str()])
+                    .inc();
+                tracing::warn!(runner = %r.name, instance = ?r.instance_id, %reason, was = %r.state, "instance is gone");
+            }
+            self.store
+                .update_runner(
+                    &r.name,
+                    RunnerChange::Ended {
+                        state,
+                        code: None,
+                        reason,
+                    },
+                )
+                .await?;
+            gone += 1;
+        }
+        Ok(gone)
     }
 
     async fn refresh_gauges(&self) -> Result<(), StoreError> {

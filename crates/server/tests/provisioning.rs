@@ -464,3 +464,76 @@ async fn unmatched_jobs_are_rematched_when_a_profile_appears() {
     let report = r.pass().await.unwrap();
     assert_eq!((report.rematched, report.requested), (1, 1));
 }
+
+/// in_progress names our runner → busy; completed → TerminateInstances at
+/// once → terminating; the instance gone → terminated.
+#[tokio::test]
+async fn a_completed_job_terminates_its_instance_at_once() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    h.reconcile(&r).await;
+    let (name, instance): (String, String) =
+        sqlx::query_as("SELECT name, instance_id FROM runners")
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap();
+    h.sql(&format!(
+        "UPDATE workflow_jobs SET status = 'in_progress', runner_name = '{name}', in_progress_at = now() WHERE id = 0"
+    ))
+    .await;
+    r.pass().await.unwrap();
+    assert_eq!(h.states().await, [("busy".to_owned(), 1)]);
+    assert_eq!(h.cloud.live_count(None), 1, "a busy runner is never reaped");
+
+    h.sql("UPDATE workflow_jobs SET status = 'completed', completed_at = now() WHERE id = 0")
+        .await;
+    let report = r.pass().await.unwrap();
+    assert_eq!(report.terminated, 1);
+    let terminated: Vec<Vec<String>> = h
+        .cloud
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CloudCall::Terminate { ids, .. } => Some(ids),
+            CloudCall::Launch { .. } => None,
+        })
+        .collect();
+    assert_eq!(terminated, [vec![instance]]);
+    assert_eq!(report.requested, 0, "no demand left, nothing launched");
+    // The fake ends instances at once, so the same pass's sweep already saw
+    // it gone and freed the runner's capacity.
+    assert_eq!(report.gone, 1);
+    assert_eq!(h.states().await, [("terminated".to_owned(), 1)]);
+    assert!(h
+        .metrics
+        .render()
+        .contains(r#"spot_runners_reaps_total{profile="kani",reason="completed"} 1"#));
+}
+
+/// A spot reclaim before the job started: the runner is marked
+/// interrupted and the still-queued job gets a new runner.
+#[tokio::test]
+async fn a_reclaimed_instance_is_replaced_while_its_job_is_still_queued() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5").await;
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    h.reconcile(&r).await;
+    let instance: String = sqlx::query_scalar("SELECT instance_id FROM runners")
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    assert!(h.cloud.interrupt(&instance));
+    h.reconcile(&r).await;
+    assert_eq!(
+        h.states().await,
+        [("booting".to_owned(), 1), ("interrupted".to_owned(), 1)]
+    );
+    assert_eq!(h.cloud.live_count(None), 1);
+    assert!(h
+        .metrics
+        .render()
+        .contains(r#"spot_runners_orphans_total{kind="ledger_runner"} 1"#));
+}

@@ -115,6 +115,17 @@ pub trait Store: Send + Sync + 'static {
         ended_within: Duration,
     ) -> Result<Vec<RunnerRecord>, StoreError>;
 
+    /// Moves runners along with their jobs: `in_progress` names a runner →
+    /// `busy`; its job `completed` → `done`. Returns the `done` runners that
+    /// still have an instance, with their job's completion time.
+    async fn settle_jobs(
+        &self,
+        controller_id: &str,
+    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, StoreError>;
+
+    /// `TerminateInstances` was accepted for these `done` runners.
+    async fn mark_terminating(&self, names: &[String]) -> Result<(), StoreError>;
+
     /// Wakes every replica's reconciler.
     async fn notify_wake(&self) -> Result<(), StoreError>;
 }

@@ -445,6 +445,17 @@ impl Store for PgStore {
         records(rows)
     }
 
+    async fn settle_jobs(
+        &self,
+        controller_id: &str,
+    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, StoreError> {
+        self.settle_jobs_tx(controller_id).await
+    }
+
+    async fn mark_terminating(&self, names: &[String]) -> Result<(), StoreError> {
+        self.mark_terminating_tx(names).await
+    }
+
     async fn notify_wake(&self) -> Result<(), StoreError> {
         sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
             .execute(&self.pool)
@@ -625,5 +636,78 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         records(rows)
+    }
+}
+
+impl PgStore {
+    /// Carries what `in_progress` and `completed` deliveries said over to
+    /// our runners: the runner GitHub gave a job becomes `busy` with that
+    /// job; when the job completes it becomes `done`. Returns the runners
+    /// that are `done` and still have an instance to terminate.
+    async fn settle_jobs_tx(
+        &self,
+        controller_id: &str,
+    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query!(
+            r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, now()),
+                      online_at = COALESCE(r.online_at, now()), updated_at = now()
+               FROM workflow_jobs j
+               WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'in_progress'
+                 AND r.state IN ('launching', 'booting', 'idle')"#,
+            controller_id
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!(
+            r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = now(), updated_at = now()
+               FROM workflow_jobs j
+               WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'completed'
+                 AND r.state IN ('launching', 'booting', 'idle', 'busy')"#,
+            controller_id
+        )
+        .execute(&mut *tx)
+        .await?;
+        let rows = sqlx::query!(
+            r#"SELECT r.name, j.completed_at
+               FROM runners r LEFT JOIN workflow_jobs j ON j.id = r.job_id
+               WHERE r.controller_id = $1 AND r.state = 'done' AND r.instance_id IS NOT NULL"#,
+            controller_id
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+        let found = sqlx::query_as!(
+            RunnerRow,
+            r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
+                      instance_type, subnet_id, market, job_id, launch_attempts,
+                      last_error_code, reason, demand_since, created_at, launched_at
+               FROM runners WHERE name = ANY($1)"#,
+            &names
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for rec in records(found)? {
+            let completed = rows
+                .iter()
+                .find(|r| r.name == rec.name)
+                .and_then(|r| r.completed_at);
+            out.push((rec, completed));
+        }
+        Ok(out)
+    }
+
+    /// `TerminateInstances` was accepted for these runners.
+    async fn mark_terminating_tx(&self, names: &[String]) -> Result<(), StoreError> {
+        sqlx::query!(
+            "UPDATE runners SET state = 'terminating', terminating_at = now(), updated_at = now()
+             WHERE name = ANY($1) AND state = 'done'",
+            names
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 }

@@ -286,11 +286,8 @@ async fn an_invalid_request_ends_the_runner_without_walking_on() {
     assert!(h.github.runners().is_empty());
 }
 
-/// A crash between GitHub's answer and the ledger write: the runner exists
-/// at GitHub, the row still says `requested`. The retry hits 409, deletes
-/// the old registration and registers again.
-#[tokio::test]
-async fn a_crash_after_the_jit_call_is_healed_by_the_409_path() {
+/// One queued job and the `requested` runner a pass planned for it.
+async fn one_planned_runner() -> (Harness, Arc<Reconciler>, String) {
     let h = Harness::new().await;
     h.profile("kani", "max_instances = 5").await;
     h.queue("kani", 0..1).await;
@@ -300,19 +297,31 @@ async fn a_crash_after_the_jit_call_is_healed_by_the_409_path() {
         .fetch_one(h.store.pool())
         .await
         .unwrap();
-    let scope = RunnerScope::Org("acme".into());
-    let stale = h
-        .github
-        .generate_jit_config(
-            &scope,
-            &JitRequest {
-                name: name.clone(),
-                runner_group_id: 1,
-                labels: vec![],
-            },
-        )
-        .await
-        .unwrap();
+    (h, r, name)
+}
+
+impl Harness {
+    /// What a process that crashed right after GitHub's answer left behind.
+    async fn register_at_github(&self, name: &str) -> spot_runners_domain::ports::JitConfig {
+        let request = JitRequest {
+            name: name.to_owned(),
+            runner_group_id: 1,
+            labels: vec![],
+        };
+        self.github
+            .generate_jit_config(&RunnerScope::Org("acme".into()), &request)
+            .await
+            .unwrap()
+    }
+}
+
+/// A crash between GitHub's answer and the ledger write: the runner exists
+/// at GitHub, the row still says `requested`. The retry hits 409, deletes
+/// the old registration and registers again.
+#[tokio::test]
+async fn a_crash_after_the_jit_call_is_healed_by_the_409_path() {
+    let (h, r, name) = one_planned_runner().await;
+    let stale = h.register_at_github(&name).await;
     while r.provision_batch().await.unwrap() > 0 {}
     let registered: Vec<_> = h
         .github
@@ -329,28 +338,8 @@ async fn a_crash_after_the_jit_call_is_healed_by_the_409_path() {
 /// the JIT config is lost, so the registration is replaced; one instance.
 #[tokio::test]
 async fn a_crash_between_the_jit_call_and_run_instances_launches_once() {
-    let h = Harness::new().await;
-    h.profile("kani", "max_instances = 5").await;
-    h.queue("kani", 0..1).await;
-    let r = h.reconciler(100);
-    r.pass().await.unwrap();
-    let name: String = sqlx::query_scalar("SELECT name FROM runners")
-        .fetch_one(h.store.pool())
-        .await
-        .unwrap();
-    let scope = RunnerScope::Org("acme".into());
-    let jit = h
-        .github
-        .generate_jit_config(
-            &scope,
-            &JitRequest {
-                name: name.clone(),
-                runner_group_id: 1,
-                labels: vec![],
-            },
-        )
-        .await
-        .unwrap();
+    let (h, _, name) = one_planned_runner().await;
+    let jit = h.register_at_github(&name).await;
     h.sql(&format!(
         "UPDATE runners SET state = 'registered', github_runner_id = {}, lease_owner = 'dead', lease_until = now() - interval '1 s'",
         jit.runner_id
@@ -383,15 +372,7 @@ async fn a_crash_between_the_jit_call_and_run_instances_launches_once() {
 /// says `launching`. The resumed row adopts it instead of launching again.
 #[tokio::test]
 async fn a_crash_during_run_instances_adopts_the_instance() {
-    let h = Harness::new().await;
-    h.profile("kani", "max_instances = 5").await;
-    h.queue("kani", 0..1).await;
-    let r = h.reconciler(100);
-    r.pass().await.unwrap();
-    let name: String = sqlx::query_scalar("SELECT name FROM runners")
-        .fetch_one(h.store.pool())
-        .await
-        .unwrap();
+    let (h, r, name) = one_planned_runner().await;
     let instance = h
         .cloud
         .launch(&LaunchRequest {

@@ -24,7 +24,7 @@ impl Database {
                 );
                 let pg = EmbeddedPostgres::start(&settings.data_dir, &EmbeddedOptions::default())
                     .await?;
-                (pg.url().to_owned(), Some(pg))
+                (pg.url(), Some(pg))
             }
         };
         let store = match PgStore::connect(&url).await {

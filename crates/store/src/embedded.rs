@@ -28,7 +28,8 @@ pub struct EmbeddedPostgres {
     bin: PathBuf,
     pgdata: PathBuf,
     run_as: Option<(Uid, Gid)>,
-    url: String,
+    password: String,
+    port: u16,
     /// We started it (rather than finding it already running), so we stop it.
     owned: bool,
 }
@@ -130,7 +131,8 @@ impl EmbeddedPostgres {
             bin,
             pgdata,
             run_as,
-            url: String::new(),
+            password: String::new(),
+            port: 0,
             owned: false,
         };
         let password = pg.ensure_initialised(&root).await?;
@@ -147,18 +149,27 @@ impl EmbeddedPostgres {
                 port
             }
         };
-        pg.url = format!("postgres://{ROLE}:{password}@127.0.0.1:{port}/{DATABASE}");
+        pg.password = password;
+        pg.port = port;
         Ok(pg)
     }
 
-    /// Connection URL (holds the password: never log it).
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Connection URL of the service's database (holds the password:
+    /// never log it).
+    pub fn url(&self) -> String {
+        self.url_of(DATABASE)
     }
 
     /// The URL of the maintenance database, for creating others.
     pub fn admin_url(&self) -> String {
-        self.url.replacen(&format!("/{DATABASE}"), "/postgres", 1)
+        self.url_of("postgres")
+    }
+
+    fn url_of(&self, database: &str) -> String {
+        format!(
+            "postgres://{ROLE}:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     fn command(&self, program: &str) -> Command {
@@ -325,10 +336,10 @@ impl EmbeddedPostgres {
     }
 
     /// Forgets that we own it: it keeps running after we exit (shared test
-    /// clusters).
+    /// clusters). Returns the maintenance database's URL.
     pub fn detach(mut self) -> String {
         self.owned = false;
-        std::mem::take(&mut self.url)
+        self.admin_url()
     }
 }
 

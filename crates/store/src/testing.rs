@@ -64,7 +64,7 @@ async fn admin_url() -> Result<String, StoreError> {
     )
     .await;
     drop(lock);
-    Ok(pg?.detach().replacen("/spot_runners", "/postgres", 1))
+    Ok(pg?.detach())
 }
 
 /// A new empty database with every migration applied.

@@ -40,6 +40,8 @@ const MAX_THROTTLED_RETRIES: u32 = 12;
 /// Rate-limit waits longer than this are not slept through: the row is
 /// released and a later claim tries again.
 const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A runner postponed (rate limits, GitHub trouble) is claimable again after this.
+const RETRY_LATER: Duration = Duration::from_secs(2);
 /// An instance missing from EC2's listing this long after its launch is gone.
 const GONE_AFTER_SECS: i64 = 300;
 /// How long ended runners stay in the runners gauge.
@@ -380,7 +382,16 @@ impl Reconciler {
                         tracing::warn!(runner = %name, error = %e, "recording a failed launch failed");
                     }
                 }
-                Failure::Later => tracing::info!(runner = %name, "provisioning postponed"),
+                Failure::Later => {
+                    tracing::info!(runner = %name, "provisioning postponed");
+                    let change = RunnerChange::Postpone {
+                        retry_in: RETRY_LATER,
+                    };
+                    if let Err(e) = self.store.update_runner(&name, change).await {
+                        tracing::warn!(runner = %name, error = %e, "postponing a runner failed; its lease will run out");
+                    }
+                    self.provision_wake.notify_one();
+                }
             }
         }
     }

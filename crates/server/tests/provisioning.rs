@@ -408,10 +408,24 @@ async fn two_replicas_on_one_database_never_launch_the_same_demand_twice() {
     h.profile("kani", "max_instances = 100").await;
     h.queue("kani", 0..40).await;
     let (a, b) = (h.reconciler(100), h.reconciler(100));
+    let booting = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runners WHERE state = 'booting'")
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap()
+    };
+    // Both replicas work until the demand is covered; rows one of them
+    // postpones (shared rate limits) are picked up again by either.
     let run = |r: Arc<Reconciler>| async move {
-        for _ in 0..3 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while booting().await < 40 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "demand not covered in time"
+            );
             r.pass().await.unwrap();
             while r.provision_batch().await.unwrap() > 0 {}
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     };
     tokio::join!(run(a), run(b));

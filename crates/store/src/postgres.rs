@@ -406,6 +406,16 @@ impl Store for PgStore {
                 .execute(&self.pool)
                 .await?
             }
+            RunnerChange::Postpone { retry_in } => {
+                sqlx::query!(
+                    "UPDATE runners SET lease_until = now() + make_interval(secs => $2), updated_at = now()
+                     WHERE name = $1",
+                    name,
+                    retry_in.as_secs_f64()
+                )
+                .execute(&self.pool)
+                .await?
+            }
             RunnerChange::Requeue => {
                 sqlx::query!(
                     "UPDATE runners SET state = 'requested', github_runner_id = NULL, updated_at = now()

@@ -65,6 +65,9 @@ pub enum RunnerChange {
     },
     /// Start over from `requested` (the JIT config was lost in a crash).
     Requeue,
+    /// Not now (rate limited, GitHub down): any replica may claim it again
+    /// after this long.
+    Postpone { retry_in: std::time::Duration },
 }
 
 pub(crate) fn scope_of(org: Option<String>, repository: Option<String>) -> Option<RunnerScope> {

@@ -73,6 +73,17 @@ struct Args {
     /// How long to wait for `/readyz` before giving up.
     #[arg(long, default_value_t = 30)]
     ready_timeout_secs: u64,
+    /// `NAME=PID`: report the CPU time that process and its direct children
+    /// (e.g. a postmaster's backends) used during the measured run. Linux only;
+    /// may be repeated.
+    #[arg(long = "cpu-of", value_name = "NAME=PID", value_parser = parse_cpu_of)]
+    cpu_of: Vec<(String, u32)>,
+}
+
+fn parse_cpu_of(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected NAME=PID")?;
+    let pid = pid.parse().map_err(|e| format!("bad pid {pid:?}: {e}"))?;
+    Ok((name.to_owned(), pid))
 }
 
 /// One delivery, ready to send: nothing is built or signed while timing.
@@ -202,8 +213,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
+    let cpu_before = CpuSnapshot::take(&args.cpu_of);
     let (mut tally, elapsed) = fire(&client, &webhook_url, measured, args.concurrency).await;
-    report(&args, &mut tally, elapsed);
+    let cpu = CpuSnapshot::take(&args.cpu_of).since(&cpu_before, elapsed);
+    report(&args, &mut tally, elapsed, &cpu);
     Ok(())
 }
 
@@ -381,6 +394,135 @@ async fn send(client: &reqwest::Client, url: &str, d: Delivery, tally: &mut Tall
     }
 }
 
+/// Linux's `USER_HZ`: the unit of CPU times in `/proc` (100 on every
+/// mainstream architecture).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU time used so far, in clock ticks, by this process, by each watched
+/// process tree, and by the whole machine.
+struct CpuSnapshot {
+    own: u64,
+    watched: Vec<(String, u64)>,
+    /// Busy and total ticks over all CPUs, from `/proc/stat`.
+    machine: Option<(u64, u64)>,
+}
+
+/// What the snapshots say about the measured run, in cores (CPU seconds per
+/// second of wall time).
+struct CpuUse {
+    own: f64,
+    watched: Vec<(String, f64)>,
+    machine_busy: Option<f64>,
+    cores: usize,
+}
+
+impl CpuSnapshot {
+    fn take(watch: &[(String, u32)]) -> Self {
+        let stats = if watch.is_empty() {
+            Vec::new()
+        } else {
+            all_stats()
+        };
+        let watched = watch
+            .iter()
+            .map(|(name, pid)| {
+                let ticks = stats
+                    .iter()
+                    .filter(|s| s.pid == *pid || s.ppid == *pid)
+                    .map(|s| s.ticks)
+                    .sum();
+                (name.clone(), ticks)
+            })
+            .collect();
+        let own = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|t| parse_stat(0, &t))
+            .map_or(0, |s| s.ticks);
+        Self {
+            own,
+            watched,
+            machine: machine_ticks(),
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn since(&self, before: &Self, elapsed: Duration) -> CpuUse {
+        let wall = elapsed.as_secs_f64().max(1e-9);
+        let cores = |ticks: u64| ticks as f64 / TICKS_PER_SEC / wall;
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        CpuUse {
+            own: cores(self.own.saturating_sub(before.own)),
+            watched: self
+                .watched
+                .iter()
+                .zip(&before.watched)
+                .map(|((name, after), (_, b))| (name.clone(), cores(after.saturating_sub(*b))))
+                .collect(),
+            machine_busy: match (self.machine, before.machine) {
+                (Some((busy, total)), Some((busy0, total0))) if total > total0 => {
+                    let share = busy.saturating_sub(busy0) as f64 / (total - total0) as f64;
+                    Some(share * cpus as f64)
+                }
+                _ => None,
+            },
+            cores: cpus,
+        }
+    }
+}
+
+/// One process's CPU ticks (user + system) and parent.
+struct ProcStat {
+    pid: u32,
+    ppid: u32,
+    ticks: u64,
+}
+
+/// Parses `/proc/PID/stat`; the command name may hold spaces and parentheses,
+/// so fields are counted from its closing parenthesis.
+fn parse_stat(pid: u32, text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state, ppid, ..., utime (14th field of the line), stime.
+    let ppid = fields.get(1)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(ProcStat {
+        pid,
+        ppid,
+        ticks: utime + stime,
+    })
+}
+
+fn all_stats() -> Vec<ProcStat> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            parse_stat(pid, &text)
+        })
+        .collect()
+}
+
+/// Busy and total ticks of all CPUs together (the `cpu` line of `/proc/stat`;
+/// idle and iowait count as not busy).
+fn machine_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already
+    // inside user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+    Some((total - idle, total))
+}
+
 /// Nearest-rank percentile of sorted microseconds, in milliseconds.
 fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
     if sorted_us.is_empty() {
@@ -399,7 +541,7 @@ fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
     ms
 }
 
-fn report(args: &Args, tally: &mut Tally, elapsed: Duration) {
+fn report(args: &Args, tally: &mut Tally, elapsed: Duration, cpu: &CpuUse) {
     tally.latencies_us.sort_unstable();
     let secs = elapsed.as_secs_f64();
     #[allow(clippy::cast_precision_loss)]
@@ -433,8 +575,30 @@ fn report(args: &Args, tally: &mut Tally, elapsed: Duration) {
             tally.first_error.as_deref().unwrap_or("?")
         );
     }
+    let mut cpu_line = format!("  cpu      loadgen {:.2}", cpu.own);
+    let mut cpu_fields = format!("cpu_loadgen={:.2}", cpu.own);
+    let mut accounted = cpu.own;
+    for (name, cores) in &cpu.watched {
+        cpu_line.push_str(&format!(", {name} {cores:.2}"));
+        cpu_fields.push_str(&format!(" cpu_{name}={cores:.2}"));
+        accounted += cores;
+    }
+    if let Some(busy) = cpu.machine_busy {
+        cpu_line.push_str(&format!(
+            ", everything else {:.2}; machine busy {busy:.2} of {} cores",
+            (busy - accounted).max(0.0),
+            cpu.cores
+        ));
+        cpu_fields.push_str(&format!(
+            " cpu_other={:.2} cpu_busy={busy:.2}",
+            (busy - accounted).max(0.0)
+        ));
+    } else {
+        cpu_line.push_str(" (cores)");
+    }
+    println!("{cpu_line}");
     println!(
-        "RESULT requests={} concurrency={} elapsed_s={secs:.3} rate={rate:.1} p50_ms={p50:.3} p90_ms={p90:.3} p99_ms={p99:.3} max_ms={max:.3} accepted={} duplicates={} non_202={}",
+        "RESULT requests={} concurrency={} elapsed_s={secs:.3} rate={rate:.1} p50_ms={p50:.3} p90_ms={p90:.3} p99_ms={p99:.3} max_ms={max:.3} accepted={} duplicates={} non_202={} {cpu_fields}",
         args.requests,
         args.concurrency,
         tally.accepted,

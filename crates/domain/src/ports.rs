@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
+use crate::ratelimit::TokenBucket;
 use crate::Market;
 
 // ---------------------------------------------------------------- GitHub --
@@ -113,6 +114,11 @@ pub trait GitHub: Send + Sync + 'static {
 
     /// `GET /repos/{owner}/{repo}/actions/jobs/{job_id}`.
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError>;
+
+    /// The JIT-config allowance this GitHub enforces; callers pace themselves by it.
+    fn jit_config_limit(&self) -> TokenBucket {
+        TokenBucket::github_jit_configs()
+    }
 }
 
 // ----------------------------------------------------------------- Cloud --
@@ -265,4 +271,9 @@ pub trait Cloud: Send + Sync + 'static {
     /// Every instance tagged with this controller id, in any state EC2 still
     /// reports (terminated ones linger for about an hour).
     async fn list_owned(&self, controller_id: &str) -> Result<Vec<Instance>, CloudError>;
+
+    /// The `RunInstances` bucket this cloud enforces; callers pace themselves by it.
+    fn launch_limit(&self) -> TokenBucket {
+        TokenBucket::ec2_run_instances()
+    }
 }

@@ -40,6 +40,23 @@ impl TokenBucket {
         Self::new(10, 3.0)
     }
 
+    /// No limit at all: for benchmarks and simulations that measure the
+    /// service without the cloud's throttling in the way.
+    pub fn unlimited() -> Self {
+        Self::new(u32::MAX, 1e12)
+    }
+
+    /// How a client should pace itself against a server enforcing `self`:
+    /// one token less, because calls reach the server a variable time after
+    /// they were paced and a token of slack keeps that jitter from ever
+    /// costing a throttling error.
+    pub fn client_side(&self) -> Self {
+        Self::new(
+            (self.capacity as u32).saturating_sub(1).max(1),
+            self.per_sec,
+        )
+    }
+
     fn refill(&mut self, now: Instant) {
         match self.last {
             // Callers racing for a lock may arrive with slightly older

@@ -104,18 +104,15 @@ impl Reconciler {
         );
         Self {
             store,
-            backends,
             profiles,
             metrics,
             controller_id,
             max_instances,
             owner,
-            // One token less than EC2's bucket: calls reach EC2 a variable
-            // time after they were paced, and a full token of slack keeps
-            // that jitter from ever costing a RequestLimitExceeded.
-            launch_bucket: Mutex::new(TokenBucket::new(4, 2.0)),
-            jit_bucket: Mutex::new(TokenBucket::github_jit_configs()),
+            launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
+            jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
+            backends,
         }
     }
 

@@ -83,6 +83,8 @@ impl Record {
 
 struct State {
     run_bucket: TokenBucket,
+    /// `run_bucket` as configured, full: what callers should pace by.
+    run_limit: TokenBucket,
     terminate_bucket: TokenBucket,
     boot_time: Duration,
     latency: Duration,
@@ -286,6 +288,7 @@ impl FakeCloud {
     fn with_rng(rng: StdRng) -> Self {
         let state = State {
             run_bucket: TokenBucket::ec2_run_instances(),
+            run_limit: TokenBucket::ec2_run_instances(),
             terminate_bucket: TokenBucket::ec2_terminate_instances(),
             boot_time: DEFAULT_BOOT_TIME,
             latency: Duration::ZERO,
@@ -323,6 +326,15 @@ impl FakeCloud {
     }
 
     // ------------------------------------------------------- controls --
+
+    /// Replaces EC2's documented buckets, e.g. with
+    /// [`TokenBucket::unlimited`] to measure the service without throttling.
+    pub fn set_rate_limits(&self, run_instances: TokenBucket, terminate_instances: TokenBucket) {
+        let mut state = self.lock();
+        state.run_bucket = run_instances.clone();
+        state.run_limit = run_instances;
+        state.terminate_bucket = terminate_instances;
+    }
 
     /// The next launch that gets past the bucket and the `ClientToken` check
     /// fails with this EC2 error code; queued codes are used one per launch.
@@ -460,6 +472,10 @@ impl FakeCloud {
 
 #[async_trait]
 impl Cloud for FakeCloud {
+    fn launch_limit(&self) -> TokenBucket {
+        self.lock().run_limit.clone()
+    }
+
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
         self.delay().await;
         let now = crate::now();

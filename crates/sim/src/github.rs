@@ -91,6 +91,8 @@ impl GitHubCall {
 
 struct State {
     jit_bucket: TokenBucket,
+    /// `jit_bucket` as configured, full: what callers should pace by.
+    jit_limit: TokenBucket,
     latency: Duration,
     next_id: i64,
     /// In registration order.
@@ -197,6 +199,7 @@ impl FakeGitHub {
     fn with_rng(rng: StdRng) -> Self {
         let state = State {
             jit_bucket: TokenBucket::github_jit_configs(),
+            jit_limit: TokenBucket::github_jit_configs(),
             latency: Duration::ZERO,
             next_id: 1,
             runners: Vec::new(),
@@ -234,6 +237,14 @@ impl FakeGitHub {
 
     /// The next call, of any method, fails with this error; queued errors
     /// are used one per call.
+    /// Replaces GitHub's JIT-config allowance, e.g. with
+    /// [`TokenBucket::unlimited`] to measure the service without it.
+    pub fn set_jit_limit(&self, limit: TokenBucket) {
+        let mut state = self.lock();
+        state.jit_bucket = limit.clone();
+        state.jit_limit = limit;
+    }
+
     pub fn fail_next(&self, error: GitHubError) {
         self.lock().fail_next.push_back(error);
     }
@@ -290,6 +301,10 @@ impl FakeGitHub {
 
 #[async_trait]
 impl GitHub for FakeGitHub {
+    fn jit_config_limit(&self) -> TokenBucket {
+        self.lock().jit_limit.clone()
+    }
+
     async fn generate_jit_config(
         &self,
         scope: &RunnerScope,

@@ -14,6 +14,7 @@ pub mod planner;
 pub mod ports;
 pub mod profile;
 pub mod ratelimit;
+pub mod reaper;
 pub mod runner;
 pub mod userdata;
 pub mod webhook;

@@ -10,9 +10,11 @@
 //! `#[tokio::test(start_paused = true)]` decides when instances finish
 //! booting and when buckets refill.
 
+pub mod clock;
 pub mod cloud;
 pub mod github;
 
+pub use clock::ManualClock;
 pub use cloud::FakeCloud;
 pub use github::FakeGitHub;
 

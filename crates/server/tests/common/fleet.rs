@@ -97,10 +97,10 @@ impl Harness {
         .unwrap();
     }
 
-    /// One pass and a sweep, then provisioning until nothing is left to claim.
+    /// A sweep and a pass, then provisioning until nothing is left to claim.
     pub async fn reconcile(&self, r: &Arc<Reconciler>) {
-        r.pass().await.unwrap();
         r.sweep().await.unwrap();
+        r.pass().await.unwrap();
         while r.provision_batch().await.unwrap() > 0 {}
     }
 

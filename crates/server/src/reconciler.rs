@@ -680,12 +680,26 @@ impl Reconciler {
             )
             .await?;
         let n = claimed.len();
+        let names: Vec<String> = claimed.iter().map(|r| r.name.clone()).collect();
         let mut tasks = JoinSet::new();
         for runner in claimed {
             let me = Arc::clone(self);
             tasks.spawn(async move { me.provision(runner).await });
         }
-        while tasks.join_next().await.is_some() {}
+        // Keeps the claims alive while the batch waits on rate limits and
+        // calls; if this process dies, they lapse within one lease.
+        let mut renew = tokio::time::interval(DEFAULT_LEASE / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                joined = tasks.join_next() => if joined.is_none() { break },
+                _ = renew.tick() => {
+                    if let Err(e) = self.store.renew_leases(&names, &self.owner, DEFAULT_LEASE).await {
+                        tracing::warn!(error = %e, "renewing provisioning leases failed");
+                    }
+                }
+            }
+        }
         Ok(n)
     }
 

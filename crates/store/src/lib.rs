@@ -110,6 +110,15 @@ pub trait Store: Send + Sync + 'static {
         limit: i64,
     ) -> Result<Vec<RunnerRecord>, StoreError>;
 
+    /// Extends this owner's claims on these rows while it still works on
+    /// them. Returns how many it still holds.
+    async fn renew_leases(
+        &self,
+        names: &[String],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<u64, StoreError>;
+
     /// Applies a transition. Ending a row also drops its lease.
     async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError>;
 

@@ -471,6 +471,24 @@ impl Store for PgStore {
         self.settle_jobs_tx(controller_id).await
     }
 
+    async fn renew_leases(
+        &self,
+        names: &[String],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query!(
+            "UPDATE runners SET lease_until = now() + make_interval(secs => $3)
+             WHERE name = ANY($1) AND lease_owner = $2 AND state IN ('requested', 'registered', 'launching')",
+            names,
+            owner,
+            lease.as_secs_f64()
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()

@@ -93,7 +93,9 @@ pub(crate) fn scope_columns(scope: &RunnerScope) -> (Option<&str>, Option<&str>)
 pub type PlanFn = Box<dyn FnOnce(&PlanSnapshot) -> Vec<Launch> + Send>;
 
 /// How long a provisioning claim lasts before another pass may resume it.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+/// Short, so a replica that dies (`kill -9`, a lost host) holds its rows
+/// only briefly; a live one renews its claims well before they run out.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
 pub(crate) fn queued_job(
     since: DateTime<Utc>,

@@ -1,7 +1,8 @@
 //! End to end on the real adapters: a signed `queued` delivery → a JIT
 //! config requested from GitHub (an HTTP mock, through octocrab) → a spot
 //! instance in moto (through aws-sdk-ec2), tagged and configured as the
-//! contract says.
+//! contract says → `in_progress` names the runner → `completed` → the
+//! instance is terminated.
 
 mod common;
 
@@ -170,5 +171,68 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
     assert!(metrics.contains(
         r#"spot_runners_launches_total{market="spot",outcome="launched",profile="kani"} 1"#
     ));
+
+    // GitHub hands the job to our runner, then the job completes: the
+    // instance is terminated at once, not left to shut itself down.
+    let named = |action: &str| {
+        let mut v: serde_json::Value = serde_json::from_slice(&job_payload(
+            action,
+            777,
+            &["self-hosted", "Linux", "X64", "spot", "kani"],
+        ))
+        .unwrap();
+        v["workflow_job"]["runner_name"] = runner.as_str().into();
+        v["workflow_job"]["runner_id"] = 4242.into();
+        serde_json::to_vec(&v).unwrap()
+    };
+    assert_eq!(
+        app.deliver("workflow_job", "e2e-2", &named("in_progress"))
+            .await
+            .status(),
+        202
+    );
+    let state = || async {
+        sqlx::query_scalar::<_, String>("SELECT state FROM runners WHERE name = $1")
+            .bind(&runner)
+            .fetch_one(app.db.store.pool())
+            .await
+            .unwrap()
+    };
+    app.eventually("runner busy", || async { state().await == "busy" })
+        .await;
+    assert_eq!(
+        app.deliver("workflow_job", "e2e-3", &named("completed"))
+            .await
+            .status(),
+        202
+    );
+    let instance_id = i.instance_id().unwrap().to_owned();
+    let ec2_state = || async {
+        ec2.describe_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .unwrap()
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| {
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+            })
+            .next()
+            .unwrap_or_default()
+    };
+    app.eventually("instance terminated in EC2", || async {
+        matches!(ec2_state().await.as_str(), "shutting-down" | "terminated")
+    })
+    .await;
+    app.eventually("runner ended in the ledger", || async {
+        matches!(state().await.as_str(), "terminating" | "terminated")
+    })
+    .await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(r#"spot_runners_reaps_total{profile="kani",reason="completed"} 1"#));
     app.stop().await;
 }

@@ -79,6 +79,20 @@ pub struct JobReport {
     pub runner_name: Option<String>,
 }
 
+/// A job as the workflow-run jobs API lists it: enough to record one whose
+/// `queued` delivery never arrived.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitHubJob {
+    pub id: i64,
+    pub run_id: i64,
+    pub run_attempt: i32,
+    pub name: String,
+    pub workflow_name: Option<String>,
+    pub labels: Vec<String>,
+    pub html_url: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GitHubError {
     /// 409 from generate-jitconfig: a runner with that name exists.
@@ -114,6 +128,11 @@ pub trait GitHub: Send + Sync + 'static {
 
     /// `GET /repos/{owner}/{repo}/actions/jobs/{job_id}`.
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError>;
+
+    /// Jobs waiting for a runner in the repository's queued and in-progress
+    /// workflow runs (the most recent runs only; this is a safety net for
+    /// lost `queued` deliveries, not a replacement for webhooks).
+    async fn queued_jobs(&self, repository: &str) -> Result<Vec<GitHubJob>, GitHubError>;
 
     /// The JIT-config allowance this GitHub enforces; callers pace themselves by it.
     fn jit_config_limit(&self) -> TokenBucket {

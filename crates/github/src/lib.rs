@@ -18,7 +18,7 @@ use octocrab::service::middleware::retry::RetryConfig;
 use octocrab::Octocrab;
 use secrecy::{ExposeSecret, SecretString};
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
 };
 
 mod app;
@@ -35,6 +35,9 @@ const PAGE_SIZE: usize = 100;
 /// Guards against a server that keeps answering full pages.
 const MAX_PAGES: u32 = 1000;
 
+/// Workflow runs looked at per status and poll for jobs whose `queued`
+/// delivery was lost: the newest first, which is where such jobs are.
+const QUEUED_RUNS_PER_POLL: usize = 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -345,6 +348,91 @@ impl GitHub for OctocrabGitHub {
             return Ok(());
         }
         Err(classify(ENDPOINT, &reply))
+    }
+
+    async fn queued_jobs(&self, repository: &str) -> Result<Vec<GitHubJob>, GitHubError> {
+        const RUNS: &str = "list_workflow_runs";
+        const JOBS: &str = "list_jobs_for_run";
+        #[derive(serde::Deserialize)]
+        struct Runs {
+            workflow_runs: Vec<Run>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Run {
+            id: i64,
+        }
+        #[derive(serde::Deserialize)]
+        struct Jobs {
+            jobs: Vec<Job>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Job {
+            id: i64,
+            run_id: i64,
+            #[serde(default)]
+            run_attempt: Option<i32>,
+            status: String,
+            #[serde(default)]
+            name: String,
+            workflow_name: Option<String>,
+            #[serde(default)]
+            labels: Vec<String>,
+            html_url: Option<String>,
+            created_at: Option<chrono::DateTime<chrono::Utc>>,
+        }
+
+        let target = Target::repository(repository)?;
+        let mut run_ids = Vec::new();
+        // A run with some jobs started is `in_progress`; its other jobs
+        // may still be queued (a matrix wider than the fleet).
+        for status in ["queued", "in_progress"] {
+            let request = self.transport.request(
+                Method::GET,
+                &format!(
+                    "{}/actions/runs?status={status}&per_page={QUEUED_RUNS_PER_POLL}",
+                    target.prefix()
+                ),
+                None,
+            );
+            let reply = self.call(&target, RUNS, request).await?;
+            if !reply.status.is_success() {
+                return Err(classify(RUNS, &reply));
+            }
+            let runs: Runs = reply.json(RUNS)?;
+            run_ids.extend(runs.workflow_runs.into_iter().map(|r| r.id));
+        }
+        let mut queued = Vec::new();
+        for run_id in run_ids {
+            let request = self.transport.request(
+                Method::GET,
+                &format!(
+                    "{}/actions/runs/{run_id}/jobs?filter=latest&per_page=100",
+                    target.prefix()
+                ),
+                None,
+            );
+            let reply = self.call(&target, JOBS, request).await?;
+            if !reply.status.is_success() {
+                return Err(classify(JOBS, &reply));
+            }
+            let jobs: Jobs = reply.json(JOBS)?;
+            queued.extend(
+                jobs.jobs
+                    .into_iter()
+                    .filter(|j| j.status == "queued")
+                    .map(|j| GitHubJob {
+                        id: j.id,
+                        run_id: j.run_id,
+                        run_attempt: j.run_attempt.unwrap_or(1),
+                        name: j.name,
+                        workflow_name: j.workflow_name,
+                        labels: j.labels,
+                        html_url: j.html_url,
+                        created_at: j.created_at,
+                    }),
+            );
+        }
+        Ok(queued)
     }
 
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {

@@ -361,3 +361,68 @@ async fn names_that_would_escape_the_path_never_reach_the_network() {
     assert!(server.received_requests().await.unwrap().is_empty());
     assert!(recorder.requests().is_empty());
 }
+
+#[tokio::test]
+async fn queued_jobs_come_from_queued_and_running_workflow_runs() {
+    let server = MockServer::start().await;
+    for (status, run) in [("queued", 11), ("in_progress", 12)] {
+        Mock::given(method("GET"))
+            .and(path("/repos/acme/app/actions/runs"))
+            .and(query_param("status", status))
+            .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+                "total_count": 1,
+                "workflow_runs": [{"id": run, "status": status}]
+            })))
+            .expect(1)
+            .mount(&server)
+            .await;
+    }
+    let job = |id: i64, run: i64, status: &str| {
+        json!({
+            "id": id, "run_id": run, "run_attempt": 2, "status": status, "conclusion": null,
+            "name": format!("proof {id}"), "workflow_name": "Kani",
+            "labels": ["self-hosted", "linux", "x64", "kani"],
+            "html_url": format!("https://github.com/acme/app/actions/runs/{run}/job/{id}"),
+            "created_at": "2026-11-28T10:00:00Z"
+        })
+    };
+    Mock::given(method("GET"))
+        .and(path("/repos/acme/app/actions/runs/11/jobs"))
+        .and(query_param("filter", "latest"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "total_count": 1, "jobs": [job(1, 11, "queued")]
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    // A matrix wider than the fleet: some jobs run, others wait.
+    Mock::given(method("GET"))
+        .and(path("/repos/acme/app/actions/runs/12/jobs"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "total_count": 3,
+            "jobs": [job(2, 12, "in_progress"), job(3, 12, "queued"), job(4, 12, "completed")]
+        })))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let (github, recorder) = token_github(&server);
+
+    let queued = github.queued_jobs("acme/app").await.unwrap();
+    let ids: Vec<i64> = queued.iter().map(|j| j.id).collect();
+    assert_eq!(ids, [1, 3]);
+    assert_eq!(queued[0].run_id, 11);
+    assert_eq!(queued[0].run_attempt, 2);
+    assert_eq!(queued[0].name, "proof 1");
+    assert_eq!(queued[0].workflow_name.as_deref(), Some("Kani"));
+    assert_eq!(queued[0].labels, ["self-hosted", "linux", "x64", "kani"]);
+    assert!(queued[0].created_at.is_some());
+    assert_eq!(
+        recorder.requests(),
+        vec![
+            ("list_workflow_runs", 200),
+            ("list_workflow_runs", 200),
+            ("list_jobs_for_run", 200),
+            ("list_jobs_for_run", 200)
+        ]
+    );
+}

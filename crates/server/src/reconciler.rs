@@ -16,14 +16,19 @@ use rand::Rng;
 use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::planner::{launch_candidates, plan_launches};
 use spot_runners_domain::ports::{
-    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubRunner, Instance, JitConfig,
-    JitRequest, JobReport, LaunchRequest, RunnerScope,
+    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance,
+    JitConfig, JitRequest, JobReport, LaunchRequest, RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
 use spot_runners_domain::userdata::{render, UserDataValues};
-use spot_runners_domain::{ControllerId, Profile, RunnerName, RunnerState};
-use spot_runners_store::{JobCheck, RunnerChange, RunnerRecord, Store, StoreError, DEFAULT_LEASE};
+use spot_runners_domain::{
+    ControllerId, JobStatus, Profile, RunnerName, RunnerState, WorkflowJobEvent,
+};
+use spot_runners_store::{
+    IncomingDelivery, JobCheck, RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
+    DEFAULT_LEASE,
+};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +67,12 @@ const STALE_AFTER_SECS: i64 = 180;
 const RECHECK_AFTER_SECS: i64 = 300;
 /// Jobs API calls per sweep, at most.
 const STALE_CHECK_BUDGET: i64 = 10;
+/// One repository is asked for its queued jobs this often, in turn.
+const POLL_EVERY_SECS: i64 = 60;
+/// Repositories with jobs this recent are polled.
+const POLL_REPOSITORIES_SEEN_WITHIN_DAYS: i64 = 7;
+/// A job created this recently may still have its delivery in flight.
+const POLL_GRACE_SECS: i64 = 60;
 /// How long ended runners stay in the runners gauge.
 const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -83,6 +94,8 @@ pub struct Reconciler {
     owner: String,
     clock: Arc<dyn Clock>,
     last_sweep: Mutex<Option<DateTime<Utc>>>,
+    /// When GitHub was last asked for queued jobs, and which repository is next.
+    last_poll: Mutex<(Option<DateTime<Utc>>, usize)>,
     launch_bucket: Mutex<TokenBucket>,
     jit_bucket: Mutex<TokenBucket>,
     provision_wake: Notify,
@@ -115,6 +128,8 @@ pub struct SweepReport {
     /// Stale queued jobs checked against GitHub, and those found closed.
     pub stale_checked: usize,
     pub stale_closed: usize,
+    /// Queued jobs found on GitHub that no delivery told us about.
+    pub discovered: usize,
 }
 
 enum Failure {
@@ -149,6 +164,7 @@ impl Reconciler {
             owner,
             clock: Arc::new(SystemClock),
             last_sweep: Mutex::new(None),
+            last_poll: Mutex::new((None, 0)),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
@@ -313,9 +329,13 @@ impl Reconciler {
         }
         report.orphan_registrations = self.sweep_orphan_registrations(&listed).await?;
         report.reaped = self.reap_timeouts(&runners, &busy_on_github, now).await?;
-        let (checked, closed) = self.check_stale_jobs(now).await?;
+        let suspects = self
+            .busy_runners_gone_from_github(&runners, &listed, now)
+            .await?;
+        let (checked, closed) = self.check_stale_jobs(suspects, now).await?;
         report.stale_checked = checked;
         report.stale_closed = closed;
+        report.discovered = self.poll_queued_jobs(now).await?;
         Ok(Some(report))
     }
 
@@ -565,18 +585,152 @@ impl Reconciler {
         Ok(ended.len())
     }
 
+    /// GitHub does not resend a lost `queued` delivery, and without it a
+    /// job is never covered (unless some other job's runner takes it). So,
+    /// one repository a minute in turn, GitHub is asked for its queued jobs
+    /// and those the ledger has never seen are recorded as if delivered.
+    async fn poll_queued_jobs(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        let turn = {
+            let mut last = match self.last_poll.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if last
+                .0
+                .is_some_and(|t| now - t < chrono::Duration::seconds(POLL_EVERY_SECS))
+            {
+                return Ok(0);
+            }
+            last.0 = Some(now);
+            last.1 += 1;
+            last.1 - 1
+        };
+        let repositories = self
+            .store
+            .recent_repositories(now - chrono::Duration::days(POLL_REPOSITORIES_SEEN_WITHIN_DAYS))
+            .await?;
+        let Some(repo) = repositories.get(turn % repositories.len().max(1)) else {
+            return Ok(0);
+        };
+        let jobs = match self.backends.github.queued_jobs(&repo.repository).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(repository = %repo.repository, error = %e, "listing queued jobs failed");
+                return Ok(0);
+            }
+        };
+        let grace = chrono::Duration::seconds(POLL_GRACE_SECS);
+        let jobs: Vec<GitHubJob> = jobs
+            .into_iter()
+            .filter(|j| j.created_at.is_none_or(|t| now - t >= grace))
+            .collect();
+        let ids: Vec<i64> = jobs.iter().map(|j| j.id).collect();
+        let known = self.store.known_jobs(&ids).await?;
+        let batch: Vec<IncomingDelivery> = jobs
+            .into_iter()
+            .filter(|j| !known.contains(&j.id))
+            .map(|j| IncomingDelivery {
+                delivery_id: format!("poll-{}", j.id),
+                profile: self.profiles.match_job(&j.labels, &repo.repository),
+                job: WorkflowJobEvent {
+                    job_id: j.id,
+                    run_id: j.run_id,
+                    run_attempt: j.run_attempt,
+                    status: JobStatus::Queued,
+                    name: j.name,
+                    workflow_name: j.workflow_name,
+                    labels: j.labels,
+                    conclusion: None,
+                    runner_id: None,
+                    runner_name: None,
+                    repository: repo.repository.clone(),
+                    owner: repo.owner.clone(),
+                    org: repo.org.clone(),
+                    installation_id: repo.installation_id,
+                    html_url: j.html_url,
+                    created_at: j.created_at,
+                    started_at: None,
+                    completed_at: None,
+                },
+            })
+            .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        self.store
+            .record_deliveries(
+                &batch,
+                tokio::time::Instant::now() + Duration::from_secs(10),
+            )
+            .await?;
+        for d in &batch {
+            tracing::warn!(job_id = d.job.job_id, repository = %d.job.repository, profile = ?d.profile.as_ref().ok(), "found a queued job no webhook told us about; recorded it");
+        }
+        self.metrics
+            .stale_jobs_total
+            .with_label_values(&["discovered"])
+            .inc_by(batch.len() as u64);
+        Ok(batch.len())
+    }
+
+    /// Jobs whose busy runner GitHub no longer lists: a JIT runner leaves
+    /// GitHub when its job ends, so the `completed` delivery was probably
+    /// lost. They are checked first, each at most every few minutes.
+    async fn busy_runners_gone_from_github(
+        &self,
+        runners: &[RunnerRecord],
+        listed: &BTreeMap<RunnerScope, Vec<GitHubRunner>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<StaleJob>, StoreError> {
+        let recheck = chrono::Duration::seconds(RECHECK_AFTER_SECS);
+        let mut suspects = Vec::new();
+        for r in runners.iter().filter(|r| r.state == RunnerState::Busy) {
+            let Some(list) = listed.get(&r.scope) else {
+                continue;
+            };
+            if list.iter().any(|g| g.name.eq_ignore_ascii_case(&r.name)) {
+                continue;
+            }
+            let Some(job) = match r.job_id {
+                Some(id) => self.store.job(id).await?,
+                None => None,
+            }
+            .filter(|j| j.status != JobStatus::Completed)
+            .filter(|j| j.checked_at.is_none_or(|t| now - t >= recheck)) else {
+                continue;
+            };
+            suspects.push(StaleJob {
+                id: job.id,
+                repository: job.repository,
+                profile: job.profile,
+                first_seen_at: job.first_seen_at,
+            });
+        }
+        Ok(suspects)
+    }
+
     /// Asks GitHub about jobs queued suspiciously long, a few per sweep so
     /// the rate limit is never spent on it: a lost `completed` or
     /// `in_progress` would otherwise keep demand (and instances) alive.
-    async fn check_stale_jobs(&self, now: DateTime<Utc>) -> Result<(usize, usize), StoreError> {
-        let stale = self
-            .store
-            .stale_jobs(
-                now - chrono::Duration::seconds(STALE_AFTER_SECS),
-                now - chrono::Duration::seconds(RECHECK_AFTER_SECS),
-                STALE_CHECK_BUDGET,
-            )
-            .await?;
+    async fn check_stale_jobs(
+        &self,
+        suspects: Vec<StaleJob>,
+        now: DateTime<Utc>,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut stale = suspects;
+        stale.truncate(STALE_CHECK_BUDGET as usize);
+        let room = STALE_CHECK_BUDGET - stale.len() as i64;
+        if room > 0 {
+            stale.extend(
+                self.store
+                    .stale_jobs(
+                        now - chrono::Duration::seconds(STALE_AFTER_SECS),
+                        now - chrono::Duration::seconds(RECHECK_AFTER_SECS),
+                        room,
+                    )
+                    .await?,
+            );
+        }
         let (mut checked, mut closed) = (0, 0);
         for job in stale {
             let check = match self.backends.github.job(&job.repository, job.id).await {

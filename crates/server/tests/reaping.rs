@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use common::fleet::{terminations, Harness};
 use spot_runners::reconciler::Reconciler;
+use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{
-    Cloud, GitHub, JitRequest, JobReport, LaunchRequest, RunnerScope,
+    Cloud, GitHub, GitHubJob, JitRequest, JobReport, LaunchRequest, RunnerScope,
 };
 use spot_runners_domain::{ControllerId, Market};
 use spot_runners_store::PgStore;
@@ -429,4 +430,88 @@ async fn two_replicas_never_terminate_the_same_instance_twice() {
     a.sweep().await.unwrap();
     b.sweep().await.unwrap();
     assert_eq!(terminations(&h.cloud).into_iter().flatten().count(), 12);
+}
+
+/// GitHub never resends a lost `queued`: the sweep finds the job in the
+/// repository's queued runs and covers it.
+#[tokio::test]
+async fn a_job_whose_queued_delivery_was_lost_is_found_and_covered() {
+    let h = Harness::new().await;
+    let r = h.reconciler(100);
+    one_booting_runner(&h, &r).await;
+    let labels: Vec<String> = ["self-hosted", "linux", "x64", "kani"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let lost = |id: i64, age_secs: i64| GitHubJob {
+        id,
+        run_id: 500,
+        run_attempt: 1,
+        name: format!("proof {id}"),
+        workflow_name: Some("Kani".to_owned()),
+        labels: labels.clone(),
+        html_url: None,
+        created_at: Some(h.clock.now() - chrono::Duration::seconds(age_secs)),
+    };
+    h.github.queue_job("acme/proofs", lost(77, 300));
+    // Created a moment ago: its delivery may still be on the way.
+    h.github.queue_job("acme/proofs", lost(78, 5));
+
+    let report = sweep(&r).await;
+    assert_eq!(report.discovered, 1);
+    let (status, profile): (String, Option<String>) =
+        sqlx::query_as("SELECT status, profile FROM workflow_jobs WHERE id = 77")
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), profile.as_deref()),
+        ("queued", Some("kani"))
+    );
+    assert_eq!(
+        sweep(&r).await.discovered,
+        0,
+        "one repository a minute, not every sweep"
+    );
+
+    h.reconcile(&r).await;
+    let booting = runners(&h)
+        .await
+        .iter()
+        .filter(|r| r.1 == "booting")
+        .count();
+    assert_eq!(booting, 2, "the found job got its runner");
+    assert!(h
+        .metrics
+        .render()
+        .contains(r#"spot_runners_stale_jobs_total{outcome="discovered"} 1"#));
+}
+
+/// A lost `completed`: the busy runner has left GitHub (a JIT runner does
+/// after its job), so the job is checked at once and its instance goes.
+#[tokio::test]
+async fn a_busy_runner_gone_from_github_has_its_job_checked_and_its_instance_terminated() {
+    let h = Harness::new().await;
+    let r = h.reconciler(100);
+    let (name, instance) = one_booting_runner(&h, &r).await;
+    h.sql(&format!(
+        "UPDATE workflow_jobs SET status = 'in_progress', runner_name = '{name}', in_progress_at = now()"
+    ))
+    .await;
+    r.pass().await.unwrap();
+    assert_eq!(runners(&h).await[0].1, "busy");
+    h.github.deregister(&name);
+    h.github.set_job(
+        "acme/proofs",
+        0,
+        JobReport {
+            status: "completed".to_owned(),
+            conclusion: Some("success".to_owned()),
+            runner_name: Some(name.clone()),
+        },
+    );
+    let report = sweep(&r).await;
+    assert_eq!((report.stale_checked, report.stale_closed), (1, 1));
+    assert_eq!(r.pass().await.unwrap().terminated, 1);
+    assert_eq!(terminations(&h.cloud), [vec![instance]]);
 }

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
 use serde_json::json;
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 
@@ -66,6 +66,10 @@ pub enum GitHubCall {
         job_id: i64,
         at: Instant,
     },
+    QueuedJobs {
+        repository: String,
+        at: Instant,
+    },
 }
 
 impl GitHubCall {
@@ -76,6 +80,7 @@ impl GitHubCall {
             GitHubCall::ListRunners { .. } => "list_runners",
             GitHubCall::DeleteRunner { .. } => "delete_runner",
             GitHubCall::Job { .. } => "job",
+            GitHubCall::QueuedJobs { .. } => "queued_jobs",
         }
     }
 
@@ -84,7 +89,8 @@ impl GitHubCall {
             GitHubCall::GenerateJitConfig { at, .. }
             | GitHubCall::ListRunners { at, .. }
             | GitHubCall::DeleteRunner { at, .. }
-            | GitHubCall::Job { at, .. } => *at,
+            | GitHubCall::Job { at, .. }
+            | GitHubCall::QueuedJobs { at, .. } => *at,
         }
     }
 }
@@ -99,6 +105,9 @@ struct State {
     runners: Vec<FakeRunner>,
     /// Keyed by lower-cased `owner/repo`: GitHub names are case-insensitive.
     jobs: HashMap<(String, i64), JobReport>,
+    /// What the run-jobs listing shows of a job, for jobs queued with
+    /// [`FakeGitHub::queue_job`].
+    job_details: HashMap<(String, i64), GitHubJob>,
     fail_next: VecDeque<GitHubError>,
     calls: Vec<GitHubCall>,
     jit_calls: u64,
@@ -204,6 +213,7 @@ impl FakeGitHub {
             next_id: 1,
             runners: Vec::new(),
             jobs: HashMap::new(),
+            job_details: HashMap::new(),
             fail_next: VecDeque::new(),
             calls: Vec::new(),
             jit_calls: 0,
@@ -276,6 +286,22 @@ impl FakeGitHub {
     }
 
     /// What `job(repository, job_id)` answers from now on.
+    /// A job waiting for a runner in `repository`, listed by
+    /// [`GitHub::queued_jobs`] for as long as its status is `queued`.
+    pub fn queue_job(&self, repository: &str, job: GitHubJob) {
+        let key = (repository.to_ascii_lowercase(), job.id);
+        let mut state = self.lock();
+        state.jobs.insert(
+            key.clone(),
+            JobReport {
+                status: "queued".to_owned(),
+                conclusion: None,
+                runner_name: None,
+            },
+        );
+        state.job_details.insert(key, job);
+    }
+
     pub fn set_job(&self, repository: &str, job_id: i64, report: JobReport) {
         self.lock()
             .jobs
@@ -379,6 +405,31 @@ impl GitHub for FakeGitHub {
             .runners
             .retain(|r| !(r.id == runner_id && &r.scope == scope));
         Ok(())
+    }
+
+    async fn queued_jobs(&self, repository: &str) -> Result<Vec<GitHubJob>, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::QueuedJobs {
+            repository: repository.to_owned(),
+            at: now,
+        })?;
+        let repository = repository.to_ascii_lowercase();
+        let mut queued: Vec<GitHubJob> = state
+            .job_details
+            .iter()
+            .filter(|((repo, id), _)| {
+                repo == &repository
+                    && state
+                        .jobs
+                        .get(&(repo.clone(), *id))
+                        .is_some_and(|j| j.status == "queued")
+            })
+            .map(|(_, job)| job.clone())
+            .collect();
+        queued.sort_by_key(|j| j.id);
+        Ok(queued)
     }
 
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {

@@ -62,3 +62,13 @@ pub struct JobRecord {
     pub completed_at: Option<DateTime<Utc>>,
     pub checked_at: Option<DateTime<Utc>>,
 }
+
+/// A repository jobs came from, and where its runners register.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentRepository {
+    /// `owner/repo`
+    pub repository: String,
+    pub owner: String,
+    pub org: Option<String>,
+    pub installation_id: Option<i64>,
+}

@@ -10,7 +10,7 @@ mod runners;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,7 +20,7 @@ use spot_runners_domain::{profile::ProfileRow, JobStatus, RunnerState, WorkflowJ
 use tokio::time::Instant;
 
 pub use error::StoreError;
-pub use jobs::{JobCheck, JobRecord, StaleJob};
+pub use jobs::{JobCheck, JobRecord, RecentRepository, StaleJob};
 pub use postgres::PgStore;
 pub use runners::{PlanFn, PlanSnapshot, RunnerChange, RunnerRecord, DEFAULT_LEASE};
 
@@ -186,6 +186,17 @@ pub trait Store: Send + Sync + 'static {
     /// replica at a time does, and leadership passes on when its session
     /// ends (crash included).
     async fn try_lead(&self, controller_id: &str) -> Result<bool, StoreError>;
+
+    /// Repositories with jobs first seen since `since`, with where their
+    /// runners register: the places to look for jobs whose `queued`
+    /// delivery was lost.
+    async fn recent_repositories(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RecentRepository>, StoreError>;
+
+    /// Which of these job ids the ledger holds.
+    async fn known_jobs(&self, ids: &[i64]) -> Result<BTreeSet<i64>, StoreError>;
 
     /// One job as the ledger holds it.
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;

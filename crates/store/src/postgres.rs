@@ -1,6 +1,6 @@
 //! The PostgreSQL implementation of [`Store`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::runners::{queued_job, scope_columns, scope_of};
 use crate::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot,
-    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
+    RecentRepository, RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
 
 /// Channel the `instance_profiles` trigger notifies on every change.
@@ -632,6 +632,29 @@ impl Store for PgStore {
             *held = Some(conn.detach());
         }
         Ok(locked)
+    }
+
+    async fn recent_repositories(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RecentRepository>, StoreError> {
+        let rows = sqlx::query_as!(
+            RecentRepository,
+            r#"SELECT DISTINCT ON (repository) repository, owner, org, installation_id
+               FROM workflow_jobs WHERE first_seen_at > $1
+               ORDER BY repository, first_seen_at DESC"#,
+            since
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    async fn known_jobs(&self, ids: &[i64]) -> Result<BTreeSet<i64>, StoreError> {
+        let rows = sqlx::query_scalar!("SELECT id FROM workflow_jobs WHERE id = ANY($1)", ids)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().collect())
     }
 
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError> {

@@ -439,6 +439,8 @@ async fn a_job_whose_queued_delivery_was_lost_is_found_and_covered() {
     let h = Harness::new().await;
     let r = h.reconciler(100);
     one_booting_runner(&h, &r).await;
+    // That reconcile's sweep polled already; the next poll is a minute on.
+    h.clock.advance(MINUTE);
     let labels: Vec<String> = ["self-hosted", "linux", "x64", "kani"]
         .iter()
         .map(|s| (*s).to_owned())

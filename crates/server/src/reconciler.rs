@@ -318,6 +318,10 @@ impl Reconciler {
             .map(|g| g.name.as_str())
             .collect();
         report.online = self.store.mark_online(&online, now).await?;
+        // Busy on GitHub means taken, whatever the ledger has heard: such a
+        // runner must not count as available for queued demand.
+        let busy: Vec<String> = busy_on_github.iter().map(|n| (*n).to_owned()).collect();
+        self.store.mark_busy(&busy, now).await?;
         // Re-read: states moved (online, and settled jobs) since the first read.
         let runners = self.store.runners(controller, ORPHAN_MEMORY).await?;
 
@@ -684,6 +688,7 @@ impl Reconciler {
     ) -> Result<Vec<StaleJob>, StoreError> {
         let recheck = chrono::Duration::seconds(RECHECK_AFTER_SECS);
         let mut suspects = Vec::new();
+        let mut finished = Vec::new();
         for r in runners.iter().filter(|r| r.state == RunnerState::Busy) {
             let Some(list) = listed.get(&r.scope) else {
                 continue;
@@ -691,12 +696,35 @@ impl Reconciler {
             if list.iter().any(|g| g.name.eq_ignore_ascii_case(&r.name)) {
                 continue;
             }
-            let Some(job) = match r.job_id {
-                Some(id) => self.store.job(id).await?,
-                None => None,
-            }
-            .filter(|j| j.status != JobStatus::Completed)
-            .filter(|j| j.checked_at.is_none_or(|t| now - t >= recheck)) else {
+            let Some(job_id) = r.job_id else {
+                // Busy with a job the ledger never heard of, and now gone:
+                // that job is over, and so is the runner.
+                if self
+                    .store
+                    .end_runner_if(
+                        &r.name,
+                        RunnerState::Busy,
+                        RunnerState::Terminated,
+                        "its runner left GitHub after a job the ledger never saw",
+                    )
+                    .await?
+                {
+                    finished.extend(r.instance_id.clone());
+                    self.metrics
+                        .reaps_total
+                        .with_label_values(&[&r.profile, "completed"])
+                        .inc();
+                    tracing::info!(runner = %r.name, instance = ?r.instance_id, "runner left GitHub after an unknown job; terminating its instance");
+                }
+                continue;
+            };
+            let Some(job) = self
+                .store
+                .job(job_id)
+                .await?
+                .filter(|j| j.status != JobStatus::Completed)
+                .filter(|j| j.checked_at.is_none_or(|t| now - t >= recheck))
+            else {
                 continue;
             };
             suspects.push(StaleJob {
@@ -705,6 +733,11 @@ impl Reconciler {
                 profile: job.profile,
                 first_seen_at: job.first_seen_at,
             });
+        }
+        if !finished.is_empty() {
+            if let Err(e) = self.backends.cloud.terminate(&finished).await {
+                tracing::warn!(error = %e, "terminating finished instances failed; the orphan sweep retries");
+            }
         }
         Ok(suspects)
     }

@@ -175,22 +175,33 @@ async fn a_busy_runner_goes_only_on_completion_or_at_its_lifetime() {
     assert_eq!(terminations(&h.cloud), [vec![instance]]);
 }
 
-/// The ledger has not heard of the `in_progress` yet, but GitHub already
-/// lists the runner busy: it is not reaped as idle.
+/// GitHub lists the runner busy with a job whose `in_progress` the ledger
+/// never got: it is not counted as available for the queued job (which gets
+/// a runner of its own), nor reaped as idle; once it leaves GitHub after
+/// that job, its instance goes.
 #[tokio::test]
-async fn a_runner_github_lists_busy_is_not_reaped_as_idle() {
+async fn a_runner_github_lists_busy_is_taken_not_idle() {
     let h = Harness::new().await;
     let r = h.reconciler(100);
-    let (name, _) = one_booting_runner(&h, &r).await;
-    h.sql("UPDATE workflow_jobs SET status = 'completed', completed_at = now()")
-        .await;
+    let (name, instance) = one_booting_runner(&h, &r).await;
     h.github.set_online(&name, true);
-    sweep(&r).await;
     h.github.set_busy(&name, true);
+    sweep(&r).await;
+    assert_eq!(runners(&h).await[0].1, "busy");
+    h.reconcile(&r).await;
+    let states: Vec<String> = runners(&h).await.into_iter().map(|r| r.1).collect();
+    assert_eq!(states, ["busy", "booting"], "the queued job gets its own runner");
+    let second = runners(&h).await.remove(1).0;
+    h.github.set_online(&second, true);
+
     h.clock.advance(30 * MINUTE);
     assert_eq!(sweep(&r).await.reaped, 0);
-    h.github.set_busy(&name, false);
-    assert_eq!(sweep(&r).await.reaped, 1);
+    assert!(terminations(&h.cloud).is_empty());
+
+    h.github.deregister(&name);
+    sweep(&r).await;
+    assert_eq!(runners(&h).await[0].1, "terminated");
+    assert_eq!(terminations(&h.cloud), [vec![instance]]);
 }
 
 fn launch_request(controller: &str, runner: &str) -> LaunchRequest {

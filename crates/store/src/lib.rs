@@ -143,6 +143,10 @@ pub trait Store: Send + Sync + 'static {
     /// first seen online `at`. Returns how many changed.
     async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError>;
 
+    /// GitHub lists these runners busy: `launching`/`booting`/`idle` →
+    /// `busy` (with no job if no `in_progress` named it). Returns how many changed.
+    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError>;
+
     /// Ends a runner only if it is still in `expected` (a reap must not
     /// race an `in_progress` that just made it busy). Returns whether it did.
     async fn end_runner_if(

@@ -501,6 +501,19 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query!(
+            "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
+                    busy_at = COALESCE(busy_at, $2), updated_at = now()
+             WHERE name = ANY($1) AND state IN ('launching', 'booting', 'idle')",
+            names,
+            at
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn end_runner_if(
         &self,
         name: &str,

@@ -67,6 +67,9 @@ const STALE_AFTER_SECS: i64 = 180;
 const RECHECK_AFTER_SECS: i64 = 300;
 /// Jobs API calls per sweep, at most.
 const STALE_CHECK_BUDGET: i64 = 10;
+/// A runner launched this recently may be missing from a listing fetched
+/// just before; only older ones missing from it are gone.
+const REGISTRATION_SETTLE_SECS: i64 = 60;
 /// One repository is asked for its queued jobs this often, in turn.
 const POLL_EVERY_SECS: i64 = 60;
 /// Repositories with jobs this recent are polled.
@@ -334,7 +337,7 @@ impl Reconciler {
         report.orphan_registrations = self.sweep_orphan_registrations(&listed).await?;
         report.reaped = self.reap_timeouts(&runners, &busy_on_github, now).await?;
         let suspects = self
-            .busy_runners_gone_from_github(&runners, &listed, now)
+            .runners_gone_from_github(&runners, &listed, now)
             .await?;
         let (checked, closed) = self.check_stale_jobs(suspects, now).await?;
         report.stale_checked = checked;
@@ -677,66 +680,78 @@ impl Reconciler {
         Ok(batch.len())
     }
 
-    /// Jobs whose busy runner GitHub no longer lists: a JIT runner leaves
-    /// GitHub when its job ends, so the `completed` delivery was probably
-    /// lost. They are checked first, each at most every few minutes.
-    async fn busy_runners_gone_from_github(
+    /// Runners whose GitHub registration is gone from a complete listing of
+    /// their scope. A JIT runner leaves GitHub when its job ends, so a busy
+    /// one probably finished and its `completed` was lost: its job is
+    /// checked first thing. Any other (idle, booting, or busy with a job the
+    /// ledger never saw) can never take a job again: it ends, and its
+    /// instance goes.
+    async fn runners_gone_from_github(
         &self,
         runners: &[RunnerRecord],
         listed: &BTreeMap<RunnerScope, Vec<GitHubRunner>>,
         now: DateTime<Utc>,
     ) -> Result<Vec<StaleJob>, StoreError> {
         let recheck = chrono::Duration::seconds(RECHECK_AFTER_SECS);
+        // A runner launched after the listing was fetched is not in it.
+        let settled = chrono::Duration::seconds(REGISTRATION_SETTLE_SECS);
         let mut suspects = Vec::new();
-        let mut finished = Vec::new();
-        for r in runners.iter().filter(|r| r.state == RunnerState::Busy) {
+        let mut useless = Vec::new();
+        for r in runners.iter().filter(|r| {
+            matches!(
+                r.state,
+                RunnerState::Booting | RunnerState::Idle | RunnerState::Busy
+            ) && r.launched_at.is_some_and(|t| now - t >= settled)
+        }) {
             let Some(list) = listed.get(&r.scope) else {
                 continue;
             };
             if list.iter().any(|g| g.name.eq_ignore_ascii_case(&r.name)) {
                 continue;
             }
-            let Some(job_id) = r.job_id else {
-                // Busy with a job the ledger never heard of, and now gone:
-                // that job is over, and so is the runner.
-                if self
-                    .store
-                    .end_runner_if(
-                        &r.name,
-                        RunnerState::Busy,
-                        RunnerState::Terminated,
-                        "its runner left GitHub after a job the ledger never saw",
-                    )
-                    .await?
+            let job = match (r.state, r.job_id) {
+                (RunnerState::Busy, Some(id)) => self.store.job(id).await?,
+                _ => None,
+            };
+            if let Some(job) = job {
+                if job.status != JobStatus::Completed
+                    && job.checked_at.is_none_or(|t| now - t >= recheck)
                 {
-                    finished.extend(r.instance_id.clone());
-                    self.metrics
-                        .reaps_total
-                        .with_label_values(&[&r.profile, "completed"])
-                        .inc();
-                    tracing::info!(runner = %r.name, instance = ?r.instance_id, "runner left GitHub after an unknown job; terminating its instance");
+                    suspects.push(StaleJob {
+                        id: job.id,
+                        repository: job.repository,
+                        profile: job.profile,
+                        first_seen_at: job.first_seen_at,
+                    });
                 }
                 continue;
-            };
-            let Some(job) = self
+            }
+            if self
                 .store
-                .job(job_id)
+                .end_runner_if(
+                    &r.name,
+                    r.state,
+                    RunnerState::Terminated,
+                    "its GitHub registration is gone",
+                )
                 .await?
-                .filter(|j| j.status != JobStatus::Completed)
-                .filter(|j| j.checked_at.is_none_or(|t| now - t >= recheck))
-            else {
-                continue;
-            };
-            suspects.push(StaleJob {
-                id: job.id,
-                repository: job.repository,
-                profile: job.profile,
-                first_seen_at: job.first_seen_at,
-            });
+            {
+                useless.extend(r.instance_id.clone());
+                let reason = if r.state == RunnerState::Busy {
+                    "completed"
+                } else {
+                    "registration_gone"
+                };
+                self.metrics
+                    .reaps_total
+                    .with_label_values(&[&r.profile, reason])
+                    .inc();
+                tracing::warn!(runner = %r.name, instance = ?r.instance_id, was = %r.state, "runner's GitHub registration is gone; ending it");
+            }
         }
-        if !finished.is_empty() {
-            if let Err(e) = self.backends.cloud.terminate(&finished).await {
-                tracing::warn!(error = %e, "terminating finished instances failed; the orphan sweep retries");
+        if !useless.is_empty() {
+            if let Err(e) = self.backends.cloud.terminate(&useless).await {
+                tracing::warn!(error = %e, "terminating instances of unregistered runners failed; the orphan sweep retries");
             }
         }
         Ok(suspects)

@@ -190,7 +190,11 @@ async fn a_runner_github_lists_busy_is_taken_not_idle() {
     assert_eq!(runners(&h).await[0].1, "busy");
     h.reconcile(&r).await;
     let states: Vec<String> = runners(&h).await.into_iter().map(|r| r.1).collect();
-    assert_eq!(states, ["busy", "booting"], "the queued job gets its own runner");
+    assert_eq!(
+        states,
+        ["busy", "booting"],
+        "the queued job gets its own runner"
+    );
     let second = runners(&h).await.remove(1).0;
     h.github.set_online(&second, true);
 
@@ -514,6 +518,7 @@ async fn a_busy_runner_gone_from_github_has_its_job_checked_and_its_instance_ter
     r.pass().await.unwrap();
     assert_eq!(runners(&h).await[0].1, "busy");
     h.github.deregister(&name);
+    h.clock.advance(MINUTE);
     h.github.set_job(
         "acme/proofs",
         0,

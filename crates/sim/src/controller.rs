@@ -42,7 +42,7 @@ use spot_runners_domain::{
     WorkflowJobEvent,
 };
 
-use crate::clock::SimClock;
+use crate::sim_clock::SimClock;
 use crate::cloud::REASON_SPOT_RECLAIMED;
 use crate::payload::Delivery;
 

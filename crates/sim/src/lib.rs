@@ -18,7 +18,7 @@
 //! - [`scenario`], [`report`], [`simulate`]: `spot-runners simulate`.
 
 pub mod arrivals;
-pub mod clock;
+pub mod sim_clock;
 pub mod cloud;
 pub mod controller;
 pub mod duration;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use spot_runners_domain::{ControllerId, Market};
 
 use crate::arrivals::Arrivals;
-use crate::clock::SimClock;
+use crate::sim_clock::SimClock;
 use crate::controller::{Controller, ControllerConfig};
 use crate::report::{self, Report, STRANDED_AFTER};
 use crate::scenario::Scenario;

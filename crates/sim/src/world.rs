@@ -39,7 +39,7 @@ use spot_runners_domain::ports::{JobReport, RunnerScope};
 use spot_runners_domain::{JobStatus, Market};
 
 use crate::arrivals::{Arrivals, JobSpec};
-use crate::clock::SimClock;
+use crate::sim_clock::SimClock;
 use crate::cloud::{LiveInstance, REASON_SPOT_RECLAIMED};
 use crate::faults::{FaultCounts, FaultLayer, FaultRates};
 use crate::payload::{self, Delivery, JobSnapshot};

@@ -13,6 +13,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    NotFound(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }

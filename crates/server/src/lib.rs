@@ -6,6 +6,7 @@ pub mod database;
 mod error;
 pub mod http;
 pub mod ingest;
+pub mod inspect;
 pub mod metrics;
 pub mod profiles;
 pub mod reconciler;

@@ -1,9 +1,13 @@
 //! `spot-runners`: the command line. Errors become `anyhow` here, at the edge.
 
+// The inspection commands answer on stdout; that is their whole purpose.
+#![allow(clippy::print_stdout)]
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spot_runners::configuration::RawSettings;
 use spot_runners::database::Database;
+use spot_runners::inspect;
 use spot_runners::startup::{shutdown_signal, Application};
 use spot_runners::telemetry;
 
@@ -30,11 +34,58 @@ enum Command {
         #[command(flatten)]
         settings: RawSettings,
     },
+    /// Ask the ledger about jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+    /// Ask the ledger about runners.
+    Runners {
+        #[command(subcommand)]
+        command: RunnersCommand,
+    },
     /// Exit 0 when the service on SPOT_RUNNERS_LISTEN answers /healthz (for container health checks).
     Healthcheck {
         #[arg(long, env = "SPOT_RUNNERS_LISTEN", default_value = "0.0.0.0:8080")]
         listen: String,
     },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Why a job has, or has not, got a runner.
+    Explain {
+        /// The workflow job id (`workflow_job.id` in the webhook, the number in the job's URL).
+        job_id: i64,
+        #[command(flatten)]
+        settings: RawSettings,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunnersCommand {
+    /// This controller's live runners, one per line.
+    List {
+        /// Include runners that ended in the last 24 hours.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        settings: RawSettings,
+    },
+}
+
+/// Opens the database for a one-off command, runs `f` and closes it.
+async fn with_database<F, Fut>(settings: RawSettings, f: F) -> anyhow::Result<String>
+where
+    F: FnOnce(spot_runners::configuration::Settings, spot_runners_store::PgStore) -> Fut,
+    Fut: std::future::Future<Output = Result<String, spot_runners::Error>>,
+{
+    // Reading the ledger needs no webhook secret.
+    let settings = settings.parse(true)?;
+    let db = Database::open(&settings).await?;
+    let result = f(settings, db.store.clone()).await;
+    db.close().await;
+    Ok(result?)
 }
 
 #[tokio::main]
@@ -60,6 +111,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = settings.parse(true)?;
             let db = Database::open(&settings).await?;
             db.close().await;
+        }
+        Command::Jobs {
+            command: JobsCommand::Explain { job_id, settings },
+        } => {
+            let text = with_database(settings, |s, store| async move {
+                inspect::explain_job(&store, &s, job_id).await
+            })
+            .await?;
+            print!("{text}");
+        }
+        Command::Runners {
+            command: RunnersCommand::List { all, settings },
+        } => {
+            let text = with_database(settings, |s, store| async move {
+                inspect::list_runners(&store, &s, all).await
+            })
+            .await?;
+            print!("{text}");
         }
         Command::Healthcheck { listen } => {
             let addr: std::net::SocketAddr = listen.parse().context("SPOT_RUNNERS_LISTEN")?;

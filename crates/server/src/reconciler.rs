@@ -7,20 +7,23 @@
 //! GitHub's rate limits — runs beside it, claiming `requested` rows with a
 //! lease, so a crash anywhere leaves rows the next claim resumes.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rand::Rng;
+use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::planner::{launch_candidates, plan_launches};
 use spot_runners_domain::ports::{
-    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, JitConfig, JitRequest, LaunchRequest,
-    RunnerScope,
+    Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubRunner, Instance, JitConfig,
+    JitRequest, JobReport, LaunchRequest, RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
 use spot_runners_domain::userdata::{render, UserDataValues};
-use spot_runners_domain::{ControllerId, Profile, RunnerState};
-use spot_runners_store::{RunnerChange, RunnerRecord, Store, StoreError, DEFAULT_LEASE};
+use spot_runners_domain::{ControllerId, Profile, RunnerName, RunnerState};
+use spot_runners_store::{JobCheck, RunnerChange, RunnerRecord, Store, StoreError, DEFAULT_LEASE};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +47,21 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const RETRY_LATER: Duration = Duration::from_secs(2);
 /// An instance missing from EC2's listing this long after its launch is gone.
 const GONE_AFTER_SECS: i64 = 300;
+/// Sweeps (GitHub's runner list, orphans, timeouts, stale jobs) run at most
+/// this often, however often webhooks wake the reconciler.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Ended runners are remembered this long for the sweeps (a leftover
+/// registration or instance of theirs is recognised as ours).
+const ORPHAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// A `terminating` runner whose instance still runs this long after is
+/// terminated again (a terminate lost in a crash or an EC2 hiccup).
+const TERMINATE_RETRY_AFTER_SECS: i64 = 60;
+/// A job queued this long is checked against GitHub's jobs API.
+const STALE_AFTER_SECS: i64 = 180;
+/// And checked again no sooner than this.
+const RECHECK_AFTER_SECS: i64 = 300;
+/// Jobs API calls per sweep, at most.
+const STALE_CHECK_BUDGET: i64 = 10;
 /// How long ended runners stay in the runners gauge.
 const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -63,6 +81,8 @@ pub struct Reconciler {
     max_instances: u32,
     /// Names this process in provisioning leases.
     owner: String,
+    clock: Arc<dyn Clock>,
+    last_sweep: Mutex<Option<DateTime<Utc>>>,
     launch_bucket: Mutex<TokenBucket>,
     jit_bucket: Mutex<TokenBucket>,
     provision_wake: Notify,
@@ -73,10 +93,28 @@ pub struct Reconciler {
 pub struct PassReport {
     /// Instances whose job completed, terminated this pass.
     pub terminated: usize,
-    /// Runners whose instance was found gone (reclaimed, shut down).
-    pub gone: usize,
+    /// What the sweep found, when this pass swept (see [`Reconciler::sweep`]).
+    pub sweep: Option<SweepReport>,
     pub rematched: usize,
     pub requested: usize,
+}
+
+/// What a sweep repaired.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Runners GitHub listed online for the first time.
+    pub online: u64,
+    /// Runners whose instance was found gone (reclaimed, shut down).
+    pub gone: usize,
+    /// Instances no live runner accounts for, terminated.
+    pub orphan_instances: usize,
+    /// Leftover GitHub registrations deleted.
+    pub orphan_registrations: usize,
+    /// Runners reaped for a boot, idle or lifetime limit.
+    pub reaped: usize,
+    /// Stale queued jobs checked against GitHub, and those found closed.
+    pub stale_checked: usize,
+    pub stale_closed: usize,
 }
 
 enum Failure {
@@ -109,11 +147,20 @@ impl Reconciler {
             controller_id,
             max_instances,
             owner,
+            clock: Arc::new(SystemClock),
+            last_sweep: Mutex::new(None),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
             backends,
         }
+    }
+
+    /// Reads time from `clock` instead of the system's.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// One reconcile pass over the ledger.
@@ -136,7 +183,9 @@ impl Reconciler {
             terminated: self.finish_completed().await?,
             ..PassReport::default()
         };
-        report.gone = self.sweep_gone().await?;
+        if self.sweep_due() {
+            report.sweep = self.sweep().await?;
+        }
         // Jobs that arrived before a fitting profile existed.
         for (id, labels, repository) in self.store.unmatched_open_jobs(1000).await? {
             if let Ok(profile) = self.profiles.match_job(&labels, &repository) {
@@ -169,6 +218,8 @@ impl Reconciler {
     /// once: the instance would shut itself down, but that is the safety
     /// net for when this service is unreachable, not the plan.
     async fn finish_completed(&self) -> Result<usize, StoreError> {
+        // Each runner is claimed (moved to `terminating`) by exactly one
+        // replica before anyone calls EC2.
         let done = self.store.settle_jobs(self.controller_id.as_str()).await?;
         if done.is_empty() {
             return Ok(0);
@@ -178,12 +229,10 @@ impl Reconciler {
             .filter_map(|(r, _)| r.instance_id.clone())
             .collect();
         if let Err(e) = self.backends.cloud.terminate(&ids).await {
-            tracing::warn!(error = %e, instances = ids.len(), "terminating finished instances failed; retrying next pass");
+            tracing::warn!(error = %e, instances = ids.len(), "terminating finished instances failed; the sweep retries");
             return Ok(0);
         }
-        let names: Vec<String> = done.iter().map(|(r, _)| r.name.clone()).collect();
-        self.store.mark_terminating(&names).await?;
-        let now = Utc::now();
+        let now = self.clock.now();
         for (r, completed_at) in &done {
             self.metrics
                 .reaps_total
@@ -201,35 +250,109 @@ impl Reconciler {
         Ok(done.len())
     }
 
+    /// Whether a sweep is due, by the injected clock; marks it started.
+    fn sweep_due(&self) -> bool {
+        let now = self.clock.now();
+        let mut last = match self.last_sweep.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let due = last
+            .is_none_or(|t| now - t >= chrono::Duration::from_std(SWEEP_EVERY).unwrap_or_default());
+        if due {
+            *last = Some(now);
+        }
+        due
+    }
+
+    /// Compares the ledger with what EC2 and GitHub report and repairs the
+    /// difference: runners come online, vanish, time out; orphans on
+    /// either side go; stale queued jobs are checked. Only the replica
+    /// holding the leadership lock sweeps, so two replicas never terminate
+    /// or delete the same thing twice. Returns `None` when another leads.
+    pub async fn sweep(&self) -> Result<Option<SweepReport>, StoreError> {
+        let controller = self.controller_id.as_str();
+        if !self.store.try_lead(controller).await? {
+            return Ok(None);
+        }
+        let mut report = SweepReport::default();
+        let now = self.clock.now();
+        let runners = self.store.runners(controller, ORPHAN_MEMORY).await?;
+        let instances = match self.backends.cloud.list_owned(controller).await {
+            Ok(list) => Some(list),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing instances failed; instance sweeps skipped this time");
+                None
+            }
+        };
+        let listed = self.list_github_runners(&runners).await;
+
+        // Online state from GitHub's list; its `busy` flag lags, so it can
+        // only protect a runner from reaping, never expose one to it.
+        let online: Vec<String> = listed
+            .values()
+            .flatten()
+            .filter(|g| g.online)
+            .map(|g| g.name.clone())
+            .collect();
+        let busy_on_github: BTreeSet<&str> = listed
+            .values()
+            .flatten()
+            .filter(|g| g.busy)
+            .map(|g| g.name.as_str())
+            .collect();
+        report.online = self.store.mark_online(&online, now).await?;
+        // Re-read: states moved (online, and settled jobs) since the first read.
+        let runners = self.store.runners(controller, ORPHAN_MEMORY).await?;
+
+        if let Some(instances) = &instances {
+            report.gone = self.sweep_gone(&runners, instances, now).await?;
+            report.orphan_instances = self
+                .sweep_orphan_instances(&runners, instances, now)
+                .await?;
+        }
+        report.orphan_registrations = self.sweep_orphan_registrations(&listed).await?;
+        report.reaped = self.reap_timeouts(&runners, &busy_on_github, now).await?;
+        let (checked, closed) = self.check_stale_jobs(now).await?;
+        report.stale_checked = checked;
+        report.stale_closed = closed;
+        Ok(Some(report))
+    }
+
+    /// One paginated list per scope our runners are registered in.
+    async fn list_github_runners(
+        &self,
+        runners: &[RunnerRecord],
+    ) -> BTreeMap<RunnerScope, Vec<GitHubRunner>> {
+        let scopes: BTreeSet<&RunnerScope> = runners.iter().map(|r| &r.scope).collect();
+        let mut listed = BTreeMap::new();
+        for scope in scopes {
+            match self.backends.github.list_runners(scope).await {
+                Ok(list) => {
+                    listed.insert(scope.clone(), list);
+                }
+                Err(e) => {
+                    tracing::warn!(%scope, error = %e, "listing GitHub runners failed; online state and registration sweep skipped for it");
+                }
+            }
+        }
+        listed
+    }
+
     /// Ends runners whose instance is gone: reclaimed by EC2, shut down by
     /// its own watchdog, or terminated by us. Their capacity is free again,
     /// and the planner relaunches for demand that is still queued.
-    async fn sweep_gone(&self) -> Result<usize, StoreError> {
-        let runners = self
-            .store
-            .runners(self.controller_id.as_str(), Duration::ZERO)
-            .await?;
-        let with_instance: Vec<&RunnerRecord> = runners
+    async fn sweep_gone(
+        &self,
+        runners: &[RunnerRecord],
+        owned: &[Instance],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let mut gone = 0;
+        for r in runners
             .iter()
             .filter(|r| r.instance_id.is_some() && r.state.is_live())
-            .collect();
-        if with_instance.is_empty() {
-            return Ok(0);
-        }
-        let owned = match self
-            .backends
-            .cloud
-            .list_owned(self.controller_id.as_str())
-            .await
         {
-            Ok(owned) => owned,
-            Err(e) => {
-                tracing::warn!(error = %e, "listing instances failed; sweep skipped");
-                return Ok(0);
-            }
-        };
-        let mut gone = 0;
-        for r in with_instance {
             let instance = owned.iter().find(|i| Some(&i.id) == r.instance_id.as_ref());
             let vanished = match instance {
                 Some(i) => !i.state.is_alive(),
@@ -237,7 +360,7 @@ impl Reconciler {
                 // instance missing well after its launch is gone.
                 None => r
                     .launched_at
-                    .is_some_and(|t| Utc::now() - t > chrono::Duration::seconds(GONE_AFTER_SECS)),
+                    .is_some_and(|t| now - t > chrono::Duration::seconds(GONE_AFTER_SECS)),
             };
             if !vanished {
                 continue;
@@ -274,6 +397,208 @@ impl Reconciler {
             gone += 1;
         }
         Ok(gone)
+    }
+
+    /// Terminates instances carrying our controller tag that no live runner
+    /// accounts for: unknown to the ledger (a launch lost in a crash), or
+    /// belonging to a runner that has ended. A `terminating` runner whose
+    /// instance still runs a while later (a lost terminate) is retried.
+    async fn sweep_orphan_instances(
+        &self,
+        runners: &[RunnerRecord],
+        owned: &[Instance],
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let alive: Vec<&Instance> = owned.iter().filter(|i| i.state.is_alive()).collect();
+        let names: Vec<String> = alive.iter().filter_map(|i| i.runner_name.clone()).collect();
+        let states = self
+            .store
+            .runner_states(self.controller_id.as_str(), &names)
+            .await?;
+        let retry_after = chrono::Duration::seconds(TERMINATE_RETRY_AFTER_SECS);
+        let mut orphans = Vec::new();
+        let mut retries = Vec::new();
+        for i in alive {
+            let state = i.runner_name.as_ref().and_then(|n| states.get(n)).copied();
+            match state {
+                Some(RunnerState::Terminating) => {
+                    let stuck = runners.iter().any(|r| {
+                        r.instance_id.as_deref() == Some(i.id.as_str())
+                            && now - r.updated_at > retry_after
+                    });
+                    if stuck {
+                        retries.push(i.id.clone());
+                    }
+                }
+                Some(s) if s.is_live() => {}
+                _ => {
+                    tracing::warn!(instance = %i.id, runner = ?i.runner_name, ledger = ?state, "orphaned instance; terminating");
+                    orphans.push(i.id.clone());
+                }
+            }
+        }
+        let all: Vec<String> = orphans.iter().chain(&retries).cloned().collect();
+        if all.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.backends.cloud.terminate(&all).await {
+            tracing::warn!(error = %e, instances = all.len(), "terminating orphaned instances failed; next sweep retries");
+            return Ok(0);
+        }
+        self.metrics
+            .orphans_total
+            .with_label_values(&["instance"])
+            .inc_by(orphans.len() as u64);
+        Ok(orphans.len())
+    }
+
+    /// Deletes offline GitHub registrations with our name that no live
+    /// runner accounts for: a JIT runner that finished but lingers, or one
+    /// registered just before a crash. Online ones are left to finish what
+    /// they are doing; their instances are the instance sweep's business.
+    async fn sweep_orphan_registrations(
+        &self,
+        listed: &BTreeMap<RunnerScope, Vec<GitHubRunner>>,
+    ) -> Result<usize, StoreError> {
+        let profiles = self.profiles.get();
+        let names: Vec<String> = listed.values().flatten().map(|g| g.name.clone()).collect();
+        let states = self
+            .store
+            .runner_states(self.controller_id.as_str(), &names)
+            .await?;
+        let mut deleted = 0;
+        for (scope, list) in listed {
+            for g in list.iter().filter(|g| !g.online) {
+                let known = states.get(&g.name).copied();
+                let ours = known.is_some()
+                    || RunnerName::parse_owned(
+                        &g.name,
+                        &self.controller_id,
+                        profiles.profiles.iter().map(|p| &p.name),
+                    )
+                    .is_some();
+                let accounted = known.is_some_and(|s| {
+                    s.is_live() && !matches!(s, RunnerState::Done | RunnerState::Terminating)
+                });
+                if !ours || accounted {
+                    continue;
+                }
+                match self.backends.github.delete_runner(scope, g.id).await {
+                    Ok(()) => {
+                        tracing::info!(runner = %g.name, %scope, ledger = ?known, "deleted a leftover GitHub registration");
+                        if known.is_none() {
+                            self.metrics
+                                .orphans_total
+                                .with_label_values(&["github_runner"])
+                                .inc();
+                        }
+                        deleted += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(runner = %g.name, error = %e, "deleting a leftover GitHub registration failed; next sweep retries");
+                    }
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Boot, idle and lifetime limits, decided by the pure reaper.
+    async fn reap_timeouts(
+        &self,
+        runners: &[RunnerRecord],
+        busy_on_github: &BTreeSet<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        let ages: Vec<RunnerAge> = runners
+            .iter()
+            .filter(|r| r.state.is_live())
+            .map(|r| RunnerAge {
+                name: r.name.clone(),
+                profile: r.profile.clone(),
+                state: if r.state == RunnerState::Idle && busy_on_github.contains(r.name.as_str()) {
+                    RunnerState::Busy
+                } else {
+                    r.state
+                },
+                launched_at: r.launched_at,
+                online_at: r.online_at,
+            })
+            .collect();
+        let demand = self.store.demand().await?;
+        let profiles = self.profiles.get();
+        let reaps = plan_reaps(&profiles.profiles, &demand, &ages, now);
+        let mut instances = Vec::new();
+        let mut ended = Vec::new();
+        for reap in &reaps {
+            let Some(r) = runners.iter().find(|r| r.name == reap.name) else {
+                continue;
+            };
+            let reason = format!("reaped: {}", reap.reason.as_str());
+            // Conditional on the state the decision saw: an `in_progress`
+            // that just made it busy wins over an idle timeout.
+            if !self
+                .store
+                .end_runner_if(&r.name, r.state, reap.reason.final_state(), &reason)
+                .await?
+            {
+                continue;
+            }
+            self.metrics
+                .reaps_total
+                .with_label_values(&[&r.profile, reap.reason.as_str()])
+                .inc();
+            tracing::info!(runner = %r.name, instance = ?r.instance_id, reason = reap.reason.as_str(), "reaping runner");
+            instances.extend(r.instance_id.clone());
+            ended.push(r);
+        }
+        if !instances.is_empty() {
+            if let Err(e) = self.backends.cloud.terminate(&instances).await {
+                // The runners have ended; the orphan sweep terminates what
+                // is still running next time.
+                tracing::warn!(error = %e, instances = instances.len(), "terminating reaped instances failed; the orphan sweep retries");
+            }
+        }
+        for r in &ended {
+            self.forget_registration(r).await;
+        }
+        Ok(ended.len())
+    }
+
+    /// Asks GitHub about jobs queued suspiciously long, a few per sweep so
+    /// the rate limit is never spent on it: a lost `completed` or
+    /// `in_progress` would otherwise keep demand (and instances) alive.
+    async fn check_stale_jobs(&self, now: DateTime<Utc>) -> Result<(usize, usize), StoreError> {
+        let stale = self
+            .store
+            .stale_jobs(
+                now - chrono::Duration::seconds(STALE_AFTER_SECS),
+                now - chrono::Duration::seconds(RECHECK_AFTER_SECS),
+                STALE_CHECK_BUDGET,
+            )
+            .await?;
+        let (mut checked, mut closed) = (0, 0);
+        for job in stale {
+            let check = match self.backends.github.job(&job.repository, job.id).await {
+                Ok(report) => job_check(&report),
+                Err(GitHubError::NotFound) => JobCheck::Gone,
+                Err(e) => {
+                    tracing::warn!(job_id = job.id, repository = %job.repository, error = %e, "checking a stale job failed; stale checks stop for this sweep");
+                    break;
+                }
+            };
+            checked += 1;
+            self.store.record_job_check(job.id, &check, now).await?;
+            self.metrics
+                .stale_jobs_total
+                .with_label_values(&[check.as_str()])
+                .inc();
+            if check != JobCheck::Queued {
+                closed += 1;
+                tracing::warn!(job_id = job.id, repository = %job.repository, outcome = check.as_str(), "stale job repaired from GitHub's jobs API (a webhook was lost)");
+            }
+        }
+        Ok((checked, closed))
     }
 
     async fn refresh_gauges(&self) -> Result<(), StoreError> {
@@ -614,7 +939,7 @@ impl Reconciler {
                 )
                 .await?;
                 if let Some(since) = runner.demand_since {
-                    let secs = (Utc::now() - since).num_milliseconds().max(0) as f64 / 1000.0;
+                    let secs = (self.clock.now() - since).num_milliseconds().max(0) as f64 / 1000.0;
                     self.metrics
                         .launch_latency_seconds
                         .with_label_values(&[profile.name.as_str()])
@@ -700,6 +1025,21 @@ impl Reconciler {
                 e.message
             ),
         })
+    }
+}
+
+/// What GitHub's jobs API says, in the ledger's terms.
+fn job_check(report: &JobReport) -> JobCheck {
+    match report.status.as_str() {
+        "queued" | "waiting" | "pending" | "requested" => JobCheck::Queued,
+        "in_progress" => JobCheck::Started {
+            runner_name: report.runner_name.clone(),
+        },
+        // completed, and anything newer GitHub may invent: not demand.
+        _ => JobCheck::Finished {
+            conclusion: report.conclusion.clone(),
+            runner_name: report.runner_name.clone(),
+        },
     }
 }
 

@@ -4,115 +4,17 @@
 //! bucket, so the 200-runner burst takes EC2's own ~100 s: tokio's paused
 //! clock cannot be used beside real database IO.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use spot_runners::metrics::Metrics;
-use spot_runners::profiles::ProfileCache;
-use spot_runners::reconciler::{Backends, Reconciler};
+use common::fleet::{terminations, Harness};
+use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, LaunchRequest, RunnerScope};
-use spot_runners_domain::{ControllerId, Market};
+use spot_runners_domain::Market;
 use spot_runners_sim::cloud::CloudCall;
-use spot_runners_sim::{FakeCloud, FakeGitHub};
-use spot_runners_store::testing::{test_database, TestDatabase};
-use spot_runners_store::PgStore;
-
-struct Harness {
-    _db: TestDatabase,
-    store: Arc<PgStore>,
-    cloud: FakeCloud,
-    github: FakeGitHub,
-    profiles: ProfileCache,
-    metrics: Arc<Metrics>,
-}
-
-impl Harness {
-    async fn new() -> Self {
-        let db = test_database().await.unwrap();
-        // Up to 32 provisioning tasks write at once.
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(64)
-            .acquire_timeout(Duration::from_secs(24 * 3600))
-            .connect(&db.url)
-            .await
-            .unwrap();
-        Self {
-            store: Arc::new(PgStore::from_pool(pool)),
-            _db: db,
-            cloud: FakeCloud::with_seed(1),
-            github: FakeGitHub::with_seed(1),
-            profiles: ProfileCache::default(),
-            metrics: Arc::new(Metrics::new().unwrap()),
-        }
-    }
-
-    fn reconciler(&self, max_instances: u32) -> Arc<Reconciler> {
-        Arc::new(Reconciler::new(
-            self.store.clone(),
-            Backends {
-                cloud: Arc::new(self.cloud.clone()),
-                github: Arc::new(self.github.clone()),
-            },
-            self.profiles.clone(),
-            Arc::clone(&self.metrics),
-            ControllerId::default(),
-            max_instances,
-        ))
-    }
-
-    async fn profile(&self, name: &str, sql_set: &str) {
-        sqlx::query(
-            "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids)
-             VALUES ($1, '{linux,x64,kani}', '{c6i.4xlarge,c6a.4xlarge}', 'ami-1', '{subnet-a,subnet-b}')",
-        )
-        .bind(name)
-        .execute(self.store.pool())
-        .await
-        .unwrap();
-        sqlx::query(&format!(
-            "UPDATE instance_profiles SET {sql_set} WHERE name = $1"
-        ))
-        .bind(name)
-        .execute(self.store.pool())
-        .await
-        .unwrap_or_else(|e| panic!("profile {name}: {e}"));
-        self.profiles
-            .reload(self.store.as_ref(), &self.metrics)
-            .await
-            .unwrap();
-    }
-
-    async fn queue(&self, profile: &str, ids: std::ops::Range<i64>) {
-        sqlx::query(
-            "INSERT INTO workflow_jobs (id, run_id, repository, owner, org, labels, status, profile, queued_at)
-             SELECT i, i, 'acme/proofs', 'acme', 'acme', '{self-hosted,linux,x64,kani}', 'queued', $1, now()
-             FROM generate_series($2::bigint, $3::bigint - 1) AS i",
-        )
-        .bind(profile)
-        .bind(ids.start)
-        .bind(ids.end)
-        .execute(self.store.pool())
-        .await
-        .unwrap();
-    }
-
-    /// One pass, then provisioning until nothing is left to claim.
-    async fn reconcile(&self, r: &Arc<Reconciler>) {
-        r.pass().await.unwrap();
-        while r.provision_batch().await.unwrap() > 0 {}
-    }
-
-    async fn states(&self) -> Vec<(String, i64)> {
-        sqlx::query_as("SELECT state, count(*) FROM runners GROUP BY state ORDER BY state")
-            .fetch_all(self.store.pool())
-            .await
-            .unwrap()
-    }
-
-    async fn sql(&self, q: &str) {
-        sqlx::query(q).execute(self.store.pool()).await.unwrap();
-    }
-}
+use spot_runners_sim::FakeCloud;
 
 /// (instance type, subnet, market, instance id or EC2 error code)
 type Attempt = (String, Option<String>, Market, Result<String, String>);
@@ -486,20 +388,12 @@ async fn a_completed_job_terminates_its_instance_at_once() {
         .await;
     let report = r.pass().await.unwrap();
     assert_eq!(report.terminated, 1);
-    let terminated: Vec<Vec<String>> = h
-        .cloud
-        .calls()
-        .into_iter()
-        .filter_map(|c| match c {
-            CloudCall::Terminate { ids, .. } => Some(ids),
-            CloudCall::Launch { .. } => None,
-        })
-        .collect();
-    assert_eq!(terminated, [vec![instance]]);
+    assert_eq!(terminations(&h.cloud), [vec![instance]]);
     assert_eq!(report.requested, 0, "no demand left, nothing launched");
-    // The fake ends instances at once, so the same pass's sweep already saw
-    // it gone and freed the runner's capacity.
-    assert_eq!(report.gone, 1);
+    assert_eq!(h.states().await, [("terminating".to_owned(), 1)]);
+    // The fake ends instances at once; the next sweep sees it gone.
+    let sweep = r.sweep().await.unwrap().expect("the only replica leads");
+    assert_eq!(sweep.gone, 1);
     assert_eq!(h.states().await, [("terminated".to_owned(), 1)]);
     assert!(h
         .metrics

@@ -18,7 +18,7 @@
 //! - [`scenario`], [`report`], [`simulate`]: `spot-runners simulate`.
 
 pub mod arrivals;
-pub mod sim_clock;
+pub mod clock;
 pub mod cloud;
 pub mod controller;
 pub mod duration;
@@ -27,9 +27,11 @@ pub mod github;
 pub mod payload;
 pub mod report;
 pub mod scenario;
+pub mod sim_clock;
 pub mod simulate;
 pub mod world;
 
+pub use clock::ManualClock;
 pub use cloud::FakeCloud;
 pub use github::FakeGitHub;
 

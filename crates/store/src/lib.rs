@@ -4,18 +4,23 @@
 
 pub mod embedded;
 mod error;
+mod jobs;
 mod postgres;
 mod runners;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use spot_runners_domain::{profile::ProfileRow, JobStatus, WorkflowJobEvent};
+use chrono::{DateTime, Utc};
+use spot_runners_domain::planner::Demand;
+use spot_runners_domain::{profile::ProfileRow, JobStatus, RunnerState, WorkflowJobEvent};
 use tokio::time::Instant;
 
 pub use error::StoreError;
+pub use jobs::{JobCheck, JobRecord, StaleJob};
 pub use postgres::PgStore;
 pub use runners::{PlanFn, PlanSnapshot, RunnerChange, RunnerRecord, DEFAULT_LEASE};
 
@@ -116,15 +121,65 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<RunnerRecord>, StoreError>;
 
     /// Moves runners along with their jobs: `in_progress` names a runner →
-    /// `busy`; its job `completed` → `done`. Returns the `done` runners that
-    /// still have an instance, with their job's completion time.
+    /// `busy`; its job `completed` → `done`. Then claims the `done` runners
+    /// that have an instance by moving them to `terminating`, and returns
+    /// them with their job's completion time: each is returned to exactly
+    /// one caller, so two replicas never terminate the same instance.
     async fn settle_jobs(
         &self,
         controller_id: &str,
-    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, StoreError>;
+    ) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError>;
 
-    /// `TerminateInstances` was accepted for these `done` runners.
-    async fn mark_terminating(&self, names: &[String]) -> Result<(), StoreError>;
+    /// GitHub lists these runners online: `launching`/`booting` → `idle`,
+    /// first seen online `at`. Returns how many changed.
+    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Ends a runner only if it is still in `expected` (a reap must not
+    /// race an `in_progress` that just made it busy). Returns whether it did.
+    async fn end_runner_if(
+        &self,
+        name: &str,
+        expected: RunnerState,
+        state: RunnerState,
+        reason: &str,
+    ) -> Result<bool, StoreError>;
+
+    /// The states of these runners, of any age; names the ledger has never
+    /// seen are missing from the answer.
+    async fn runner_states(
+        &self,
+        controller_id: &str,
+        names: &[String],
+    ) -> Result<BTreeMap<String, RunnerState>, StoreError>;
+
+    /// Queued demand per profile, as the planner sees it.
+    async fn demand(&self) -> Result<BTreeMap<String, Demand>, StoreError>;
+
+    /// Jobs still `queued` that were first seen before `queued_before` and
+    /// not checked since `checked_before`, least recently checked first.
+    async fn stale_jobs(
+        &self,
+        queued_before: DateTime<Utc>,
+        checked_before: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<StaleJob>, StoreError>;
+
+    /// What GitHub's jobs API said about a stale job. Status still only
+    /// moves forward.
+    async fn record_job_check(
+        &self,
+        job_id: i64,
+        check: &JobCheck,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Whether this process leads the sweeps for `controller_id`: only one
+    /// replica at a time does, and leadership passes on when its session
+    /// ends (crash included).
+    async fn try_lead(&self, controller_id: &str) -> Result<bool, StoreError>;
+
+    /// One job as the ledger holds it.
+    async fn job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;
 
     /// Wakes every replica's reconciler.
     async fn notify_wake(&self) -> Result<(), StoreError>;

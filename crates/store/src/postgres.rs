@@ -1,19 +1,23 @@
 //! The PostgreSQL implementation of [`Store`].
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use rand::SeedableRng;
+use spot_runners_domain::planner::Demand;
 use spot_runners_domain::planner::RunnerCount;
 use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
 use crate::runners::{queued_job, scope_columns, scope_of};
 use crate::{
-    DeliveryOutcome, IncomingDelivery, JobCount, PlanFn, PlanSnapshot, RunnerChange, RunnerRecord,
-    Store, StoreError,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot,
+    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
 
 /// Channel the `instance_profiles` trigger notifies on every change.
@@ -28,6 +32,8 @@ const MIN_BATCH_TIME: Duration = Duration::from_millis(50);
 #[derive(Clone, Debug)]
 pub struct PgStore {
     pool: PgPool,
+    /// The session holding the sweep leadership lock, while this process leads.
+    leader: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
 }
 
 impl PgStore {
@@ -43,11 +49,14 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            leader: Arc::default(),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -323,7 +332,7 @@ impl Store for PgStore {
                    FOR UPDATE SKIP LOCKED)
                RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
                          instance_type, subnet_id, market, job_id, launch_attempts,
-                         last_error_code, reason, demand_since, created_at, launched_at"#,
+                         last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at"#,
             controller_id,
             owner,
             lease.as_secs_f64(),
@@ -441,7 +450,7 @@ impl Store for PgStore {
             RunnerRow,
             r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
                       instance_type, subnet_id, market, job_id, launch_attempts,
-                      last_error_code, reason, demand_since, created_at, launched_at
+                      last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at
                FROM runners
                WHERE controller_id = $1
                  AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))
@@ -458,12 +467,188 @@ impl Store for PgStore {
     async fn settle_jobs(
         &self,
         controller_id: &str,
-    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, StoreError> {
+    ) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError> {
         self.settle_jobs_tx(controller_id).await
     }
 
-    async fn mark_terminating(&self, names: &[String]) -> Result<(), StoreError> {
-        self.mark_terminating_tx(names).await
+    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query!(
+            "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()
+             WHERE name = ANY($1) AND state IN ('launching', 'booting')",
+            names,
+            at
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn end_runner_if(
+        &self,
+        name: &str,
+        expected: RunnerState,
+        state: RunnerState,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query!(
+            "UPDATE runners SET state = $3, reason = $4, terminated_at = COALESCE(terminated_at, now()),
+                    lease_owner = NULL, lease_until = NULL, updated_at = now()
+             WHERE name = $1 AND state = $2",
+            name,
+            expected.as_str(),
+            state.as_str(),
+            reason
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn runner_states(
+        &self,
+        controller_id: &str,
+        names: &[String],
+    ) -> Result<BTreeMap<String, RunnerState>, StoreError> {
+        let rows = sqlx::query!(
+            "SELECT name, state FROM runners WHERE controller_id = $1 AND name = ANY($2)",
+            controller_id,
+            names
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let state =
+                    RunnerState::parse(&r.state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((r.name, state))
+            })
+            .collect()
+    }
+
+    async fn demand(&self) -> Result<BTreeMap<String, Demand>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        load_demand(&mut conn).await
+    }
+
+    async fn stale_jobs(
+        &self,
+        queued_before: DateTime<Utc>,
+        checked_before: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<StaleJob>, StoreError> {
+        let rows = sqlx::query_as!(
+            StaleJob,
+            r#"SELECT id, repository, profile, first_seen_at FROM workflow_jobs
+               WHERE status = 'queued' AND first_seen_at < $1
+                 AND (checked_at IS NULL OR checked_at < $2)
+               ORDER BY checked_at NULLS FIRST, first_seen_at, id
+               LIMIT $3"#,
+            queued_before,
+            checked_before,
+            limit
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    async fn record_job_check(
+        &self,
+        job_id: i64,
+        check: &JobCheck,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let (status, conclusion, runner_name) = match check {
+            JobCheck::Queued => (JobStatus::Queued, None, None),
+            JobCheck::Started { runner_name } => (JobStatus::InProgress, None, runner_name.clone()),
+            JobCheck::Finished {
+                conclusion,
+                runner_name,
+            } => (
+                JobStatus::Completed,
+                conclusion.clone(),
+                runner_name.clone(),
+            ),
+            JobCheck::Gone => (JobStatus::Completed, Some("gone".to_owned()), None),
+        };
+        sqlx::query!(
+            r#"UPDATE workflow_jobs SET
+                   checked_at = $2,
+                   status = CASE WHEN job_status_rank($3) > job_status_rank(status) THEN $3 ELSE status END,
+                   conclusion = COALESCE(conclusion, $4),
+                   runner_name = COALESCE(runner_name, $5),
+                   in_progress_at = CASE WHEN $3 IN ('in_progress', 'completed')
+                                         THEN COALESCE(in_progress_at, $2) ELSE in_progress_at END,
+                   completed_at = CASE WHEN $3 = 'completed' THEN COALESCE(completed_at, $2) ELSE completed_at END,
+                   updated_at = now()
+               WHERE id = $1"#,
+            job_id,
+            at,
+            status.as_str(),
+            conclusion,
+            runner_name
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn try_lead(&self, controller_id: &str) -> Result<bool, StoreError> {
+        let mut held = self.leader.lock().await;
+        if let Some(conn) = held.as_mut() {
+            // The lock lives as long as this session does.
+            if sqlx::query("SELECT 1").execute(&mut *conn).await.is_ok() {
+                return Ok(true);
+            }
+            *held = None;
+        }
+        let mut conn = self.pool.acquire().await?;
+        let locked = sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_lock(hashtextextended('spot-runners:lead:' || $1, 0)) AS "locked!""#,
+            controller_id
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        if locked {
+            // Kept out of the pool: the lock belongs to this session.
+            *held = Some(conn.detach());
+        }
+        Ok(locked)
+    }
+
+    async fn job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query!(
+            r#"SELECT id, name, workflow_name, repository, org, labels, status, conclusion, runner_name,
+                      profile, match_error, html_url, first_seen_at, queued_at, in_progress_at,
+                      completed_at, checked_at
+               FROM workflow_jobs WHERE id = $1"#,
+            job_id
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(JobRecord {
+                status: JobStatus::parse(&r.status)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                id: r.id,
+                name: r.name,
+                workflow_name: r.workflow_name,
+                repository: r.repository,
+                org: r.org,
+                labels: r.labels,
+                conclusion: r.conclusion,
+                runner_name: r.runner_name,
+                profile: r.profile,
+                match_error: r.match_error,
+                html_url: r.html_url,
+                first_seen_at: r.first_seen_at,
+                queued_at: r.queued_at,
+                in_progress_at: r.in_progress_at,
+                completed_at: r.completed_at,
+                checked_at: r.checked_at,
+            })
+        })
+        .transpose()
     }
 
     async fn notify_wake(&self) -> Result<(), StoreError> {
@@ -493,6 +678,8 @@ struct RunnerRow {
     demand_since: Option<chrono::DateTime<chrono::Utc>>,
     created_at: chrono::DateTime<chrono::Utc>,
     launched_at: Option<chrono::DateTime<chrono::Utc>>,
+    online_at: Option<chrono::DateTime<chrono::Utc>>,
+    updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl TryFrom<RunnerRow> for RunnerRecord {
@@ -517,6 +704,8 @@ impl TryFrom<RunnerRow> for RunnerRecord {
             demand_since: r.demand_since,
             created_at: r.created_at,
             launched_at: r.launched_at,
+            online_at: r.online_at,
+            updated_at: r.updated_at,
         })
     }
 }
@@ -557,36 +746,10 @@ impl PgStore {
         if !locked {
             return Ok(Vec::new());
         }
-        let mut snapshot = PlanSnapshot::default();
-        let queued = sqlx::query!(
-            r#"SELECT profile AS "profile!", first_seen_at, org, repository
-               FROM workflow_jobs
-               WHERE status = 'queued' AND profile IS NOT NULL
-               ORDER BY first_seen_at, id"#
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for j in queued {
-            snapshot
-                .demand
-                .entry(j.profile)
-                .or_default()
-                .queued
-                .push(queued_job(j.first_seen_at, j.org, j.repository));
-        }
-        // Warm pools register where the profile's latest job came from.
-        let latest = sqlx::query!(
-            r#"SELECT DISTINCT ON (profile) profile AS "profile!", org, repository
-               FROM workflow_jobs
-               WHERE profile IS NOT NULL AND first_seen_at > now() - interval '30 days'
-               ORDER BY profile, first_seen_at DESC"#
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for j in latest {
-            snapshot.demand.entry(j.profile).or_default().warm_scope =
-                Some(queued_job(chrono::Utc::now(), j.org, j.repository).scope);
-        }
+        let mut snapshot = PlanSnapshot {
+            demand: load_demand(&mut tx).await?,
+            ..PlanSnapshot::default()
+        };
         let runners = sqlx::query!(
             r#"SELECT profile, state, org, repository FROM runners
                WHERE controller_id = $1 AND state = ANY($2)"#,
@@ -634,7 +797,7 @@ impl PgStore {
                FROM UNNEST($1::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS t(n, p, o, r, d)
                RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
                          instance_type, subnet_id, market, job_id, launch_attempts,
-                         last_error_code, reason, demand_since, created_at, launched_at"#,
+                         last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at"#,
             &names,
             controller_id,
             &profiles,
@@ -678,46 +841,68 @@ impl PgStore {
         )
         .execute(&mut *tx)
         .await?;
-        let rows = sqlx::query!(
-            r#"SELECT r.name, j.completed_at
-               FROM runners r LEFT JOIN workflow_jobs j ON j.id = r.job_id
-               WHERE r.controller_id = $1 AND r.state = 'done' AND r.instance_id IS NOT NULL"#,
+        let claimed = sqlx::query_as!(
+            RunnerRow,
+            r#"UPDATE runners SET state = 'terminating', terminating_at = now(), updated_at = now()
+               WHERE controller_id = $1 AND state = 'done' AND instance_id IS NOT NULL
+               RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
+                         instance_type, subnet_id, market, job_id, launch_attempts,
+                         last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at"#,
             controller_id
         )
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
-        let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
-        let found = sqlx::query_as!(
-            RunnerRow,
-            r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
-                      instance_type, subnet_id, market, job_id, launch_attempts,
-                      last_error_code, reason, demand_since, created_at, launched_at
-               FROM runners WHERE name = ANY($1)"#,
-            &names
+        let jobs: Vec<i64> = claimed.iter().filter_map(|r| r.job_id).collect();
+        let completed = sqlx::query!(
+            "SELECT id, completed_at FROM workflow_jobs WHERE id = ANY($1)",
+            &jobs
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
+        tx.commit().await?;
         let mut out = Vec::new();
-        for rec in records(found)? {
-            let completed = rows
+        for rec in records(claimed)? {
+            let at = completed
                 .iter()
-                .find(|r| r.name == rec.name)
-                .and_then(|r| r.completed_at);
-            out.push((rec, completed));
+                .find(|j| Some(j.id) == rec.job_id)
+                .and_then(|j| j.completed_at);
+            out.push((rec, at));
         }
         Ok(out)
     }
+}
 
-    /// `TerminateInstances` was accepted for these runners.
-    async fn mark_terminating_tx(&self, names: &[String]) -> Result<(), StoreError> {
-        sqlx::query!(
-            "UPDATE runners SET state = 'terminating', terminating_at = now(), updated_at = now()
-             WHERE name = ANY($1) AND state = 'done'",
-            names
-        )
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+/// Queued jobs per profile (oldest first), and where each profile's warm
+/// pool registers: the scope of its latest job.
+async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>, StoreError> {
+    let mut demand: BTreeMap<String, Demand> = BTreeMap::new();
+    let queued = sqlx::query!(
+        r#"SELECT profile AS "profile!", first_seen_at, org, repository
+               FROM workflow_jobs
+               WHERE status = 'queued' AND profile IS NOT NULL
+               ORDER BY first_seen_at, id"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for j in queued {
+        demand.entry(j.profile).or_default().queued.push(queued_job(
+            j.first_seen_at,
+            j.org,
+            j.repository,
+        ));
     }
+    // Warm pools register where the profile's latest job came from.
+    let latest = sqlx::query!(
+        r#"SELECT DISTINCT ON (profile) profile AS "profile!", org, repository
+               FROM workflow_jobs
+               WHERE profile IS NOT NULL AND first_seen_at > now() - interval '30 days'
+               ORDER BY profile, first_seen_at DESC"#
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for j in latest {
+        demand.entry(j.profile).or_default().warm_scope =
+            Some(queued_job(chrono::Utc::now(), j.org, j.repository).scope);
+    }
+    Ok(demand)
 }

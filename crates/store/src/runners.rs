@@ -28,6 +28,10 @@ pub struct RunnerRecord {
     pub demand_since: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub launched_at: Option<DateTime<Utc>>,
+    /// First seen online (GitHub's runner list, or an `in_progress` naming it).
+    pub online_at: Option<DateTime<Utc>>,
+    /// Last transition.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// What the planner sees, read in the same transaction it writes in.

@@ -2,6 +2,8 @@
 //! a real HTTP client with signed deliveries of GitHub's payload shape.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,0 +1,129 @@
+//! A reconciler on the fake cloud and fake GitHub, against a real
+//! PostgreSQL, with a clock the test moves.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spot_runners::metrics::Metrics;
+use spot_runners::profiles::ProfileCache;
+use spot_runners::reconciler::{Backends, Reconciler};
+use spot_runners_domain::ControllerId;
+use spot_runners_sim::cloud::CloudCall;
+use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
+use spot_runners_store::testing::{test_database, TestDatabase};
+use spot_runners_store::PgStore;
+
+pub struct Harness {
+    pub _db: TestDatabase,
+    pub store: Arc<PgStore>,
+    pub cloud: FakeCloud,
+    pub github: FakeGitHub,
+    pub profiles: ProfileCache,
+    pub metrics: Arc<Metrics>,
+    pub clock: ManualClock,
+}
+
+impl Harness {
+    pub async fn new() -> Self {
+        let db = test_database().await.unwrap();
+        // Up to 32 provisioning tasks write at once.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(64)
+            .acquire_timeout(Duration::from_secs(24 * 3600))
+            .connect(&db.url)
+            .await
+            .unwrap();
+        Self {
+            store: Arc::new(PgStore::from_pool(pool)),
+            _db: db,
+            cloud: FakeCloud::with_seed(1),
+            github: FakeGitHub::with_seed(1),
+            profiles: ProfileCache::default(),
+            metrics: Arc::new(Metrics::new().unwrap()),
+            clock: ManualClock::new(),
+        }
+    }
+
+    pub fn reconciler(&self, max_instances: u32) -> Arc<Reconciler> {
+        Arc::new(
+            Reconciler::new(
+                self.store.clone(),
+                Backends {
+                    cloud: Arc::new(self.cloud.clone()),
+                    github: Arc::new(self.github.clone()),
+                },
+                self.profiles.clone(),
+                Arc::clone(&self.metrics),
+                ControllerId::default(),
+                max_instances,
+            )
+            .with_clock(Arc::new(self.clock.clone())),
+        )
+    }
+
+    pub async fn profile(&self, name: &str, sql_set: &str) {
+        sqlx::query(
+            "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids)
+             VALUES ($1, '{linux,x64,kani}', '{c6i.4xlarge,c6a.4xlarge}', 'ami-1', '{subnet-a,subnet-b}')",
+        )
+        .bind(name)
+        .execute(self.store.pool())
+        .await
+        .unwrap();
+        sqlx::query(&format!(
+            "UPDATE instance_profiles SET {sql_set} WHERE name = $1"
+        ))
+        .bind(name)
+        .execute(self.store.pool())
+        .await
+        .unwrap_or_else(|e| panic!("profile {name}: {e}"));
+        self.profiles
+            .reload(self.store.as_ref(), &self.metrics)
+            .await
+            .unwrap();
+    }
+
+    pub async fn queue(&self, profile: &str, ids: std::ops::Range<i64>) {
+        sqlx::query(
+            "INSERT INTO workflow_jobs (id, run_id, repository, owner, org, labels, status, profile, queued_at)
+             SELECT i, i, 'acme/proofs', 'acme', 'acme', '{self-hosted,linux,x64,kani}', 'queued', $1, now()
+             FROM generate_series($2::bigint, $3::bigint - 1) AS i",
+        )
+        .bind(profile)
+        .bind(ids.start)
+        .bind(ids.end)
+        .execute(self.store.pool())
+        .await
+        .unwrap();
+    }
+
+    /// A sweep and a pass, then provisioning until nothing is left to claim.
+    pub async fn reconcile(&self, r: &Arc<Reconciler>) {
+        r.sweep().await.unwrap();
+        r.pass().await.unwrap();
+        while r.provision_batch().await.unwrap() > 0 {}
+    }
+
+    pub async fn states(&self) -> Vec<(String, i64)> {
+        sqlx::query_as("SELECT state, count(*) FROM runners GROUP BY state ORDER BY state")
+            .fetch_all(self.store.pool())
+            .await
+            .unwrap()
+    }
+
+    pub async fn sql(&self, q: &str) {
+        sqlx::query(q).execute(self.store.pool()).await.unwrap();
+    }
+}
+
+/// Every `TerminateInstances` EC2 accepted, in order.
+pub fn terminations(cloud: &FakeCloud) -> Vec<Vec<String>> {
+    cloud
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CloudCall::Terminate { ids, .. } => Some(ids),
+            CloudCall::Launch { .. } => None,
+        })
+        .collect()
+}

@@ -10,10 +10,11 @@
 //! - a ledger of jobs: duplicate GUIDs ignored, status only moves forward,
 //!   a `completed` for an unknown job still recorded;
 //! - a pass (on every delivery and every reconcile interval): terminate the
-//!   instances of runners whose job completed, end runners whose instance
-//!   is gone, learn which runners are online (one runner list per scope),
-//!   check stale queued jobs against the jobs API within a budget, plan,
-//!   reap timeouts;
+//!   instances of runners whose job completed; at most every 10 s a sweep:
+//!   end runners whose instance is gone, learn which runners are online
+//!   (one runner list per scope; GitHub's `busy` flag only protects from
+//!   reaping), reap timeouts, check stale queued jobs against the jobs API
+//!   within a budget; then plan;
 //! - provisioning: JIT config, then `RunInstances` walking the candidates.
 //!
 //! `serve --simulate` needs none of this: it runs the whole service.
@@ -42,13 +43,18 @@ use spot_runners_domain::{
     WorkflowJobEvent,
 };
 
-use crate::sim_clock::SimClock;
 use crate::cloud::REASON_SPOT_RECLAIMED;
 use crate::payload::Delivery;
+use crate::sim_clock::SimClock;
 
+/// Sweeps (instances, runner list, timeouts, stale jobs) run at most this
+/// often, as in the reconciler.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// Queued longer than this, a job is checked against GitHub's jobs API.
 pub const STALE_AFTER: Duration = Duration::from_secs(180);
-/// Jobs checked per pass, at most.
+/// A job checked once is checked again after this.
+pub const RECHECK_AFTER: Duration = Duration::from_secs(300);
+/// Jobs checked per sweep, at most.
 pub const STALE_BUDGET: usize = 10;
 
 /// A job in the model's ledger.
@@ -127,6 +133,7 @@ pub struct Controller {
     launch_bucket: TokenBucket,
     jit_bucket: TokenBucket,
     rng: StdRng,
+    last_sweep: Option<Instant>,
     stats: ControllerStats,
 }
 
@@ -154,6 +161,7 @@ impl Controller {
             by_name: BTreeMap::new(),
             next_seq: 0,
             rng: StdRng::seed_from_u64(config.seed ^ 0x00c0_4e7e),
+            last_sweep: None,
             stats: ControllerStats::default(),
         }
     }
@@ -249,11 +257,18 @@ impl Controller {
     /// One reconcile pass.
     pub async fn pass(&mut self) {
         self.terminate_finished().await;
-        self.sweep_instances().await;
-        self.learn_online().await;
-        self.check_stale_jobs().await;
+        let now = self.clock.now();
+        if self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY)
+        {
+            self.last_sweep = Some(now);
+            self.sweep_instances().await;
+            let busy_on_github = self.learn_online().await;
+            self.reap(&busy_on_github).await;
+            self.check_stale_jobs().await;
+        }
         self.plan();
-        self.reap().await;
     }
 
     /// On `completed` the instance goes at once; it would power itself off,
@@ -323,8 +338,10 @@ impl Controller {
         }
     }
 
-    /// One runner list per scope: who is online, who is busy.
-    async fn learn_online(&mut self) {
+    /// One runner list per scope: who is online. Returns who GitHub says is
+    /// busy; that flag lags, so it only protects a runner from reaping.
+    async fn learn_online(&mut self) -> BTreeSet<String> {
+        let mut busy = BTreeSet::new();
         let scopes: BTreeSet<RunnerScope> = self
             .runners
             .values()
@@ -337,6 +354,9 @@ impl Controller {
                 continue;
             };
             for g in listed {
+                if g.busy {
+                    busy.insert(g.name.clone());
+                }
                 let Some(r) = self.runner_mut(&g.name) else {
                     continue;
                 };
@@ -344,11 +364,9 @@ impl Controller {
                     r.state = RunnerState::Idle;
                     r.online_at = Some(now);
                 }
-                if r.state == RunnerState::Idle && g.busy {
-                    r.state = RunnerState::Busy;
-                }
             }
         }
+        busy
     }
 
     /// Queued jobs nobody has heard of in a while are asked about: a lost
@@ -356,12 +374,13 @@ impl Controller {
     async fn check_stale_jobs(&mut self) {
         let now = self.clock.now_utc();
         let stale = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
+        let recheck = chrono::Duration::from_std(RECHECK_AFTER).unwrap_or_default();
         let due: Vec<(i64, String)> = self
             .jobs
             .iter()
             .filter(|(_, j)| j.status == JobStatus::Queued)
             .filter(|(_, j)| now - j.seen_at >= stale)
-            .filter(|(_, j)| j.checked_at.is_none_or(|t| now - t >= stale))
+            .filter(|(_, j)| j.checked_at.is_none_or(|t| now - t >= recheck))
             .take(STALE_BUDGET)
             .map(|(id, j)| (*id, j.repository.clone()))
             .collect();
@@ -451,14 +470,18 @@ impl Controller {
     }
 
     /// The production reaper: boot, idle and lifetime timeouts.
-    async fn reap(&mut self) {
+    async fn reap(&mut self, busy_on_github: &BTreeSet<String>) {
         let ages: Vec<RunnerAge> = self
             .runners
             .values()
             .map(|r| RunnerAge {
                 name: r.name.clone(),
                 profile: r.profile.clone(),
-                state: r.state,
+                state: if r.state == RunnerState::Idle && busy_on_github.contains(&r.name) {
+                    RunnerState::Busy
+                } else {
+                    r.state
+                },
                 launched_at: r.launched_at,
                 online_at: r.online_at,
             })

@@ -17,10 +17,10 @@ use std::time::Duration;
 use spot_runners_domain::{ControllerId, Market};
 
 use crate::arrivals::Arrivals;
-use crate::sim_clock::SimClock;
 use crate::controller::{Controller, ControllerConfig};
 use crate::report::{self, Report, STRANDED_AFTER};
 use crate::scenario::Scenario;
+use crate::sim_clock::SimClock;
 use crate::world::{SimJob, World, WorldConfig};
 use crate::{FakeCloud, FakeGitHub};
 

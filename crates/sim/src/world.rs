@@ -39,10 +39,10 @@ use spot_runners_domain::ports::{JobReport, RunnerScope};
 use spot_runners_domain::{JobStatus, Market};
 
 use crate::arrivals::{Arrivals, JobSpec};
-use crate::sim_clock::SimClock;
 use crate::cloud::{LiveInstance, REASON_SPOT_RECLAIMED};
 use crate::faults::{FaultCounts, FaultLayer, FaultRates};
 use crate::payload::{self, Delivery, JobSnapshot};
+use crate::sim_clock::SimClock;
 use crate::{FakeCloud, FakeGitHub};
 
 /// How the world behaves.

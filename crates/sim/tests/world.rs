@@ -11,9 +11,9 @@ use spot_runners_domain::ports::{
 };
 use spot_runners_domain::Market;
 use spot_runners_sim::arrivals::{Arrivals, JobSpec};
-use spot_runners_sim::sim_clock::SimClock;
 use spot_runners_sim::cloud::REASON_SHUTDOWN_FROM_INSIDE;
 use spot_runners_sim::payload::Delivery;
+use spot_runners_sim::sim_clock::SimClock;
 use spot_runners_sim::world::{World, WorldConfig};
 use spot_runners_sim::{FakeCloud, FakeGitHub};
 

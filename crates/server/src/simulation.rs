@@ -43,10 +43,10 @@ pub struct SimServeArgs {
     #[arg(long, default_value_t = 6.0)]
     pub sim_jobs_per_minute: f64,
     /// Shortest simulated job, seconds.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     pub sim_min_job_secs: u64,
     /// Longest simulated job, seconds.
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 60)]
     pub sim_max_job_secs: u64,
     /// From RunInstances until the instance runs and its runner is online.
     #[arg(long, default_value_t = 5)]
@@ -69,8 +69,8 @@ impl Default for SimServeArgs {
     fn default() -> Self {
         Self {
             sim_jobs_per_minute: 6.0,
-            sim_min_job_secs: 20,
-            sim_max_job_secs: 90,
+            sim_min_job_secs: 15,
+            sim_max_job_secs: 60,
             sim_boot_secs: 5,
             sim_interruptions_per_hour: 0.0,
             sim_webhook_loss: 0.0,
@@ -262,11 +262,17 @@ fn job_source(args: &SimServeArgs, seed: u64) -> Arrivals {
             per_hour: per_hour * share,
         }],
     };
-    Arrivals::new(
-        vec![kind("proofs", "kani", 0.75), kind("engine", "bench", 0.25)],
-        "acme",
-        seed,
-    )
+    let mut proofs = kind("proofs", "kani", 0.75);
+    if per_hour > 0.0 {
+        // Something to watch at once, whatever the stream draws first.
+        proofs.arrivals.push(Pattern::Burst {
+            at: Dur::secs(2),
+            count: 1,
+            spread: Dur::default(),
+            every: None,
+        });
+    }
+    Arrivals::new(vec![proofs, kind("engine", "bench", 0.25)], "acme", seed)
 }
 
 /// Steps the world every [`STEP`] and POSTs its deliveries.

@@ -330,6 +330,7 @@ impl World {
             fails_at: None,
         };
         self.github.set_job(&job.spec.repository, id, report(&job));
+        tracing::info!(job_id = id, kind = %job.spec.kind, labels = ?job.spec.labels, "simulated job queued");
         self.jobs.insert(id, job);
         self.queue.insert(id);
         self.stats.jobs += 1;

@@ -46,7 +46,7 @@ pub struct SimServeArgs {
     #[arg(long, default_value_t = 15)]
     pub sim_min_job_secs: u64,
     /// Longest simulated job, seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 45)]
     pub sim_max_job_secs: u64,
     /// From RunInstances until the instance runs and its runner is online.
     #[arg(long, default_value_t = 5)]
@@ -70,7 +70,7 @@ impl Default for SimServeArgs {
         Self {
             sim_jobs_per_minute: 6.0,
             sim_min_job_secs: 15,
-            sim_max_job_secs: 60,
+            sim_max_job_secs: 45,
             sim_boot_secs: 5,
             sim_interruptions_per_hour: 0.0,
             sim_webhook_loss: 0.0,

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use spot_runners::configuration::RawSettings;
 use spot_runners::database::Database;
 use spot_runners::inspect;
+use spot_runners::simulation::{self, SimServeArgs, SimulateArgs, SimulatedService};
 use spot_runners::startup::{shutdown_signal, Application};
 use spot_runners::telemetry;
 
@@ -28,7 +29,16 @@ enum Command {
     Serve {
         #[command(flatten)]
         settings: RawSettings,
+        /// Simulated EC2 and GitHub in process: no AWS or GitHub account
+        /// needed. A simulated GitHub queues jobs and sends their webhooks.
+        #[arg(long)]
+        simulate: bool,
+        #[command(flatten)]
+        sim: SimServeArgs,
     },
+    /// Run a scenario (examples/*.json) against simulated EC2 and GitHub in
+    /// virtual time, and report waits, costs and what went wrong.
+    Simulate(SimulateArgs),
     /// Apply database migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -101,10 +111,28 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { settings } => {
+        Command::Serve {
+            settings,
+            simulate: true,
+            sim,
+        } => {
+            let settings = settings.parse(true)?;
+            let service = SimulatedService::build(settings, &sim).await?;
+            service.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Serve { settings, .. } => {
             let settings = settings.parse(false)?;
             let app = Application::build(settings).await?;
             app.run_until_stopped(shutdown_signal()).await?;
+        }
+        Command::Simulate(args) => {
+            let text = tokio::task::spawn_blocking(move || {
+                #[allow(clippy::print_stderr)]
+                let mut progress = |p: &_| eprintln!("{}", simulation::progress_line(p));
+                simulation::run_scenario(&args, &mut progress)
+            })
+            .await??;
+            print!("{text}");
         }
         Command::Migrate { settings } => {
             // Migrating needs no webhook secret.

@@ -108,6 +108,12 @@ impl Application {
         self.addr
     }
 
+    /// The database the service runs on (`serve --simulate` seeds example
+    /// profiles through it).
+    pub fn store(&self) -> &spot_runners_store::PgStore {
+        &self.database.store
+    }
+
     pub fn state(&self) -> &AppState {
         &self.state
     }

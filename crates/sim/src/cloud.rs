@@ -57,6 +57,20 @@ pub struct FakeInstance {
     pub terminated_at: Option<Instant>,
 }
 
+/// A live instance as a simulation steps it, without the request's bulk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveInstance {
+    pub id: String,
+    /// The `spot-runners:runner` tag: the runner the instance starts.
+    pub runner_name: String,
+    pub profile: String,
+    pub instance_type: String,
+    pub market: Market,
+    /// Past its boot time (EC2's `running`).
+    pub running: bool,
+    pub launched_at: Instant,
+}
+
 type CapacityKey = (String, Option<String>, Market);
 
 struct Record {
@@ -94,6 +108,8 @@ struct State {
     by_token: HashMap<String, usize>,
     /// Absent means unlimited.
     capacity: HashMap<CapacityKey, u32>,
+    /// Chance that a launch of this type and market finds no capacity.
+    capacity_error_rates: HashMap<(String, Market), f64>,
     fail_launch: VecDeque<String>,
     fail_terminate: VecDeque<String>,
     fail_list: VecDeque<String>,
@@ -209,6 +225,20 @@ impl State {
             }
             *left -= 1;
         }
+        let rate = self
+            .capacity_error_rates
+            .get(&(request.instance_type.clone(), request.market))
+            .copied()
+            .unwrap_or(0.0);
+        if rate > 0.0 && self.rng.gen_bool(rate.min(1.0)) {
+            return Err(CloudError::from_code(
+                "InsufficientInstanceCapacity",
+                format!(
+                    "there is not enough {} {} capacity right now",
+                    request.market, request.instance_type
+                ),
+            ));
+        }
 
         let id = self.new_instance_id();
         let record = Record {
@@ -296,6 +326,7 @@ impl FakeCloud {
             records: Vec::new(),
             by_token: HashMap::new(),
             capacity: HashMap::new(),
+            capacity_error_rates: HashMap::new(),
             fail_launch: VecDeque::new(),
             fail_terminate: VecDeque::new(),
             fail_list: VecDeque::new(),
@@ -370,6 +401,20 @@ impl FakeCloud {
         };
     }
 
+    /// Each launch of this type and market fails with
+    /// `InsufficientInstanceCapacity` with this probability (0 to 1), drawn
+    /// from the cloud's seeded generator: spot markets that run dry now and
+    /// then rather than after a fixed count.
+    pub fn set_capacity_error_rate(&self, instance_type: &str, market: Market, rate: f64) {
+        let key = (instance_type.to_owned(), market);
+        let mut state = self.lock();
+        if rate > 0.0 {
+            state.capacity_error_rates.insert(key, rate);
+        } else {
+            state.capacity_error_rates.remove(&key);
+        }
+    }
+
     /// How long from launch until an instance reports `Running`; applies to
     /// instances launched from now on.
     pub fn set_boot_time(&self, boot_time: Duration) {
@@ -425,6 +470,36 @@ impl FakeCloud {
     /// The most instances ever live at once over all profiles.
     pub fn peak_live_total(&self) -> u32 {
         self.lock().peak_total
+    }
+
+    /// Pending and running instances, in launch order, without their user
+    /// data: cheap enough to call on every step of a simulation.
+    pub fn live_instances(&self) -> Vec<LiveInstance> {
+        let now = crate::now();
+        let state = self.lock();
+        state
+            .records
+            .iter()
+            .filter(|r| r.is_live())
+            .map(|r| LiveInstance {
+                id: r.id.clone(),
+                runner_name: r.request.runner_name.clone(),
+                profile: r.request.profile.clone(),
+                instance_type: r.request.instance_type.clone(),
+                market: r.request.market,
+                running: now >= r.running_at,
+                launched_at: r.launched_at,
+            })
+            .collect()
+    }
+
+    /// The boot script an instance was launched with.
+    pub fn user_data(&self, instance_id: &str) -> Option<String> {
+        self.lock()
+            .records
+            .iter()
+            .find(|r| r.id == instance_id)
+            .map(|r| r.request.user_data.clone())
     }
 
     /// Every instance ever launched, in launch order, whatever its owner and

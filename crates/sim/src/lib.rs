@@ -1,18 +1,35 @@
 //! In-memory stand-ins for EC2 and GitHub behind the production traits
 //! ([`Cloud`](spot_runners_domain::ports::Cloud) and
-//! [`GitHub`](spot_runners_domain::ports::GitHub)), used by the simulator and
-//! by the reconciler's tests.
+//! [`GitHub`](spot_runners_domain::ports::GitHub)), the simulated world
+//! around them, and the fleet simulator.
 //!
-//! They exist for what emulators such as moto or an HTTP mock cannot do:
-//! capacity errors, throttling by the real token buckets, `ClientToken`
+//! The fakes exist for what emulators such as moto or an HTTP mock cannot
+//! do: capacity errors, throttling by the real token buckets, `ClientToken`
 //! de-duplication, instances dying underneath the service, and a clock the
 //! test controls. Every timestamp comes from tokio's clock, so a test under
 //! `#[tokio::test(start_paused = true)]` decides when instances finish
 //! booting and when buckets refill.
+//!
+//! - [`world`]: jobs arriving on GitHub, runners taking them, webhooks
+//!   (through [`faults`]) — driven by `serve --simulate` in real time and by
+//!   [`simulate`] in virtual time.
+//! - [`controller`]: the model of the reconciler's IO that `simulate` runs
+//!   the production planner, reaper and matching in.
+//! - [`scenario`], [`report`], [`simulate`]: `spot-runners simulate`.
 
+pub mod arrivals;
 pub mod clock;
 pub mod cloud;
+pub mod controller;
+pub mod duration;
+pub mod faults;
 pub mod github;
+pub mod payload;
+pub mod report;
+pub mod scenario;
+pub mod sim_clock;
+pub mod simulate;
+pub mod world;
 
 pub use clock::ManualClock;
 pub use cloud::FakeCloud;

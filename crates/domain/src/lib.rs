@@ -17,6 +17,7 @@ pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
 pub mod runner;
+pub mod stale;
 pub mod userdata;
 pub mod webhook;
 

@@ -21,6 +21,7 @@ use spot_runners_domain::ports::{
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
+use spot_runners_domain::stale::{self, StaleCutoffs};
 use spot_runners_domain::userdata::{render, UserDataValues};
 use spot_runners_domain::{
     ControllerId, JobStatus, Profile, RunnerName, RunnerState, WorkflowJobEvent,
@@ -61,12 +62,8 @@ const ORPHAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 /// A `terminating` runner whose instance still runs this long after is
 /// terminated again (a terminate lost in a crash or an EC2 hiccup).
 const TERMINATE_RETRY_AFTER_SECS: i64 = 60;
-/// A job queued this long is checked against GitHub's jobs API.
-const STALE_AFTER_SECS: i64 = 180;
-/// And checked again no sooner than this.
-const RECHECK_AFTER_SECS: i64 = 300;
-/// Jobs API calls per sweep, at most.
-const STALE_CHECK_BUDGET: i64 = 10;
+/// A busy runner's job, once checked, is checked again no sooner than this.
+const RECHECK_AFTER_SECS: i64 = stale::SUSPECT_RECHECK_SECS;
 /// A runner launched this recently may be missing from a listing fetched
 /// just before; only older ones missing from it are gone.
 const REGISTRATION_SETTLE_SECS: i64 = 60;
@@ -339,7 +336,14 @@ impl Reconciler {
         let suspects = self
             .runners_gone_from_github(&runners, &listed, now)
             .await?;
-        let (checked, closed) = self.check_stale_jobs(suspects, now).await?;
+        let idle_profiles: Vec<String> = runners
+            .iter()
+            .filter(|r| r.state == RunnerState::Idle)
+            .map(|r| r.profile.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let (checked, closed) = self.check_stale_jobs(suspects, &idle_profiles, now).await?;
         report.stale_checked = checked;
         report.stale_closed = closed;
         report.discovered = self.poll_queued_jobs(now).await?;
@@ -757,25 +761,23 @@ impl Reconciler {
         Ok(suspects)
     }
 
-    /// Asks GitHub about jobs queued suspiciously long, a few per sweep so
-    /// the rate limit is never spent on it: a lost `completed` or
-    /// `in_progress` would otherwise keep demand (and instances) alive.
+    /// Asks GitHub about jobs queued suspiciously long ([`stale`] says
+    /// which), a few per sweep so the rate limit is never spent on it: a
+    /// lost `completed` or `in_progress` would otherwise keep demand (and
+    /// instances) alive.
     async fn check_stale_jobs(
         &self,
         suspects: Vec<StaleJob>,
+        idle_profiles: &[String],
         now: DateTime<Utc>,
     ) -> Result<(usize, usize), StoreError> {
         let mut stale = suspects;
-        stale.truncate(STALE_CHECK_BUDGET as usize);
-        let room = STALE_CHECK_BUDGET - stale.len() as i64;
+        stale.truncate(stale::CHECKS_PER_SWEEP);
+        let room = (stale::CHECKS_PER_SWEEP - stale.len()) as i64;
         if room > 0 {
             stale.extend(
                 self.store
-                    .stale_jobs(
-                        now - chrono::Duration::seconds(STALE_AFTER_SECS),
-                        now - chrono::Duration::seconds(RECHECK_AFTER_SECS),
-                        room,
-                    )
+                    .stale_jobs(&StaleCutoffs::at(now), idle_profiles, room)
                     .await?,
             );
         }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use spot_runners_domain::planner::Demand;
+use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::{profile::ProfileRow, JobStatus, RunnerState, WorkflowJobEvent};
 use tokio::time::Instant;
 
@@ -168,12 +169,13 @@ pub trait Store: Send + Sync + 'static {
     /// Queued demand per profile, as the planner sees it.
     async fn demand(&self) -> Result<BTreeMap<String, Demand>, StoreError>;
 
-    /// Jobs still `queued` that were first seen before `queued_before` and
-    /// not checked since `checked_before`, least recently checked first.
+    /// Jobs still `queued` that are due for a check by `cutoffs`
+    /// ([`StaleCutoffs::due`]); `idle_profiles` have a runner online with
+    /// nothing to do. Least recently checked first.
     async fn stale_jobs(
         &self,
-        queued_before: DateTime<Utc>,
-        checked_before: DateTime<Utc>,
+        cutoffs: &StaleCutoffs,
+        idle_profiles: &[String],
         limit: i64,
     ) -> Result<Vec<StaleJob>, StoreError>;
 

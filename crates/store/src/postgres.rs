@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use rand::SeedableRng;
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::planner::RunnerCount;
+use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
@@ -563,19 +564,25 @@ impl Store for PgStore {
 
     async fn stale_jobs(
         &self,
-        queued_before: DateTime<Utc>,
-        checked_before: DateTime<Utc>,
+        cutoffs: &StaleCutoffs,
+        idle_profiles: &[String],
         limit: i64,
     ) -> Result<Vec<StaleJob>, StoreError> {
+        // StaleCutoffs::due, as SQL.
         let rows = sqlx::query_as!(
             StaleJob,
             r#"SELECT id, repository, profile, first_seen_at FROM workflow_jobs
-               WHERE status = 'queued' AND first_seen_at < $1
-                 AND (checked_at IS NULL OR checked_at < $2)
+               WHERE status = 'queued'
+                 AND ((profile = ANY($1) AND first_seen_at < $2
+                       AND (checked_at IS NULL OR checked_at < $3))
+                   OR (first_seen_at < $4 AND (checked_at IS NULL OR checked_at < $5)))
                ORDER BY checked_at NULLS FIRST, first_seen_at, id
-               LIMIT $3"#,
-            queued_before,
-            checked_before,
+               LIMIT $6"#,
+            idle_profiles,
+            cutoffs.suspect_seen_before,
+            cutoffs.suspect_checked_before,
+            cutoffs.backlog_seen_before,
+            cutoffs.backlog_checked_before,
             limit
         )
         .fetch_all(&self.pool)

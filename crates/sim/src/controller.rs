@@ -37,6 +37,7 @@ use spot_runners_domain::ports::{
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
+use spot_runners_domain::stale::{self, StaleCutoffs};
 use spot_runners_domain::userdata::{render, UserDataValues};
 use spot_runners_domain::{
     match_profile, ControllerId, JobStatus, Market, Profile, RunnerName, RunnerState,
@@ -50,12 +51,13 @@ use crate::sim_clock::SimClock;
 /// Sweeps (instances, runner list, timeouts, stale jobs) run at most this
 /// often, as in the reconciler.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
-/// Queued longer than this, a job is checked against GitHub's jobs API.
-pub const STALE_AFTER: Duration = Duration::from_secs(180);
-/// A job checked once is checked again after this.
-pub const RECHECK_AFTER: Duration = Duration::from_secs(300);
-/// Jobs checked per sweep, at most.
-pub const STALE_BUDGET: usize = 10;
+/// One repository is asked for its queued jobs this often, in turn (lost
+/// `queued` deliveries).
+pub const POLL_EVERY: Duration = Duration::from_secs(60);
+/// A job created this recently may still have its delivery in flight.
+const POLL_GRACE_SECS: i64 = 60;
+/// A runner launched this recently may be missing from a runner list.
+const REGISTRATION_SETTLE_SECS: i64 = 60;
 
 /// A job in the model's ledger.
 #[derive(Clone, Debug)]
@@ -82,6 +84,8 @@ struct ModelRunner {
     instance_id: Option<String>,
     launched_at: Option<DateTime<Utc>>,
     online_at: Option<DateTime<Utc>>,
+    /// The job an `in_progress` named it for.
+    job: Option<i64>,
 }
 
 /// What the modelled service did.
@@ -107,6 +111,10 @@ pub struct ControllerStats {
     pub stale_checks: u64,
     /// Stale queued jobs that GitHub said had started or finished.
     pub stale_healed: u64,
+    /// Queued jobs found by polling GitHub that no delivery announced.
+    pub discovered: u64,
+    /// Runners ended because their GitHub registration was gone.
+    pub registrations_gone: u64,
 }
 
 pub struct ControllerConfig {
@@ -134,6 +142,9 @@ pub struct Controller {
     jit_bucket: TokenBucket,
     rng: StdRng,
     last_sweep: Option<Instant>,
+    /// When GitHub was last polled for queued jobs, and which repository is next.
+    last_poll: Option<Instant>,
+    poll_turn: usize,
     stats: ControllerStats,
 }
 
@@ -162,6 +173,8 @@ impl Controller {
             next_seq: 0,
             rng: StdRng::seed_from_u64(config.seed ^ 0x00c0_4e7e),
             last_sweep: None,
+            last_poll: None,
+            poll_turn: 0,
             stats: ControllerStats::default(),
         }
     }
@@ -217,7 +230,12 @@ impl Controller {
         job.status = job.status.max(ev.status);
         if let Some(runner) = &ev.runner_name {
             match ev.status {
-                JobStatus::InProgress => self.runner_busy(runner),
+                JobStatus::InProgress => {
+                    self.runner_busy(runner);
+                    if let Some(r) = self.runner_mut(runner) {
+                        r.job = Some(ev.job_id);
+                    }
+                }
                 JobStatus::Completed => self.runner_done(runner),
                 _ => {}
             }
@@ -264,9 +282,10 @@ impl Controller {
         {
             self.last_sweep = Some(now);
             self.sweep_instances().await;
-            let busy_on_github = self.learn_online().await;
+            let (busy_on_github, suspects) = self.learn_online().await;
             self.reap(&busy_on_github).await;
-            self.check_stale_jobs().await;
+            self.check_stale_jobs(suspects).await;
+            self.poll_queued_jobs().await;
         }
         self.plan();
     }
@@ -338,21 +357,35 @@ impl Controller {
         }
     }
 
-    /// One runner list per scope: who is online. Returns who GitHub says is
-    /// busy; that flag lags, so it only protects a runner from reaping.
-    async fn learn_online(&mut self) -> BTreeSet<String> {
+    /// One runner list per scope: who is online, and who GitHub says is
+    /// busy (taken, even if no `in_progress` said so; the flag lags, so
+    /// "not busy" proves nothing). A runner missing from a complete list
+    /// has lost its registration: a busy one probably finished (its job is
+    /// returned, to be checked first), any other can never take a job and
+    /// ends.
+    async fn learn_online(&mut self) -> (BTreeSet<String>, Vec<i64>) {
         let mut busy = BTreeSet::new();
+        let mut suspects = Vec::new();
+        let watched = |s: RunnerState| {
+            matches!(
+                s,
+                RunnerState::Booting | RunnerState::Idle | RunnerState::Busy
+            )
+        };
         let scopes: BTreeSet<RunnerScope> = self
             .runners
             .values()
-            .filter(|r| matches!(r.state, RunnerState::Booting | RunnerState::Idle))
+            .filter(|r| watched(r.state))
             .map(|r| r.scope.clone())
             .collect();
         let now = self.clock.now_utc();
+        let settled = chrono::Duration::seconds(REGISTRATION_SETTLE_SECS);
         for scope in scopes {
             let Ok(listed) = self.github.list_runners(&scope).await else {
                 continue;
             };
+            let names: BTreeSet<String> =
+                listed.iter().map(|g| g.name.to_ascii_lowercase()).collect();
             for g in listed {
                 if g.busy {
                     busy.insert(g.name.clone());
@@ -364,27 +397,88 @@ impl Controller {
                     r.state = RunnerState::Idle;
                     r.online_at = Some(now);
                 }
+                if g.busy && r.state.is_available() {
+                    r.state = RunnerState::Busy;
+                }
+            }
+            let gone: Vec<(u64, Option<i64>, Option<String>)> = self
+                .runners
+                .iter()
+                .filter(|(_, r)| {
+                    r.scope == scope
+                        && watched(r.state)
+                        && r.launched_at.is_some_and(|t| now - t >= settled)
+                        && !names.contains(&r.name.to_ascii_lowercase())
+                })
+                .map(|(seq, r)| {
+                    let job = if r.state == RunnerState::Busy {
+                        r.job
+                    } else {
+                        None
+                    };
+                    (*seq, job, r.instance_id.clone())
+                })
+                .collect();
+            let mut useless = Vec::new();
+            for (seq, job, instance) in gone {
+                match job {
+                    Some(id) => suspects.push(id),
+                    None => {
+                        self.stats.registrations_gone += 1;
+                        useless.extend(instance);
+                        self.end(seq, RunnerState::Terminated);
+                    }
+                }
+            }
+            if !useless.is_empty() {
+                // Failing, the instance is an orphan: it powers itself off.
+                let _ = self.cloud.terminate(&useless).await;
             }
         }
-        busy
+        (busy, suspects)
     }
 
-    /// Queued jobs nobody has heard of in a while are asked about: a lost
+    /// Jobs the ledger has as queued that [`StaleCutoffs`] says are due,
+    /// after the suspects, [`stale::CHECKS_PER_SWEEP`] at most: a lost
     /// `in_progress` or `completed` heals here.
-    async fn check_stale_jobs(&mut self) {
+    async fn check_stale_jobs(&mut self, suspects: Vec<i64>) {
         let now = self.clock.now_utc();
-        let stale = chrono::Duration::from_std(STALE_AFTER).unwrap_or_default();
-        let recheck = chrono::Duration::from_std(RECHECK_AFTER).unwrap_or_default();
-        let due: Vec<(i64, String)> = self
+        let cutoffs = StaleCutoffs::at(now);
+        let recheck = chrono::Duration::seconds(stale::SUSPECT_RECHECK_SECS);
+        let idle: BTreeSet<&str> = self
+            .runners
+            .values()
+            .filter(|r| r.state == RunnerState::Idle)
+            .map(|r| r.profile.as_str())
+            .collect();
+        let mut due: Vec<i64> = suspects
+            .into_iter()
+            .filter(|id| {
+                self.jobs.get(id).is_some_and(|j| {
+                    j.status != JobStatus::Completed
+                        && j.checked_at.is_none_or(|t| now - t >= recheck)
+                })
+            })
+            .collect();
+        let mut queued: Vec<(Option<DateTime<Utc>>, DateTime<Utc>, i64)> = self
             .jobs
             .iter()
             .filter(|(_, j)| j.status == JobStatus::Queued)
-            .filter(|(_, j)| now - j.seen_at >= stale)
-            .filter(|(_, j)| j.checked_at.is_none_or(|t| now - t >= recheck))
-            .take(STALE_BUDGET)
-            .map(|(id, j)| (*id, j.repository.clone()))
+            .filter(|(_, j)| {
+                let idle_runner = j.profile.as_deref().is_some_and(|p| idle.contains(p));
+                cutoffs.due(j.seen_at, j.checked_at, idle_runner)
+            })
+            .map(|(id, j)| (j.checked_at, j.seen_at, *id))
             .collect();
-        for (id, repository) in due {
+        // Least recently checked first, as the store orders them.
+        queued.sort();
+        due.extend(queued.into_iter().map(|(_, _, id)| id));
+        due.dedup();
+        due.truncate(stale::CHECKS_PER_SWEEP);
+        for id in due {
+            let Some(repository) = self.jobs.get(&id).map(|j| j.repository.clone()) else {
+                continue;
+            };
             self.stats.stale_checks += 1;
             let answer = self.github.job(&repository, id).await;
             if let Some(j) = self.jobs.get_mut(&id) {
@@ -394,7 +488,8 @@ impl Controller {
             let Ok(status) = JobStatus::parse(&report.status) else {
                 continue;
             };
-            if status > JobStatus::Queued {
+            let before = self.jobs.get(&id).map(|j| j.status);
+            if before.is_some_and(|b| status > b) {
                 self.stats.stale_healed += 1;
                 if let Some(j) = self.jobs.get_mut(&id) {
                     j.status = j.status.max(status);
@@ -407,6 +502,58 @@ impl Controller {
                     }
                 }
             }
+        }
+    }
+
+    /// GitHub never resends a lost `queued`: one repository a minute, in
+    /// turn, is asked for its queued jobs, and those the ledger never saw
+    /// are recorded.
+    async fn poll_queued_jobs(&mut self) {
+        let now = self.clock.now();
+        if self
+            .last_poll
+            .is_some_and(|t| now.saturating_duration_since(t) < POLL_EVERY)
+        {
+            return;
+        }
+        self.last_poll = Some(now);
+        let repositories: BTreeMap<String, RunnerScope> = self
+            .jobs
+            .values()
+            .map(|j| (j.repository.clone(), j.scope.clone()))
+            .collect();
+        let Some((repository, scope)) = repositories
+            .iter()
+            .nth(self.poll_turn % repositories.len().max(1))
+            .map(|(r, s)| (r.clone(), s.clone()))
+        else {
+            return;
+        };
+        self.poll_turn += 1;
+        let Ok(jobs) = self.github.queued_jobs(&repository).await else {
+            return;
+        };
+        let now_utc = self.clock.now_utc();
+        let grace = chrono::Duration::seconds(POLL_GRACE_SECS);
+        for j in jobs {
+            if self.jobs.contains_key(&j.id) || j.created_at.is_some_and(|t| now_utc - t < grace) {
+                continue;
+            }
+            let profile = match_profile(&self.profiles, &j.labels, &repository)
+                .ok()
+                .map(|p| p.name.to_string());
+            self.stats.discovered += 1;
+            self.jobs.insert(
+                j.id,
+                LedgerJob {
+                    repository: repository.clone(),
+                    scope: scope.clone(),
+                    status: JobStatus::Queued,
+                    profile,
+                    seen_at: now_utc,
+                    checked_at: None,
+                },
+            );
         }
     }
 
@@ -463,6 +610,7 @@ impl Controller {
                         instance_id: None,
                         launched_at: None,
                         online_at: None,
+                        job: None,
                     },
                 );
             }

@@ -290,8 +290,9 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "          {} stale queued jobs checked with GitHub, {} healed",
-            s.stale_checks, s.stale_healed
+            "          {} stale queued jobs checked with GitHub, {} healed; {} lost queued jobs found by polling; \
+             {} runners ended with their registration gone",
+            s.stale_checks, s.stale_healed, s.discovered, s.registrations_gone
         );
         let w = &self.world;
         let _ = writeln!(

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use spot_runners_domain::ports::{JobReport, RunnerScope};
+use spot_runners_domain::ports::{GitHubJob, JobReport, RunnerScope};
 use spot_runners_domain::{JobStatus, Market};
 
 use crate::arrivals::{Arrivals, JobSpec};
@@ -329,7 +329,19 @@ impl World {
             ends_at: None,
             fails_at: None,
         };
-        self.github.set_job(&job.spec.repository, id, report(&job));
+        self.github.queue_job(
+            &job.spec.repository,
+            GitHubJob {
+                id,
+                run_id: job.run_id,
+                run_attempt: 1,
+                name: job.spec.kind.clone(),
+                workflow_name: Some(job.spec.kind.clone()),
+                labels: job.spec.labels.clone(),
+                html_url: None,
+                created_at: Some(self.clock.now_utc()),
+            },
+        );
         tracing::info!(job_id = id, kind = %job.spec.kind, labels = ?job.spec.labels, "simulated job queued");
         self.jobs.insert(id, job);
         self.queue.insert(id);

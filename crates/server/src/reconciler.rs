@@ -303,25 +303,21 @@ impl Reconciler {
         };
         let listed = self.list_github_runners(&runners).await;
 
-        // Online state from GitHub's list; its `busy` flag lags, so it can
-        // only protect a runner from reaping, never expose one to it.
-        let online: Vec<String> = listed
-            .values()
-            .flatten()
-            .filter(|g| g.online)
-            .map(|g| g.name.clone())
-            .collect();
-        let busy_on_github: BTreeSet<&str> = listed
-            .values()
-            .flatten()
-            .filter(|g| g.busy)
-            .map(|g| g.name.as_str())
-            .collect();
-        report.online = self.store.mark_online(&online, now).await?;
-        // Busy on GitHub means taken, whatever the ledger has heard: such a
-        // runner must not count as available for queued demand.
-        let busy: Vec<String> = busy_on_github.iter().map(|n| (*n).to_owned()).collect();
-        self.store.mark_busy(&busy, now).await?;
+        // Online and busy state from GitHub's list. Busy means taken,
+        // whatever the ledger has heard: such a runner is not available for
+        // queued demand, nor reaped as idle. The flag lags, so "not busy"
+        // proves nothing: only an `in_progress` or the runner leaving
+        // GitHub ends a busy spell.
+        let named = |keep: fn(&GitHubRunner) -> bool| -> Vec<String> {
+            listed
+                .values()
+                .flatten()
+                .filter(|g| keep(g))
+                .map(|g| g.name.clone())
+                .collect()
+        };
+        report.online = self.store.mark_online(&named(|g| g.online), now).await?;
+        self.store.mark_busy(&named(|g| g.busy), now).await?;
         // Re-read: states moved (online, and settled jobs) since the first read.
         let runners = self.store.runners(controller, ORPHAN_MEMORY).await?;
 
@@ -332,7 +328,7 @@ impl Reconciler {
                 .await?;
         }
         report.orphan_registrations = self.sweep_orphan_registrations(&listed).await?;
-        report.reaped = self.reap_timeouts(&runners, &busy_on_github, now).await?;
+        report.reaped = self.reap_timeouts(&runners, now).await?;
         let suspects = self
             .runners_gone_from_github(&runners, &listed, now)
             .await?;
@@ -538,7 +534,6 @@ impl Reconciler {
     async fn reap_timeouts(
         &self,
         runners: &[RunnerRecord],
-        busy_on_github: &BTreeSet<&str>,
         now: DateTime<Utc>,
     ) -> Result<usize, StoreError> {
         let ages: Vec<RunnerAge> = runners
@@ -547,11 +542,8 @@ impl Reconciler {
             .map(|r| RunnerAge {
                 name: r.name.clone(),
                 profile: r.profile.clone(),
-                state: if r.state == RunnerState::Idle && busy_on_github.contains(r.name.as_str()) {
-                    RunnerState::Busy
-                } else {
-                    r.state
-                },
+                // GitHub's busy flag already moved runners to `busy`.
+                state: r.state,
                 launched_at: r.launched_at,
                 online_at: r.online_at,
             })

@@ -5,6 +5,8 @@
 //! does not account for.
 
 mod common;
+#[path = "support/moto.rs"]
+mod moto;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -170,21 +172,7 @@ async fn live_instances(ec2: &aws_sdk_ec2::Client) -> BTreeMap<String, String> {
 
 #[tokio::test]
 async fn kill_9_mid_burst_then_restart_leaves_one_instance_per_job_and_no_orphans() {
-    spot_runners_aws::testing::moto();
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .load()
-        .await;
-    let ec2 = aws_sdk_ec2::Client::new(&aws);
-    let image = ec2
-        .describe_images()
-        .send()
-        .await
-        .unwrap()
-        .images()
-        .iter()
-        .filter_map(|i| i.image_id().map(str::to_owned))
-        .min()
-        .expect("moto has images");
+    let (ec2, image) = moto::ec2_with_image().await;
 
     let github = MockServer::start().await;
     Mock::given(method("POST"))

@@ -5,6 +5,8 @@
 //! instance is terminated.
 
 mod common;
+#[path = "support/moto.rs"]
+mod moto;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,21 +22,7 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 #[tokio::test]
 async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
-    spot_runners_aws::testing::moto();
-    let aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .load()
-        .await;
-    let ec2 = aws_sdk_ec2::Client::new(&aws);
-    let image = ec2
-        .describe_images()
-        .send()
-        .await
-        .unwrap()
-        .images()
-        .iter()
-        .filter_map(|i| i.image_id().map(str::to_owned))
-        .min()
-        .expect("moto has images");
+    let (ec2, image) = moto::ec2_with_image().await;
 
     let github_mock = MockServer::start().await;
     let jit =

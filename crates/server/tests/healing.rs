@@ -18,14 +18,20 @@ use common::fleet::Harness;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use spot_runners::reconciler::{Backends, Reconciler};
+use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{GitHubJob, JobReport};
-use spot_runners_domain::{ControllerId, JobStatus, WorkflowJobEvent};
+use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 use spot_runners_store::{IncomingDelivery, PgStore, Store};
 
 const REPO: &str = "acme/proofs";
 const JOBS: i64 = 12;
+
+fn labels() -> Vec<String> {
+    ["self-hosted", "linux", "x64", "kani"]
+        .map(str::to_owned)
+        .to_vec()
+}
 
 /// What GitHub knows about a job: the truth the ledger has to converge to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,20 +50,8 @@ struct Process {
 impl Process {
     async fn start(h: &Harness) -> Self {
         let store = Arc::new(PgStore::connect(&h._db.url).await.unwrap());
-        let reconciler = Reconciler::new(
-            store,
-            Backends {
-                cloud: Arc::new(h.cloud.clone()),
-                github: Arc::new(h.github.clone()),
-            },
-            h.profiles.clone(),
-            Arc::clone(&h.metrics),
-            ControllerId::default(),
-            100,
-        )
-        .with_clock(Arc::new(h.clock.clone()));
         Self {
-            reconciler: Arc::new(reconciler),
+            reconciler: h.reconciler_on(store, 100),
         }
     }
 
@@ -81,12 +75,7 @@ fn event(
         status,
         name: format!("proof {id}"),
         workflow_name: Some("Kani".into()),
-        labels: vec![
-            "self-hosted".into(),
-            "linux".into(),
-            "x64".into(),
-            "kani".into(),
-        ],
+        labels: labels(),
         conclusion: conclusion.map(str::to_owned),
         runner_id: runner.map(|_| 1),
         runner_name: runner.map(str::to_owned),
@@ -158,12 +147,7 @@ async fn scenario(seed: u64) {
                 run_attempt: 1,
                 name: format!("proof {id}"),
                 workflow_name: Some("Kani".into()),
-                labels: vec![
-                    "self-hosted".into(),
-                    "linux".into(),
-                    "x64".into(),
-                    "kani".into(),
-                ],
+                labels: labels(),
                 html_url: None,
                 created_at: Some(long_ago),
             },

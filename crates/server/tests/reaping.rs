@@ -13,7 +13,7 @@ use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{
     Cloud, GitHub, GitHubJob, JitRequest, JobReport, LaunchRequest, RunnerScope,
 };
-use spot_runners_domain::{ControllerId, Market};
+use spot_runners_domain::Market;
 use spot_runners_store::PgStore;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -420,20 +420,7 @@ async fn two_replicas_never_terminate_the_same_instance_twice() {
     h.reconcile(&a).await;
     // A second replica: its own pool, so its own database sessions.
     let other = Arc::new(PgStore::connect(&h._db.url).await.unwrap());
-    let b = Arc::new(
-        Reconciler::new(
-            other,
-            spot_runners::reconciler::Backends {
-                cloud: Arc::new(h.cloud.clone()),
-                github: Arc::new(h.github.clone()),
-            },
-            h.profiles.clone(),
-            Arc::clone(&h.metrics),
-            ControllerId::default(),
-            100,
-        )
-        .with_clock(Arc::new(h.clock.clone())),
-    );
+    let b = h.reconciler_on(other, 100);
     assert!(a.sweep().await.unwrap().is_some(), "a leads");
     assert!(b.sweep().await.unwrap().is_none(), "b does not");
 

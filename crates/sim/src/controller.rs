@@ -282,8 +282,8 @@ impl Controller {
         {
             self.last_sweep = Some(now);
             self.sweep_instances().await;
-            let (busy_on_github, suspects) = self.learn_online().await;
-            self.reap(&busy_on_github).await;
+            let suspects = self.learn_online().await;
+            self.reap().await;
             self.check_stale_jobs(suspects).await;
             self.poll_queued_jobs().await;
         }
@@ -363,8 +363,7 @@ impl Controller {
     /// has lost its registration: a busy one probably finished (its job is
     /// returned, to be checked first), any other can never take a job and
     /// ends.
-    async fn learn_online(&mut self) -> (BTreeSet<String>, Vec<i64>) {
-        let mut busy = BTreeSet::new();
+    async fn learn_online(&mut self) -> Vec<i64> {
         let mut suspects = Vec::new();
         let watched = |s: RunnerState| {
             matches!(
@@ -387,9 +386,6 @@ impl Controller {
             let names: BTreeSet<String> =
                 listed.iter().map(|g| g.name.to_ascii_lowercase()).collect();
             for g in listed {
-                if g.busy {
-                    busy.insert(g.name.clone());
-                }
                 let Some(r) = self.runner_mut(&g.name) else {
                     continue;
                 };
@@ -435,7 +431,7 @@ impl Controller {
                 let _ = self.cloud.terminate(&useless).await;
             }
         }
-        (busy, suspects)
+        suspects
     }
 
     /// Jobs the ledger has as queued that [`StaleCutoffs`] says are due,
@@ -618,18 +614,15 @@ impl Controller {
     }
 
     /// The production reaper: boot, idle and lifetime timeouts.
-    async fn reap(&mut self, busy_on_github: &BTreeSet<String>) {
+    async fn reap(&mut self) {
         let ages: Vec<RunnerAge> = self
             .runners
             .values()
             .map(|r| RunnerAge {
                 name: r.name.clone(),
                 profile: r.profile.clone(),
-                state: if r.state == RunnerState::Idle && busy_on_github.contains(&r.name) {
-                    RunnerState::Busy
-                } else {
-                    r.state
-                },
+                // GitHub's busy flag already moved runners to `busy`.
+                state: r.state,
                 launched_at: r.launched_at,
                 online_at: r.online_at,
             })

@@ -45,9 +45,15 @@ impl Harness {
     }
 
     pub fn reconciler(&self, max_instances: u32) -> Arc<Reconciler> {
+        self.reconciler_on(self.store.clone(), max_instances)
+    }
+
+    /// A reconciler on its own store: another replica, or the same one
+    /// after a restart.
+    pub fn reconciler_on(&self, store: Arc<PgStore>, max_instances: u32) -> Arc<Reconciler> {
         Arc::new(
             Reconciler::new(
-                self.store.clone(),
+                store,
                 Backends {
                     cloud: Arc::new(self.cloud.clone()),
                     github: Arc::new(self.github.clone()),

@@ -120,6 +120,13 @@ struct Args {
     #[arg(long, default_value_t = 2.0)]
     warmup: f64,
 
+    /// latency: also run every job (instances boot in --boot-ms, take the
+    /// oldest queued job, run it --job-ms, report it completed and are
+    /// terminated), so the ledger stays at a steady state instead of piling
+    /// up queued jobs and live runners; TerminateInstances is unthrottled too.
+    #[arg(long)]
+    lifecycle: bool,
+
     /// burst: jobs queued at once.
     #[arg(long, default_value_t = 500)]
     burst_jobs: usize,
@@ -130,10 +137,11 @@ struct Args {
     /// terminate: queued webhooks per second.
     #[arg(long, default_value_t = 5.0)]
     terminate_rate: f64,
-    /// terminate: the fake instances' boot time (launch to running), ms.
+    /// terminate (and latency --lifecycle): the fake instances' boot time
+    /// (launch to running), ms.
     #[arg(long, default_value_t = 2000)]
     boot_ms: u64,
-    /// terminate: how long each job runs, ms.
+    /// terminate (and latency --lifecycle): how long each job runs, ms.
     #[arg(long, default_value_t = 1000)]
     job_ms: u64,
 
@@ -900,11 +908,22 @@ fn latency(args: &Args, driver_rt: &tokio::runtime::Runtime) -> anyhow::Result<(
     let measured = (args.duration * args.rate).round() as usize;
     let total = warm + measured;
     println!(
-        "\n== latency: queued webhook -> RunInstances, {} jobs/s for {} s (+{} s warm-up); fake EC2 and GitHub unthrottled, no added latency ==",
-        args.rate, args.duration, args.warmup
+        "\n== latency: queued webhook -> RunInstances, {} jobs/s for {} s (+{} s warm-up); fake EC2 and GitHub unthrottled, no added latency{} ==",
+        args.rate,
+        args.duration,
+        args.warmup,
+        if args.lifecycle {
+            format!(
+                "; every job runs: {} ms boot, {} ms job, completed, terminated",
+                args.boot_ms, args.job_ms
+            )
+        } else {
+            "; jobs stay queued, runners stay live".to_owned()
+        }
     );
     let cloud = FakeCloud::new();
     cloud.set_rate_limits(TokenBucket::unlimited(), TokenBucket::unlimited());
+    cloud.set_boot_time(Duration::from_millis(args.boot_ms));
     let github = FakeGitHub::new();
     github.set_jit_limit(TokenBucket::unlimited());
     let cap = total + 100;
@@ -938,6 +957,18 @@ async fn latency_run(
     }
     // Open loop: job i is sent at start + i / rate, whatever the answers.
     let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let fleet = Arc::new(Fleet {
+        driver: driver.clone(),
+        github: service.github.clone(),
+        boot: Duration::from_millis(args.boot_ms),
+        job: Duration::from_millis(args.job_ms),
+        queue: Mutex::new(VecDeque::new()),
+        lives: Mutex::new(Vec::new()),
+        give_up: Instant::now() + interval.mul_f64(total as f64) + Duration::from_secs(120),
+    });
+    let watcher = args
+        .lifecycle
+        .then(|| spawn_instances(Arc::clone(&fleet), service.cloud.clone(), total));
     let start = tokio::time::Instant::now() + Duration::from_millis(100);
     let cpu_before = CpuMark::take(args.postgres_pid);
     let results: Arc<Mutex<Vec<(usize, Sent)>>> = Arc::new(Mutex::new(Vec::with_capacity(total)));
@@ -947,10 +978,14 @@ async fn latency_run(
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due).await;
         late = late.max(tokio::time::Instant::now() - due);
-        let me = driver.clone();
+        let job_id = base + i64::try_from(i)?;
+        let fleet = Arc::clone(&fleet);
         let results = Arc::clone(&results);
         tasks.spawn(async move {
-            let s = me.send(d).await;
+            let s = fleet.driver.send(d).await;
+            if s.status == 202 {
+                lock(&fleet.queue).push_back(job_id);
+            }
             lock(&results).push((i, s));
         });
     }
@@ -967,8 +1002,13 @@ async fn latency_run(
 
     // Every accepted job gets a launch; wait (bounded) for the last one.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (service.cloud.live_count(None) as usize) < accepted.len() && Instant::now() < deadline {
+    while (service.cloud.launch_attempts() as usize) < accepted.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(watcher) = watcher {
+        // The last jobs run to completion and are terminated.
+        let _ =
+            tokio::time::timeout(fleet.boot + fleet.job + Duration::from_secs(30), watcher).await;
     }
     let (cpu_line, cpu_fields) = CpuMark::take(args.postgres_pid).since(&cpu_before);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1012,6 +1052,8 @@ async fn latency_run(
     let (pass_p50, pass_p99, passes) =
         histogram_summary(&metrics, "spot_runners_reconcile_duration_seconds");
     let (rss, hwm) = rss_kib();
+    let ran = lock(&fleet.lives).len();
+    let (terminated, _) = terminations(&service.cloud);
 
     let main = Stats::of(&to_launch);
     println!(
@@ -1026,6 +1068,13 @@ async fn latency_run(
         extra,
         service.cloud.throttled_count()
     );
+    if args.lifecycle {
+        println!(
+            "{ran} jobs ran on an instance and were reported completed; {} instances terminated, {} still live",
+            terminated.len(),
+            service.cloud.live_count(None)
+        );
+    }
     println!("{}", table_header());
     println!("{}", main.row("webhook sent -> RunInstances", "ms"));
     println!(
@@ -1064,7 +1113,8 @@ async fn latency_run(
     );
     println!("  {cpu_line}");
     println!(
-        "RESULT scenario=latency rate={} duration_s={} jobs={} warmup={} not_202={} launches={} unmatched={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} mean_ms={:.2} ack_p50_ms={:.2} ack_p99_ms={:.2} jit_p99_ms={:.2} svc_p50_ms={svc_p50:.2} svc_p99_ms={svc_p99:.2} passes={passes} pass_p50_ms={pass_p50:.2} pass_p99_ms={pass_p99:.2} throttled={} {cpu_fields}",
+        "RESULT scenario=latency lifecycle={} rate={} duration_s={} jobs={} warmup={} not_202={} launches={} unmatched={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} mean_ms={:.2} ack_p50_ms={:.2} ack_p99_ms={:.2} jit_p99_ms={:.2} svc_p50_ms={svc_p50:.2} svc_p99_ms={svc_p99:.2} passes={passes} pass_p50_ms={pass_p50:.2} pass_p99_ms={pass_p99:.2} throttled={} {cpu_fields}",
+        args.lifecycle,
         args.rate,
         args.duration,
         to_launch.len(),
@@ -1271,27 +1321,7 @@ async fn terminate_run(args: &Args, service: &Service, n: usize) -> anyhow::Resu
         give_up: Instant::now() + run_for + Duration::from_secs(120),
     });
 
-    // The instances: each launch becomes a runner once it has booted.
-    let watcher = {
-        let fleet = Arc::clone(&fleet);
-        let cloud = service.cloud.clone();
-        tokio::spawn(async move {
-            let mut seen = 0;
-            let mut instances = tokio::task::JoinSet::new();
-            while Instant::now() < fleet.give_up {
-                let launches = launches(&cloud);
-                for l in launches.iter().skip(seen) {
-                    instances.spawn(run_instance(Arc::clone(&fleet), l.clone()));
-                }
-                seen = seen.max(launches.len());
-                if lock(&fleet.lives).len() >= n {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            instances.abort_all();
-        })
-    };
+    let watcher = spawn_instances(Arc::clone(&fleet), service.cloud.clone(), n);
 
     // The jobs, open loop.
     let cpu_before = CpuMark::take(args.postgres_pid);
@@ -1416,6 +1446,27 @@ async fn terminate_run(args: &Args, service: &Service, n: usize) -> anyhow::Resu
         Stats::of(&overhead).p99,
     );
     Ok(())
+}
+
+/// The instances: each launch becomes a runner once it has booted, until
+/// `n` jobs have run (or `fleet.give_up`).
+fn spawn_instances(fleet: Arc<Fleet>, cloud: FakeCloud, n: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut seen = 0;
+        let mut instances = tokio::task::JoinSet::new();
+        while Instant::now() < fleet.give_up {
+            let launches = launches(&cloud);
+            for l in launches.iter().skip(seen) {
+                instances.spawn(run_instance(Arc::clone(&fleet), l.clone()));
+            }
+            seen = seen.max(launches.len());
+            if lock(&fleet.lives).len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        instances.abort_all();
+    })
 }
 
 /// One simulated instance: boots, its runner comes online and takes the

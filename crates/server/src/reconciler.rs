@@ -73,6 +73,8 @@ const POLL_EVERY_SECS: i64 = 60;
 const POLL_REPOSITORIES_SEEN_WITHIN_DAYS: i64 = 7;
 /// A job created this recently may still have its delivery in flight.
 const POLL_GRACE_SECS: i64 = 60;
+/// The runner gauges are refreshed at most this often.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
 /// How long ended runners stay in the runners gauge.
 const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
 
@@ -94,6 +96,7 @@ pub struct Reconciler {
     owner: String,
     clock: Arc<dyn Clock>,
     last_sweep: Mutex<Option<DateTime<Utc>>>,
+    last_gauges: Mutex<Option<tokio::time::Instant>>,
     /// When GitHub was last asked for queued jobs, and which repository is next.
     last_poll: Mutex<(Option<DateTime<Utc>>, usize)>,
     launch_bucket: Mutex<TokenBucket>,
@@ -164,6 +167,7 @@ impl Reconciler {
             owner,
             clock: Arc::new(SystemClock),
             last_sweep: Mutex::new(None),
+            last_gauges: Mutex::new(None),
             last_poll: Mutex::new((None, 0)),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
@@ -199,15 +203,11 @@ impl Reconciler {
             terminated: self.finish_completed().await?,
             ..PassReport::default()
         };
+        // Webhooks wake a pass each; what does not need to follow every
+        // one of them runs at the sweep's pace.
         if self.sweep_due() {
             report.sweep = self.sweep().await?;
-        }
-        // Jobs that arrived before a fitting profile existed.
-        for (id, labels, repository) in self.store.unmatched_open_jobs(1000).await? {
-            if let Ok(profile) = self.profiles.match_job(&labels, &repository) {
-                self.store.set_job_profile(id, Ok(&profile)).await?;
-                report.rematched += 1;
-            }
+            report.rematched = self.rematch().await?;
         }
         let profiles = self.profiles.get();
         let cap = self.max_instances;
@@ -226,8 +226,36 @@ impl Reconciler {
         if !created.is_empty() {
             self.provision_wake.notify_one();
         }
-        self.refresh_gauges().await?;
+        if self.gauges_due() {
+            self.refresh_gauges().await?;
+        }
         Ok(report)
+    }
+
+    /// Jobs that arrived before a fitting profile existed.
+    async fn rematch(&self) -> Result<usize, StoreError> {
+        let mut rematched = 0;
+        for (id, labels, repository) in self.store.unmatched_open_jobs(1000).await? {
+            if let Ok(profile) = self.profiles.match_job(&labels, &repository) {
+                self.store.set_job_profile(id, Ok(&profile)).await?;
+                rematched += 1;
+            }
+        }
+        Ok(rematched)
+    }
+
+    /// The gauges read every runner: a few times a minute is plenty.
+    fn gauges_due(&self) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = match self.last_gauges.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let due = last.is_none_or(|t| now - t >= GAUGES_EVERY);
+        if due {
+            *last = Some(now);
+        }
+        due
     }
 
     /// Terminates the instance of every runner whose job completed, at

@@ -358,6 +358,8 @@ async fn unmatched_jobs_are_rematched_when_a_profile_appears() {
     let r = h.reconciler(100);
     assert_eq!(r.pass().await.unwrap().requested, 0);
     h.profile("kani", "max_instances = 5").await;
+    // Re-matching runs at the sweeps' pace, not on every webhook.
+    h.clock.advance(Duration::from_secs(10));
     let report = r.pass().await.unwrap();
     assert_eq!((report.rematched, report.requested), (1, 1));
 }

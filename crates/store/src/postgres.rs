@@ -811,21 +811,26 @@ impl PgStore {
             demand: load_demand(&mut tx).await?,
             ..PlanSnapshot::default()
         };
+        // Counted in the database: a pass per webhook must not decode
+        // every live runner.
         let runners = sqlx::query!(
-            r#"SELECT profile, state, org, repository FROM runners
-               WHERE controller_id = $1 AND state = ANY($2)"#,
+            r#"SELECT profile, state, org, repository, count(*) AS "n!" FROM runners
+               WHERE controller_id = $1 AND state = ANY($2)
+               GROUP BY profile, state, org, repository"#,
             controller_id,
             &live_states()
         )
         .fetch_all(&mut *tx)
         .await?;
         for r in runners {
-            snapshot.runners.push(RunnerCount {
+            let count = RunnerCount {
                 state: RunnerState::parse(&r.state)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
-            });
+            };
+            let n = usize::try_from(r.n).unwrap_or(0);
+            snapshot.runners.extend(std::iter::repeat_n(count, n));
         }
         let launches = plan(&snapshot);
         if launches.is_empty() {

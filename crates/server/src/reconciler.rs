@@ -272,7 +272,7 @@ impl Reconciler {
             .iter()
             .filter_map(|(r, _)| r.instance_id.clone())
             .collect();
-        if let Err(e) = self.backends.cloud.terminate(&ids).await {
+        if let Err(e) = self.terminate_now(&ids).await {
             tracing::warn!(error = %e, instances = ids.len(), "terminating finished instances failed; the sweep retries");
             return Ok(0);
         }
@@ -292,6 +292,26 @@ impl Reconciler {
             tracing::info!(runner = %r.name, instance = ?r.instance_id, job_id = ?r.job_id, "job completed; instance terminated");
         }
         Ok(done.len())
+    }
+
+    /// `TerminateInstances`, retried a few times with backoff when EC2
+    /// throttles it (its bucket is 100, refilled at 5/s: a wave of
+    /// completions can empty it). Instances still running after that are
+    /// the sweep's to terminate again.
+    async fn terminate_now(&self, ids: &[String]) -> Result<(), CloudError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.backends.cloud.terminate(ids).await {
+                Err(e)
+                    if matches!(e.kind, CloudErrorKind::Throttled | CloudErrorKind::Transient)
+                        && attempt <= MAX_RETRIES =>
+                {
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Whether a sweep is due, by the injected clock; marks it started.

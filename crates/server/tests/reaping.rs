@@ -530,3 +530,20 @@ async fn a_busy_runner_gone_from_github_has_its_job_checked_and_its_instance_ter
     assert_eq!(r.pass().await.unwrap().terminated, 1);
     assert_eq!(terminations(&h.cloud), [vec![instance]]);
 }
+
+/// A wave of completions can empty EC2's `TerminateInstances` bucket: a
+/// throttled terminate is retried at once with backoff, not left for the
+/// next sweep.
+#[tokio::test]
+async fn a_throttled_terminate_is_retried() {
+    let h = Harness::new().await;
+    let r = h.reconciler(100);
+    let (name, instance) = one_booting_runner(&h, &r).await;
+    h.sql(&format!(
+        "UPDATE workflow_jobs SET status = 'completed', runner_name = '{name}', completed_at = now()"
+    ))
+    .await;
+    h.cloud.fail_next_terminate("RequestLimitExceeded");
+    assert_eq!(r.pass().await.unwrap().terminated, 1);
+    assert_eq!(terminations(&h.cloud), [vec![instance]]);
+}

@@ -11,10 +11,11 @@
 //!   a `completed` for an unknown job still recorded;
 //! - a pass (on every delivery and every reconcile interval): terminate the
 //!   instances of runners whose job completed; at most every 10 s a sweep:
-//!   end runners whose instance is gone, learn which runners are online
-//!   (one runner list per scope; GitHub's `busy` flag only protects from
-//!   reaping), reap timeouts, check stale queued jobs against the jobs API
-//!   within a budget; then plan;
+//!   end runners whose instance is gone, learn which runners are online or
+//!   busy (one runner list per scope) and which lost their registration,
+//!   reap timeouts, check stale queued jobs against the jobs API by the
+//!   production rule ([`StaleCutoffs`]), poll one repository a minute for
+//!   queued jobs whose delivery was lost; then plan;
 //! - provisioning: JIT config, then `RunInstances` walking the candidates.
 //!
 //! `serve --simulate` needs none of this: it runs the whole service.

@@ -220,7 +220,15 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
         matches!(state().await.as_str(), "terminating" | "terminated")
     })
     .await;
-    let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains(r#"spot_runners_reaps_total{profile="kani",reason="completed"} 1"#));
+    // Counted once EC2 has accepted the call, which the checks above may beat.
+    app.eventually("the reap counted", || async {
+        app.get("/metrics")
+            .await
+            .text()
+            .await
+            .unwrap()
+            .contains(r#"spot_runners_reaps_total{profile="kani",reason="completed"} 1"#)
+    })
+    .await;
     app.stop().await;
 }

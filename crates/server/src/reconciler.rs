@@ -8,7 +8,7 @@
 //! lease, so a crash anywhere leaves rows the next claim resumes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -56,8 +56,8 @@ const GONE_AFTER_SECS: i64 = 300;
 /// Sweeps (GitHub's runner list, orphans, timeouts, stale jobs) run at most
 /// this often, however often webhooks wake the reconciler.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
-/// Ended runners are remembered this long for the sweeps (a leftover
-/// registration or instance of theirs is recognised as ours).
+/// The scopes of runners that ended this recently are still listed, so a
+/// leftover registration of theirs is found.
 const ORPHAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
 /// A `terminating` runner whose instance still runs this long after is
 /// terminated again (a terminate lost in a crash or an EC2 hiccup).
@@ -68,7 +68,7 @@ const RECHECK_AFTER_SECS: i64 = stale::SUSPECT_RECHECK_SECS;
 /// just before; only older ones missing from it are gone.
 const REGISTRATION_SETTLE_SECS: i64 = 60;
 /// One repository is asked for its queued jobs this often, in turn.
-const POLL_EVERY_SECS: i64 = 60;
+const POLL_EVERY: Duration = Duration::from_secs(60);
 /// Repositories with jobs this recent are polled.
 const POLL_REPOSITORIES_SEEN_WITHIN_DAYS: i64 = 7;
 /// A job created this recently may still have its delivery in flight.
@@ -95,10 +95,11 @@ pub struct Reconciler {
     /// Names this process in provisioning leases.
     owner: String,
     clock: Arc<dyn Clock>,
-    last_sweep: Mutex<Option<DateTime<Utc>>>,
-    last_gauges: Mutex<Option<tokio::time::Instant>>,
-    /// When GitHub was last asked for queued jobs, and which repository is next.
-    last_poll: Mutex<(Option<DateTime<Utc>>, usize)>,
+    sweeps: Every,
+    gauges: Every,
+    polls: Every,
+    /// Which recent repository is polled next.
+    poll_turn: std::sync::atomic::AtomicUsize,
     launch_bucket: Mutex<TokenBucket>,
     jit_bucket: Mutex<TokenBucket>,
     provision_wake: Notify,
@@ -166,9 +167,10 @@ impl Reconciler {
             max_instances,
             owner,
             clock: Arc::new(SystemClock),
-            last_sweep: Mutex::new(None),
-            last_gauges: Mutex::new(None),
-            last_poll: Mutex::new((None, 0)),
+            sweeps: Every::new(SWEEP_EVERY),
+            gauges: Every::new(GAUGES_EVERY),
+            polls: Every::new(POLL_EVERY),
+            poll_turn: std::sync::atomic::AtomicUsize::new(0),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
@@ -205,7 +207,7 @@ impl Reconciler {
         };
         // Webhooks wake a pass each; what does not need to follow every
         // one of them runs at the sweep's pace.
-        if self.sweep_due() {
+        if self.sweeps.due(self.clock.now()) {
             report.sweep = self.sweep().await?;
             report.rematched = self.rematch().await?;
         }
@@ -226,7 +228,7 @@ impl Reconciler {
         if !created.is_empty() {
             self.provision_wake.notify_one();
         }
-        if self.gauges_due() {
+        if self.gauges.due(self.clock.now()) {
             self.refresh_gauges().await?;
         }
         Ok(report)
@@ -242,20 +244,6 @@ impl Reconciler {
             }
         }
         Ok(rematched)
-    }
-
-    /// The gauges read every runner: a few times a minute is plenty.
-    fn gauges_due(&self) -> bool {
-        let now = tokio::time::Instant::now();
-        let mut last = match self.last_gauges.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let due = last.is_none_or(|t| now - t >= GAUGES_EVERY);
-        if due {
-            *last = Some(now);
-        }
-        due
     }
 
     /// Terminates the instance of every runner whose job completed, at
@@ -294,10 +282,10 @@ impl Reconciler {
         Ok(done.len())
     }
 
-    /// `TerminateInstances`, retried a few times with backoff when EC2
-    /// throttles it (its bucket is 100, refilled at 5/s: a wave of
-    /// completions can empty it). Instances still running after that are
-    /// the sweep's to terminate again.
+    /// Every `TerminateInstances` goes through here: retried a few times
+    /// with backoff when EC2 throttles it (its bucket is 100, refilled at
+    /// 5/s: a wave of completions can empty it). Instances still running
+    /// after that are the orphan sweep's to terminate again.
     async fn terminate_now(&self, ids: &[String]) -> Result<(), CloudError> {
         let mut attempt = 0;
         loop {
@@ -316,21 +304,6 @@ impl Reconciler {
         }
     }
 
-    /// Whether a sweep is due, by the injected clock; marks it started.
-    fn sweep_due(&self) -> bool {
-        let now = self.clock.now();
-        let mut last = match self.last_sweep.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let due = last
-            .is_none_or(|t| now - t >= chrono::Duration::from_std(SWEEP_EVERY).unwrap_or_default());
-        if due {
-            *last = Some(now);
-        }
-        due
-    }
-
     /// Compares the ledger with what EC2 and GitHub report and repairs the
     /// difference: runners come online, vanish, time out; orphans on
     /// either side go; stale queued jobs are checked. Only the replica
@@ -343,7 +316,9 @@ impl Reconciler {
         }
         let mut report = SweepReport::default();
         let now = self.clock.now();
-        let runners = self.store.runners(controller, ORPHAN_MEMORY).await?;
+        // Scopes of recently ended runners too: their leftover
+        // registrations are swept.
+        let scopes = self.store.runner_scopes(controller, ORPHAN_MEMORY).await?;
         let instances = match self.backends.cloud.list_owned(controller).await {
             Ok(list) => Some(list),
             Err(e) => {
@@ -351,7 +326,7 @@ impl Reconciler {
                 None
             }
         };
-        let listed = self.list_github_runners(&runners).await;
+        let listed = self.list_github_runners(&scopes).await;
 
         // Online and busy state from GitHub's list. Busy means taken,
         // whatever the ledger has heard: such a runner is not available for
@@ -368,8 +343,8 @@ impl Reconciler {
         };
         report.online = self.store.mark_online(&named(|g| g.online), now).await?;
         self.store.mark_busy(&named(|g| g.busy), now).await?;
-        // Re-read: states moved (online, and settled jobs) since the first read.
-        let runners = self.store.runners(controller, ORPHAN_MEMORY).await?;
+        // Read after marking, so states are as GitHub's list left them.
+        let runners = self.store.runners(controller, Duration::ZERO).await?;
 
         if let Some(instances) = &instances {
             report.gone = self.sweep_gone(&runners, instances, now).await?;
@@ -399,9 +374,8 @@ impl Reconciler {
     /// One paginated list per scope our runners are registered in.
     async fn list_github_runners(
         &self,
-        runners: &[RunnerRecord],
+        scopes: &[RunnerScope],
     ) -> BTreeMap<RunnerScope, Vec<GitHubRunner>> {
-        let scopes: BTreeSet<&RunnerScope> = runners.iter().map(|r| &r.scope).collect();
         let mut listed = BTreeMap::new();
         for scope in scopes {
             match self.backends.github.list_runners(scope).await {
@@ -518,7 +492,7 @@ impl Reconciler {
         if all.is_empty() {
             return Ok(0);
         }
-        if let Err(e) = self.backends.cloud.terminate(&all).await {
+        if let Err(e) = self.terminate_now(&all).await {
             tracing::warn!(error = %e, instances = all.len(), "terminating orphaned instances failed; next sweep retries");
             return Ok(0);
         }
@@ -626,7 +600,7 @@ impl Reconciler {
             ended.push(r);
         }
         if !instances.is_empty() {
-            if let Err(e) = self.backends.cloud.terminate(&instances).await {
+            if let Err(e) = self.terminate_now(&instances).await {
                 // The runners have ended; the orphan sweep terminates what
                 // is still running next time.
                 tracing::warn!(error = %e, instances = instances.len(), "terminating reaped instances failed; the orphan sweep retries");
@@ -643,21 +617,12 @@ impl Reconciler {
     /// one repository a minute in turn, GitHub is asked for its queued jobs
     /// and those the ledger has never seen are recorded as if delivered.
     async fn poll_queued_jobs(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
-        let turn = {
-            let mut last = match self.last_poll.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            if last
-                .0
-                .is_some_and(|t| now - t < chrono::Duration::seconds(POLL_EVERY_SECS))
-            {
-                return Ok(0);
-            }
-            last.0 = Some(now);
-            last.1 += 1;
-            last.1 - 1
-        };
+        if !self.polls.due(now) {
+            return Ok(0);
+        }
+        let turn = self
+            .poll_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let repositories = self
             .store
             .recent_repositories(now - chrono::Duration::days(POLL_REPOSITORIES_SEEN_WITHIN_DAYS))
@@ -796,7 +761,7 @@ impl Reconciler {
             }
         }
         if !useless.is_empty() {
-            if let Err(e) = self.backends.cloud.terminate(&useless).await {
+            if let Err(e) = self.terminate_now(&useless).await {
                 tracing::warn!(error = %e, "terminating instances of unregistered runners failed; the orphan sweep retries");
             }
         }
@@ -1285,6 +1250,32 @@ impl Reconciler {
                 e.message
             ),
         })
+    }
+}
+
+/// "At most this often", by the injected clock: webhooks wake a pass each,
+/// and what need not follow every one of them is paced by one of these.
+struct Every {
+    period: chrono::Duration,
+    last: Mutex<Option<DateTime<Utc>>>,
+}
+
+impl Every {
+    fn new(period: Duration) -> Self {
+        Self {
+            period: chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX),
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Whether the period has passed since the last time this said yes.
+    fn due(&self, now: DateTime<Utc>) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let due = last.is_none_or(|t| now - t >= self.period);
+        if due {
+            *last = Some(now);
+        }
+        due
     }
 }
 

@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use spot_runners_domain::planner::Demand;
+use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::{profile::ProfileRow, JobStatus, RunnerState, WorkflowJobEvent};
 use tokio::time::Instant;
@@ -122,6 +123,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies a transition. Ending a row also drops its lease.
     async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError>;
+
+    /// Where live runners, and those that ended within `ended_within`, are
+    /// registered.
+    async fn runner_scopes(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerScope>, StoreError>;
 
     /// Runners in a live state, plus those that ended within `ended_within`.
     async fn runners(

@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use rand::SeedableRng;
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::planner::RunnerCount;
+use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
@@ -463,6 +464,27 @@ impl Store for PgStore {
         .fetch_all(&self.pool)
         .await?;
         records(rows)
+    }
+
+    async fn runner_scopes(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerScope>, StoreError> {
+        let rows = sqlx::query!(
+            r#"SELECT DISTINCT org, repository FROM runners
+               WHERE controller_id = $1
+                 AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))"#,
+            controller_id,
+            &live_states(),
+            ended_within.as_secs_f64()
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| scope_of(r.org, r.repository))
+            .collect())
     }
 
     async fn settle_jobs(

@@ -71,6 +71,23 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(m.finalize().into_bytes()))
 }
 
+/// The headers GitHub sends with a delivery whose signature is `signature`:
+/// for whatever plays GitHub (the simulator, load generators, tests).
+/// Names are lowercase, as HTTP/2 and `HeaderName::from_static` want them.
+pub fn delivery_headers(
+    event: &str,
+    delivery_id: &str,
+    signature: String,
+) -> [(&'static str, String); 5] {
+    [
+        ("x-github-event", event.to_owned()),
+        ("x-github-delivery", delivery_id.to_owned()),
+        ("x-hub-signature-256", signature),
+        ("content-type", "application/json".to_owned()),
+        ("user-agent", "GitHub-Hookshot/spot-runners".to_owned()),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

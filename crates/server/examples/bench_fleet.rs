@@ -55,14 +55,14 @@ use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use rand::Rng;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{json, Value};
 use spot_runners::configuration::RawSettings;
 use spot_runners::metrics::Metrics;
 use spot_runners::reconciler::Backends;
 use spot_runners::startup::Application;
 use spot_runners_domain::ratelimit::TokenBucket;
-use spot_runners_domain::webhook::sign;
+use spot_runners_domain::webhook::{delivery_headers, sign};
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::github::GitHubCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub};
@@ -471,25 +471,15 @@ impl Driver {
             job["completed_at"] = Value::Null;
         }
         let body = serde_json::to_vec(&payload)?;
-        let signature = sign(SECRET.as_bytes(), &body);
-        let mut headers = HeaderMap::with_capacity(6);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            USER_AGENT,
-            HeaderValue::from_static("GitHub-Hookshot/bench"),
-        );
-        headers.insert(
-            HeaderName::from_static("x-github-event"),
-            HeaderValue::from_static("workflow_job"),
-        );
-        headers.insert(
-            HeaderName::from_static("x-github-delivery"),
-            HeaderValue::from_str(&guid())?,
-        );
-        headers.insert(
-            HeaderName::from_static("x-hub-signature-256"),
-            HeaderValue::from_str(&signature)?,
-        );
+        let mut headers = HeaderMap::with_capacity(5);
+        for (name, value) in
+            delivery_headers("workflow_job", &guid(), sign(SECRET.as_bytes(), &body))
+        {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_str(&value)?,
+            );
+        }
         Ok(Delivery {
             headers,
             body: Bytes::from(body),

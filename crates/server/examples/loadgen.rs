@@ -29,9 +29,9 @@ use anyhow::{bail, ensure, Context};
 use bytes::Bytes;
 use clap::Parser;
 use rand::Rng;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{json, Value};
-use spot_runners_domain::webhook::sign;
+use spot_runners_domain::webhook::{delivery_headers, sign};
 
 const DEFAULT_TEMPLATE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -273,26 +273,15 @@ fn delivery(
         job[field] = Value::Null;
     }
     let body = serde_json::to_vec(&payload)?;
-    let signature = sign(secret.as_bytes(), &body);
-
-    let mut headers = HeaderMap::with_capacity(6);
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(
-        USER_AGENT,
-        HeaderValue::from_static("GitHub-Hookshot/loadgen"),
-    );
-    headers.insert(
-        HeaderName::from_static("x-github-event"),
-        HeaderValue::from_static("workflow_job"),
-    );
-    headers.insert(
-        HeaderName::from_static("x-github-delivery"),
-        HeaderValue::from_str(&guid(rng))?,
-    );
-    headers.insert(
-        HeaderName::from_static("x-hub-signature-256"),
-        HeaderValue::from_str(&signature)?,
-    );
+    let mut headers = HeaderMap::with_capacity(5);
+    for (name, value) in
+        delivery_headers("workflow_job", &guid(rng), sign(secret.as_bytes(), &body))
+    {
+        headers.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_str(&value)?,
+        );
+    }
     Ok(Delivery {
         headers,
         body: Bytes::from(body),

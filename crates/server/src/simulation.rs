@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use spot_runners_domain::webhook::WebhookSecrets;
+use spot_runners_domain::webhook::{delivery_headers, WebhookSecrets};
 use spot_runners_sim::arrivals::{Arrivals, JobKind, JobSpec, Pattern};
 use spot_runners_sim::duration::{self, Dur};
 use spot_runners_sim::faults::FaultRates;
@@ -305,16 +305,11 @@ async fn drive(mut world: World, url: String, secrets: WebhookSecrets, stop: Can
 
 /// One delivery, as GitHub sends it.
 async fn post(client: &reqwest::Client, url: &str, secrets: &WebhookSecrets, d: &Delivery) {
-    let sent = client
-        .post(url)
-        .header("X-GitHub-Event", d.event)
-        .header("X-GitHub-Delivery", &d.guid)
-        .header("X-Hub-Signature-256", secrets.sign(d.body.as_bytes()))
-        .header("Content-Type", "application/json")
-        .header("User-Agent", "GitHub-Hookshot/simulated")
-        .body(d.body.clone())
-        .send()
-        .await;
+    let mut request = client.post(url).body(d.body.clone());
+    for (name, value) in delivery_headers(d.event, &d.guid, secrets.sign(d.body.as_bytes())) {
+        request = request.header(name, value);
+    }
+    let sent = request.send().await;
     match sent {
         Ok(r) if r.status().is_success() => {}
         Ok(r) => {

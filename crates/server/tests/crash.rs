@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
-use common::{job_payload, SECRET};
+use common::{job_payload, post_delivery, SECRET};
 use spot_runners_domain::webhook::sign;
 use spot_runners_store::testing::test_database;
 use spot_runners_store::PgStore;
@@ -94,18 +94,18 @@ impl Service {
     }
 
     async fn deliver(&self, client: &reqwest::Client, delivery: &str, body: &[u8]) -> u16 {
-        client
-            .post(format!("{}/webhook", self.base))
-            .header("X-GitHub-Event", "workflow_job")
-            .header("X-GitHub-Delivery", delivery)
-            .header("X-Hub-Signature-256", sign(SECRET.as_bytes(), body))
-            .header("Content-Type", "application/json")
-            .body(body.to_vec())
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        let signature = sign(SECRET.as_bytes(), body);
+        post_delivery(
+            client,
+            &self.base,
+            "workflow_job",
+            delivery,
+            body,
+            &signature,
+        )
+        .await
+        .status()
+        .as_u16()
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::Value;
 use spot_runners::configuration::{GitHubAuth, Settings};
 use spot_runners::http::AppState;
 use spot_runners::startup::Application;
-use spot_runners_domain::webhook::{sign, WebhookSecrets};
+use spot_runners_domain::webhook::{delivery_headers, sign, WebhookSecrets};
 use spot_runners_store::testing::{test_database, TestDatabase};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -97,17 +97,7 @@ impl TestApp {
         body: &[u8],
         signature: &str,
     ) -> reqwest::Response {
-        self.client
-            .post(format!("{}/webhook", self.base))
-            .header("X-GitHub-Event", event)
-            .header("X-GitHub-Delivery", delivery)
-            .header("X-Hub-Signature-256", signature)
-            .header("Content-Type", "application/json")
-            .header("User-Agent", "GitHub-Hookshot/test")
-            .body(body.to_vec())
-            .send()
-            .await
-            .expect("request sent")
+        post_delivery(&self.client, &self.base, event, delivery, body, signature).await
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Response {
@@ -193,6 +183,22 @@ pub struct JobRow {
     pub org: Option<String>,
     pub repository: String,
     pub queued_seen: bool,
+}
+
+/// POSTs one delivery to `{base}/webhook` as GitHub would.
+pub async fn post_delivery(
+    client: &reqwest::Client,
+    base: &str,
+    event: &str,
+    delivery: &str,
+    body: &[u8],
+    signature: &str,
+) -> reqwest::Response {
+    let mut request = client.post(format!("{base}/webhook")).body(body.to_vec());
+    for (name, value) in delivery_headers(event, delivery, signature.to_owned()) {
+        request = request.header(name, value);
+    }
+    request.send().await.expect("request sent")
 }
 
 fn fixture(name: &str) -> Value {

@@ -19,7 +19,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use spot_runners::reconciler::Reconciler;
-use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{GitHubJob, JobReport};
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 use spot_runners_store::{IncomingDelivery, PgStore, Store};
@@ -314,7 +313,6 @@ async fn scenario(seed: u64) {
             .map(|r| &r.name)
             .collect::<Vec<_>>()
     );
-    let _ = h.clock.now();
 }
 
 #[tokio::test]

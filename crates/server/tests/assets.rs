@@ -132,3 +132,54 @@ fn the_rendered_boot_script_is_the_repository_template_and_fits() {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rendered-user-data.sh");
     std::fs::write(&out, rendered).unwrap();
 }
+
+/// `scripts/lib/apt.sh`'s probe, run as `check-assets` runs it (`set -euo
+/// pipefail`) against a fake `apt-cache` whose answer is longer than a pipe
+/// holds: the probe must still see the candidate. The old `apt-cache policy
+/// | grep -q` reported such packages "not offered" (exit 141 from SIGPIPE),
+/// so a fresh machine never installed packer or docker-compose.
+#[test]
+fn apt_probe_survives_long_policy_output_under_pipefail() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("apt-cache");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n\
+         case \"$2\" in\n\
+           offered) echo \"$2:\"; echo '  Installed: (none)'; echo '  Candidate: 1.6.6+ds2-1'; \
+                    i=0; while [ $i -lt 20000 ]; do echo \"     500 http://deb.example/debian bookworm/main amd64 Packages $i\"; i=$((i+1)); done ;;\n\
+           *) echo \"$2:\"; echo '  Installed: (none)'; echo '  Candidate: (none)' ;;\n\
+         esac\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    let probe = |pkg: &str| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "set -euo pipefail; . scripts/lib/apt.sh; apt_offers {pkg}"
+            ))
+            .current_dir(repo())
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin.path().display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .status()
+            .unwrap()
+    };
+    assert!(
+        probe("offered").success(),
+        "a package with a candidate is offered"
+    );
+    assert!(
+        !probe("unknown").success(),
+        "a package without a candidate is not offered"
+    );
+}

@@ -18,6 +18,8 @@ pub mod ratelimit;
 pub mod reaper;
 pub mod runner;
 pub mod stale;
+pub mod store;
+pub mod sweeps;
 pub mod userdata;
 pub mod webhook;
 

@@ -9,7 +9,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod metrics;
 pub mod profiles;
-pub mod reconciler;
+mod reconciler_metrics;
 pub mod simulation;
 pub mod startup;
 pub mod telemetry;

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::Settings;
 use crate::metrics::Metrics;
-use crate::reconciler::Backends;
+use spot_runners_reconciler::Backends;
 use crate::startup::Application;
 use crate::Error;
 
@@ -240,7 +240,7 @@ async fn seed_profiles(app: &Application) -> Result<(), Error> {
     }
     state
         .profiles
-        .reload(state.store.as_ref(), &state.metrics)
+        .reload(state.store.as_ref(), state.metrics.as_ref())
         .await?;
     Ok(())
 }

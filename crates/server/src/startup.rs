@@ -16,8 +16,8 @@ use crate::database::Database;
 use crate::http::{router, AppState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::profiles::ProfileCache;
-use crate::reconciler::{Backends, Reconciler};
+use crate::profiles::{self, ProfileCache};
+use spot_runners_reconciler::{Backends, Reconciler};
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -56,7 +56,7 @@ impl Application {
         let database = Database::open(&settings).await?;
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
-        profiles.reload(store.as_ref(), &metrics).await?;
+        profiles.reload(store.as_ref(), metrics.as_ref()).await?;
         let stop = CancellationToken::new();
         let (ingest, writer) = Ingest::start(Arc::clone(&store), stop.clone());
         let listener = match TcpListener::bind(settings.listen).await {
@@ -87,7 +87,7 @@ impl Application {
                 Arc::clone(&state.store),
                 b,
                 state.profiles.clone(),
-                Arc::clone(&state.metrics),
+                Arc::clone(&state.metrics) as Arc<dyn spot_runners_reconciler::MetricsSink>,
                 settings.controller_id.clone(),
                 settings.max_instances,
             ))
@@ -140,7 +140,8 @@ impl Application {
             reconciler,
         } = self;
         let mut background = vec![
-            tokio::spawn(state.profiles.clone().watch(
+            tokio::spawn(profiles::watch(
+                state.profiles.clone(),
                 database.store.clone(),
                 Arc::clone(&state.metrics),
                 settings.reconcile_interval,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{terminations, Harness};
-use spot_runners::reconciler::Reconciler;
+use spot_runners_reconciler::Reconciler;
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{
     Cloud, GitHub, GitHubJob, JitRequest, JobReport, LaunchRequest, RunnerScope,
@@ -48,7 +48,7 @@ async fn one_booting_runner(h: &Harness, r: &Arc<Reconciler>) -> (String, String
     (name, instance.unwrap())
 }
 
-async fn sweep(r: &Reconciler) -> spot_runners::reconciler::SweepReport {
+async fn sweep(r: &Reconciler) -> spot_runners_reconciler::SweepReport {
     r.sweep().await.unwrap().expect("the only replica leads")
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use sqlx::Connection;
 
 use crate::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use crate::{PgStore, StoreError};
+use crate::{PgStore, PgError};
 
 /// A database made for one test.
 pub struct TestDatabase {
@@ -31,7 +31,7 @@ pub fn shared_cluster_dir() -> PathBuf {
     ))
 }
 
-async fn admin_url() -> Result<String, StoreError> {
+async fn admin_url() -> Result<String, PgError> {
     for var in ["SPOT_RUNNERS_TEST_DATABASE_URL", "DATABASE_URL"] {
         if let Ok(url) = std::env::var(var) {
             if !url.trim().is_empty() {
@@ -40,7 +40,7 @@ async fn admin_url() -> Result<String, StoreError> {
         }
     }
     let dir = shared_cluster_dir();
-    std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(PgError::io(format!("creating {}", dir.display())))?;
     // Only one process may initialise or start the cluster; the rest wait and
     // then adopt it.
     let lock_path = dir.join("lock");
@@ -49,13 +49,13 @@ async fn admin_url() -> Result<String, StoreError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(StoreError::io(format!("opening {}", lock_path.display())))?;
+        .map_err(PgError::io(format!("opening {}", lock_path.display())))?;
     let lock = tokio::task::spawn_blocking(move || {
         nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| StoreError::Embedded(format!("locking the test cluster: {e}")))
+            .map_err(|(_, e)| PgError::Embedded(format!("locking the test cluster: {e}")))
     })
     .await
-    .map_err(|e| StoreError::Embedded(e.to_string()))??;
+    .map_err(|e| PgError::Embedded(e.to_string()))??;
     let pg = EmbeddedPostgres::start(
         &dir,
         &EmbeddedOptions {
@@ -68,7 +68,7 @@ async fn admin_url() -> Result<String, StoreError> {
 }
 
 /// A new empty database with every migration applied.
-pub async fn test_database() -> Result<TestDatabase, StoreError> {
+pub async fn test_database() -> Result<TestDatabase, PgError> {
     let admin_url = admin_url().await?;
     let name = format!(
         "test_{}_{:x}",

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners::metrics::Metrics;
-use spot_runners::profiles::ProfileCache;
-use spot_runners::reconciler::{Backends, Reconciler};
+use spot_runners_reconciler::ProfileCache;
+use spot_runners_reconciler::{Backends, Reconciler};
 use spot_runners_domain::ControllerId;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
@@ -59,7 +59,7 @@ impl Harness {
                     github: Arc::new(self.github.clone()),
                 },
                 self.profiles.clone(),
-                Arc::clone(&self.metrics),
+                Arc::clone(&self.metrics) as _,
                 ControllerId::default(),
                 max_instances,
             )
@@ -84,7 +84,7 @@ impl Harness {
         .await
         .unwrap_or_else(|e| panic!("profile {name}: {e}"));
         self.profiles
-            .reload(self.store.as_ref(), &self.metrics)
+            .reload(self.store.as_ref(), self.metrics.as_ref())
             .await
             .unwrap();
     }

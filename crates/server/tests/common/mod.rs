@@ -57,7 +57,7 @@ pub async fn spawn_app_with_secrets(secrets: &str) -> TestApp {
 pub async fn spawn_app_with(
     secrets: &str,
     tweak: impl FnOnce(&mut Settings),
-    backends: Option<spot_runners::reconciler::Backends>,
+    backends: Option<spot_runners_reconciler::Backends>,
 ) -> TestApp {
     spot_runners::telemetry::init();
     let db = test_database().await.expect("test database");

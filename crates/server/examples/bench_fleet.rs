@@ -59,7 +59,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::{json, Value};
 use spot_runners::configuration::RawSettings;
 use spot_runners::metrics::Metrics;
-use spot_runners::reconciler::Backends;
+use spot_runners_reconciler::Backends;
 use spot_runners::startup::Application;
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::webhook::{delivery_headers, sign};

@@ -53,6 +53,7 @@ pub struct Progress {
 }
 
 /// Runs the scenario to its end on a fresh paused-clock runtime.
+#[cfg(feature = "virtual-time")]
 pub fn run(scenario: &Scenario, progress: &mut dyn FnMut(&Progress)) -> Result<Report, String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -60,6 +61,15 @@ pub fn run(scenario: &Scenario, progress: &mut dyn FnMut(&Progress)) -> Result<R
         .build()
         .map_err(|e| format!("starting the simulation runtime: {e}"))?;
     runtime.block_on(run_in_paused_time(scenario, progress))
+}
+
+/// Built without `virtual-time` (a production binary): tokio's clock
+/// cannot be paused, so there is no simulated day to run.
+#[cfg(not(feature = "virtual-time"))]
+pub fn run(_: &Scenario, _: &mut dyn FnMut(&Progress)) -> Result<Report, String> {
+    Err("this binary was built without the `simulate` feature \
+         (cargo build --features simulate): virtual time needs tokio's test-util"
+        .into())
 }
 
 impl Clock for SimClock {

@@ -130,3 +130,39 @@ mod tests {
         );
     }
 }
+
+/// Writes an `instance_profiles` row as an operator would.
+pub async fn insert_profile(
+    store: &PgStore,
+    row: &spot_runners_domain::profile::ProfileRow,
+) -> Result<(), PgError> {
+    sqlx::query(
+        "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids,
+             security_group_ids, iam_instance_profile, market, on_demand_fallback, max_instances,
+             min_idle, idle_timeout_secs, boot_timeout_secs, max_lifetime_secs, runner_group_id,
+             root_volume_gb, repositories, enabled, priority)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+    )
+    .bind(&row.name)
+    .bind(&row.labels)
+    .bind(&row.instance_types)
+    .bind(&row.image_id)
+    .bind(&row.subnet_ids)
+    .bind(&row.security_group_ids)
+    .bind(&row.iam_instance_profile)
+    .bind(&row.market)
+    .bind(row.on_demand_fallback)
+    .bind(row.max_instances)
+    .bind(row.min_idle)
+    .bind(row.idle_timeout_secs)
+    .bind(row.boot_timeout_secs)
+    .bind(row.max_lifetime_secs)
+    .bind(row.runner_group_id)
+    .bind(row.root_volume_gb)
+    .bind(&row.repositories)
+    .bind(row.enabled)
+    .bind(row.priority)
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}

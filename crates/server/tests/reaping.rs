@@ -203,6 +203,11 @@ async fn a_runner_github_lists_busy_is_taken_not_idle() {
     assert!(terminations(&h.cloud).is_empty());
 
     h.github.deregister(&name);
+    // One listing is not proof (offset paging can skip a runner): missing
+    // from two a sweep apart, it is gone.
+    sweep(&r).await;
+    assert_eq!(runners(&h).await[0].1, "busy");
+    h.clock.advance(Duration::from_secs(10));
     sweep(&r).await;
     assert_eq!(runners(&h).await[0].1, "terminated");
     assert_eq!(terminations(&h.cloud), [vec![instance]]);
@@ -356,6 +361,9 @@ async fn a_stale_job_is_repaired_from_the_jobs_api() {
     h.clock.advance(2 * MINUTE);
     assert_eq!(sweep(&r).await.stale_checked, 0, "not stale yet");
     h.clock.advance(2 * MINUTE);
+    // Missing from one listing proves nothing; from the next sweep's, it does.
+    assert_eq!(sweep(&r).await.stale_checked, 0);
+    h.clock.advance(Duration::from_secs(10));
     let report = sweep(&r).await;
     assert_eq!((report.stale_checked, report.stale_closed), (1, 1));
     let (status, conclusion): (String, Option<String>) =
@@ -525,6 +533,9 @@ async fn a_busy_runner_gone_from_github_has_its_job_checked_and_its_instance_ter
             runner_name: Some(name.clone()),
         },
     );
+    // Missing from one listing proves nothing; from the next sweep's, it does.
+    assert_eq!(sweep(&r).await.stale_checked, 0);
+    h.clock.advance(Duration::from_secs(10));
     let report = sweep(&r).await;
     assert_eq!((report.stale_checked, report.stale_closed), (1, 1));
     assert_eq!(r.pass().await.unwrap().terminated, 1);

@@ -337,7 +337,8 @@ async fn boot_script_gives_up_an_idle_runner_on_a_rebalance_recommendation() {
     );
     assert_eq!(run.stops.trim(), "-INT -u runner -x Runner.Listener");
     assert!(
-        run.power_off.contains("rebalance recommendation while idle"),
+        run.power_off
+            .contains("rebalance recommendation while idle"),
         "{}",
         run.power_off
     );
@@ -375,4 +376,93 @@ async fn boot_script_keeps_a_busy_runner_on_a_rebalance_recommendation() {
     // Stopped once, on the notice, not on the recommendation.
     assert_eq!(run.stops.lines().count(), 1, "{}", run.stops);
     assert!(run.power_off.is_empty());
+}
+
+/// `deploy/iam/service-policy.json` grants the EC2 calls the adapter makes
+/// and no others (`CreateTags` rides on `RunInstances`' tag specifications).
+#[test]
+fn the_service_policy_grants_exactly_the_ec2_calls_the_adapter_makes() {
+    let policy: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/iam/service-policy.json")).unwrap(),
+    )
+    .unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        let actions = match &statement["Action"] {
+            serde_json::Value::String(a) => vec![a.clone()],
+            serde_json::Value::Array(a) => {
+                a.iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+            }
+            other => panic!("Action {other}"),
+        };
+        for a in actions {
+            if let Some(ec2) = a.strip_prefix("ec2:") {
+                granted.insert(ec2.to_owned());
+            }
+        }
+    }
+    let adapter = std::fs::read_to_string(repo().join("crates/aws/src/lib.rs")).unwrap();
+    let snake = |action: &str| {
+        let mut out = String::new();
+        for (i, c) in action.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    };
+    for action in &granted {
+        if action == "CreateTags" {
+            assert!(
+                adapter.contains("tag_specifications("),
+                "CreateTags is for launch-time tags"
+            );
+            continue;
+        }
+        assert!(
+            adapter.contains(&format!(".{}()", snake(action))),
+            "the policy grants ec2:{action}, which the adapter never calls: drop it"
+        );
+    }
+    for call in [
+        "run_instances",
+        "terminate_instances",
+        "describe_instances",
+        "describe_images",
+    ] {
+        if adapter.contains(&format!(".{call}()")) {
+            assert!(
+                granted.iter().any(|a| snake(a) == call),
+                "the adapter calls {call}, which the policy does not grant"
+            );
+        }
+    }
+    let text = serde_json::to_string(&policy).unwrap();
+    assert!(
+        text.contains("iam:CreateServiceLinkedRole") && text.contains("spot.amazonaws.com"),
+        "a fresh account needs the spot service-linked role"
+    );
+    assert!(
+        text.contains("kms:CreateGrant"),
+        "EBS keys of the account's own"
+    );
+}
+
+/// Launch latency reaches minutes behind caps and rate limits: its buckets
+/// must tell 5 minutes from 50.
+#[test]
+fn launch_latency_buckets_reach_minutes() {
+    let metrics = Metrics::new().unwrap();
+    metrics
+        .launch_latency_seconds
+        .with_label_values(&["kani"])
+        .observe(240.0);
+    let text = metrics.render();
+    for (le, n) in [("120", 0), ("300", 1), ("1800", 1), ("3600", 1)] {
+        let line = format!(
+            "spot_runners_launch_latency_seconds_bucket{{profile=\"kani\",le=\"{le}\"}} {n}"
+        );
+        assert!(text.contains(&line), "missing {line}:\n{text}");
+    }
 }

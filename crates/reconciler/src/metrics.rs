@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::CloudError;
-use spot_runners_domain::{Market, RunnerState};
+use spot_runners_domain::{Market, Profile, RunnerState};
 
 /// Runners by `(profile, state)` and live instances by `(profile, market)`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,6 +44,9 @@ pub trait MetricsSink: Send + Sync + 'static {
     fn stale_jobs(&self, _outcome: &str, _count: u64) {}
     /// The fleet as the ledger has it, refreshed every few seconds.
     fn fleet(&self, _fleet: &Fleet) {}
+    /// Queued demand per profile as of `now`, for the age of the oldest
+    /// queued job (profiles with none at 0).
+    fn queued(&self, _demand: &BTreeMap<String, Demand>, _profiles: &[Profile], _now: DateTime<Utc>) {}
     /// Instance-profile rows skipped as invalid.
     fn invalid_profiles(&self, _count: usize) {}
 }

@@ -118,6 +118,9 @@ impl Reconciler {
             .store
             .runners(self.controller_id.as_str(), ENDED_GAUGE_WINDOW)
             .await?;
+        let demand = self.store.demand().await?;
+        self.metrics
+            .queued(&demand, &self.profiles.get().profiles, self.clock.now());
         let mut fleet = Fleet::default();
         for r in &runners {
             *fleet

@@ -76,6 +76,15 @@ impl MetricsSink for Metrics {
         }
     }
 
+    fn queued(
+        &self,
+        demand: &std::collections::BTreeMap<String, spot_runners_domain::planner::Demand>,
+        profiles: &[spot_runners_domain::Profile],
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        self.set_oldest_queued(demand, profiles, now);
+    }
+
     fn invalid_profiles(&self, count: usize) {
         self.invalid_profiles
             .set(i64::try_from(count).unwrap_or(i64::MAX));

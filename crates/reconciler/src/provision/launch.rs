@@ -104,7 +104,7 @@ impl Reconciler {
                                 tokio::time::sleep(self.backoff(attempt)).await;
                             }
                             CloudErrorKind::Throttled | CloudErrorKind::Transient => break,
-                            CloudErrorKind::Invalid => {
+                            CloudErrorKind::Invalid | CloudErrorKind::AccountSetup => {
                                 let e =
                                     last.unwrap_or_else(|| CloudError::from_code("Unknown", ""));
                                 return Err(Failure::End {

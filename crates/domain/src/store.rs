@@ -364,4 +364,3 @@ pub type PlanFn = Box<dyn FnOnce(&PlanSnapshot) -> Vec<Launch> + Send>;
 /// Short, so a replica that dies (`kill -9`, a lost host) holds its rows
 /// only briefly; a live one renews its claims well before they run out.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
-

@@ -135,7 +135,8 @@ pub fn orphan_instances(
         match state {
             Some(RunnerState::Terminating) => {
                 let stuck = runners.iter().any(|r| {
-                    r.instance_id.as_deref() == Some(i.id.as_str()) && now - r.updated_at > retry_after
+                    r.instance_id.as_deref() == Some(i.id.as_str())
+                        && now - r.updated_at > retry_after
                 });
                 if stuck {
                     out.retries.push(i.id.clone());

@@ -142,7 +142,12 @@ impl Reconciler {
 
     /// Runs passes on every wake-up and every `interval`, sweeps beside
     /// them at their own pace, and provisions beside both, until `stop`.
-    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, interval: Duration, stop: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
         let provisioner = tokio::spawn(Arc::clone(&self).provision_loop(stop.clone()));
         let sweeper = tokio::spawn(Arc::clone(&self).sweep_loop(stop.clone()));
         loop {

@@ -46,7 +46,13 @@ pub trait MetricsSink: Send + Sync + 'static {
     fn fleet(&self, _fleet: &Fleet) {}
     /// Queued demand per profile as of `now`, for the age of the oldest
     /// queued job (profiles with none at 0).
-    fn queued(&self, _demand: &BTreeMap<String, Demand>, _profiles: &[Profile], _now: DateTime<Utc>) {}
+    fn queued(
+        &self,
+        _demand: &BTreeMap<String, Demand>,
+        _profiles: &[Profile],
+        _now: DateTime<Utc>,
+    ) {
+    }
     /// Instance-profile rows skipped as invalid.
     fn invalid_profiles(&self, _count: usize) {}
 }

@@ -4,8 +4,8 @@
 
 use std::sync::{Arc, RwLock};
 
-use spot_runners_domain::{match_profile, Profile};
 use spot_runners_domain::store::{Store, StoreError};
+use spot_runners_domain::{match_profile, Profile};
 
 use crate::metrics::MetricsSink;
 

@@ -83,8 +83,10 @@ impl Reconciler {
             attempt += 1;
             match self.backends.cloud.terminate(ids).await {
                 Err(e)
-                    if matches!(e.kind, CloudErrorKind::Throttled | CloudErrorKind::Transient)
-                        && attempt <= MAX_RETRIES =>
+                    if matches!(
+                        e.kind,
+                        CloudErrorKind::Throttled | CloudErrorKind::Transient
+                    ) && attempt <= MAX_RETRIES =>
                 {
                     tokio::time::sleep(self.backoff(attempt)).await;
                 }

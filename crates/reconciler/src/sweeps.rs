@@ -100,7 +100,9 @@ impl Reconciler {
         }
         report.orphan_registrations = self.sweep_orphan_registrations(&listed).await?;
         (report.reaped, report.reap_refused) = self.reap_timeouts(&runners, now).await?;
-        let (suspects, ended) = self.runners_gone_from_github(&runners, &listed, now).await?;
+        let (suspects, ended) = self
+            .runners_gone_from_github(&runners, &listed, now)
+            .await?;
         report.registrations_gone = ended;
         let idle_profiles: Vec<String> = runners
             .iter()
@@ -137,7 +139,10 @@ impl Reconciler {
 
     /// Ends `done` rows that never got an instance id
     /// ([`decide::ended_before_launch_recorded`]).
-    async fn end_done_without_instance(&self, runners: &[RunnerRecord]) -> Result<usize, StoreError> {
+    async fn end_done_without_instance(
+        &self,
+        runners: &[RunnerRecord],
+    ) -> Result<usize, StoreError> {
         let mut ended = 0;
         for r in decide::ended_before_launch_recorded(runners) {
             let reason = "its job completed before its instance was recorded";
@@ -205,7 +210,12 @@ impl Reconciler {
         for id in &found.orphans {
             tracing::warn!(instance = %id, "orphaned instance; terminating");
         }
-        let all: Vec<String> = found.orphans.iter().chain(&found.retries).cloned().collect();
+        let all: Vec<String> = found
+            .orphans
+            .iter()
+            .chain(&found.retries)
+            .cloned()
+            .collect();
         if all.is_empty() {
             return Ok(0);
         }

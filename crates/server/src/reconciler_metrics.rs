@@ -45,7 +45,9 @@ impl MetricsSink for Metrics {
     }
 
     fn instance_lost(&self, profile: &str, _was: RunnerState, state: RunnerState) {
-        self.orphans_total.with_label_values(&["ledger_runner"]).inc();
+        self.orphans_total
+            .with_label_values(&["ledger_runner"])
+            .inc();
         self.reaps_total
             .with_label_values(&[profile, state.as_str()])
             .inc();
@@ -70,9 +72,7 @@ impl MetricsSink for Metrics {
                 .set(*n);
         }
         for ((profile, market), n) in &fleet.instances {
-            self.instances
-                .with_label_values(&[profile, market])
-                .set(*n);
+            self.instances.with_label_values(&[profile, market]).set(*n);
         }
     }
 

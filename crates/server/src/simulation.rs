@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::Settings;
 use crate::metrics::Metrics;
-use spot_runners_reconciler::Backends;
 use crate::startup::Application;
 use crate::Error;
+use spot_runners_reconciler::Backends;
 
 /// `serve --simulate`'s knobs: defaults that show the whole loop within a
 /// minute.

@@ -18,8 +18,8 @@ use crate::http::{metrics_router, public_router, AppState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::{self, ProfileCache};
-use spot_runners_reconciler::{Backends, Reconciler};
 use crate::Error;
+use spot_runners_reconciler::{Backends, Reconciler};
 
 /// Completed jobs stay in the jobs gauge this long.
 const COMPLETED_GAUGE_WINDOW: Duration = Duration::from_secs(24 * 3600);

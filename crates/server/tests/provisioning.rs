@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{terminations, Harness};
-use spot_runners_reconciler::Reconciler;
 use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, LaunchRequest, RunnerScope};
 use spot_runners_domain::Market;
+use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
 

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{terminations, Harness};
-use spot_runners_reconciler::Reconciler;
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{
     Cloud, GitHub, GitHubJob, JitRequest, JobReport, LaunchRequest, RunnerScope,
 };
 use spot_runners_domain::Market;
+use spot_runners_reconciler::Reconciler;
 use spot_runners_store::PgStore;
 
 const MINUTE: Duration = Duration::from_secs(60);

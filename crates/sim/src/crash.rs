@@ -107,7 +107,10 @@ impl Point {
         if !dead && due && c.incarnation.load(Ordering::SeqCst) == self.incarnation {
             c.crashed.store(self.incarnation + 1, Ordering::SeqCst);
             *crate::lock(&c.next) = None;
-            tracing::debug!(incarnation = self.incarnation, "the reconciler crashes here");
+            tracing::debug!(
+                incarnation = self.incarnation,
+                "the reconciler crashes here"
+            );
         }
         if c.crashed.load(Ordering::SeqCst) > self.incarnation {
             std::future::pending::<()>().await;
@@ -123,7 +126,11 @@ pub struct CrashingStore<S> {
 
 #[async_trait]
 impl<S: Store> Store for CrashingStore<S> {
-    async fn record_deliveries(&self, batch: &[IncomingDelivery], deadline: std::time::Instant) -> Result<Vec<DeliveryOutcome>, StoreError> {
+    async fn record_deliveries(
+        &self,
+        batch: &[IncomingDelivery],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<DeliveryOutcome>, StoreError> {
         self.point.reached().await;
         self.inner.record_deliveries(batch, deadline).await
     }
@@ -148,27 +155,51 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.ping().await
     }
 
-    async fn unmatched_open_jobs(&self, limit: i64) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
+    async fn unmatched_open_jobs(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
         self.point.reached().await;
         self.inner.unmatched_open_jobs(limit).await
     }
 
-    async fn set_job_profile(&self, job_id: i64, profile: Result<&str, &str>) -> Result<(), StoreError> {
+    async fn set_job_profile(
+        &self,
+        job_id: i64,
+        profile: Result<&str, &str>,
+    ) -> Result<(), StoreError> {
         self.point.reached().await;
         self.inner.set_job_profile(job_id, profile).await
     }
 
-    async fn plan_runners(&self, controller_id: &str, plan: PlanFn) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn plan_runners(
+        &self,
+        controller_id: &str,
+        plan: PlanFn,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         self.point.reached().await;
         self.inner.plan_runners(controller_id, plan).await
     }
 
-    async fn claim_provisioning(&self, controller_id: &str, owner: &str, lease: Duration, limit: i64) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn claim_provisioning(
+        &self,
+        controller_id: &str,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         self.point.reached().await;
-        self.inner.claim_provisioning(controller_id, owner, lease, limit).await
+        self.inner
+            .claim_provisioning(controller_id, owner, lease, limit)
+            .await
     }
 
-    async fn renew_leases(&self, names: &[String], owner: &str, lease: Duration) -> Result<u64, StoreError> {
+    async fn renew_leases(
+        &self,
+        names: &[String],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
         self.point.reached().await;
         self.inner.renew_leases(names, owner, lease).await
     }
@@ -178,17 +209,28 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.update_runner(name, change).await
     }
 
-    async fn runner_scopes(&self, controller_id: &str, ended_within: Duration) -> Result<Vec<RunnerScope>, StoreError> {
+    async fn runner_scopes(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerScope>, StoreError> {
         self.point.reached().await;
         self.inner.runner_scopes(controller_id, ended_within).await
     }
 
-    async fn runners(&self, controller_id: &str, ended_within: Duration) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn runners(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         self.point.reached().await;
         self.inner.runners(controller_id, ended_within).await
     }
 
-    async fn settle_jobs(&self, controller_id: &str) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError> {
+    async fn settle_jobs(
+        &self,
+        controller_id: &str,
+    ) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError> {
         self.point.reached().await;
         self.inner.settle_jobs(controller_id).await
     }
@@ -203,12 +245,24 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.mark_busy(names, at).await
     }
 
-    async fn end_runner_if(&self, name: &str, expected: RunnerState, state: RunnerState, reason: &str) -> Result<bool, StoreError> {
+    async fn end_runner_if(
+        &self,
+        name: &str,
+        expected: RunnerState,
+        state: RunnerState,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
         self.point.reached().await;
-        self.inner.end_runner_if(name, expected, state, reason).await
+        self.inner
+            .end_runner_if(name, expected, state, reason)
+            .await
     }
 
-    async fn runner_states(&self, controller_id: &str, names: &[String]) -> Result<BTreeMap<String, RunnerState>, StoreError> {
+    async fn runner_states(
+        &self,
+        controller_id: &str,
+        names: &[String],
+    ) -> Result<BTreeMap<String, RunnerState>, StoreError> {
         self.point.reached().await;
         self.inner.runner_states(controller_id, names).await
     }
@@ -218,12 +272,22 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.demand().await
     }
 
-    async fn stale_jobs(&self, cutoffs: &StaleCutoffs, idle_profiles: &[String], limit: i64) -> Result<Vec<StaleJob>, StoreError> {
+    async fn stale_jobs(
+        &self,
+        cutoffs: &StaleCutoffs,
+        idle_profiles: &[String],
+        limit: i64,
+    ) -> Result<Vec<StaleJob>, StoreError> {
         self.point.reached().await;
         self.inner.stale_jobs(cutoffs, idle_profiles, limit).await
     }
 
-    async fn record_job_check(&self, job_id: i64, check: &JobCheck, at: DateTime<Utc>) -> Result<(), StoreError> {
+    async fn record_job_check(
+        &self,
+        job_id: i64,
+        check: &JobCheck,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         self.point.reached().await;
         self.inner.record_job_check(job_id, check, at).await
     }
@@ -233,7 +297,10 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.try_lead(controller_id).await
     }
 
-    async fn recent_repositories(&self, since: DateTime<Utc>) -> Result<Vec<RecentRepository>, StoreError> {
+    async fn recent_repositories(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RecentRepository>, StoreError> {
         self.point.reached().await;
         self.inner.recent_repositories(since).await
     }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::arrivals::Arrivals;
 use crate::counters::Counters;
-use crate::crash::{CrashingCloud, CrashingGitHub, CrashingStore, Crashes};
+use crate::crash::{Crashes, CrashingCloud, CrashingGitHub, CrashingStore};
 use crate::payload::Delivery;
 use crate::report::{self, Report, STRANDED_AFTER};
 use crate::scenario::Scenario;
@@ -179,8 +179,7 @@ impl Service {
             .iter()
             .filter(|o| **o == DeliveryOutcome::Duplicate)
             .count() as u64;
-        self.counters
-            .delivered(deliveries.len() as u64, duplicates);
+        self.counters.delivered(deliveries.len() as u64, duplicates);
         if outcomes.contains(&DeliveryOutcome::Accepted) {
             self.wake.notify_one();
         }

@@ -162,7 +162,14 @@ impl Store for MemoryStore {
             .filter(|j| {
                 matches!(j.status, JobStatus::Waiting | JobStatus::Queued) && j.profile.is_none()
             })
-            .map(|j| (j.first_seen_at, j.id, j.labels.clone(), j.repository.clone()))
+            .map(|j| {
+                (
+                    j.first_seen_at,
+                    j.id,
+                    j.labels.clone(),
+                    j.repository.clone(),
+                )
+            })
             .collect();
         open.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
         Ok(open

@@ -109,7 +109,11 @@ impl Rig {
     }
 
     async fn sweep(&self) -> SweepReport {
-        self.reconciler.sweep().await.unwrap().expect("the only replica leads")
+        self.reconciler
+            .sweep()
+            .await
+            .unwrap()
+            .expect("the only replica leads")
     }
 
     /// One queued job, planned and provisioned: a booting runner.
@@ -117,7 +121,11 @@ impl Rig {
         self.deliver(event(1, JobStatus::Queued, None)).await;
         assert_eq!(self.reconciler.pass().await.unwrap().requested, 1);
         while self.reconciler.provision_batch().await.unwrap() > 0 {}
-        let runners = self.store.runners("spot-runners", Duration::ZERO).await.unwrap();
+        let runners = self
+            .store
+            .runners("spot-runners", Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(runners[0].state, RunnerState::Booting);
         runners[0].name.clone()
     }
@@ -145,7 +153,10 @@ async fn a_reap_deregisters_first_and_a_refusal_leaves_the_runner_alone() {
     r.clock.advance(Duration::from_secs(3601));
     let refused = r.sweep().await;
     assert_eq!((refused.reaped, refused.reap_refused), (0, 1));
-    assert!(r.instance_alive(), "GitHub refused the delete: the job goes on");
+    assert!(
+        r.instance_alive(),
+        "GitHub refused the delete: the job goes on"
+    );
     assert_eq!(r.state(&name).await, RunnerState::Busy);
     // The job is over: the delete is accepted, then the instance goes.
     r.github.set_busy(&name, false);
@@ -180,7 +191,11 @@ async fn a_runner_done_before_its_instance_was_recorded_is_ended() {
     let r = rig(28_800);
     r.deliver(event(1, JobStatus::Queued, None)).await;
     r.reconciler.pass().await.unwrap();
-    let name = r.store.runners("spot-runners", Duration::ZERO).await.unwrap()[0]
+    let name = r
+        .store
+        .runners("spot-runners", Duration::ZERO)
+        .await
+        .unwrap()[0]
         .name
         .clone();
     // A provisioner died inside RunInstances; the instance took the job.
@@ -195,12 +210,21 @@ async fn a_runner_done_before_its_instance_was_recorded_is_ended() {
         )
         .await
         .unwrap();
-    r.deliver(event(1, JobStatus::InProgress, Some(&name))).await;
+    r.deliver(event(1, JobStatus::InProgress, Some(&name)))
+        .await;
     r.reconciler.pass().await.unwrap();
     r.deliver(event(1, JobStatus::Completed, Some(&name))).await;
     r.reconciler.pass().await.unwrap();
-    assert_eq!(r.state(&name).await, RunnerState::Done, "no instance id to terminate");
+    assert_eq!(
+        r.state(&name).await,
+        RunnerState::Done,
+        "no instance id to terminate"
+    );
     let swept = r.sweep().await;
     assert_eq!(swept.gone, 1);
-    assert_eq!(r.state(&name).await, RunnerState::Terminated, "no longer holds a cap slot");
+    assert_eq!(
+        r.state(&name).await,
+        RunnerState::Terminated,
+        "no longer holds a cap slot"
+    );
 }

@@ -180,13 +180,20 @@ async fn plan(s: &dyn Store, n: usize) -> Vec<String> {
 }
 
 async fn state(s: &dyn Store, name: &str) -> RunnerState {
-    s.runner_states(CONTROLLER, &[name.to_owned()]).await.unwrap()[name]
+    s.runner_states(CONTROLLER, &[name.to_owned()])
+        .await
+        .unwrap()[name]
 }
 
 async fn booting(s: &dyn Store, name: &str, instance: &str) {
-    s.update_runner(name, RunnerChange::Registered { github_runner_id: 5 })
-        .await
-        .unwrap();
+    s.update_runner(
+        name,
+        RunnerChange::Registered {
+            github_runner_id: 5,
+        },
+    )
+    .await
+    .unwrap();
     s.update_runner(
         name,
         RunnerChange::Booting {
@@ -211,17 +218,36 @@ async fn deliveries_are_deduplicated_and_status_only_moves_forward(t: &dyn Subje
         ],
     )
     .await;
-    assert_eq!(first, [DeliveryOutcome::Accepted, DeliveryOutcome::Duplicate]);
+    assert_eq!(
+        first,
+        [DeliveryOutcome::Accepted, DeliveryOutcome::Duplicate]
+    );
     // An older status, delivered late, changes nothing.
     assert_eq!(
-        record(s, &[delivery("g2", event(1, JobStatus::Queued, None), Ok("kani"))]).await,
+        record(
+            s,
+            &[delivery(
+                "g2",
+                event(1, JobStatus::Queued, None),
+                Ok("kani")
+            )]
+        )
+        .await,
         [DeliveryOutcome::Accepted]
     );
     let job = s.job(1).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::InProgress);
     assert_eq!(job.runner_name.as_deref(), Some("r"));
     assert!(job.in_progress_at.is_some() && job.queued_at.is_some());
-    record(s, &[delivery("g3", event(1, JobStatus::Completed, None), Ok("kani"))]).await;
+    record(
+        s,
+        &[delivery(
+            "g3",
+            event(1, JobStatus::Completed, None),
+            Ok("kani"),
+        )],
+    )
+    .await;
     let job = s.job(1).await.unwrap().unwrap();
     assert_eq!(
         (job.status, job.conclusion.as_deref()),
@@ -233,7 +259,14 @@ async fn deliveries_are_deduplicated_and_status_only_moves_forward(t: &dyn Subje
         .checked_sub(Duration::from_secs(1))
         .unwrap_or_else(std::time::Instant::now);
     let late = s
-        .record_deliveries(&[delivery("g9", event(9, JobStatus::Queued, None), Ok("kani"))], past)
+        .record_deliveries(
+            &[delivery(
+                "g9",
+                event(9, JobStatus::Queued, None),
+                Ok("kani"),
+            )],
+            past,
+        )
         .await;
     assert!(matches!(late, Err(StoreError::Timeout)), "{late:?}");
     assert!(s.job(9).await.unwrap().is_none(), "nothing half-written");
@@ -246,7 +279,11 @@ async fn jobs_are_counted_matched_and_listed(t: &dyn Subject) {
         s,
         &[
             delivery("a", event(1, JobStatus::Queued, None), Ok("kani")),
-            delivery("b", event(2, JobStatus::Queued, None), Err("no profile fits")),
+            delivery(
+                "b",
+                event(2, JobStatus::Queued, None),
+                Err("no profile fits"),
+            ),
             delivery("c", event(3, JobStatus::Completed, None), Ok("kani")),
         ],
     )
@@ -288,7 +325,11 @@ async fn jobs_are_counted_matched_and_listed(t: &dyn Subject) {
     let repos = s.recent_repositories(since).await.unwrap();
     assert_eq!(repos.len(), 1);
     assert_eq!(
-        (repos[0].repository.as_str(), repos[0].org.as_deref(), repos[0].installation_id),
+        (
+            repos[0].repository.as_str(),
+            repos[0].org.as_deref(),
+            repos[0].installation_id
+        ),
         ("acme/proofs", Some("acme"), Some(9))
     );
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
@@ -300,7 +341,10 @@ async fn delivery_guids_are_pruned(t: &dyn Subject) {
     let s = s.as_ref();
     let d = delivery("g", event(1, JobStatus::Queued, None), Ok("kani"));
     record(s, std::slice::from_ref(&d)).await;
-    assert_eq!(s.prune_deliveries(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(
+        s.prune_deliveries(Duration::from_secs(3600)).await.unwrap(),
+        0
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(s.prune_deliveries(Duration::ZERO).await.unwrap(), 1);
     // Forgotten: a redelivery is processed again.
@@ -310,7 +354,11 @@ async fn delivery_guids_are_pruned(t: &dyn Subject) {
 async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
     let s = t.store();
     let s = s.as_ref();
-    record(s, &[delivery("a", event(1, JobStatus::Queued, None), Ok("kani"))]).await;
+    record(
+        s,
+        &[delivery("a", event(1, JobStatus::Queued, None), Ok("kani"))],
+    )
+    .await;
     let seen = Arc::new(std::sync::Mutex::new(None));
     let saw = Arc::clone(&seen);
     let none = s
@@ -335,7 +383,10 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
     let runners = s.runners(CONTROLLER, Duration::ZERO).await.unwrap();
     assert_eq!(runners.len(), 3);
     assert_eq!(runners[0].scope, org());
-    assert_eq!(s.runner_scopes(CONTROLLER, Duration::ZERO).await.unwrap(), [org()]);
+    assert_eq!(
+        s.runner_scopes(CONTROLLER, Duration::ZERO).await.unwrap(),
+        [org()]
+    );
     // The snapshot counts the rows just written.
     let counted = s
         .plan_runners(
@@ -348,7 +399,11 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
         .await
         .unwrap();
     assert!(counted.is_empty());
-    assert!(s.runners("other-controller", Duration::ZERO).await.unwrap().is_empty());
+    assert!(s
+        .runners("other-controller", Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 async fn claims_skip_leased_rows_and_leases_renew_and_lapse(t: &dyn Subject) {
@@ -367,16 +422,35 @@ async fn claims_skip_leased_rows_and_leases_renew_and_lapse(t: &dyn Subject) {
     let mut want = names.clone();
     want.sort();
     assert_eq!(all, want, "no row claimed twice");
-    assert!(s.claim_provisioning(CONTROLLER, "c", lease, 10).await.unwrap().is_empty());
+    assert!(s
+        .claim_provisioning(CONTROLLER, "c", lease, 10)
+        .await
+        .unwrap()
+        .is_empty());
     let mine: Vec<String> = a.iter().map(|r| r.name.clone()).collect();
-    assert_eq!(s.renew_leases(&mine, "a", lease).await.unwrap(), mine.len() as u64);
-    assert_eq!(s.renew_leases(&mine, "b", lease).await.unwrap(), 0, "not b's");
+    assert_eq!(
+        s.renew_leases(&mine, "a", lease).await.unwrap(),
+        mine.len() as u64
+    );
+    assert_eq!(
+        s.renew_leases(&mine, "b", lease).await.unwrap(),
+        0,
+        "not b's"
+    );
     // A postponed row is free again after its short lease.
-    s.update_runner(&mine[0], RunnerChange::Postpone { retry_in: Duration::ZERO })
+    s.update_runner(
+        &mine[0],
+        RunnerChange::Postpone {
+            retry_in: Duration::ZERO,
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = s
+        .claim_provisioning(CONTROLLER, "c", lease, 10)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let again = s.claim_provisioning(CONTROLLER, "c", lease, 10).await.unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].name, mine[0]);
     // Booting ends the claim: nothing left to provision.
@@ -388,13 +462,21 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     let s = t.store();
     let s = s.as_ref();
     let name = plan(s, 1).await.remove(0);
-    s.update_runner(&name, RunnerChange::Registered { github_runner_id: 5 })
-        .await
-        .unwrap();
+    s.update_runner(
+        &name,
+        RunnerChange::Registered {
+            github_runner_id: 5,
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(state(s, &name).await, RunnerState::Registered);
     s.update_runner(&name, RunnerChange::Requeue).await.unwrap();
     let r = &s.runners(CONTROLLER, Duration::ZERO).await.unwrap()[0];
-    assert_eq!((r.state, r.github_runner_id), (RunnerState::Requested, None));
+    assert_eq!(
+        (r.state, r.github_runner_id),
+        (RunnerState::Requested, None)
+    );
     s.update_runner(
         &name,
         RunnerChange::Launching {
@@ -417,10 +499,16 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     let r = &s.runners(CONTROLLER, Duration::ZERO).await.unwrap()[0];
     assert_eq!(r.state, RunnerState::Launching);
     assert_eq!(r.launch_attempts, 1);
-    assert_eq!(r.last_error_code.as_deref(), Some("InsufficientInstanceCapacity"));
+    assert_eq!(
+        r.last_error_code.as_deref(),
+        Some("InsufficientInstanceCapacity")
+    );
     booting(s, &name, "i-9").await;
     let r = &s.runners(CONTROLLER, Duration::ZERO).await.unwrap()[0];
-    assert_eq!((r.state, r.instance_id.as_deref()), (RunnerState::Booting, Some("i-9")));
+    assert_eq!(
+        (r.state, r.instance_id.as_deref()),
+        (RunnerState::Booting, Some("i-9"))
+    );
     assert!(r.launched_at.is_some());
     s.update_runner(
         &name,
@@ -432,12 +520,25 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     )
     .await
     .unwrap();
-    assert!(s.runners(CONTROLLER, Duration::ZERO).await.unwrap().is_empty());
-    let recent = s.runners(CONTROLLER, Duration::from_secs(3600)).await.unwrap();
-    assert_eq!(recent[0].last_error_code.as_deref(), Some("InsufficientInstanceCapacity"));
+    assert!(s
+        .runners(CONTROLLER, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    let recent = s
+        .runners(CONTROLLER, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        recent[0].last_error_code.as_deref(),
+        Some("InsufficientInstanceCapacity")
+    );
     assert_eq!(recent[0].reason.as_deref(), Some("gave up"));
     let missing = s.update_runner("nobody", RunnerChange::Requeue).await;
-    assert!(matches!(missing, Err(StoreError::Corrupt(_))), "{missing:?}");
+    assert!(
+        matches!(missing, Err(StoreError::Corrupt(_))),
+        "{missing:?}"
+    );
 }
 
 async fn jobs_settle_runners_and_each_completion_is_claimed_once(t: &dyn Subject) {
@@ -448,7 +549,11 @@ async fn jobs_settle_runners_and_each_completion_is_claimed_once(t: &dyn Subject
     booting(s.as_ref(), &names[1], "i-2").await;
     record(
         s.as_ref(),
-        &[delivery("p", event(1, JobStatus::InProgress, Some(&names[0])), Ok("kani"))],
+        &[delivery(
+            "p",
+            event(1, JobStatus::InProgress, Some(&names[0])),
+            Ok("kani"),
+        )],
     )
     .await;
     assert!(s.settle_jobs(CONTROLLER).await.unwrap().is_empty());
@@ -456,7 +561,11 @@ async fn jobs_settle_runners_and_each_completion_is_claimed_once(t: &dyn Subject
     assert_eq!(state(s.as_ref(), &names[1]).await, RunnerState::Booting);
     record(
         s.as_ref(),
-        &[delivery("c", event(1, JobStatus::Completed, Some(&names[0])), Ok("kani"))],
+        &[delivery(
+            "c",
+            event(1, JobStatus::Completed, Some(&names[0])),
+            Ok("kani"),
+        )],
     )
     .await;
     let (a, b) = tokio::join!(s.settle_jobs(CONTROLLER), other.settle_jobs(CONTROLLER));
@@ -488,12 +597,22 @@ async fn listings_mark_runners_online_and_busy_and_reaps_are_conditional(t: &dyn
     assert!(idle.iter().all(|r| r.online_at.is_some()));
     // The reap saw it idle; it is still idle: it ends.
     assert!(s
-        .end_runner_if(&names[0], RunnerState::Idle, RunnerState::IdleTimeout, "reaped")
+        .end_runner_if(
+            &names[0],
+            RunnerState::Idle,
+            RunnerState::IdleTimeout,
+            "reaped"
+        )
         .await
         .unwrap());
     // The reap saw it idle, but it became busy: nothing changes.
     assert!(!s
-        .end_runner_if(&names[1], RunnerState::Idle, RunnerState::IdleTimeout, "reaped")
+        .end_runner_if(
+            &names[1],
+            RunnerState::Idle,
+            RunnerState::IdleTimeout,
+            "reaped"
+        )
         .await
         .unwrap());
     assert_eq!(state(s, &names[0]).await, RunnerState::IdleTimeout);
@@ -505,7 +624,9 @@ async fn listings_mark_runners_online_and_busy_and_reaps_are_conditional(t: &dyn
     assert_eq!(states.len(), 1, "unknown names are absent");
     // Ended runners' scopes are remembered for a while.
     assert_eq!(
-        s.runner_scopes(CONTROLLER, Duration::from_secs(3600)).await.unwrap(),
+        s.runner_scopes(CONTROLLER, Duration::from_secs(3600))
+            .await
+            .unwrap(),
         [org()]
     );
 }
@@ -529,12 +650,30 @@ async fn stale_jobs_are_due_by_the_rule_and_checks_move_status_forward(t: &dyn S
         .is_empty());
     // An hour on: every queued job is backlog-due; oldest check first.
     let later = now + chrono::Duration::hours(1);
-    let due = s.stale_jobs(&StaleCutoffs::at(later), &[], 5).await.unwrap();
+    let due = s
+        .stale_jobs(&StaleCutoffs::at(later), &[], 5)
+        .await
+        .unwrap();
     assert_eq!(due.iter().map(|j| j.id).collect::<Vec<_>>(), [1, 2]);
-    s.record_job_check(1, &JobCheck::Queued, later).await.unwrap();
-    let due = s.stale_jobs(&StaleCutoffs::at(later), &[], 5).await.unwrap();
-    assert_eq!(due.iter().map(|j| j.id).collect::<Vec<_>>(), [2], "1 was just checked");
-    assert_eq!(s.stale_jobs(&StaleCutoffs::at(later), &[], 0).await.unwrap().len(), 0);
+    s.record_job_check(1, &JobCheck::Queued, later)
+        .await
+        .unwrap();
+    let due = s
+        .stale_jobs(&StaleCutoffs::at(later), &[], 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        due.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [2],
+        "1 was just checked"
+    );
+    assert_eq!(
+        s.stale_jobs(&StaleCutoffs::at(later), &[], 0)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
     // Suspects: a profile with an idle runner is asked about after 3 min.
     let soon_after = now + chrono::Duration::minutes(4);
     let suspects = s
@@ -551,9 +690,15 @@ async fn stale_jobs_are_due_by_the_rule_and_checks_move_status_forward(t: &dyn S
     )
     .await
     .unwrap();
-    s.record_job_check(2, &JobCheck::Queued, later).await.unwrap();
+    s.record_job_check(2, &JobCheck::Queued, later)
+        .await
+        .unwrap();
     let job = s.job(2).await.unwrap().unwrap();
-    assert_eq!(job.status, JobStatus::InProgress, "status only moves forward");
+    assert_eq!(
+        job.status,
+        JobStatus::InProgress,
+        "status only moves forward"
+    );
     assert_eq!(job.runner_name.as_deref(), Some("r"));
     // PostgreSQL keeps microseconds.
     assert_eq!(
@@ -562,7 +707,10 @@ async fn stale_jobs_are_due_by_the_rule_and_checks_move_status_forward(t: &dyn S
     );
     s.record_job_check(2, &JobCheck::Gone, later).await.unwrap();
     let job = s.job(2).await.unwrap().unwrap();
-    assert_eq!((job.status, job.conclusion.as_deref()), (JobStatus::Completed, Some("gone")));
+    assert_eq!(
+        (job.status, job.conclusion.as_deref()),
+        (JobStatus::Completed, Some("gone"))
+    );
     assert!(job.completed_at.is_some());
 }
 

@@ -213,10 +213,7 @@ impl EmbeddedPostgres {
         if self.pgdata.join("PG_VERSION").is_file() {
             return std::fs::read_to_string(&password_file)
                 .map(|s| s.trim().to_owned())
-                .map_err(PgError::io(format!(
-                    "reading {}",
-                    password_file.display()
-                )));
+                .map_err(PgError::io(format!("reading {}", password_file.display())));
         }
         if let Some((uid, _)) = self.run_as {
             if !reachable_by_others(root) {
@@ -231,10 +228,8 @@ impl EmbeddedPostgres {
         let password = random_password();
         write_private(&password_file, &password)?;
         let _ = std::fs::remove_dir_all(&self.pgdata);
-        std::fs::create_dir_all(&self.pgdata).map_err(PgError::io(format!(
-            "creating {}",
-            self.pgdata.display()
-        )))?;
+        std::fs::create_dir_all(&self.pgdata)
+            .map_err(PgError::io(format!("creating {}", self.pgdata.display())))?;
         self.chown(&self.pgdata)?;
         // initdb reads the superuser password from a file it can open.
         let pwfile = self.pgdata.with_extension("pwfile");

@@ -20,8 +20,14 @@ use crate::PgStore;
 
 #[async_trait]
 impl Store for PgStore {
-    async fn record_deliveries(&self, batch: &[IncomingDelivery], deadline: std::time::Instant,) -> Result<Vec<DeliveryOutcome>, StoreError> {
-        Ok(self.pg_record_deliveries(batch, tokio::time::Instant::from_std(deadline)).await?)
+    async fn record_deliveries(
+        &self,
+        batch: &[IncomingDelivery],
+        deadline: std::time::Instant,
+    ) -> Result<Vec<DeliveryOutcome>, StoreError> {
+        Ok(self
+            .pg_record_deliveries(batch, tokio::time::Instant::from_std(deadline))
+            .await?)
     }
 
     async fn profile_rows(&self) -> Result<Vec<ProfileRow>, StoreError> {
@@ -40,23 +46,47 @@ impl Store for PgStore {
         Ok(self.pg_ping().await?)
     }
 
-    async fn unmatched_open_jobs(&self, limit: i64,) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
+    async fn unmatched_open_jobs(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
         Ok(self.pg_unmatched_open_jobs(limit).await?)
     }
 
-    async fn set_job_profile(&self, job_id: i64, profile: Result<&str, &str>,) -> Result<(), StoreError> {
+    async fn set_job_profile(
+        &self,
+        job_id: i64,
+        profile: Result<&str, &str>,
+    ) -> Result<(), StoreError> {
         Ok(self.pg_set_job_profile(job_id, profile).await?)
     }
 
-    async fn plan_runners(&self, controller_id: &str, plan: PlanFn,) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn plan_runners(
+        &self,
+        controller_id: &str,
+        plan: PlanFn,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         Ok(self.pg_plan_runners(controller_id, plan).await?)
     }
 
-    async fn claim_provisioning(&self, controller_id: &str, owner: &str, lease: Duration, limit: i64,) -> Result<Vec<RunnerRecord>, StoreError> {
-        Ok(self.pg_claim_provisioning(controller_id, owner, lease, limit).await?)
+    async fn claim_provisioning(
+        &self,
+        controller_id: &str,
+        owner: &str,
+        lease: Duration,
+        limit: i64,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
+        Ok(self
+            .pg_claim_provisioning(controller_id, owner, lease, limit)
+            .await?)
     }
 
-    async fn renew_leases(&self, names: &[String], owner: &str, lease: Duration,) -> Result<u64, StoreError> {
+    async fn renew_leases(
+        &self,
+        names: &[String],
+        owner: &str,
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
         Ok(self.pg_renew_leases(names, owner, lease).await?)
     }
 
@@ -64,15 +94,26 @@ impl Store for PgStore {
         Ok(self.pg_update_runner(name, change).await?)
     }
 
-    async fn runner_scopes(&self, controller_id: &str, ended_within: Duration,) -> Result<Vec<RunnerScope>, StoreError> {
+    async fn runner_scopes(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerScope>, StoreError> {
         Ok(self.pg_runner_scopes(controller_id, ended_within).await?)
     }
 
-    async fn runners(&self, controller_id: &str, ended_within: Duration,) -> Result<Vec<RunnerRecord>, StoreError> {
+    async fn runners(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         Ok(self.pg_runners(controller_id, ended_within).await?)
     }
 
-    async fn settle_jobs(&self, controller_id: &str,) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError> {
+    async fn settle_jobs(
+        &self,
+        controller_id: &str,
+    ) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError> {
         Ok(self.pg_settle_jobs(controller_id).await?)
     }
 
@@ -84,11 +125,21 @@ impl Store for PgStore {
         Ok(self.pg_mark_busy(names, at).await?)
     }
 
-    async fn end_runner_if(&self, name: &str, expected: RunnerState, state: RunnerState, reason: &str,) -> Result<bool, StoreError> {
+    async fn end_runner_if(
+        &self,
+        name: &str,
+        expected: RunnerState,
+        state: RunnerState,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
         Ok(self.pg_end_runner_if(name, expected, state, reason).await?)
     }
 
-    async fn runner_states(&self, controller_id: &str, names: &[String],) -> Result<BTreeMap<String, RunnerState>, StoreError> {
+    async fn runner_states(
+        &self,
+        controller_id: &str,
+        names: &[String],
+    ) -> Result<BTreeMap<String, RunnerState>, StoreError> {
         Ok(self.pg_runner_states(controller_id, names).await?)
     }
 
@@ -96,11 +147,21 @@ impl Store for PgStore {
         Ok(self.pg_demand().await?)
     }
 
-    async fn stale_jobs(&self, cutoffs: &StaleCutoffs, idle_profiles: &[String], limit: i64,) -> Result<Vec<StaleJob>, StoreError> {
+    async fn stale_jobs(
+        &self,
+        cutoffs: &StaleCutoffs,
+        idle_profiles: &[String],
+        limit: i64,
+    ) -> Result<Vec<StaleJob>, StoreError> {
         Ok(self.pg_stale_jobs(cutoffs, idle_profiles, limit).await?)
     }
 
-    async fn record_job_check(&self, job_id: i64, check: &JobCheck, at: DateTime<Utc>,) -> Result<(), StoreError> {
+    async fn record_job_check(
+        &self,
+        job_id: i64,
+        check: &JobCheck,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
         Ok(self.pg_record_job_check(job_id, check, at).await?)
     }
 
@@ -108,7 +169,10 @@ impl Store for PgStore {
         Ok(self.pg_try_lead(controller_id).await?)
     }
 
-    async fn recent_repositories(&self, since: DateTime<Utc>,) -> Result<Vec<RecentRepository>, StoreError> {
+    async fn recent_repositories(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RecentRepository>, StoreError> {
         Ok(self.pg_recent_repositories(since).await?)
     }
 
@@ -123,5 +187,4 @@ impl Store for PgStore {
     async fn notify_wake(&self) -> Result<(), StoreError> {
         Ok(self.pg_notify_wake().await?)
     }
-
 }

@@ -226,7 +226,10 @@ impl PgStore {
         Ok(rows)
     }
 
-    pub(crate) async fn pg_job_counts(&self, completed_within: Duration) -> Result<Vec<JobCount>, PgError> {
+    pub(crate) async fn pg_job_counts(
+        &self,
+        completed_within: Duration,
+    ) -> Result<Vec<JobCount>, PgError> {
         let rows = sqlx::query!(
             r#"SELECT profile, status, count(*) AS "count!"
                FROM workflow_jobs
@@ -347,7 +350,11 @@ impl PgStore {
         Ok(out)
     }
 
-    pub(crate) async fn pg_update_runner(&self, name: &str, change: RunnerChange) -> Result<(), PgError> {
+    pub(crate) async fn pg_update_runner(
+        &self,
+        name: &str,
+        change: RunnerChange,
+    ) -> Result<(), PgError> {
         let done = match change {
             RunnerChange::Registered { github_runner_id } => {
                 sqlx::query!(
@@ -512,7 +519,11 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub(crate) async fn pg_mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, PgError> {
+    pub(crate) async fn pg_mark_online(
+        &self,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()
              WHERE name = ANY($1) AND state IN ('launching', 'booting')",
@@ -524,7 +535,11 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub(crate) async fn pg_mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, PgError> {
+    pub(crate) async fn pg_mark_busy(
+        &self,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
                     busy_at = COALESCE(busy_at, $2), updated_at = now()
@@ -711,8 +726,7 @@ impl PgStore {
         .await?;
         row.map(|r| {
             Ok(JobRecord {
-                status: JobStatus::parse(&r.status)
-                    .map_err(|e| PgError::Corrupt(e.to_string()))?,
+                status: JobStatus::parse(&r.status).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 id: r.id,
                 name: r.name,
                 workflow_name: r.workflow_name,
@@ -846,8 +860,7 @@ impl PgStore {
         .await?;
         for r in runners {
             let count = RunnerCount {
-                state: RunnerState::parse(&r.state)
-                    .map_err(|e| PgError::Corrupt(e.to_string()))?,
+                state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
             };

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use sqlx::Connection;
 
 use crate::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use crate::{PgStore, PgError};
+use crate::{PgError, PgStore};
 
 /// A database made for one test.
 pub struct TestDatabase {

@@ -16,7 +16,12 @@ fn org() -> RunnerScope {
     RunnerScope::Org("acme".into())
 }
 
-fn runner(name: &str, state: RunnerState, instance: Option<&str>, launched: Option<i64>) -> RunnerRecord {
+fn runner(
+    name: &str,
+    state: RunnerState,
+    instance: Option<&str>,
+    launched: Option<i64>,
+) -> RunnerRecord {
     RunnerRecord {
         name: name.into(),
         profile: "kani".into(),
@@ -72,16 +77,46 @@ fn listed(names: &[&str]) -> BTreeMap<RunnerScope, Vec<GitHubRunner>> {
 fn instances_gone_table() {
     use InstanceState::*;
     // (runner state, listed instance, launched secs ago, expected end state)
-    let cases: &[(RunnerState, Option<(InstanceState, Option<&str>)>, i64, Option<RunnerState>)] = &[
+    let cases: &[(
+        RunnerState,
+        Option<(InstanceState, Option<&str>)>,
+        i64,
+        Option<RunnerState>,
+    )] = &[
         (RunnerState::Idle, Some((Running, None)), 900, None),
-        (RunnerState::Idle, Some((Terminated, Some(SPOT_RECLAIMED))), 900, Some(RunnerState::Interrupted)),
-        (RunnerState::Busy, Some((ShuttingDown, Some("Client.UserInitiatedShutdown"))), 900, Some(RunnerState::Terminated)),
+        (
+            RunnerState::Idle,
+            Some((Terminated, Some(SPOT_RECLAIMED))),
+            900,
+            Some(RunnerState::Interrupted),
+        ),
+        (
+            RunnerState::Busy,
+            Some((ShuttingDown, Some("Client.UserInitiatedShutdown"))),
+            900,
+            Some(RunnerState::Terminated),
+        ),
         // Missing from a listing right after launch: EC2 lags.
         (RunnerState::Booting, None, 30, None),
-        (RunnerState::Booting, None, GONE_AFTER_SECS + 1, Some(RunnerState::Terminated)),
-        (RunnerState::Terminating, Some((Terminated, None)), 900, Some(RunnerState::Terminated)),
+        (
+            RunnerState::Booting,
+            None,
+            GONE_AFTER_SECS + 1,
+            Some(RunnerState::Terminated),
+        ),
+        (
+            RunnerState::Terminating,
+            Some((Terminated, None)),
+            900,
+            Some(RunnerState::Terminated),
+        ),
         // Ended rows are not the sweep's business.
-        (RunnerState::IdleTimeout, Some((Terminated, None)), 900, None),
+        (
+            RunnerState::IdleTimeout,
+            Some((Terminated, None)),
+            900,
+            None,
+        ),
     ];
     for (state, listed_as, ago, want) in cases {
         let now = at(1000);
@@ -91,7 +126,11 @@ fn instances_gone_table() {
             .map(|(s, why)| instance("i-1", "r1", *s, *why))
             .collect();
         let got = instances_gone(&[r], &instances, now);
-        assert_eq!(got.first().map(|g| g.state), *want, "{state} listed {listed_as:?} {ago}s");
+        assert_eq!(
+            got.first().map(|g| g.state),
+            *want,
+            "{state} listed {listed_as:?} {ago}s"
+        );
         if let Some(g) = got.first() {
             assert_eq!(g.was, *state);
             assert_eq!(g.expected, *state == RunnerState::Terminating);
@@ -118,7 +157,12 @@ fn a_done_row_without_an_instance_is_ended_and_others_are_not() {
 fn orphan_instances_table() {
     let now = at(1000);
     let instances = [
-        instance("i-unknown", "gone-from-ledger", InstanceState::Running, None),
+        instance(
+            "i-unknown",
+            "gone-from-ledger",
+            InstanceState::Running,
+            None,
+        ),
         instance("i-ended", "ended", InstanceState::Running, None),
         instance("i-live", "live", InstanceState::Running, None),
         instance("i-stuck", "stuck", InstanceState::Running, None),
@@ -190,11 +234,22 @@ fn one_listing_is_not_proof_two_a_sweep_apart_are() {
 #[test]
 fn a_fresh_runner_or_one_not_yet_launched_is_never_missing() {
     let rows = [
-        runner("fresh", RunnerState::Booting, Some("i-1"), Some(100 - REGISTRATION_SETTLE_SECS + 1)),
+        runner(
+            "fresh",
+            RunnerState::Booting,
+            Some("i-1"),
+            Some(100 - REGISTRATION_SETTLE_SECS + 1),
+        ),
         runner("requested", RunnerState::Requested, None, None),
     ];
     let missing = BTreeMap::from([("fresh".to_owned(), at(0)), ("requested".to_owned(), at(0))]);
-    let got = registrations_gone(&rows, &listed(&[]), &missing, Duration::seconds(10), at(100));
+    let got = registrations_gone(
+        &rows,
+        &listed(&[]),
+        &missing,
+        Duration::seconds(10),
+        at(100),
+    );
     assert!(got.gone.is_empty());
 }
 
@@ -203,7 +258,13 @@ fn a_busy_runner_gone_from_github_names_its_job() {
     let mut busy = runner("b", RunnerState::Busy, Some("i-1"), Some(0));
     busy.job_id = Some(42);
     let missing = BTreeMap::from([("b".to_owned(), at(0))]);
-    let got = registrations_gone(&[busy], &listed(&[]), &missing, Duration::seconds(10), at(100));
+    let got = registrations_gone(
+        &[busy],
+        &listed(&[]),
+        &missing,
+        Duration::seconds(10),
+        at(100),
+    );
     assert_eq!(got.gone[0].job_id, Some(42));
 }
 
@@ -215,9 +276,18 @@ fn job_checks_and_lost_jobs() {
         runner_name: Some("r".into()),
     };
     assert_eq!(job_check(&report("queued")), JobCheck::Queued);
-    assert!(matches!(job_check(&report("in_progress")), JobCheck::Started { .. }));
-    assert!(matches!(job_check(&report("completed")), JobCheck::Finished { .. }));
-    assert!(matches!(job_check(&report("something_new")), JobCheck::Finished { .. }));
+    assert!(matches!(
+        job_check(&report("in_progress")),
+        JobCheck::Started { .. }
+    ));
+    assert!(matches!(
+        job_check(&report("completed")),
+        JobCheck::Finished { .. }
+    ));
+    assert!(matches!(
+        job_check(&report("something_new")),
+        JobCheck::Finished { .. }
+    ));
     let job = |id: i64, created: Option<i64>| GitHubJob {
         id,
         run_id: id,
@@ -228,9 +298,17 @@ fn job_checks_and_lost_jobs() {
         html_url: None,
         created_at: created.map(at),
     };
-    let listed = vec![job(1, Some(0)), job(2, Some(0)), job(3, Some(90)), job(4, None)];
+    let listed = vec![
+        job(1, Some(0)),
+        job(2, Some(0)),
+        job(3, Some(90)),
+        job(4, None),
+    ];
     let known = BTreeSet::from([2]);
-    let lost: Vec<i64> = lost_queued_jobs(listed, &known, at(100)).iter().map(|j| j.id).collect();
+    let lost: Vec<i64> = lost_queued_jobs(listed, &known, at(100))
+        .iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(lost, [1, 4], "known and in-flight ones are not lost");
 }
 

@@ -63,7 +63,8 @@ impl Reconciler {
                 }
                 match self.backends.cloud.launch(&request).await {
                     Ok(instance) => {
-                        self.metrics.launch_attempt(profile.name.as_str(), market, Ok(()));
+                        self.metrics
+                            .launch_attempt(profile.name.as_str(), market, Ok(()));
                         tracing::info!(
                             runner = %runner.name, instance = %instance.id, instance_type = %instance_type,
                             market = %market, "instance launched"
@@ -81,7 +82,8 @@ impl Reconciler {
                             .await;
                     }
                     Err(e) => {
-                        self.metrics.launch_attempt(profile.name.as_str(), market, Err(&e));
+                        self.metrics
+                            .launch_attempt(profile.name.as_str(), market, Err(&e));
                         let _ = self
                             .store
                             .update_runner(

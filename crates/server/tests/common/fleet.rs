@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners::metrics::Metrics;
+use spot_runners_domain::ControllerId;
 use spot_runners_reconciler::ProfileCache;
 use spot_runners_reconciler::{Backends, Reconciler};
-use spot_runners_domain::ControllerId;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
 use spot_runners_store::testing::{test_database, TestDatabase};

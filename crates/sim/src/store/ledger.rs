@@ -178,7 +178,11 @@ impl Ledger {
             job.installation_id = ev.installation_id.or(job.installation_id);
             job.html_url = job.html_url.take().or(ev.html_url.clone());
             job.profile = job.profile.take().or(profile);
-            job.match_error = if job.profile.is_none() { match_error } else { None };
+            job.match_error = if job.profile.is_none() {
+                match_error
+            } else {
+                None
+            };
             job.queued_at = job.queued_at.or(at(JobStatus::Queued));
             job.in_progress_at = job.in_progress_at.or(at(JobStatus::InProgress));
             job.completed_at = job.completed_at.or(at(JobStatus::Completed));
@@ -211,7 +215,12 @@ impl Ledger {
         }
     }
 
-    pub(crate) fn set_profile(&mut self, id: i64, profile: Result<&str, &str>, _now: DateTime<Utc>) {
+    pub(crate) fn set_profile(
+        &mut self,
+        id: i64,
+        profile: Result<&str, &str>,
+        _now: DateTime<Utc>,
+    ) {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
@@ -239,7 +248,11 @@ impl Ledger {
             JobCheck::Finished {
                 conclusion,
                 runner_name,
-            } => (JobStatus::Completed, conclusion.clone(), runner_name.clone()),
+            } => (
+                JobStatus::Completed,
+                conclusion.clone(),
+                runner_name.clone(),
+            ),
             JobCheck::Gone => (JobStatus::Completed, Some("gone".to_owned()), None),
         };
         job.checked_at = Some(at);
@@ -320,7 +333,8 @@ impl Ledger {
                 scope: Some(r.record.scope.clone()),
             })
             .collect();
-        runners.sort_by(|a, b| (&a.profile, a.state, &a.scope).cmp(&(&b.profile, b.state, &b.scope)));
+        runners
+            .sort_by(|a, b| (&a.profile, a.state, &a.scope).cmp(&(&b.profile, b.state, &b.scope)));
         let snapshot = PlanSnapshot {
             demand: self.demand(now),
             runners,
@@ -487,7 +501,10 @@ impl Ledger {
         controller_id: &str,
         now: DateTime<Utc>,
     ) -> Vec<(RunnerRecord, Option<DateTime<Utc>>)> {
-        let names: Vec<String> = self.live_of(controller_id).map(|r| r.record.name.clone()).collect();
+        let names: Vec<String> = self
+            .live_of(controller_id)
+            .map(|r| r.record.name.clone())
+            .collect();
         let mut claimed = Vec::new();
         for name in names {
             let job = self
@@ -550,7 +567,11 @@ impl Ledger {
                 continue;
             }
             rec.online_at = rec.online_at.or(Some(at));
-            rec.state = if busy { RunnerState::Busy } else { RunnerState::Idle };
+            rec.state = if busy {
+                RunnerState::Busy
+            } else {
+                RunnerState::Idle
+            };
             rec.updated_at = now;
             n += 1;
         }

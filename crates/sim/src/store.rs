@@ -171,7 +171,7 @@ impl Store for MemoryStore {
                 )
             })
             .collect();
-        open.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        open.sort_by_key(|a| (a.0, a.1));
         Ok(open
             .into_iter()
             .take(usize::try_from(limit).unwrap_or(0))

@@ -77,12 +77,13 @@ fn listed(names: &[&str]) -> BTreeMap<RunnerScope, Vec<GitHubRunner>> {
 fn instances_gone_table() {
     use InstanceState::*;
     // (runner state, listed instance, launched secs ago, expected end state)
-    let cases: &[(
+    type Case<'a> = (
         RunnerState,
-        Option<(InstanceState, Option<&str>)>,
+        Option<(InstanceState, Option<&'a str>)>,
         i64,
         Option<RunnerState>,
-    )] = &[
+    );
+    let cases: &[Case<'_>] = &[
         (RunnerState::Idle, Some((Running, None)), 900, None),
         (
             RunnerState::Idle,

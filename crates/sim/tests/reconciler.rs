@@ -228,3 +228,39 @@ async fn a_runner_done_before_its_instance_was_recorded_is_ended() {
         "no longer holds a cap slot"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_github_listing_does_not_hold_up_planning() {
+    let r = rig(28_800);
+    r.deliver(event(1, JobStatus::Queued, None)).await;
+    r.reconciler.pass().await.unwrap();
+    // Every GitHub call now takes ten minutes: the sweep's runner listing
+    // (the scope has a runner) hangs that long.
+    r.github.set_latency(Duration::from_secs(600));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(Arc::clone(&r.reconciler).run(
+        Arc::clone(&wake),
+        Duration::from_secs(15),
+        stop.clone(),
+    ));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A webhook arrives while the sweep waits on GitHub.
+    let mut second = event(2, JobStatus::Queued, None);
+    second.delivery_id = "second".into();
+    r.deliver(second).await;
+    wake.notify_one();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let runners = r
+        .store
+        .runners("spot-runners", Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        runners.len(),
+        2,
+        "planned within a second, not after the sweep"
+    );
+    stop.cancel();
+    running.abort();
+}

@@ -114,23 +114,6 @@ pub fn replace_database(url: &str, database: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::replace_database;
-
-    #[test]
-    fn replaces_only_the_database() {
-        assert_eq!(
-            replace_database("postgres://u:p@h:5/db?sslmode=disable", "t1"),
-            "postgres://u:p@h:5/t1?sslmode=disable"
-        );
-        assert_eq!(
-            replace_database("postgres://u@h", "t1"),
-            "postgres://u@h/t1"
-        );
-    }
-}
-
 /// Writes an `instance_profiles` row as an operator would.
 pub async fn insert_profile(
     store: &PgStore,
@@ -165,4 +148,21 @@ pub async fn insert_profile(
     .execute(store.pool())
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_database;
+
+    #[test]
+    fn replaces_only_the_database() {
+        assert_eq!(
+            replace_database("postgres://u:p@h:5/db?sslmode=disable", "t1"),
+            "postgres://u:p@h:5/t1?sslmode=disable"
+        );
+        assert_eq!(
+            replace_database("postgres://u@h", "t1"),
+            "postgres://u@h/t1"
+        );
+    }
 }

@@ -6,6 +6,7 @@
 //! Adapters (Postgres, GitHub, EC2, the simulator) depend on this crate, never
 //! the other way round.
 
+pub mod backoff;
 pub mod clock;
 mod error;
 pub mod job;
@@ -16,6 +17,7 @@ pub mod ports;
 pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
+pub mod scopes;
 pub mod runner;
 pub mod stale;
 pub mod userdata;

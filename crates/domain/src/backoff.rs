@@ -100,7 +100,8 @@ impl Backoffs {
             Some(b) if b.fingerprint == print => b.failures + 1,
             _ => 1,
         };
-        let until = now + chrono::Duration::from_std(delay(failures)).unwrap_or(chrono::Duration::MAX);
+        let until =
+            now + chrono::Duration::from_std(delay(failures)).unwrap_or(chrono::Duration::MAX);
         let entry = Backoff {
             failures,
             code: code.to_owned(),
@@ -179,7 +180,10 @@ pub fn preflight(profile: &Profile) -> Result<(), String> {
     }
     let mut problems = Vec::new();
     if !id_like(&profile.image_id, "ami-") {
-        problems.push(format!("image_id {:?} is not an AMI id (ami-…)", profile.image_id));
+        problems.push(format!(
+            "image_id {:?} is not an AMI id (ami-…)",
+            profile.image_id
+        ));
     }
     for s in profile.subnet_ids.iter().filter(|s| !id_like(s, "subnet-")) {
         problems.push(format!("subnet {s:?} is not a subnet id (subnet-…)"));
@@ -265,10 +269,17 @@ mod tests {
         let p = profile("ami-0bad");
         let mut b = Backoffs::default();
         assert!(b.blocking(&p, t(0)).is_none());
-        assert_eq!(b.failed(&p, "InvalidAMIID.NotFound", "no such AMI", t(0)).until, t(30));
+        assert_eq!(
+            b.failed(&p, "InvalidAMIID.NotFound", "no such AMI", t(0))
+                .until,
+            t(30)
+        );
         assert!(b.blocking(&p, t(29)).is_some());
         assert!(b.blocking(&p, t(30)).is_none(), "one more try is due");
-        assert_eq!(b.failed(&p, "InvalidAMIID.NotFound", "", t(30)).until, t(90));
+        assert_eq!(
+            b.failed(&p, "InvalidAMIID.NotFound", "", t(30)).until,
+            t(90)
+        );
         assert_eq!(b.blocking(&p, t(60)).unwrap().failures, 2);
         b.launched("kani");
         assert!(b.blocking(&p, t(60)).is_none());
@@ -281,9 +292,16 @@ mod tests {
         b.failed(&bad, "InvalidAMIID.NotFound", "", t(0));
         b.failed(&bad, "InvalidAMIID.NotFound", "", t(30));
         let fixed = profile("ami-0good");
-        assert!(b.blocking(&fixed, t(31)).is_none(), "a new AMI is tried at once");
+        assert!(
+            b.blocking(&fixed, t(31)).is_none(),
+            "a new AMI is tried at once"
+        );
         // ...and a failure of the new row starts from the first delay.
-        assert_eq!(b.failed(&fixed, "InvalidAMIID.NotFound", "", t(31)).failures, 1);
+        assert_eq!(
+            b.failed(&fixed, "InvalidAMIID.NotFound", "", t(31))
+                .failures,
+            1
+        );
         // Labels or caps do not change what is launched.
         let mut row = example_row("kani", &["kani", "x64"]);
         row.image_id = "ami-0good".into();
@@ -299,7 +317,10 @@ mod tests {
             failure_code: code.map(str::to_owned),
         };
         assert_eq!(from_history(&[]), None);
-        assert_eq!(from_history(&[past(0, Some("InsufficientInstanceCapacity"))]), None);
+        assert_eq!(
+            from_history(&[past(0, Some("InsufficientInstanceCapacity"))]),
+            None
+        );
         let history = [
             past(0, Some("InvalidAMIID.NotFound")),
             past(10, None),

@@ -210,10 +210,18 @@ mod tests {
     #[test]
     fn client_tokens_are_distinct_per_attempt_stable_and_fit() {
         let short = "spot-runners-kani-abcd1234";
-        assert_eq!(client_token(short, 0), short, "the first attempt's token is the name");
+        assert_eq!(
+            client_token(short, 0),
+            short,
+            "the first attempt's token is the name"
+        );
         assert_eq!(client_token(short, 3), "spot-runners-kani-abcd1234.3");
         assert_eq!(client_token(short, 3), client_token(short, 3));
-        let long = format!("{}-{}-abcd1234", "c".repeat(CONTROLLER_ID_MAX), "p".repeat(PROFILE_NAME_MAX));
+        let long = format!(
+            "{}-{}-abcd1234",
+            "c".repeat(CONTROLLER_ID_MAX),
+            "p".repeat(PROFILE_NAME_MAX)
+        );
         assert_eq!(long.len(), RUNNER_NAME_MAX);
         let other = long.replace("abcd1234", "abcd1235");
         let mut seen = std::collections::BTreeSet::new();

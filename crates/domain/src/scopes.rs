@@ -110,14 +110,21 @@ impl KnownScopes {
     }
 }
 
-/// The scope a verified delivery names: its `organization.login`, or for
-/// a repository owned by a user, the repository itself.
+/// The scope a verified delivery names: its `organization.login` (an org
+/// webhook), the org owning its repository (a repository webhook), or for a
+/// repository owned by a user, the repository itself.
 pub fn scope_of_delivery(body: &[u8]) -> Option<RunnerScope> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     if let Some(org) = v["organization"]["login"].as_str() {
         return Some(RunnerScope::Org(org.to_owned()));
     }
-    v["repository"]["full_name"]
+    let repo = &v["repository"];
+    if repo["owner"]["type"].as_str() == Some("Organization") {
+        if let Some(owner) = repo["owner"]["login"].as_str() {
+            return Some(RunnerScope::Org(owner.to_owned()));
+        }
+    }
+    repo["full_name"]
         .as_str()
         .map(|r| RunnerScope::Repo(r.to_owned()))
 }
@@ -182,7 +189,9 @@ mod tests {
     fn deliveries_name_their_scope() {
         let ping = br#"{"zen":"z","hook_id":1,"organization":{"login":"acme"}}"#;
         assert_eq!(scope_of_delivery(ping), Some(org("acme")));
-        let user = br#"{"repository":{"full_name":"alice/proofs"}}"#;
+        let org_repo = br#"{"repository":{"full_name":"acme/x","owner":{"login":"acme","type":"Organization"}}}"#;
+        assert_eq!(scope_of_delivery(org_repo), Some(org("acme")));
+        let user = br#"{"repository":{"full_name":"alice/proofs","owner":{"login":"alice","type":"User"}}}"#;
         assert_eq!(
             scope_of_delivery(user),
             Some(RunnerScope::Repo("alice/proofs".into()))

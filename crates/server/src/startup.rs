@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use spot_runners_domain::clock::{Clock, SystemClock};
+use spot_runners_domain::scopes::KnownScopes;
 use spot_runners_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -53,10 +55,26 @@ impl Application {
         metrics: Arc<Metrics>,
         backends: Option<Backends>,
     ) -> Result<Self, Error> {
+        Self::build_with_clock(settings, metrics, backends, Arc::new(SystemClock)).await
+    }
+
+    /// [`Application::build_with`], with the reconciler reading time from
+    /// `clock` (tests move it by hand).
+    pub async fn build_with_clock(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        backends: Option<Backends>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
         let database = Database::open(&settings).await?;
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
         profiles.reload(store.as_ref(), &metrics).await?;
+        if let Err(e) = check_warm_pool_scopes(&settings, &profiles) {
+            database.close().await;
+            return Err(e);
+        }
+        let scopes = KnownScopes::new(settings.github_orgs.iter().cloned());
         let stop = CancellationToken::new();
         let (ingest, writer) = Ingest::start(Arc::clone(&store), stop.clone());
         let listener = match TcpListener::bind(settings.listen).await {
@@ -81,16 +99,21 @@ impl Application {
             metrics,
             secrets: settings.webhook_secrets.clone(),
             wake: Arc::new(Notify::new()),
+            scopes: scopes.clone(),
         };
         let reconciler = backends.map(|b| {
-            Arc::new(Reconciler::new(
-                Arc::clone(&state.store),
-                b,
-                state.profiles.clone(),
-                Arc::clone(&state.metrics),
-                settings.controller_id.clone(),
-                settings.max_instances,
-            ))
+            Arc::new(
+                Reconciler::new(
+                    Arc::clone(&state.store),
+                    b,
+                    state.profiles.clone(),
+                    Arc::clone(&state.metrics),
+                    settings.controller_id.clone(),
+                    settings.max_instances,
+                )
+                .with_clock(clock)
+                .with_scopes(scopes),
+            )
         });
         Ok(Self {
             reconciler,
@@ -182,6 +205,29 @@ impl Application {
             source: e,
         })
     }
+}
+
+/// With token auth there is no App to list installations of: a profile
+/// that keeps a warm pool needs `SPOT_RUNNERS_GITHUB_ORGS` to know where to
+/// register its runners before the first job.
+fn check_warm_pool_scopes(settings: &Settings, profiles: &ProfileCache) -> Result<(), Error> {
+    if !matches!(settings.github_auth, GitHubAuth::Token(_)) || !settings.github_orgs.is_empty() {
+        return Ok(());
+    }
+    let warm: Vec<String> = profiles
+        .get()
+        .profiles
+        .iter()
+        .filter(|p| p.enabled && p.min_idle > 0)
+        .map(|p| p.name.to_string())
+        .collect();
+    if warm.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "profile(s) {} keep a warm pool (min_idle > 0), but with SPOT_RUNNERS_GITHUB_TOKEN the service          cannot list where it is installed: set SPOT_RUNNERS_GITHUB_ORGS to the org(s) (or owner/repo          scopes) to keep them in, e.g. SPOT_RUNNERS_GITHUB_ORGS=acme",
+        warm.join(", ")
+    )))
 }
 
 /// Periodic upkeep: the jobs gauge and delivery-GUID retention.

@@ -41,6 +41,7 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         reconcile_interval: Duration::from_secs(3600),
         max_instances: 100,
         delivery_retention: Duration::from_secs(7 * 86_400),
+        github_orgs: vec![],
     }
 }
 
@@ -59,12 +60,28 @@ pub async fn spawn_app_with(
     tweak: impl FnOnce(&mut Settings),
     backends: Option<spot_runners::reconciler::Backends>,
 ) -> TestApp {
+    spawn_app_with_clock(
+        secrets,
+        tweak,
+        backends,
+        Arc::new(spot_runners_domain::clock::SystemClock),
+    )
+    .await
+}
+
+/// [`spawn_app_with`], the reconciler on `clock`.
+pub async fn spawn_app_with_clock(
+    secrets: &str,
+    tweak: impl FnOnce(&mut Settings),
+    backends: Option<spot_runners::reconciler::Backends>,
+    clock: Arc<dyn spot_runners_domain::clock::Clock>,
+) -> TestApp {
     spot_runners::telemetry::init();
     let db = test_database().await.expect("test database");
     let mut settings = settings(&db, secrets);
     tweak(&mut settings);
     let metrics = Arc::new(spot_runners::metrics::Metrics::new().unwrap());
-    let app = Application::build_with(settings, metrics, backends)
+    let app = Application::build_with_clock(settings, metrics, backends, clock)
         .await
         .expect("app builds");
     let base = format!("http://{}", app.local_addr());

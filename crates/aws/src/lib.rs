@@ -237,7 +237,7 @@ impl Cloud for Ec2Cloud {
             .max_count(1)
             // EC2 returns the original instance for a repeated token, so a
             // retry after a lost response cannot start a second machine.
-            .client_token(&request.runner_name)
+            .client_token(&request.client_token)
             .image_id(&request.image_id)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .set_subnet_id(non_empty(request.subnet_id.as_deref()).map(str::to_owned))
@@ -542,6 +542,11 @@ mod tests {
             ("InvalidAMIID.NotFound", CloudErrorKind::Invalid),
             ("InvalidSubnetID.NotFound", CloudErrorKind::Invalid),
             ("UnauthorizedOperation", CloudErrorKind::Invalid),
+            ("AuthFailure", CloudErrorKind::Invalid),
+            ("InvalidParameterValue", CloudErrorKind::Invalid),
+            // Not the profile's fault: the attempt's token is spent.
+            ("IdempotentParameterMismatch", CloudErrorKind::TokenSpent),
+            ("IdempotentInstanceTerminated", CloudErrorKind::TokenSpent),
         ];
         for (code, kind) in cases {
             let err = cloud_error(&service_error(code, 400));

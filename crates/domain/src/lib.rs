@@ -6,6 +6,7 @@
 //! Adapters (Postgres, GitHub, EC2, the simulator) depend on this crate, never
 //! the other way round.
 
+pub mod backoff;
 pub mod clock;
 mod error;
 pub mod job;
@@ -17,6 +18,7 @@ pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
 pub mod runner;
+pub mod scopes;
 pub mod stale;
 pub mod userdata;
 pub mod webhook;

@@ -93,6 +93,25 @@ pub struct GitHubJob {
     pub created_at: Option<DateTime<Utc>>,
 }
 
+/// One installation of the GitHub App (`GET /app/installations`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installation {
+    pub id: i64,
+    /// The account's login.
+    pub account: String,
+    /// GitHub's account type: `Organization` or `User`.
+    pub account_type: String,
+}
+
+impl Installation {
+    /// Where runners for this installation register: an organization's
+    /// runners live at org level; a user account has none (its
+    /// repositories' runners are per repository, learned from their jobs).
+    pub fn scope(&self) -> Option<RunnerScope> {
+        (self.account_type == "Organization").then(|| RunnerScope::Org(self.account.clone()))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GitHubError {
     /// 409 from generate-jitconfig: a runner with that name exists.
@@ -134,6 +153,12 @@ pub trait GitHub: Send + Sync + 'static {
     /// lost `queued` deliveries, not a replacement for webhooks).
     async fn queued_jobs(&self, repository: &str) -> Result<Vec<GitHubJob>, GitHubError>;
 
+    /// Where the App is installed, every page. Token auth has no App: the
+    /// answer is empty, and the configured orgs are what is known.
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        Ok(Vec::new())
+    }
+
     /// The JIT-config allowance this GitHub enforces; callers pace themselves by it.
     fn jit_config_limit(&self) -> TokenBucket {
         TokenBucket::github_jit_configs()
@@ -151,8 +176,11 @@ pub const TAG_NAME: &str = "Name";
 /// One `RunInstances` call: one instance, one type, one subnet, one market.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
-    /// Also the `ClientToken`, so a retried call cannot make a second instance.
+    /// The `spot-runners:runner` and `Name` tags.
     pub runner_name: String,
+    /// This attempt's `ClientToken` ([`crate::names::client_token`]): a
+    /// retried call cannot make a second instance.
+    pub client_token: String,
     pub controller_id: String,
     pub profile: String,
     pub instance_type: String,
@@ -172,6 +200,7 @@ impl fmt::Debug for LaunchRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LaunchRequest")
             .field("runner_name", &self.runner_name)
+            .field("client_token", &self.client_token)
             .field("profile", &self.profile)
             .field("instance_type", &self.instance_type)
             .field("subnet_id", &self.subnet_id)
@@ -234,6 +263,20 @@ pub enum CloudErrorKind {
     /// The account lacks a one-time setup step (the spot service-linked
     /// role): no launch of any profile can succeed until an operator does it.
     AccountSetup,
+    /// This attempt's `ClientToken` is spent: EC2 remembers it with other
+    /// parameters (`IdempotentParameterMismatch`) or its instance was
+    /// terminated (`IdempotentInstanceTerminated`). Nothing is wrong with
+    /// the profile: adopt the runner's instance if it has one, else go on
+    /// with the next attempt and its own token.
+    TokenSpent,
+}
+
+impl CloudErrorKind {
+    /// Whether retrying the profile as it is cannot help: an operator has
+    /// to fix the row (or the account) first.
+    pub fn is_invalid_request(self) -> bool {
+        matches!(self, CloudErrorKind::Invalid | CloudErrorKind::AccountSetup)
+    }
 }
 
 /// The role EC2 needs for spot, created once per account.
@@ -287,6 +330,9 @@ impl CloudError {
             "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
                 CloudErrorKind::Transient
             }
+            "IdempotentParameterMismatch" | "IdempotentInstanceTerminated" => {
+                CloudErrorKind::TokenSpent
+            }
             _ => CloudErrorKind::Invalid,
         };
         Self::new(kind, code, message)
@@ -295,9 +341,10 @@ impl CloudError {
 
 #[async_trait]
 pub trait Cloud: Send + Sync + 'static {
-    /// One `RunInstances` with `ClientToken` = runner name and the contract
-    /// tags. Repeating a call with the same runner name returns the same
-    /// instance.
+    /// One `RunInstances` with the request's `ClientToken` and the contract
+    /// tags. Repeating a call with the same token and parameters returns the
+    /// same instance; the same token with other parameters, or after its
+    /// instance terminated, is refused ([`CloudErrorKind::TokenSpent`]).
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, CloudError>;
 
     /// `TerminateInstances`; ids already gone are not an error.

@@ -18,7 +18,8 @@ use octocrab::service::middleware::retry::RetryConfig;
 use octocrab::Octocrab;
 use secrecy::{ExposeSecret, SecretString};
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubJob, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, Installation, JitConfig, JitRequest, JobReport,
+    RunnerScope,
 };
 
 mod app;
@@ -47,7 +48,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// `spot_runners_github_rate_limit_remaining`.
 pub trait ApiObserver: Send + Sync {
     /// `endpoint` is one of `generate_jitconfig`, `list_runners`,
-    /// `delete_runner`, `get_job`, `get_installation`, `installation_token`.
+    /// `delete_runner`, `get_job`, `get_installation`, `installation_token`,
+    /// `list_installations`.
     fn request(&self, endpoint: &'static str, status: u16);
 
     /// The `x-ratelimit-remaining` of a response that carried one.
@@ -333,6 +335,14 @@ impl GitHub for OctocrabGitHub {
         Err(GitHubError::Transient(format!(
             "{ENDPOINT}: more than {MAX_PAGES} pages of runners for {scope}"
         )))
+    }
+
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        match &self.credentials {
+            // A token is no App: there is nothing to list.
+            Credentials::Token(_) => Ok(Vec::new()),
+            Credentials::App(app) => app.installations(&self.transport).await,
+        }
     }
 
     async fn delete_runner(&self, scope: &RunnerScope, runner_id: i64) -> Result<(), GitHubError> {

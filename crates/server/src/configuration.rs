@@ -68,6 +68,10 @@ pub struct RawSettings {
     /// Global cap on live instances over all profiles.
     #[arg(long, env = "SPOT_RUNNERS_MAX_INSTANCES", default_value_t = 100)]
     pub max_instances: u32,
+    /// Orgs (or `owner/repo` scopes) served from the first pass, before any
+    /// webhook: comma-separated. Needed with token auth for warm pools.
+    #[arg(long, env = "SPOT_RUNNERS_GITHUB_ORGS")]
+    pub github_orgs: Option<String>,
     /// Days a delivery GUID is remembered for de-duplication.
     #[arg(
         long,
@@ -115,6 +119,9 @@ pub struct Settings {
     pub reconcile_interval: Duration,
     pub max_instances: u32,
     pub delivery_retention: Duration,
+    /// `SPOT_RUNNERS_GITHUB_ORGS`: where runners may register before any
+    /// job or webhook said so.
+    pub github_orgs: Vec<spot_runners_domain::ports::RunnerScope>,
 }
 
 fn non_blank(v: Option<String>) -> Option<String> {
@@ -186,7 +193,11 @@ impl RawSettings {
                 "SPOT_RUNNERS_DELIVERY_RETENTION_DAYS must be at least 1".into(),
             ));
         }
+        let github_orgs =
+            spot_runners_domain::scopes::parse_scopes(self.github_orgs.as_deref().unwrap_or(""))
+                .map_err(|e| Error::Config(format!("SPOT_RUNNERS_GITHUB_ORGS: {e}")))?;
         Ok(Settings {
+            github_orgs,
             database_url: non_blank(self.database_url).map(SecretString::from),
             data_dir: self.data_dir,
             listen,
@@ -298,6 +309,10 @@ mod tests {
             (
                 vec!["--reconcile-interval-secs", "0"],
                 "SPOT_RUNNERS_RECONCILE_INTERVAL_SECS",
+            ),
+            (
+                vec!["--github-orgs", "acme, not an org"],
+                "SPOT_RUNNERS_GITHUB_ORGS",
             ),
         ];
         for (mut args, var) in cases {

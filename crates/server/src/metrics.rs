@@ -180,10 +180,10 @@ impl Metrics {
                 .set(0);
         }
         for (profile, d) in demand {
-            if let Some(oldest) = d.queued.first() {
+            if let Some(oldest) = d.queued.iter().map(|q| q.since).min() {
                 self.oldest_queued_job_seconds
                     .with_label_values(&[profile])
-                    .set((now - oldest.since).num_seconds().max(0));
+                    .set((now - oldest).num_seconds().max(0));
             }
         }
     }

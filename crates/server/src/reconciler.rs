@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
+use spot_runners_domain::backoff::{self, Backoffs};
 use spot_runners_domain::clock::{Clock, SystemClock};
+use spot_runners_domain::names::client_token;
 use spot_runners_domain::planner::{launch_candidates, plan_launches};
 use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance,
@@ -21,6 +23,7 @@ use spot_runners_domain::ports::{
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
+use spot_runners_domain::scopes::{fill_warm_scopes, KnownScopes};
 use spot_runners_domain::stale::{self, StaleCutoffs};
 use spot_runners_domain::userdata::{render, UserDataValues};
 use spot_runners_domain::{
@@ -77,6 +80,8 @@ const POLL_GRACE_SECS: i64 = 60;
 const GAUGES_EVERY: Duration = Duration::from_secs(5);
 /// How long ended runners stay in the runners gauge.
 const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
+/// The App's installations are listed this often (and on the first pass).
+const INSTALLATIONS_EVERY: Duration = Duration::from_secs(600);
 
 /// The outside world the reconciler acts on.
 #[derive(Clone)]
@@ -98,6 +103,11 @@ pub struct Reconciler {
     sweeps: Every,
     gauges: Every,
     polls: Every,
+    installations: Every,
+    /// Where runners may be registered before any job said so.
+    scopes: KnownScopes,
+    /// Profiles whose launches were refused as invalid requests.
+    backoffs: Mutex<Backoffs>,
     /// Which recent repository is polled next.
     poll_turn: std::sync::atomic::AtomicUsize,
     launch_bucket: Mutex<TokenBucket>,
@@ -170,6 +180,9 @@ impl Reconciler {
             sweeps: Every::new(SWEEP_EVERY),
             gauges: Every::new(GAUGES_EVERY),
             polls: Every::new(POLL_EVERY),
+            installations: Every::new(INSTALLATIONS_EVERY),
+            scopes: KnownScopes::default(),
+            backoffs: Mutex::new(Backoffs::default()),
             poll_turn: std::sync::atomic::AtomicUsize::new(0),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
@@ -182,6 +195,13 @@ impl Reconciler {
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Shares the scopes known from configuration and webhooks.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: KnownScopes) -> Self {
+        self.scopes = scopes;
         self
     }
 
@@ -205,6 +225,9 @@ impl Reconciler {
             terminated: self.finish_completed().await?,
             ..PassReport::default()
         };
+        if self.installations.due(self.clock.now()) {
+            self.learn_installations().await;
+        }
         // Webhooks wake a pass each; what does not need to follow every
         // one of them runs at the sweep's pace.
         if self.sweeps.due(self.clock.now()) {
@@ -213,12 +236,28 @@ impl Reconciler {
         }
         let profiles = self.profiles.get();
         let cap = self.max_instances;
-        let planned: Vec<Profile> = profiles.profiles.clone();
+        let now = self.clock.now();
+        // A profile backed off gets no runners: each would be registered
+        // at GitHub only to fail the same way.
+        let planned: Vec<Profile> = {
+            let mut backoffs = self.backoffs.lock().unwrap_or_else(PoisonError::into_inner);
+            profiles
+                .profiles
+                .iter()
+                .filter(|p| backoffs.blocking(p, now).is_none())
+                .cloned()
+                .collect()
+        };
+        let known = self.scopes.snapshot();
         let created = self
             .store
             .plan_runners(
                 self.controller_id.as_str(),
-                Box::new(move |snap| plan_launches(&planned, &snap.demand, &snap.runners, cap)),
+                Box::new(move |snap| {
+                    let mut demand = snap.demand.clone();
+                    fill_warm_scopes(&planned, &mut demand, &known);
+                    plan_launches(&planned, &demand, &snap.runners, cap)
+                }),
             )
             .await?;
         report.requested = created.len();
@@ -232,6 +271,30 @@ impl Reconciler {
             self.refresh_gauges().await?;
         }
         Ok(report)
+    }
+
+    /// Learns the orgs the App is installed in, so warm pools and orphan
+    /// sweeps work there before any job arrives.
+    async fn learn_installations(&self) {
+        match self.backends.github.installations().await {
+            Ok(list) => {
+                for i in &list {
+                    match i.scope() {
+                        Some(scope) => {
+                            if self.scopes.learn(scope) {
+                                tracing::info!(org = %i.account, installation = i.id, "serving an org the App is installed in");
+                            }
+                        }
+                        None => {
+                            tracing::debug!(account = %i.account, kind = %i.account_type, "installation on a user account; its repositories are learned from their jobs")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the App's installations failed; known scopes come from configuration and webhooks");
+            }
+        }
     }
 
     /// Jobs that arrived before a fitting profile existed.
@@ -317,8 +380,15 @@ impl Reconciler {
         let mut report = SweepReport::default();
         let now = self.clock.now();
         // Scopes of recently ended runners too: their leftover
-        // registrations are swept.
-        let scopes = self.store.runner_scopes(controller, ORPHAN_MEMORY).await?;
+        // registrations are swept. And every scope known from the App's
+        // installations, configuration and webhooks, so a leftover is found
+        // before any runner of ours was registered there.
+        let mut scopes = self.store.runner_scopes(controller, ORPHAN_MEMORY).await?;
+        for known in self.scopes.snapshot() {
+            if !scopes.contains(&known) {
+                scopes.push(known);
+            }
+        }
         let instances = match self.backends.cloud.list_owned(controller).await {
             Ok(list) => Some(list),
             Err(e) => {
@@ -481,7 +551,15 @@ impl Reconciler {
                         retries.push(i.id.clone());
                     }
                 }
-                Some(s) if s.is_live() => {}
+                // A second instance under a live runner's name (a resumed
+                // launch whose first instance EC2 listed only later) is
+                // nobody's: the runner uses the one the ledger names.
+                Some(s)
+                    if s.is_live()
+                        && !runners.iter().any(|r| {
+                            Some(&r.name) == i.runner_name.as_ref()
+                                && r.instance_id.as_ref().is_some_and(|id| *id != i.id)
+                        }) => {}
                 _ => {
                     tracing::warn!(instance = %i.id, runner = ?i.runner_name, ledger = ?state, "orphaned instance; terminating");
                     orphans.push(i.id.clone());
@@ -923,6 +1001,9 @@ impl Reconciler {
             match failure {
                 Failure::End { code, reason } => {
                     tracing::warn!(runner = %name, code = %code, reason = %reason, "launch failed");
+                    if backoff::backs_off(&code) {
+                        self.back_off(&runner.profile, &code, &reason);
+                    }
                     let change = RunnerChange::Ended {
                         state: RunnerState::LaunchFailed,
                         code: Some(code),
@@ -946,6 +1027,27 @@ impl Reconciler {
         }
     }
 
+    /// Backs the profile off after an invalid request (see
+    /// [`backoff`]): no runner is planned for it until the delay passes or
+    /// the row changes.
+    fn back_off(&self, profile: &str, code: &str, reason: &str) {
+        let profiles = self.profiles.get();
+        let Some(p) = profiles
+            .profiles
+            .iter()
+            .find(|p| p.name.as_str() == profile)
+        else {
+            return;
+        };
+        let now = self.clock.now();
+        let mut backoffs = self.backoffs.lock().unwrap_or_else(PoisonError::into_inner);
+        let b = backoffs.failed(p, code, reason, now);
+        tracing::warn!(
+            profile, code, failures = b.failures, retry_in_secs = (b.until - now).num_seconds(),
+            "profile backed off: its launches are refused as invalid requests; fix the instance_profiles row (an edit that changes what is launched retries at once)"
+        );
+    }
+
     async fn provision_inner(&self, mut runner: RunnerRecord) -> Result<(), Failure> {
         let profiles = self.profiles.get();
         let Some(profile) = profiles
@@ -960,8 +1062,29 @@ impl Reconciler {
                 reason: format!("profile {} no longer exists or is invalid", runner.profile),
             });
         };
+        let candidates = launch_candidates(&profile);
+        let mut first_attempt = 0;
         match runner.state {
-            RunnerState::Launching => return self.recover_launching(&runner).await,
+            RunnerState::Launching => {
+                if self.adopt(&runner).await? {
+                    return Ok(());
+                }
+                // The attempt the crash interrupted is resumed with its own
+                // token: if its RunInstances never reached EC2 it launches
+                // now; if it did, EC2 answers for that token.
+                first_attempt = candidates
+                    .iter()
+                    .position(|(t, s, m)| {
+                        runner.instance_type.as_deref() == Some(t.as_str())
+                            && runner.subnet_id == *s
+                            && runner.market.as_deref() == Some(m.as_str())
+                    })
+                    .unwrap_or(0);
+                tracing::info!(runner = %runner.name, attempt = first_attempt, "resuming an interrupted launch");
+                self.forget_registration(&runner).await;
+                self.update(&runner.name, RunnerChange::Requeue).await?;
+                runner.github_runner_id = None;
+            }
             RunnerState::Registered => {
                 // The JIT config lived only in the memory of a process that
                 // is gone; GitHub will not issue it twice.
@@ -970,6 +1093,31 @@ impl Reconciler {
                 runner.github_runner_id = None;
             }
             _ => {}
+        }
+        let blocked = self
+            .backoffs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .blocking(&profile, self.clock.now())
+            .map(|b| {
+                format!(
+                    "profile {} is backed off after {} invalid request(s) ({}: {})",
+                    profile.name, b.failures, b.code, b.reason
+                )
+            });
+        if let Some(reason) = blocked {
+            self.forget_registration(&runner).await;
+            return Err(Failure::End {
+                code: backoff::BACKED_OFF_CODE.into(),
+                reason,
+            });
+        }
+        if let Err(reason) = backoff::preflight(&profile) {
+            self.forget_registration(&runner).await;
+            return Err(Failure::End {
+                code: backoff::PREFLIGHT_CODE.into(),
+                reason,
+            });
         }
         let jit = self.register(&runner, &profile).await?;
         self.update(
@@ -980,7 +1128,9 @@ impl Reconciler {
         )
         .await?;
         runner.github_runner_id = Some(jit.runner_id);
-        let result = self.launch(&runner, &profile, &jit).await;
+        let result = self
+            .launch(&runner, &profile, &jit, &candidates, first_attempt)
+            .await;
         if result.is_err() {
             self.forget_registration(&runner).await;
         }
@@ -994,11 +1144,10 @@ impl Reconciler {
         })
     }
 
-    /// A row left in `launching` by a crash: `RunInstances` may or may not
-    /// have happened. Adopt the instance if it exists; otherwise end the
-    /// runner (anything that appears later under its name is an orphan the
-    /// sweep terminates).
-    async fn recover_launching(&self, runner: &RunnerRecord) -> Result<(), Failure> {
+    /// A launch whose outcome is unknown (a crash during `RunInstances`, or
+    /// a token EC2 says was used before): adopts a live instance carrying
+    /// the runner's tag, if there is one. Returns whether it did.
+    async fn adopt(&self, runner: &RunnerRecord) -> Result<bool, Failure> {
         let owned = self
             .backends
             .cloud
@@ -1013,23 +1162,19 @@ impl Reconciler {
             .find(|i| i.runner_name.as_deref() == Some(runner.name.as_str()) && i.state.is_alive())
         {
             tracing::info!(runner = %runner.name, instance = %instance.id, "adopted the instance of an interrupted launch");
-            return self
-                .update(
-                    &runner.name,
-                    RunnerChange::Booting {
-                        instance_id: instance.id,
-                        instance_type: instance.instance_type,
-                        subnet_id: instance.subnet_id,
-                        market: instance.market.as_str().to_owned(),
-                    },
-                )
-                .await;
+            self.update(
+                &runner.name,
+                RunnerChange::Booting {
+                    instance_id: instance.id,
+                    instance_type: instance.instance_type,
+                    subnet_id: instance.subnet_id,
+                    market: instance.market.as_str().to_owned(),
+                },
+            )
+            .await?;
+            return Ok(true);
         }
-        self.forget_registration(runner).await;
-        Err(Failure::End {
-            code: "LostInLaunch".into(),
-            reason: "interrupted during RunInstances and no instance found".into(),
-        })
+        Ok(false)
     }
 
     /// Deletes the runner's GitHub registration, if it has one.
@@ -1121,11 +1266,15 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The instance type × subnet × market walk, from `first_attempt` on;
+    /// each attempt sends its own `ClientToken`.
     async fn launch(
         &self,
         runner: &RunnerRecord,
         profile: &Profile,
         jit: &JitConfig,
+        candidates: &[(String, Option<String>, spot_runners_domain::Market)],
+        first_attempt: usize,
     ) -> Result<(), Failure> {
         use secrecy::ExposeSecret;
         let user_data = render(&UserDataValues {
@@ -1139,9 +1288,15 @@ impl Reconciler {
             reason: e.to_string(),
         })?;
         let mut last: Option<CloudError> = None;
-        for (instance_type, subnet_id, market) in launch_candidates(profile) {
+        for (attempt, (instance_type, subnet_id, market)) in
+            candidates.iter().cloned().enumerate().skip(first_attempt)
+        {
             let request = LaunchRequest {
                 runner_name: runner.name.clone(),
+                client_token: client_token(
+                    &runner.name,
+                    u32::try_from(attempt).unwrap_or(u32::MAX),
+                ),
                 controller_id: self.controller_id.to_string(),
                 profile: profile.name.to_string(),
                 instance_type: instance_type.clone(),
@@ -1187,6 +1342,10 @@ impl Reconciler {
                             runner = %runner.name, instance = %instance.id, instance_type = %instance_type,
                             market = %market, "instance launched"
                         );
+                        self.backoffs
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .launched(profile.name.as_str());
                         return self
                             .update(
                                 &runner.name,
@@ -1223,6 +1382,14 @@ impl Reconciler {
                         last = Some(e);
                         match kind {
                             CloudErrorKind::Capacity => break,
+                            // Used before by an attempt whose outcome we
+                            // never learned: its instance, if any, is ours.
+                            CloudErrorKind::TokenSpent => {
+                                if self.adopt(runner).await? {
+                                    return Ok(());
+                                }
+                                break;
+                            }
                             CloudErrorKind::Throttled if attempt <= MAX_THROTTLED_RETRIES => {
                                 tokio::time::sleep(backoff(attempt)).await;
                             }

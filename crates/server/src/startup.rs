@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners_domain::clock::{Clock, SystemClock};
+use spot_runners_domain::scopes::KnownScopes;
 use spot_runners_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -71,6 +72,11 @@ impl Application {
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
         profiles.reload(store.as_ref(), &metrics).await?;
+        if let Err(e) = check_warm_pool_scopes(&settings, &profiles) {
+            database.close().await;
+            return Err(e);
+        }
+        let scopes = KnownScopes::new(settings.github_orgs.iter().cloned());
         let stop = CancellationToken::new();
         let (ingest, writer) = Ingest::start(Arc::clone(&store), stop.clone());
         let listener = match TcpListener::bind(settings.listen).await {
@@ -106,6 +112,7 @@ impl Application {
             metrics,
             secrets: settings.webhook_secrets.clone(),
             wake: Arc::new(Notify::new()),
+            scopes: scopes.clone(),
         };
         let reconciler = backends.map(|b| {
             Arc::new(
@@ -117,7 +124,8 @@ impl Application {
                     settings.controller_id.clone(),
                     settings.max_instances,
                 )
-                .with_clock(clock),
+                .with_clock(clock)
+                .with_scopes(scopes),
             )
         });
         Ok(Self {
@@ -246,6 +254,31 @@ async fn bind(at: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
         .local_addr()
         .map_err(io("reading the bound address".into()))?;
     Ok((listener, addr))
+}
+
+/// With token auth there is no App to list installations of: a profile
+/// that keeps a warm pool needs `SPOT_RUNNERS_GITHUB_ORGS` to know where to
+/// register its runners before the first job.
+fn check_warm_pool_scopes(settings: &Settings, profiles: &ProfileCache) -> Result<(), Error> {
+    if !matches!(settings.github_auth, GitHubAuth::Token(_)) || !settings.github_orgs.is_empty() {
+        return Ok(());
+    }
+    let warm: Vec<String> = profiles
+        .get()
+        .profiles
+        .iter()
+        .filter(|p| p.enabled && p.min_idle > 0)
+        .map(|p| p.name.to_string())
+        .collect();
+    if warm.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "profile(s) {} keep a warm pool (min_idle > 0), but with SPOT_RUNNERS_GITHUB_TOKEN the service \
+         cannot list where it is installed: set SPOT_RUNNERS_GITHUB_ORGS to the org(s) (or owner/repo \
+         scopes) to keep them in, e.g. SPOT_RUNNERS_GITHUB_ORGS=acme",
+        warm.join(", ")
+    )))
 }
 
 /// Periodic upkeep: the jobs gauge and delivery-GUID retention.

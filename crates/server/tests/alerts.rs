@@ -552,6 +552,7 @@ async fn orphans_found() {
     f.cloud
         .launch(&LaunchRequest {
             runner_name: "spot-runners-kani-lost0001".into(),
+            client_token: "spot-runners-kani-lost0001".into(),
             controller_id: "spot-runners".into(),
             profile: "kani".into(),
             instance_type: "c6i.4xlarge".into(),

@@ -211,6 +211,7 @@ async fn a_runner_github_lists_busy_is_taken_not_idle() {
 fn launch_request(controller: &str, runner: &str) -> LaunchRequest {
     LaunchRequest {
         runner_name: runner.to_owned(),
+        client_token: runner.to_owned(),
         controller_id: controller.to_owned(),
         profile: "kani".to_owned(),
         instance_type: "c6i.4xlarge".to_owned(),

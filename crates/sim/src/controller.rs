@@ -775,6 +775,10 @@ impl Controller {
             }
             let request = LaunchRequest {
                 runner_name: runner.name.clone(),
+                client_token: spot_runners_domain::names::client_token(
+                    &runner.name,
+                    u32::try_from(candidate).unwrap_or(u32::MAX),
+                ),
                 controller_id: self.controller_id.to_string(),
                 profile: profile.name.to_string(),
                 instance_type,
@@ -805,6 +809,9 @@ impl Controller {
                         self.stats.capacity_errors += 1;
                         candidate += 1;
                     }
+                    // This candidate's token was used before: the next one
+                    // has its own.
+                    CloudErrorKind::TokenSpent => candidate += 1,
                     CloudErrorKind::Throttled => {
                         self.set_candidate(seq, candidate);
                         return false;

@@ -15,7 +15,8 @@ use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
 use serde_json::json;
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubJob, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, Installation, JitConfig, JitRequest, JobReport,
+    RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 
@@ -111,6 +112,8 @@ struct State {
     fail_next: VecDeque<GitHubError>,
     calls: Vec<GitHubCall>,
     jit_calls: u64,
+    /// What `GET /app/installations` answers.
+    installations: Vec<Installation>,
     rng: StdRng,
 }
 
@@ -217,6 +220,7 @@ impl FakeGitHub {
             fail_next: VecDeque::new(),
             calls: Vec::new(),
             jit_calls: 0,
+            installations: Vec::new(),
             rng,
         };
         Self {
@@ -316,6 +320,11 @@ impl FakeGitHub {
     }
 
     /// Every `generate_jit_config` call, whatever its outcome.
+    /// The App's installations, as `GET /app/installations` lists them.
+    pub fn set_installations(&self, installations: Vec<Installation>) {
+        self.lock().installations = installations;
+    }
+
     pub fn jit_calls(&self) -> u64 {
         self.lock().jit_calls
     }
@@ -374,6 +383,11 @@ impl GitHub for FakeGitHub {
             runner_id,
             encoded: SecretString::from(encoded),
         })
+    }
+
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        self.delay().await;
+        Ok(self.lock().installations.clone())
     }
 
     async fn list_runners(&self, scope: &RunnerScope) -> Result<Vec<GitHubRunner>, GitHubError> {

@@ -34,6 +34,8 @@ pub struct AppState {
     pub secrets: Option<WebhookSecrets>,
     /// Wakes the reconciler after demand changed.
     pub wake: Arc<Notify>,
+    /// Scopes learned from verified deliveries, shared with the reconciler.
+    pub scopes: spot_runners_domain::scopes::KnownScopes,
 }
 
 /// Everything on one listener: webhooks, health and metrics.

@@ -174,7 +174,16 @@ async fn handle(
         }
     }
     match delivery.event.as_str() {
-        "ping" => return Ok(Accepted::Ping),
+        "ping" => {
+            // An org webhook's ping names the org: warm pools and orphan
+            // sweeps can start there before its first job.
+            if let Some(scope) = spot_runners_domain::scopes::scope_of_delivery(&body) {
+                if state.scopes.learn(scope.clone()) {
+                    tracing::info!(%scope, "serving a scope named by a webhook ping");
+                }
+            }
+            return Ok(Accepted::Ping);
+        }
         "workflow_job" => {}
         "" => return Err(ApiError::Malformed("missing X-GitHub-Event".into())),
         _ => return Ok(Accepted::Ignored),
@@ -206,6 +215,10 @@ async fn handle(
         };
     delivery.action = job.status.as_str().to_owned();
     delivery.job_id = Some(job.job_id);
+    state.scopes.learn(match &job.org {
+        Some(org) => spot_runners_domain::ports::RunnerScope::Org(org.clone()),
+        None => spot_runners_domain::ports::RunnerScope::Repo(job.repository.clone()),
+    });
     let profile = state.profiles.match_job(&job.labels, &job.repository);
     let wait = match (job.status, &profile, job.created_at, job.started_at) {
         (JobStatus::InProgress, Ok(p), Some(created), Some(started)) => {

@@ -67,6 +67,26 @@ impl Harness {
         )
     }
 
+    /// A reconciler on the harness's store, adjusted by `f` (scopes, …).
+    pub fn reconciler_with(
+        &self,
+        max_instances: u32,
+        f: impl FnOnce(Reconciler) -> Reconciler,
+    ) -> Arc<Reconciler> {
+        Arc::new(f(Reconciler::new(
+            self.store.clone(),
+            Backends {
+                cloud: Arc::new(self.cloud.clone()),
+                github: Arc::new(self.github.clone()),
+            },
+            self.profiles.clone(),
+            Arc::clone(&self.metrics),
+            ControllerId::default(),
+            max_instances,
+        )
+        .with_clock(Arc::new(self.clock.clone()))))
+    }
+
     pub async fn profile(&self, name: &str, sql_set: &str) {
         sqlx::query(
             "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids)

@@ -44,6 +44,7 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         reconcile_interval: Duration::from_secs(3600),
         max_instances: 100,
         delivery_retention: Duration::from_secs(7 * 86_400),
+        github_orgs: vec![],
     }
 }
 
@@ -62,13 +63,28 @@ pub async fn spawn_app_with(
     tweak: impl FnOnce(&mut Settings),
     backends: Option<spot_runners::reconciler::Backends>,
 ) -> TestApp {
-    let metrics = Arc::new(spot_runners::metrics::Metrics::new().unwrap());
+    spawn_app_with_clock(
+        secrets,
+        tweak,
+        backends,
+        Arc::new(spot_runners_domain::clock::SystemClock),
+    )
+    .await
+}
+
+/// [`spawn_app_with`], the reconciler on `clock`.
+pub async fn spawn_app_with_clock(
+    secrets: &str,
+    tweak: impl FnOnce(&mut Settings),
+    backends: Option<spot_runners::reconciler::Backends>,
+    clock: Arc<dyn spot_runners_domain::clock::Clock>,
+) -> TestApp {
     spawn_app_on(
         secrets,
         tweak,
-        metrics,
+        Arc::new(spot_runners::metrics::Metrics::new().unwrap()),
         backends,
-        Arc::new(spot_runners_domain::clock::SystemClock),
+        clock,
     )
     .await
 }

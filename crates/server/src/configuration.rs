@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use spot_runners_domain::webhook::WebhookSecrets;
 use spot_runners_domain::ControllerId;
 
+use crate::http::IntakeLimits;
 use crate::Error;
 
 /// The environment, as clap reads it (each variable can also be a flag).
@@ -71,6 +72,9 @@ pub struct RawSettings {
         default_value_t = 7
     )]
     pub delivery_retention_days: u32,
+    /// Days completed jobs and ended runners are kept in the ledger.
+    #[arg(long, env = "SPOT_RUNNERS_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u32,
 }
 
 /// How the service authenticates to GitHub.
@@ -109,6 +113,10 @@ pub struct Settings {
     pub reconcile_interval: Duration,
     pub max_instances: u32,
     pub delivery_retention: Duration,
+    /// Completed jobs and ended runners older than this are pruned.
+    pub retention: Duration,
+    /// What requests may hold before they are authenticated.
+    pub intake: IntakeLimits,
 }
 
 fn non_blank(v: Option<String>) -> Option<String> {
@@ -168,6 +176,14 @@ impl RawSettings {
                 "SPOT_RUNNERS_DELIVERY_RETENTION_DAYS must be at least 1".into(),
             ));
         }
+        if self.retention_days < self.delivery_retention_days {
+            // A job forgotten before its delivery GUIDs would come back as
+            // new demand if GitHub redelivered its `queued`.
+            return Err(Error::Config(format!(
+                "SPOT_RUNNERS_RETENTION_DAYS ({}) must be at least SPOT_RUNNERS_DELIVERY_RETENTION_DAYS ({})",
+                self.retention_days, self.delivery_retention_days
+            )));
+        }
         Ok(Settings {
             database_url: non_blank(self.database_url).map(SecretString::from),
             data_dir: self.data_dir,
@@ -181,6 +197,8 @@ impl RawSettings {
             delivery_retention: Duration::from_secs(
                 u64::from(self.delivery_retention_days) * 86_400,
             ),
+            retention: Duration::from_secs(u64::from(self.retention_days) * 86_400),
+            intake: IntakeLimits::default(),
         })
     }
 }
@@ -241,12 +259,23 @@ mod tests {
                 vec!["--reconcile-interval-secs", "0"],
                 "SPOT_RUNNERS_RECONCILE_INTERVAL_SECS",
             ),
+            (vec!["--retention-days", "3"], "SPOT_RUNNERS_RETENTION_DAYS"),
         ];
         for (mut args, var) in cases {
             args.extend(["--webhook-secret", "s"]);
             let err = raw(&args).parse(false).unwrap_err().to_string();
             assert!(err.contains(var), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn retention_defaults_to_30_days() {
+        let s = raw(&["--webhook-secret", "s"]).parse(false).unwrap();
+        assert_eq!(s.retention, Duration::from_secs(30 * 86_400));
+        let s = raw(&["--webhook-secret", "s", "--retention-days", "90"])
+            .parse(false)
+            .unwrap();
+        assert_eq!(s.retention, Duration::from_secs(90 * 86_400));
     }
 
     #[test]

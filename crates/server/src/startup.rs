@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::{GitHubAuth, Settings};
 use crate::database::Database;
-use crate::http::{router, AppState};
+use crate::http::{router, serve, AppState, BodyBudget};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
@@ -74,23 +74,36 @@ impl Application {
             context: "reading the bound address".into(),
             source: e,
         })?;
+        let Some(secrets) = settings.webhook_secrets.clone() else {
+            // Never "no secret, so no verification".
+            stop.cancel();
+            database.close().await;
+            return Err(Error::Config(
+                "SPOT_RUNNERS_WEBHOOK_SECRET is required: every delivery is verified".into(),
+            ));
+        };
         let state = AppState {
             store,
             ingest,
             profiles,
             metrics,
-            secrets: settings.webhook_secrets.clone(),
+            secrets,
+            body_budget: BodyBudget::new(settings.intake.body_budget_bytes),
+            body_read_timeout: settings.intake.body_read_timeout,
             wake: Arc::new(Notify::new()),
         };
         let reconciler = backends.map(|b| {
-            Arc::new(Reconciler::new(
-                Arc::clone(&state.store),
-                b,
-                state.profiles.clone(),
-                Arc::clone(&state.metrics),
-                settings.controller_id.clone(),
-                settings.max_instances,
-            ))
+            Arc::new(
+                Reconciler::new(
+                    Arc::clone(&state.store),
+                    b,
+                    state.profiles.clone(),
+                    Arc::clone(&state.metrics),
+                    settings.controller_id.clone(),
+                    settings.max_instances,
+                )
+                .with_retention(settings.retention),
+            )
         });
         Ok(Self {
             reconciler,
@@ -165,9 +178,7 @@ impl Application {
         }
         tracing::info!("listening on {addr}");
         let app = router(state);
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        serve(listener, app, &settings.intake, shutdown).await;
         tracing::info!("shutting down");
         stop.cancel();
         for task in background {
@@ -177,10 +188,7 @@ impl Application {
         // queued and exits.
         let _ = writer.await;
         database.close().await;
-        served.map_err(|e| Error::Io {
-            context: "serving HTTP".into(),
-            source: e,
-        })
+        Ok(())
     }
 }
 

@@ -718,39 +718,53 @@ mod flood {
         let probe_every = Duration::from_millis(args.probe_every_ms.max(1));
         let secret = args.secret.clone();
         let webhook = format!("{base}/webhook");
-        let probes = tokio::spawn(async move {
-            let mut latencies_us = Vec::new();
-            let mut statuses = std::collections::BTreeMap::<String, usize>::new();
-            let mut tick = tokio::time::interval(probe_every);
-            let id_base = i64::try_from(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros())
-                    .unwrap_or_default(),
-            )
-            .unwrap_or_default();
-            let mut n = 0i64;
-            while Instant::now() < until {
-                tick.tick().await;
-                n += 1;
-                let body = probe_body(id_base + n);
-                let mut req = client.post(&webhook).body(body.clone());
-                for (name, value) in delivery_headers(
-                    "workflow_job",
-                    &format!("probe-{}", id_base + n),
-                    sign(secret.as_bytes(), &body),
-                ) {
-                    req = req.header(name, value);
+        // On a thread and runtime of its own, so the flood's senders cannot
+        // delay it inside this process: what it measures is the service.
+        let probes = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            // Its own client too: pooled connections belong to a runtime.
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .tcp_nodelay(true)
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            Ok::<_, anyhow::Error>(runtime.block_on(async move {
+                let mut latencies_us = Vec::new();
+                let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+                let mut tick = tokio::time::interval(probe_every);
+                let id_base = i64::try_from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros())
+                        .unwrap_or_default(),
+                )
+                .unwrap_or_default();
+                let mut n = 0i64;
+                while Instant::now() < until {
+                    tick.tick().await;
+                    n += 1;
+                    let body = probe_body(id_base + n);
+                    let mut req = client.post(&webhook).body(body.clone());
+                    for (name, value) in delivery_headers(
+                        "workflow_job",
+                        &format!("probe-{}", id_base + n),
+                        sign(secret.as_bytes(), &body),
+                    ) {
+                        req = req.header(name, value);
+                    }
+                    let sent = Instant::now();
+                    let status = match req.send().await {
+                        Ok(r) => r.status().as_u16().to_string(),
+                        Err(e) => format!("error ({e})"),
+                    };
+                    latencies_us
+                        .push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    *statuses.entry(status).or_default() += 1;
                 }
-                let sent = Instant::now();
-                let status = match req.send().await {
-                    Ok(r) => r.status().as_u16().to_string(),
-                    Err(e) => format!("error ({e})"),
-                };
-                latencies_us.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
-                *statuses.entry(status).or_default() += 1;
-            }
-            (latencies_us, statuses)
+                (latencies_us, statuses)
+            }))
         });
 
         let mut peak_sampled = 0u64;
@@ -765,7 +779,9 @@ mod flood {
         for t in tasks {
             let _ = t.await;
         }
-        let (mut latencies, statuses) = probes.await?;
+        let (mut latencies, statuses) = probes
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe thread panicked"))??;
         latencies.sort_unstable();
         let hwm = args.rss_of.and_then(|p| status_kib(p, "VmHWM:"));
         let rss_after = args.rss_of.and_then(|p| status_kib(p, "VmRSS:"));

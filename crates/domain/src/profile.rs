@@ -259,6 +259,80 @@ pub fn example_row(name: &str, labels: &[&str]) -> ProfileRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[a-z0-9-]{1,40}",
+            "[a-z*?/{}\\[\\]!,-]{0,12}",
+            ".{0,12}",
+        ]
+    }
+
+    fn int() -> impl Strategy<Value = i32> {
+        prop_oneof![Just(0), Just(-1), Just(i32::MAX), Just(i32::MIN), -5..50i32]
+    }
+
+    prop_compose! {
+        /// Whatever a hand-edited row (or one from before a constraint
+        /// existed) may hold.
+        fn any_row()(
+            name in text(),
+            labels in proptest::collection::vec(text(), 0..4),
+            instance_types in proptest::collection::vec(text(), 0..3),
+            image_id in text(),
+            market in prop_oneof![Just("spot".to_owned()), Just("on-demand".to_owned()), text()],
+            limits in proptest::array::uniform6(int()),
+            runner_group_id in prop_oneof![Just(0i64), Just(-3i64), 1..5i64],
+            repositories in proptest::option::of(proptest::collection::vec(text(), 0..3)),
+            flags in proptest::array::uniform2(any::<bool>()),
+            priority in any::<i32>(),
+        ) -> ProfileRow {
+            ProfileRow {
+                name, labels, instance_types, image_id,
+                subnet_ids: vec![],
+                security_group_ids: vec![],
+                iam_instance_profile: None,
+                market,
+                on_demand_fallback: flags[0],
+                max_instances: limits[0],
+                min_idle: limits[1],
+                idle_timeout_secs: limits[2],
+                boot_timeout_secs: limits[3],
+                max_lifetime_secs: limits[4],
+                runner_group_id,
+                root_volume_gb: limits[5],
+                repositories,
+                enabled: flags[1],
+                priority,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any row is a usable profile or skipped with a reason; never a panic.
+        #[test]
+        fn any_row_is_a_valid_profile_or_a_reason(row in any_row()) {
+            match Profile::try_from(row.clone()) {
+                Ok(p) => {
+                    prop_assert!(!p.labels.is_empty());
+                    prop_assert!(p.labels.iter().all(|l| *l == l.to_lowercase()));
+                    prop_assert!(!p.instance_types.is_empty());
+                    prop_assert!(p.min_idle <= p.max_instances && p.max_instances > 0);
+                    prop_assert!(p.idle_timeout_secs > 0 && p.boot_timeout_secs > 0);
+                    prop_assert!(p.instance_idle_limit_secs() <= p.max_lifetime_secs);
+                    let _ = p.repositories.as_ref().map(|r| r.allows("acme/proofs"));
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+        }
+    }
 
     fn parse(row: ProfileRow) -> Result<Profile, DomainError> {
         Profile::try_from(row)

@@ -10,6 +10,7 @@ use secrecy::SecretString;
 use spot_runners_domain::webhook::WebhookSecrets;
 use spot_runners_domain::ControllerId;
 
+use crate::http::IntakeLimits;
 use crate::Error;
 
 /// The environment, as clap reads it (each variable can also be a flag).
@@ -79,6 +80,9 @@ pub struct RawSettings {
         default_value_t = 7
     )]
     pub delivery_retention_days: u32,
+    /// Days completed jobs and ended runners are kept in the ledger.
+    #[arg(long, env = "SPOT_RUNNERS_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u32,
 }
 
 /// How the service authenticates to GitHub.
@@ -122,6 +126,10 @@ pub struct Settings {
     /// `SPOT_RUNNERS_GITHUB_ORGS`: where runners may register before any
     /// job or webhook said so.
     pub github_orgs: Vec<spot_runners_domain::ports::RunnerScope>,
+    /// Completed jobs and ended runners older than this are pruned.
+    pub retention: Duration,
+    /// What requests may hold before they are authenticated.
+    pub intake: IntakeLimits,
 }
 
 fn non_blank(v: Option<String>) -> Option<String> {
@@ -196,6 +204,14 @@ impl RawSettings {
         let github_orgs =
             spot_runners_domain::scopes::parse_scopes(self.github_orgs.as_deref().unwrap_or(""))
                 .map_err(|e| Error::Config(format!("SPOT_RUNNERS_GITHUB_ORGS: {e}")))?;
+        if self.retention_days < self.delivery_retention_days {
+            // A job forgotten before its delivery GUIDs would come back as
+            // new demand if GitHub redelivered its `queued`.
+            return Err(Error::Config(format!(
+                "SPOT_RUNNERS_RETENTION_DAYS ({}) must be at least SPOT_RUNNERS_DELIVERY_RETENTION_DAYS ({})",
+                self.retention_days, self.delivery_retention_days
+            )));
+        }
         Ok(Settings {
             github_orgs,
             database_url: non_blank(self.database_url).map(SecretString::from),
@@ -211,6 +227,8 @@ impl RawSettings {
             delivery_retention: Duration::from_secs(
                 u64::from(self.delivery_retention_days) * 86_400,
             ),
+            retention: Duration::from_secs(u64::from(self.retention_days) * 86_400),
+            intake: IntakeLimits::default(),
         })
     }
 }
@@ -314,6 +332,7 @@ mod tests {
                 vec!["--github-orgs", "acme, not an org"],
                 "SPOT_RUNNERS_GITHUB_ORGS",
             ),
+            (vec!["--retention-days", "3"], "SPOT_RUNNERS_RETENTION_DAYS"),
         ];
         for (mut args, var) in cases {
             args.extend(["--webhook-secret", "s"]);
@@ -384,6 +403,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("SPOT_RUNNERS_METRICS_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_to_30_days() {
+        let s = raw(&["--webhook-secret", "s"]).parse(false).unwrap();
+        assert_eq!(s.retention, Duration::from_secs(30 * 86_400));
+        let s = raw(&["--webhook-secret", "s", "--retention-days", "90"])
+            .parse(false)
+            .unwrap();
+        assert_eq!(s.retention, Duration::from_secs(90 * 86_400));
     }
 
     #[test]

@@ -82,6 +82,8 @@ const GAUGES_EVERY: Duration = Duration::from_secs(5);
 const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
 /// The App's installations are listed this often (and on the first pass).
 const INSTALLATIONS_EVERY: Duration = Duration::from_secs(600);
+/// Rows of each kind one sweep prunes at most (SPOT_RUNNERS_RETENTION_DAYS).
+const PRUNE_BATCH: i64 = 500;
 
 /// The outside world the reconciler acts on.
 #[derive(Clone)]
@@ -113,6 +115,8 @@ pub struct Reconciler {
     launch_bucket: Mutex<TokenBucket>,
     jit_bucket: Mutex<TokenBucket>,
     provision_wake: Notify,
+    /// Completed jobs and ended runners older than this are pruned.
+    retention: Duration,
 }
 
 /// What a pass did.
@@ -187,8 +191,16 @@ impl Reconciler {
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
+            retention: Duration::from_secs(30 * 86_400),
             backends,
         }
+    }
+
+    /// Keeps completed jobs and ended runners this long (default 30 days).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Reads time from `clock` instead of the system's.
@@ -438,6 +450,17 @@ impl Reconciler {
         report.stale_checked = checked;
         report.stale_closed = closed;
         report.discovered = self.poll_queued_jobs(now).await?;
+        let pruned = self
+            .store
+            .prune_ledger(controller, self.retention, PRUNE_BATCH)
+            .await?;
+        if pruned != spot_runners_store::Pruned::default() {
+            tracing::info!(
+                jobs = pruned.jobs,
+                runners = pruned.runners,
+                "pruned the ledger past its retention"
+            );
+        }
         Ok(Some(report))
     }
 

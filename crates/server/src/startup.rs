@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::{GitHubAuth, Settings};
 use crate::database::Database;
-use crate::http::{metrics_router, public_router, AppState};
+use crate::http::{metrics_router, public_router, serve, AppState, BodyBudget};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
@@ -94,6 +94,14 @@ impl Application {
             context: "reading the bound address".into(),
             source: e,
         })?;
+        let Some(secrets) = settings.webhook_secrets.clone() else {
+            // Never "no secret, so no verification".
+            stop.cancel();
+            database.close().await;
+            return Err(Error::Config(
+                "SPOT_RUNNERS_WEBHOOK_SECRET is required: every delivery is verified".into(),
+            ));
+        };
         let metrics_listener = match settings.metrics_listen {
             None => None,
             Some(at) => match bind(at).await {
@@ -110,7 +118,9 @@ impl Application {
             ingest,
             profiles,
             metrics,
-            secrets: settings.webhook_secrets.clone(),
+            secrets,
+            body_budget: BodyBudget::new(settings.intake.body_budget_bytes),
+            body_read_timeout: settings.intake.body_read_timeout,
             wake: Arc::new(Notify::new()),
             scopes: scopes.clone(),
         };
@@ -125,7 +135,8 @@ impl Application {
                     settings.max_instances,
                 )
                 .with_clock(clock)
-                .with_scopes(scopes),
+                .with_scopes(scopes)
+                .with_retention(settings.retention),
             )
         });
         Ok(Self {
@@ -226,9 +237,7 @@ impl Application {
             }));
         }
         tracing::info!("listening on {addr}");
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        serve(listener, app, &settings.intake, shutdown).await;
         tracing::info!("shutting down");
         stop.cancel();
         for task in background {
@@ -238,10 +247,7 @@ impl Application {
         // queued and exits.
         let _ = writer.await;
         database.close().await;
-        served.map_err(|e| Error::Io {
-            context: "serving HTTP".into(),
-            source: e,
-        })
+        Ok(())
     }
 }
 

@@ -52,6 +52,13 @@ pub struct JobCount {
     pub count: i64,
 }
 
+/// What one retention batch deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub jobs: u64,
+    pub runners: u64,
+}
+
 /// What the service needs from its database.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -74,6 +81,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets delivery GUIDs older than `retention`; returns how many.
     async fn prune_deliveries(&self, retention: Duration) -> Result<u64, StoreError>;
+
+    /// Retention: deletes at most `batch` completed jobs and at most `batch`
+    /// ended runners of `controller_id` that are older than `older_than`,
+    /// oldest first. Open jobs and live runners are never touched.
+    async fn prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, StoreError>;
 
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::runners::{queued_job, scope_columns, scope_of};
 use crate::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot, Pruned,
     RecentRepository, RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
 
@@ -227,10 +227,17 @@ impl Store for PgStore {
     }
 
     async fn job_counts(&self, completed_within: Duration) -> Result<Vec<JobCount>, StoreError> {
+        // Two index ranges (open jobs, recent completions) instead of a
+        // filter over every job the ledger keeps.
         let rows = sqlx::query!(
-            r#"SELECT profile, status, count(*) AS "count!"
+            r#"SELECT profile, status AS "status!", count(*) AS "count!"
                FROM workflow_jobs
-               WHERE status <> 'completed' OR completed_at > now() - make_interval(secs => $1)
+               WHERE status IN ('waiting', 'queued', 'in_progress')
+               GROUP BY profile, status
+               UNION ALL
+               SELECT profile, status, count(*)
+               FROM workflow_jobs
+               WHERE completed_at > now() - make_interval(secs => $1) AND status = 'completed'
                GROUP BY profile, status"#,
             completed_within.as_secs_f64(),
         )
@@ -256,6 +263,47 @@ impl Store for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, StoreError> {
+        // Small batches in short statements: the rows go oldest first
+        // along an index, and nothing live waits on a long delete.
+        let jobs = sqlx::query!(
+            // `= ANY(ARRAY(…))`, not `IN (…)`: the batch is looked up by
+            // key, never by a join over the whole table.
+            r#"DELETE FROM workflow_jobs WHERE id = ANY(ARRAY(
+                   SELECT id FROM workflow_jobs
+                   WHERE completed_at < now() - make_interval(secs => $1) AND status = 'completed'
+                   ORDER BY completed_at
+                   LIMIT $2))"#,
+            older_than.as_secs_f64(),
+            batch,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let runners = sqlx::query!(
+            r#"DELETE FROM runners WHERE name = ANY(ARRAY(
+                   SELECT name FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                                   'interrupted', 'orphaned')
+                     AND updated_at < now() - make_interval(secs => $2)
+                   ORDER BY updated_at
+                   LIMIT $3))"#,
+            controller_id,
+            older_than.as_secs_f64(),
+            batch,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(Pruned { jobs, runners })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -450,15 +498,27 @@ impl Store for PgStore {
     ) -> Result<Vec<RunnerRecord>, StoreError> {
         let rows = sqlx::query_as!(
             RunnerRow,
-            r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
-                      instance_type, subnet_id, market, job_id, launch_attempts,
-                      last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at
-               FROM runners
-               WHERE controller_id = $1
-                 AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))
+            // Live rows, then recently ended ones: one partial index each
+            // (see the ledger_retention migration), however many rows ended
+            // long ago.
+            r#"SELECT name AS "name!", profile AS "profile!", state AS "state!", org, repository,
+                      github_runner_id, instance_id, instance_type, subnet_id, market, job_id,
+                      launch_attempts AS "launch_attempts!", last_error_code, reason, demand_since,
+                      created_at AS "created_at!", launched_at, online_at, updated_at AS "updated_at!"
+               FROM (
+                   SELECT * FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                                   'done', 'terminating')
+                   UNION ALL
+                   SELECT * FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                                   'interrupted', 'orphaned')
+                     AND updated_at > now() - make_interval(secs => $2)
+               ) r
                ORDER BY created_at"#,
             controller_id,
-            &live_states(),
             ended_within.as_secs_f64()
         )
         .fetch_all(&self.pool)
@@ -472,11 +532,17 @@ impl Store for PgStore {
         ended_within: Duration,
     ) -> Result<Vec<RunnerScope>, StoreError> {
         let rows = sqlx::query!(
-            r#"SELECT DISTINCT org, repository FROM runners
+            r#"SELECT org, repository FROM runners
                WHERE controller_id = $1
-                 AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))"#,
+                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                               'done', 'terminating')
+               UNION
+               SELECT org, repository FROM runners
+               WHERE controller_id = $1
+                 AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                               'interrupted', 'orphaned')
+                 AND updated_at > now() - make_interval(secs => $2)"#,
             controller_id,
-            &live_states(),
             ended_within.as_secs_f64()
         )
         .fetch_all(&self.pool)
@@ -797,21 +863,10 @@ fn records(rows: Vec<RunnerRow>) -> Result<Vec<RunnerRecord>, StoreError> {
     rows.into_iter().map(RunnerRecord::try_from).collect()
 }
 
-/// States that may still have (or get) an instance.
-const LIVE_STATES: &[&str] = &[
-    "requested",
-    "registered",
-    "launching",
-    "booting",
-    "idle",
-    "busy",
-    "done",
-    "terminating",
-];
-
-fn live_states() -> Vec<String> {
-    LIVE_STATES.iter().map(|s| (*s).to_owned()).collect()
-}
+// The live states ('requested' … 'terminating': those that may still have
+// or get an instance) and the ended ones are written out in each query, as
+// in the partial indexes of the ledger_retention migration, so the planner
+// can use those indexes; `live_states_match_the_domain` keeps the lists honest.
 
 impl PgStore {
     async fn plan_in_tx(
@@ -837,10 +892,11 @@ impl PgStore {
         // every live runner.
         let runners = sqlx::query!(
             r#"SELECT profile, state, org, repository, count(*) AS "n!" FROM runners
-               WHERE controller_id = $1 AND state = ANY($2)
+               WHERE controller_id = $1
+                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                               'done', 'terminating')
                GROUP BY profile, state, org, repository"#,
             controller_id,
-            &live_states()
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -979,12 +1035,16 @@ async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>
             j.repository,
         ));
     }
-    // Warm pools register where the profile's latest job came from.
+    // Warm pools register where the profile's latest job came from: one
+    // index probe per profile, not a pass over a month of jobs.
     let latest = sqlx::query!(
-        r#"SELECT DISTINCT ON (profile) profile AS "profile!", org, repository
-               FROM workflow_jobs
-               WHERE profile IS NOT NULL AND first_seen_at > now() - interval '30 days'
-               ORDER BY profile, first_seen_at DESC"#
+        r#"SELECT p.name AS "profile!", j.org, j.repository AS "repository!"
+               FROM instance_profiles p
+               CROSS JOIN LATERAL (
+                   SELECT org, repository FROM workflow_jobs
+                   WHERE profile = p.name AND first_seen_at > now() - interval '30 days'
+                   ORDER BY first_seen_at DESC
+                   LIMIT 1) j"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -993,4 +1053,39 @@ async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>
             Some(queued_job(chrono::Utc::now(), j.org, j.repository).scope);
     }
     Ok(demand)
+}
+
+#[cfg(test)]
+mod tests {
+    use spot_runners_domain::RunnerState;
+
+    #[test]
+    fn live_states_match_the_domain() {
+        let sql = include_str!("../../../migrations/20261201101000_ledger_retention.sql");
+        let live = "'requested', 'registered', 'launching', 'booting', 'idle', 'busy',\n                    'done', 'terminating'";
+        assert!(sql.contains(live));
+        for state in [
+            "requested",
+            "registered",
+            "launching",
+            "booting",
+            "idle",
+            "busy",
+            "done",
+            "terminating",
+            "terminated",
+            "launch_failed",
+            "boot_timeout",
+            "idle_timeout",
+            "interrupted",
+            "orphaned",
+        ] {
+            let parsed = RunnerState::parse(state).unwrap();
+            assert_eq!(
+                parsed.is_live(),
+                live.contains(&format!("'{state}'")),
+                "{state}"
+            );
+        }
+    }
 }

@@ -45,6 +45,8 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         max_instances: 100,
         delivery_retention: Duration::from_secs(7 * 86_400),
         github_orgs: vec![],
+        retention: Duration::from_secs(30 * 86_400),
+        intake: Default::default(),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
 use crate::reconciler::{Backends, Reconciler};
+use crate::redelivery::Redeliverer;
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -35,6 +36,8 @@ pub struct Application {
     /// Fired once the HTTP server has drained: stops the writer and loops.
     stop: CancellationToken,
     reconciler: Option<Arc<Reconciler>>,
+    /// Asks GitHub to resend failed deliveries (leader only).
+    redeliverer: Option<Arc<Redeliverer>>,
 }
 
 impl Application {
@@ -82,6 +85,17 @@ impl Application {
             secrets: settings.webhook_secrets.clone(),
             wake: Arc::new(Notify::new()),
         };
+        let redeliverer = match (&backends, &settings.redeliver_from) {
+            (Some(b), Some(source)) => Some(Arc::new(Redeliverer::new(
+                Arc::clone(&state.store),
+                Arc::clone(&b.github),
+                source.clone(),
+                Arc::new(spot_runners_domain::clock::SystemClock),
+                Arc::clone(&state.metrics),
+                settings.controller_id.as_str().to_owned(),
+            ))),
+            _ => None,
+        };
         let reconciler = backends.map(|b| {
             Arc::new(Reconciler::new(
                 Arc::clone(&state.store),
@@ -94,6 +108,7 @@ impl Application {
         });
         Ok(Self {
             reconciler,
+            redeliverer,
             listener,
             addr,
             state,
@@ -138,6 +153,7 @@ impl Application {
             settings,
             stop,
             reconciler,
+            redeliverer,
         } = self;
         let mut background = vec![
             tokio::spawn(state.profiles.clone().watch(
@@ -162,6 +178,9 @@ impl Application {
             None => tracing::warn!(
                 "no GitHub credentials or AWS region: recording jobs only, launching nothing"
             ),
+        }
+        if let Some(r) = redeliverer {
+            background.push(tokio::spawn(r.run(crate::redelivery::EVERY, stop.clone())));
         }
         tracing::info!("listening on {addr}");
         let app = router(state);

@@ -815,6 +815,16 @@ impl Store for PgStore {
         .transpose()
     }
 
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        let known: Vec<String> = sqlx::query_scalar(
+            "SELECT delivery_id FROM webhook_deliveries WHERE delivery_id = ANY($1)",
+        )
+        .bind(guids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(known.into_iter().collect())
+    }
+
     async fn notify_wake(&self) -> Result<(), StoreError> {
         sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
             .execute(&self.pool)

@@ -103,7 +103,11 @@ async fn one_batch_with_every_status_of_a_job_in_reverse_order_ends_completed() 
         delivery("q", event(9, JobStatus::Queued, 1), Ok("kani")),
         delivery("w", event(9, JobStatus::Waiting, 1), Ok("kani")),
     ];
-    let outcomes = db.store.record_deliveries(&batch, deadline()).await.unwrap();
+    let outcomes = db
+        .store
+        .record_deliveries(&batch, deadline())
+        .await
+        .unwrap();
     assert_eq!(outcomes, vec![DeliveryOutcome::Accepted; 4]);
     let rows = rows(&db.store).await;
     assert_eq!(rows.len(), 1);
@@ -153,7 +157,11 @@ async fn a_guid_twice_in_one_batch_is_a_duplicate_of_its_first_occurrence() {
         delivery("b", event(2, JobStatus::InProgress, 1), Ok("kani")),
         delivery("b", event(2, JobStatus::InProgress, 1), Ok("kani")),
     ];
-    let outcomes = db.store.record_deliveries(&batch, deadline()).await.unwrap();
+    let outcomes = db
+        .store
+        .record_deliveries(&batch, deadline())
+        .await
+        .unwrap();
     use DeliveryOutcome::{Accepted, Duplicate};
     assert_eq!(
         outcomes,
@@ -185,7 +193,11 @@ async fn a_batch_that_cannot_commit_in_time_records_nothing() {
     assert!(guids(&db.store).await.is_empty());
     assert!(rows(&db.store).await.is_empty());
     // Not seen: the same deliveries are accepted when they come again.
-    let outcomes = db.store.record_deliveries(&batch, deadline()).await.unwrap();
+    let outcomes = db
+        .store
+        .record_deliveries(&batch, deadline())
+        .await
+        .unwrap();
     assert_eq!(outcomes, vec![DeliveryOutcome::Accepted; 2]);
 }
 
@@ -209,7 +221,11 @@ async fn batches_leave_the_ledger_as_one_delivery_at_a_time_would() {
         let mut batch = Vec::new();
         for _ in 0..rng.gen_range(1..=24) {
             let id = rng.gen_range(1..=6) + 100 * (round % 3);
-            let mut job = event(id, *statuses.choose(&mut rng).unwrap(), rng.gen_range(1..=2));
+            let mut job = event(
+                id,
+                *statuses.choose(&mut rng).unwrap(),
+                rng.gen_range(1..=2),
+            );
             if rng.gen_bool(0.2) {
                 job.html_url = None;
                 job.installation_id = None;

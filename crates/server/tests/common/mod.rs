@@ -41,6 +41,7 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         reconcile_interval: Duration::from_secs(3600),
         max_instances: 100,
         delivery_retention: Duration::from_secs(7 * 86_400),
+        redeliver_from: None,
     }
 }
 

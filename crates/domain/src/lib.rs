@@ -17,6 +17,7 @@ pub mod ports;
 pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
+pub mod redelivery;
 pub mod runner;
 pub mod scopes;
 pub mod stale;

@@ -112,6 +112,46 @@ impl Installation {
     }
 }
 
+/// The webhook whose deliveries GitHub keeps for us: the App's own, or an
+/// organization hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WebhookSource {
+    /// `/app/hook/deliveries` (authenticated as the App, with its JWT).
+    App,
+    /// `/orgs/{org}/hooks/{hook_id}/deliveries` (a token with `admin:org_hook`).
+    OrgHook { org: String, hook_id: i64 },
+}
+
+impl fmt::Display for WebhookSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WebhookSource::App => f.write_str("the App's webhook"),
+            WebhookSource::OrgHook { org, hook_id } => write!(f, "hook {hook_id} of org {org}"),
+        }
+    }
+}
+
+/// One attempt to deliver a webhook, as GitHub's delivery log lists it. A
+/// redelivery is a new attempt (its own `id`) with the same `guid`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookDelivery {
+    pub id: i64,
+    /// The `X-GitHub-Delivery` header of the attempt.
+    pub guid: String,
+    pub delivered_at: DateTime<Utc>,
+    pub redelivery: bool,
+    /// The receiver's HTTP status; 0 when it gave none (timeout, refused).
+    pub status_code: u16,
+    pub event: String,
+    pub action: Option<String>,
+}
+
+impl HookDelivery {
+    pub fn succeeded(&self) -> bool {
+        (200..300).contains(&self.status_code)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GitHubError {
     /// 409 from generate-jitconfig: a runner with that name exists.
@@ -157,6 +197,28 @@ pub trait GitHub: Send + Sync + 'static {
     /// answer is empty, and the configured orgs are what is known.
     async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
         Ok(Vec::new())
+    }
+
+    /// The hook's delivery attempts from `since` on, newest first (all
+    /// pages back to `since`).
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        let _ = since;
+        Err(GitHubError::Refused(format!(
+            "listing the deliveries of {source} is not supported here"
+        )))
+    }
+
+    /// `POST …/deliveries/{delivery_id}/attempts`: GitHub sends that
+    /// delivery again, with the same GUID.
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        let _ = delivery_id;
+        Err(GitHubError::Refused(format!(
+            "redelivering to {source} is not supported here"
+        )))
     }
 
     /// The JIT-config allowance this GitHub enforces; callers pace themselves by it.

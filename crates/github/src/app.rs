@@ -127,6 +127,12 @@ impl AppAuth {
         Ok((installation, client))
     }
 
+    /// The client that authenticates as the App itself (a JWT per request),
+    /// for the App's own endpoints such as its webhook's deliveries.
+    pub(crate) fn app_client(&self) -> &Octocrab {
+        &self.app
+    }
+
     /// Drops a token GitHub no longer accepts, so the next call buys one.
     pub(crate) async fn forget_token(&self, installation: u64) {
         *self.tokens.slot(installation).lock().await = None;

@@ -18,15 +18,18 @@ use octocrab::service::middleware::retry::RetryConfig;
 use octocrab::Octocrab;
 use secrecy::{ExposeSecret, SecretString};
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubJob, GitHubRunner, Installation, JitConfig, JitRequest, JobReport,
-    RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
+    JitRequest, JobReport, RunnerScope, WebhookSource,
 };
 
 mod app;
+mod deliveries;
+mod listing_cache;
 mod scope;
 mod transport;
 
 use app::AppAuth;
+use listing_cache::{CachedPage, ListingCache};
 use scope::Target;
 use transport::{classify, Reply, Request, RetryPolicy, Transport};
 
@@ -49,7 +52,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait ApiObserver: Send + Sync {
     /// `endpoint` is one of `generate_jitconfig`, `list_runners`,
     /// `delete_runner`, `get_job`, `get_installation`, `installation_token`,
-    /// `list_installations`.
+    /// `list_installations`, `list_hook_deliveries`, `redeliver_hook_delivery`.
+    /// A listing answered from the cache is reported with status 304.
     fn request(&self, endpoint: &'static str, status: u16);
 
     /// The `x-ratelimit-remaining` of a response that carried one.
@@ -120,6 +124,10 @@ pub struct OctocrabGitHub {
     api_url: String,
     credentials: Credentials,
     transport: Transport,
+    /// The last runner listing per scope, page by page with its `ETag`:
+    /// GitHub answers an unchanged page with a 304, which costs no rate
+    /// limit.
+    runner_pages: ListingCache,
 }
 
 impl fmt::Debug for OctocrabGitHub {
@@ -191,6 +199,7 @@ impl OctocrabGitHub {
                 observer: metrics,
                 retry: RetryPolicy::default(),
             },
+            runner_pages: ListingCache::default(),
         })
     }
 
@@ -226,6 +235,32 @@ impl OctocrabGitHub {
                 app.forget_token(installation).await;
                 let (_, client) = app.client(&self.transport, target).await?;
                 self.transport.send(&client, endpoint, &request).await
+            }
+        }
+    }
+}
+
+impl OctocrabGitHub {
+    /// A call about a webhook's deliveries: the App's own hook takes the
+    /// App's JWT; an organization hook takes the token (or the App's
+    /// installation token for that organization).
+    async fn hook_call(
+        &self,
+        source: &WebhookSource,
+        endpoint: &'static str,
+        request: Request,
+    ) -> Result<Reply, GitHubError> {
+        match (source, &self.credentials) {
+            (WebhookSource::App, Credentials::App(app)) => {
+                self.transport.send(app.app_client(), endpoint, &request).await
+            }
+            (WebhookSource::App, Credentials::Token(_)) => Err(GitHubError::Refused(
+                "the App's webhook deliveries need GitHub App auth; with a token, set the org hook id"
+                    .into(),
+            )),
+            (WebhookSource::OrgHook { org, .. }, _) => {
+                let target = Target::from_scope(&RunnerScope::Org(org.clone()))?;
+                self.call(&target, endpoint, request).await
             }
         }
     }
@@ -298,10 +333,12 @@ impl GitHub for OctocrabGitHub {
         }
 
         let target = Target::from_scope(scope)?;
+        let cache_key = target.cache_key();
+        let mut listed: Vec<CachedPage> = Vec::new();
         let mut runners: Vec<GitHubRunner> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for page in 1..=MAX_PAGES {
-            let http_request = self.transport.request(
+            let mut http_request = self.transport.request(
                 Method::GET,
                 &format!(
                     "{}/actions/runners?per_page={PAGE_SIZE}&page={page}",
@@ -309,26 +346,47 @@ impl GitHub for OctocrabGitHub {
                 ),
                 None,
             );
-            let reply = self.call(&target, ENDPOINT, http_request).await?;
-            if !reply.status.is_success() {
-                return Err(classify(ENDPOINT, &reply));
+            let cached = self.runner_pages.page(&cache_key, page);
+            if let Some(etag) = cached.as_ref().and_then(|c| c.etag.as_ref()) {
+                http_request
+                    .headers
+                    .insert(http::header::IF_NONE_MATCH, etag.clone());
             }
-            let body: Page = reply.json(ENDPOINT)?;
-            let fetched = body.runners.len();
+            let reply = self.call(&target, ENDPOINT, http_request).await?;
+            let fetched = match cached {
+                Some(cached) if reply.status == StatusCode::NOT_MODIFIED => cached,
+                _ if !reply.status.is_success() => return Err(classify(ENDPOINT, &reply)),
+                _ => {
+                    let body: Page = reply.json(ENDPOINT)?;
+                    CachedPage {
+                        etag: reply.headers.get(http::header::ETAG).cloned(),
+                        total_count: body.total_count,
+                        runners: body
+                            .runners
+                            .into_iter()
+                            .map(|r| GitHubRunner {
+                                id: r.id,
+                                name: r.name,
+                                online: r.status == "online",
+                                busy: r.busy,
+                                labels: r.labels.into_iter().map(|l| l.name).collect(),
+                            })
+                            .collect(),
+                    }
+                }
+            };
+            let count = fetched.runners.len();
+            let total = fetched.total_count;
             // Runners registered or removed between two pages shift the
             // others; one may show up twice.
-            for r in body.runners {
+            for r in &fetched.runners {
                 if seen.insert(r.id) {
-                    runners.push(GitHubRunner {
-                        id: r.id,
-                        name: r.name,
-                        online: r.status == "online",
-                        busy: r.busy,
-                        labels: r.labels.into_iter().map(|l| l.name).collect(),
-                    });
+                    runners.push(r.clone());
                 }
             }
-            if fetched < PAGE_SIZE || runners.len() >= body.total_count {
+            listed.push(fetched);
+            if count < PAGE_SIZE || runners.len() >= total {
+                self.runner_pages.replace(cache_key, listed);
                 return Ok(runners);
             }
         }
@@ -443,6 +501,50 @@ impl GitHub for OctocrabGitHub {
             );
         }
         Ok(queued)
+    }
+
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        const ENDPOINT: &str = "list_hook_deliveries";
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..deliveries::MAX_PAGES {
+            let path = deliveries::list_path(source, cursor.as_deref())?;
+            let request = self.transport.request(Method::GET, &path, None);
+            let reply = self.hook_call(source, ENDPOINT, request).await?;
+            if !reply.status.is_success() {
+                return Err(classify(ENDPOINT, &reply));
+            }
+            let page = deliveries::parse_page(&reply, ENDPOINT)?;
+            let reached_since = page.iter().any(|d| d.delivered_at < since);
+            out.extend(page.into_iter().filter(|d| d.delivered_at >= since));
+            cursor = deliveries::next_cursor(&reply.headers)?;
+            if reached_since || cursor.is_none() {
+                return Ok(out);
+            }
+        }
+        // The newest pages are the ones that matter; say how far we got.
+        tracing::info!(
+            %source,
+            deliveries = out.len(),
+            "webhook delivery log longer than {} pages; looked at the newest only",
+            deliveries::MAX_PAGES
+        );
+        Ok(out)
+    }
+
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        const ENDPOINT: &str = "redeliver_hook_delivery";
+        let path = format!("{}/{delivery_id}/attempts", deliveries::base_path(source)?);
+        let request = self.transport.request(Method::POST, &path, None);
+        let reply = self.hook_call(source, ENDPOINT, request).await?;
+        if reply.status.is_success() {
+            return Ok(());
+        }
+        Err(classify(ENDPOINT, &reply))
     }
 
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {

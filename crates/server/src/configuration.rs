@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use secrecy::SecretString;
+use spot_runners_domain::ports::WebhookSource;
 use spot_runners_domain::webhook::WebhookSecrets;
 use spot_runners_domain::ControllerId;
 
@@ -83,6 +84,10 @@ pub struct RawSettings {
     /// Days completed jobs and ended runners are kept in the ledger.
     #[arg(long, env = "SPOT_RUNNERS_RETENTION_DAYS", default_value_t = 30)]
     pub retention_days: u32,
+    /// The org webhook this service receives, as `ORG/HOOK_ID`: its failed
+    /// deliveries are redelivered. Unset with App auth: the App's webhook.
+    #[arg(long, env = "SPOT_RUNNERS_GITHUB_HOOK_ID")]
+    pub github_hook_id: Option<String>,
 }
 
 /// How the service authenticates to GitHub.
@@ -130,6 +135,8 @@ pub struct Settings {
     pub retention: Duration,
     /// What requests may hold before they are authenticated.
     pub intake: IntakeLimits,
+    /// Whose failed deliveries are redelivered; `None`: nobody's.
+    pub redeliver_from: Option<WebhookSource>,
 }
 
 fn non_blank(v: Option<String>) -> Option<String> {
@@ -212,8 +219,13 @@ impl RawSettings {
                 self.retention_days, self.delivery_retention_days
             )));
         }
+        let redeliver_from = match non_blank(self.github_hook_id) {
+            Some(hook) => Some(parse_org_hook(&hook)?),
+            None => matches!(github_auth, GitHubAuth::App { .. }).then_some(WebhookSource::App),
+        };
         Ok(Settings {
             github_orgs,
+            redeliver_from,
             database_url: non_blank(self.database_url).map(SecretString::from),
             data_dir: self.data_dir,
             listen,
@@ -270,6 +282,26 @@ fn refuse_example_secrets(raw: &RawSettings) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `ORG/HOOK_ID`, e.g. `acme/123456789`.
+fn parse_org_hook(value: &str) -> Result<WebhookSource, Error> {
+    let bad = || {
+        Error::Config(format!(
+            "SPOT_RUNNERS_GITHUB_HOOK_ID={value:?} is not ORG/HOOK_ID (e.g. acme/123456789; \
+             the id is in the hook's settings URL)"
+        ))
+    };
+    let (org, id) = value.trim().split_once('/').ok_or_else(bad)?;
+    let hook_id: i64 = id.parse().map_err(|_| bad())?;
+    let plain = !org.is_empty() && org.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !plain || hook_id <= 0 {
+        return Err(bad());
+    }
+    Ok(WebhookSource::OrgHook {
+        org: org.to_owned(),
+        hook_id,
+    })
 }
 
 /// The key itself when it looks like PEM, else the contents of that file.
@@ -413,6 +445,29 @@ mod tests {
             .parse(false)
             .unwrap();
         assert_eq!(s.retention, Duration::from_secs(90 * 86_400));
+    }
+
+    #[test]
+    fn the_hook_to_redeliver_from() {
+        let with = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.extend(["--webhook-secret", "s"]);
+            raw(&all).parse(false)
+        };
+        assert_eq!(with(&[]).unwrap().redeliver_from, None);
+        assert_eq!(
+            with(&["--github-hook-id", "acme/42"])
+                .unwrap()
+                .redeliver_from,
+            Some(WebhookSource::OrgHook {
+                org: "acme".into(),
+                hook_id: 42
+            })
+        );
+        for bad in ["42", "acme/x", "/42", "acme/-1", "a/b/42", "../1"] {
+            let err = with(&["--github-hook-id", bad]).unwrap_err().to_string();
+            assert!(err.contains("SPOT_RUNNERS_GITHUB_HOOK_ID"), "{bad}: {err}");
+        }
     }
 
     #[test]

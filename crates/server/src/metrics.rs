@@ -30,6 +30,7 @@ pub struct Metrics {
     pub invalid_profiles: IntGauge,
     pub github_api_requests_total: IntCounterVec,
     pub github_rate_limit_remaining: IntGauge,
+    pub redeliveries_total: IntCounterVec,
 }
 
 const PREFIX: &str = "spot_runners";
@@ -161,6 +162,13 @@ impl Metrics {
                 "github_rate_limit_remaining",
                 "Requests left in GitHub's current rate-limit window."
             ))?),
+            redeliveries_total: reg!(IntCounterVec::new(
+                opts(
+                    "redeliveries_total",
+                    "Failed webhook deliveries GitHub was asked to send again, by outcome (requested, failed)."
+                ),
+                &["outcome"]
+            )?),
             registry,
         })
     }

@@ -20,6 +20,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
 use crate::reconciler::{Backends, Reconciler};
+use crate::redelivery::Redeliverer;
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -39,6 +40,8 @@ pub struct Application {
     /// Fired once the HTTP server has drained: stops the writer and loops.
     stop: CancellationToken,
     reconciler: Option<Arc<Reconciler>>,
+    /// Asks GitHub to resend failed deliveries (leader only).
+    redeliverer: Option<Arc<Redeliverer>>,
 }
 
 impl Application {
@@ -124,6 +127,17 @@ impl Application {
             wake: Arc::new(Notify::new()),
             scopes: scopes.clone(),
         };
+        let redeliverer = match (&backends, &settings.redeliver_from) {
+            (Some(b), Some(source)) => Some(Arc::new(Redeliverer::new(
+                Arc::clone(&state.store),
+                Arc::clone(&b.github),
+                source.clone(),
+                Arc::new(spot_runners_domain::clock::SystemClock),
+                Arc::clone(&state.metrics),
+                settings.controller_id.as_str().to_owned(),
+            ))),
+            _ => None,
+        };
         let reconciler = backends.map(|b| {
             Arc::new(
                 Reconciler::new(
@@ -141,6 +155,7 @@ impl Application {
         });
         Ok(Self {
             reconciler,
+            redeliverer,
             listener,
             metrics_listener,
             addr,
@@ -192,6 +207,7 @@ impl Application {
             settings,
             stop,
             reconciler,
+            redeliverer,
         } = self;
         let mut background = vec![
             tokio::spawn(state.profiles.clone().watch(
@@ -235,6 +251,9 @@ impl Application {
                     tracing::error!(error = %e, "serving metrics failed");
                 }
             }));
+        }
+        if let Some(r) = redeliverer {
+            background.push(tokio::spawn(r.run(crate::redelivery::EVERY, stop.clone())));
         }
         tracing::info!("listening on {addr}");
         serve(listener, app, &settings.intake, shutdown).await;

@@ -15,8 +15,8 @@ use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
 use serde_json::json;
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubJob, GitHubRunner, Installation, JitConfig, JitRequest, JobReport,
-    RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
+    JitRequest, JobReport, RunnerScope, WebhookSource,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 
@@ -71,6 +71,15 @@ pub enum GitHubCall {
         repository: String,
         at: Instant,
     },
+    HookDeliveries {
+        source: WebhookSource,
+        at: Instant,
+    },
+    Redeliver {
+        source: WebhookSource,
+        delivery_id: i64,
+        at: Instant,
+    },
 }
 
 impl GitHubCall {
@@ -82,6 +91,8 @@ impl GitHubCall {
             GitHubCall::DeleteRunner { .. } => "delete_runner",
             GitHubCall::Job { .. } => "job",
             GitHubCall::QueuedJobs { .. } => "queued_jobs",
+            GitHubCall::HookDeliveries { .. } => "hook_deliveries",
+            GitHubCall::Redeliver { .. } => "redeliver",
         }
     }
 
@@ -91,7 +102,9 @@ impl GitHubCall {
             | GitHubCall::ListRunners { at, .. }
             | GitHubCall::DeleteRunner { at, .. }
             | GitHubCall::Job { at, .. }
-            | GitHubCall::QueuedJobs { at, .. } => *at,
+            | GitHubCall::QueuedJobs { at, .. }
+            | GitHubCall::HookDeliveries { at, .. }
+            | GitHubCall::Redeliver { at, .. } => *at,
         }
     }
 }
@@ -110,6 +123,8 @@ struct State {
     /// [`FakeGitHub::queue_job`].
     job_details: HashMap<(String, i64), GitHubJob>,
     fail_next: VecDeque<GitHubError>,
+    /// The webhook's delivery log, oldest first.
+    hook_log: Vec<HookDelivery>,
     calls: Vec<GitHubCall>,
     jit_calls: u64,
     /// What `GET /app/installations` answers.
@@ -218,6 +233,7 @@ impl FakeGitHub {
             jobs: HashMap::new(),
             job_details: HashMap::new(),
             fail_next: VecDeque::new(),
+            hook_log: Vec::new(),
             calls: Vec::new(),
             jit_calls: 0,
             installations: Vec::new(),
@@ -312,7 +328,45 @@ impl FakeGitHub {
             .insert((repository.to_ascii_lowercase(), job_id), report);
     }
 
+    /// GitHub tried to deliver `guid` and the receiver answered
+    /// `status_code` (0: no answer). Returns the attempt's id.
+    pub fn log_hook_delivery(
+        &self,
+        guid: &str,
+        event: &str,
+        status_code: u16,
+        delivered_at: chrono::DateTime<chrono::Utc>,
+    ) -> i64 {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let redelivery = state.hook_log.iter().any(|d| d.guid == guid);
+        state.hook_log.push(HookDelivery {
+            id,
+            guid: guid.to_owned(),
+            delivered_at,
+            redelivery,
+            status_code,
+            event: event.to_owned(),
+            action: None,
+        });
+        id
+    }
+
     // ----------------------------------------------------- inspection --
+
+    /// The ids of the delivery attempts the service asked to redeliver, in
+    /// order.
+    pub fn redelivery_requests(&self) -> Vec<i64> {
+        self.lock()
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                GitHubCall::Redeliver { delivery_id, .. } => Some(*delivery_id),
+                _ => None,
+            })
+            .collect()
+    }
 
     /// Every registered runner, of every scope, in registration order.
     pub fn runners(&self) -> Vec<FakeRunner> {
@@ -444,6 +498,43 @@ impl GitHub for FakeGitHub {
             .collect();
         queued.sort_by_key(|j| j.id);
         Ok(queued)
+    }
+
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::HookDeliveries {
+            source: source.clone(),
+            at: now,
+        })?;
+        Ok(state
+            .hook_log
+            .iter()
+            .rev()
+            .filter(|d| d.delivered_at >= since)
+            .cloned()
+            .collect())
+    }
+
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::Redeliver {
+            source: source.clone(),
+            delivery_id,
+            at: now,
+        })?;
+        if state.hook_log.iter().any(|d| d.id == delivery_id) {
+            Ok(())
+        } else {
+            Err(GitHubError::NotFound)
+        }
     }
 
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {

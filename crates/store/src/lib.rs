@@ -235,4 +235,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Wakes every replica's reconciler.
     async fn notify_wake(&self) -> Result<(), StoreError>;
+
+    /// Which of these delivery GUIDs the ledger holds (recorded and not yet
+    /// pruned).
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError>;
 }

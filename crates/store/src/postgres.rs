@@ -1,6 +1,6 @@
 //! The PostgreSQL implementation of [`Store`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,106 +86,61 @@ impl PgStore {
         Ok(listener)
     }
 
+    /// Writes a batch with a fixed number of round trips, whatever its size:
+    /// `BEGIN` (with the statement timeout), one set-based statement that
+    /// records the delivery GUIDs and folds the new ones into
+    /// `workflow_jobs`, the wake-up, `COMMIT`.
     async fn record_batch(
         &self,
         batch: &[IncomingDelivery],
         deadline: Instant,
     ) -> Result<Vec<DeliveryOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // A GUID twice in one batch is a duplicate of its first occurrence;
+        // only first occurrences go to the database.
+        let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len());
+        for (ord, d) in batch.iter().enumerate() {
+            if first_of.contains_key(d.delivery_id.as_str()) {
+                continue;
+            }
+            first_of.insert(d.delivery_id.as_str(), ord);
+            rows.push(delivery_row(ord, d));
+        }
+
         // The server gives up on its own too, so a statement stuck behind a
         // lock cannot commit after the sender was told "unavailable".
         let budget = deadline.saturating_duration_since(Instant::now());
         let budget_ms = budget.saturating_sub(MIN_BATCH_TIME).as_millis().max(1);
-        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-            .bind(budget_ms.to_string())
-            .execute(&mut *tx)
+        let mut tx = self
+            .pool
+            .begin_with(format!("BEGIN; SET LOCAL statement_timeout = {budget_ms}"))
             .await?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for d in batch {
-            let job = &d.job;
-            let status = job.status.as_str();
-            let fresh = sqlx::query!(
-                r#"INSERT INTO webhook_deliveries (delivery_id, event, action, job_id)
-                   VALUES ($1, 'workflow_job', $2, $3)
-                   ON CONFLICT (delivery_id) DO NOTHING"#,
-                d.delivery_id,
-                status,
-                job.job_id,
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
-                outcomes.push(DeliveryOutcome::Duplicate);
-                continue;
-            }
-            let (profile, match_error) = match &d.profile {
-                Ok(p) => (Some(p.as_str()), None),
-                Err(e) => (None, Some(e.as_str())),
-            };
-            // Status and per-transition timestamps only ever move forward, so
-            // deliveries may arrive in any order and any number of times.
-            sqlx::query!(
-                r#"INSERT INTO workflow_jobs AS j (
-                       id, run_id, run_attempt, name, workflow_name, repository, owner, org,
-                       installation_id, html_url, labels, status, conclusion, runner_id,
-                       runner_name, profile, match_error, github_created_at,
-                       waiting_at, queued_at, in_progress_at, completed_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                           $16, $17, $18,
-                           CASE WHEN $12 = 'waiting' THEN now() END,
-                           CASE WHEN $12 = 'queued' THEN now() END,
-                           CASE WHEN $12 = 'in_progress' THEN now() END,
-                           CASE WHEN $12 = 'completed' THEN now() END)
-                   ON CONFLICT (id) DO UPDATE SET
-                       status = CASE WHEN job_status_rank(EXCLUDED.status) > job_status_rank(j.status)
-                                     THEN EXCLUDED.status ELSE j.status END,
-                       run_attempt = GREATEST(j.run_attempt, EXCLUDED.run_attempt),
-                       conclusion = COALESCE(EXCLUDED.conclusion, j.conclusion),
-                       runner_id = COALESCE(EXCLUDED.runner_id, j.runner_id),
-                       runner_name = COALESCE(EXCLUDED.runner_name, j.runner_name),
-                       installation_id = COALESCE(EXCLUDED.installation_id, j.installation_id),
-                       html_url = COALESCE(j.html_url, EXCLUDED.html_url),
-                       profile = COALESCE(j.profile, EXCLUDED.profile),
-                       match_error = CASE WHEN COALESCE(j.profile, EXCLUDED.profile) IS NULL
-                                          THEN EXCLUDED.match_error END,
-                       github_created_at = COALESCE(j.github_created_at, EXCLUDED.github_created_at),
-                       waiting_at = COALESCE(j.waiting_at, EXCLUDED.waiting_at),
-                       queued_at = COALESCE(j.queued_at, EXCLUDED.queued_at),
-                       in_progress_at = COALESCE(j.in_progress_at, EXCLUDED.in_progress_at),
-                       completed_at = COALESCE(j.completed_at, EXCLUDED.completed_at),
-                       updated_at = now()"#,
-                job.job_id,
-                job.run_id,
-                job.run_attempt,
-                job.name,
-                job.workflow_name,
-                job.repository,
-                job.owner,
-                job.org,
-                job.installation_id,
-                job.html_url,
-                &job.labels,
-                status,
-                job.conclusion,
-                job.runner_id,
-                job.runner_name,
-                profile,
-                match_error,
-                job.created_at,
-            )
-            .execute(&mut *tx)
+        let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
+            .bind(sqlx::types::Json(&rows))
+            .fetch_all(&mut *tx)
             .await?;
-            outcomes.push(DeliveryOutcome::Accepted);
-        }
+        let fresh: HashSet<String> = fresh.into_iter().collect();
+        let outcomes: Vec<DeliveryOutcome> = batch
+            .iter()
+            .enumerate()
+            .map(|(ord, d)| {
+                if first_of.get(d.delivery_id.as_str()) == Some(&ord)
+                    && fresh.contains(&d.delivery_id)
+                {
+                    DeliveryOutcome::Accepted
+                } else {
+                    DeliveryOutcome::Duplicate
+                }
+            })
+            .collect();
         if Instant::now() + MIN_BATCH_TIME / 5 >= deadline {
             // Dropping the transaction rolls it back.
             return Err(StoreError::Timeout);
         }
-        if outcomes.contains(&DeliveryOutcome::Accepted) {
+        if !fresh.is_empty() {
             // Delivered on commit, to every replica's reconciler.
-            sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(WAKE_CHANNEL)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -193,6 +148,132 @@ impl PgStore {
         Ok(outcomes)
     }
 }
+
+/// One delivery as a row of [`RECORD_BATCH_SQL`]'s input; `ord` is its
+/// place in the batch, which decides "first" and "last" between deliveries
+/// of one job.
+fn delivery_row(ord: usize, d: &IncomingDelivery) -> serde_json::Value {
+    let job = &d.job;
+    let (profile, match_error) = match &d.profile {
+        Ok(p) => (Some(p.as_str()), None),
+        Err(e) => (None, Some(e.as_str())),
+    };
+    serde_json::json!({
+        "ord": ord,
+        "delivery_id": d.delivery_id,
+        "status": job.status.as_str(),
+        "job_id": job.job_id,
+        "run_id": job.run_id,
+        "run_attempt": job.run_attempt,
+        "name": job.name,
+        "workflow_name": job.workflow_name,
+        "repository": job.repository,
+        "owner": job.owner,
+        "org": job.org,
+        "installation_id": job.installation_id,
+        "html_url": job.html_url,
+        "labels": job.labels,
+        "conclusion": job.conclusion,
+        "runner_id": job.runner_id,
+        "runner_name": job.runner_name,
+        "profile": profile,
+        "match_error": match_error,
+        "github_created_at": job.created_at,
+    })
+}
+
+/// Records a batch of deliveries (`$1`, a JSON array of [`delivery_row`]s
+/// with distinct GUIDs) and returns the GUIDs that were new.
+///
+/// The new deliveries of each job are folded into one row first, exactly as
+/// applying them one after another in batch order would leave it: status
+/// and run attempt only move forward; conclusion, runner and installation
+/// take the last value given; URL, profile, creation time and the
+/// per-status timestamps keep the first; the rest (names, labels) come from
+/// the first delivery, as an insert followed by updates would keep them. That row is then upserted with the
+/// same rules against what the ledger holds. GUIDs and jobs are written in
+/// key order, so concurrent batches cannot deadlock on each other.
+const RECORD_BATCH_SQL: &str = r#"
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($1) AS i(
+        ord int, delivery_id text, status text, job_id bigint, run_id bigint,
+        run_attempt int, name text, workflow_name text, repository text, owner text,
+        org text, installation_id bigint, html_url text, labels text[],
+        conclusion text, runner_id bigint, runner_name text, profile text,
+        match_error text, github_created_at timestamptz)
+),
+fresh AS (
+    INSERT INTO webhook_deliveries (delivery_id, event, action, job_id)
+    SELECT delivery_id, 'workflow_job', status, job_id FROM input ORDER BY delivery_id
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id
+),
+folded AS (
+    SELECT i.job_id AS id,
+           min(i.ord) AS first_ord,
+           max(i.run_attempt) AS run_attempt,
+           (array_agg(i.installation_id ORDER BY i.ord DESC)
+                FILTER (WHERE i.installation_id IS NOT NULL))[1] AS installation_id,
+           (array_agg(i.html_url ORDER BY i.ord)
+                FILTER (WHERE i.html_url IS NOT NULL))[1] AS html_url,
+           (array_agg(i.status ORDER BY job_status_rank(i.status) DESC))[1] AS status,
+           (array_agg(i.conclusion ORDER BY i.ord DESC)
+                FILTER (WHERE i.conclusion IS NOT NULL))[1] AS conclusion,
+           (array_agg(i.runner_id ORDER BY i.ord DESC)
+                FILTER (WHERE i.runner_id IS NOT NULL))[1] AS runner_id,
+           (array_agg(i.runner_name ORDER BY i.ord DESC)
+                FILTER (WHERE i.runner_name IS NOT NULL))[1] AS runner_name,
+           (array_agg(i.profile ORDER BY i.ord)
+                FILTER (WHERE i.profile IS NOT NULL))[1] AS profile,
+           (array_agg(i.match_error ORDER BY i.ord DESC))[1] AS last_match_error,
+           (array_agg(i.github_created_at ORDER BY i.ord)
+                FILTER (WHERE i.github_created_at IS NOT NULL))[1] AS github_created_at,
+           bool_or(i.status = 'waiting') AS waiting,
+           bool_or(i.status = 'queued') AS queued,
+           bool_or(i.status = 'in_progress') AS in_progress,
+           bool_or(i.status = 'completed') AS completed
+    FROM input i JOIN fresh f USING (delivery_id)
+    GROUP BY i.job_id
+),
+upserted AS (
+    INSERT INTO workflow_jobs AS j (
+        id, run_id, run_attempt, name, workflow_name, repository, owner, org,
+        installation_id, html_url, labels, status, conclusion, runner_id,
+        runner_name, profile, match_error, github_created_at,
+        waiting_at, queued_at, in_progress_at, completed_at)
+    SELECT f.id, s.run_id, f.run_attempt, s.name, s.workflow_name, s.repository, s.owner,
+           s.org, f.installation_id, f.html_url, s.labels, f.status, f.conclusion,
+           f.runner_id, f.runner_name, f.profile,
+           CASE WHEN f.profile IS NULL THEN f.last_match_error END,
+           f.github_created_at,
+           CASE WHEN f.waiting THEN now() END,
+           CASE WHEN f.queued THEN now() END,
+           CASE WHEN f.in_progress THEN now() END,
+           CASE WHEN f.completed THEN now() END
+    FROM folded f JOIN input s ON s.ord = f.first_ord
+    ORDER BY f.id
+    ON CONFLICT (id) DO UPDATE SET
+        status = CASE WHEN job_status_rank(EXCLUDED.status) > job_status_rank(j.status)
+                      THEN EXCLUDED.status ELSE j.status END,
+        run_attempt = GREATEST(j.run_attempt, EXCLUDED.run_attempt),
+        conclusion = COALESCE(EXCLUDED.conclusion, j.conclusion),
+        runner_id = COALESCE(EXCLUDED.runner_id, j.runner_id),
+        runner_name = COALESCE(EXCLUDED.runner_name, j.runner_name),
+        installation_id = COALESCE(EXCLUDED.installation_id, j.installation_id),
+        html_url = COALESCE(j.html_url, EXCLUDED.html_url),
+        profile = COALESCE(j.profile, EXCLUDED.profile),
+        match_error = CASE WHEN COALESCE(j.profile, EXCLUDED.profile) IS NULL
+                           THEN EXCLUDED.match_error END,
+        github_created_at = COALESCE(j.github_created_at, EXCLUDED.github_created_at),
+        waiting_at = COALESCE(j.waiting_at, EXCLUDED.waiting_at),
+        queued_at = COALESCE(j.queued_at, EXCLUDED.queued_at),
+        in_progress_at = COALESCE(j.in_progress_at, EXCLUDED.in_progress_at),
+        completed_at = COALESCE(j.completed_at, EXCLUDED.completed_at),
+        updated_at = now()
+    RETURNING 1
+)
+SELECT delivery_id FROM fresh
+"#;
 
 #[async_trait]
 impl Store for PgStore {
@@ -798,6 +879,16 @@ impl Store for PgStore {
             })
         })
         .transpose()
+    }
+
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        let known: Vec<String> = sqlx::query_scalar(
+            "SELECT delivery_id FROM webhook_deliveries WHERE delivery_id = ANY($1)",
+        )
+        .bind(guids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(known.into_iter().collect())
     }
 
     async fn notify_wake(&self) -> Result<(), StoreError> {

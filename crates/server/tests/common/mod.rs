@@ -47,6 +47,7 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         github_orgs: vec![],
         retention: Duration::from_secs(30 * 86_400),
         intake: Default::default(),
+        redeliver_from: None,
     }
 }
 

@@ -7,10 +7,12 @@
 //! the other way round.
 
 pub mod clock;
+pub mod cost_tags;
 mod error;
 pub mod job;
 pub mod matching;
 pub mod names;
+pub mod parameters;
 pub mod planner;
 pub mod ports;
 pub mod profile;

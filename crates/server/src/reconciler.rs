@@ -17,7 +17,7 @@ use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::planner::{launch_candidates, plan_launches};
 use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance,
-    JitConfig, JitRequest, JobReport, LaunchRequest, RunnerScope,
+    JitConfig, JitRequest, JobReport, LaunchRequest, ParameterStore, RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
@@ -36,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
+
+mod cost_tags;
+mod jit_config;
 
 /// Rows one provisioner claims at a time; each waits its turn at the
 /// token bucket, so this bounds in-flight calls, not throughput.
@@ -83,6 +86,8 @@ const ENDED_GAUGE_WINDOW: Duration = Duration::from_secs(3600);
 pub struct Backends {
     pub cloud: Arc<dyn Cloud>,
     pub github: Arc<dyn GitHub>,
+    /// Where JIT configs wait for their instance (never in user data).
+    pub parameters: Arc<dyn ParameterStore>,
 }
 
 pub struct Reconciler {
@@ -103,6 +108,8 @@ pub struct Reconciler {
     launch_bucket: Mutex<TokenBucket>,
     jit_bucket: Mutex<TokenBucket>,
     provision_wake: Notify,
+    /// Busy runners whose instance carries its job's cost tags already.
+    cost_tagged: Mutex<BTreeSet<String>>,
 }
 
 /// What a pass did.
@@ -134,6 +141,10 @@ pub struct SweepReport {
     pub stale_closed: usize,
     /// Queued jobs found on GitHub that no delivery told us about.
     pub discovered: usize,
+    /// JIT config parameters left behind (see [`jit_parameter_is_leftover`]), deleted.
+    pub leftover_parameters: usize,
+    /// Instances given their job's cost tags.
+    pub cost_tagged: usize,
 }
 
 enum Failure {
@@ -174,6 +185,7 @@ impl Reconciler {
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
+            cost_tagged: Mutex::new(BTreeSet::new()),
             backends,
         }
     }
@@ -368,6 +380,8 @@ impl Reconciler {
         report.stale_checked = checked;
         report.stale_closed = closed;
         report.discovered = self.poll_queued_jobs(now).await?;
+        report.leftover_parameters = self.sweep_jit_parameters().await?;
+        report.cost_tagged = self.tag_costs(&runners).await?;
         Ok(Some(report))
     }
 
@@ -969,6 +983,11 @@ impl Reconciler {
             _ => {}
         }
         let jit = self.register(&runner, &profile).await?;
+        runner.github_runner_id = Some(jit.runner_id);
+        if let Err(failure) = self.store_jit_config(&runner, &jit).await {
+            self.forget_registration(&runner).await;
+            return Err(failure);
+        }
         self.update(
             &runner.name,
             RunnerChange::Registered {
@@ -976,9 +995,10 @@ impl Reconciler {
             },
         )
         .await?;
-        runner.github_runner_id = Some(jit.runner_id);
-        let result = self.launch(&runner, &profile, &jit).await;
-        if result.is_err() {
+        let result = self.launch(&runner, &profile).await;
+        // A postponed launch may have an instance already (its row stays
+        // `launching` and is adopted): its registration and config must stay.
+        if matches!(result, Err(Failure::End { .. })) {
             self.forget_registration(&runner).await;
         }
         result
@@ -1010,6 +1030,7 @@ impl Reconciler {
             .find(|i| i.runner_name.as_deref() == Some(runner.name.as_str()) && i.state.is_alive())
         {
             tracing::info!(runner = %runner.name, instance = %instance.id, "adopted the instance of an interrupted launch");
+            self.grant_jit_config(&runner.name, &instance).await?;
             return self
                 .update(
                     &runner.name,
@@ -1029,13 +1050,15 @@ impl Reconciler {
         })
     }
 
-    /// Deletes the runner's GitHub registration, if it has one.
+    /// Deletes the runner's GitHub registration, if it has one, and its
+    /// JIT config parameter.
     async fn forget_registration(&self, runner: &RunnerRecord) {
         if let Some(id) = runner.github_runner_id {
             if let Err(e) = self.backends.github.delete_runner(&runner.scope, id).await {
                 tracing::warn!(runner = %runner.name, error = %e, "deleting the GitHub registration failed; the orphan sweep will retry");
             }
         }
+        self.forget_jit_config(&runner.name).await;
     }
 
     async fn pace(bucket: &Mutex<TokenBucket>) {
@@ -1118,17 +1141,10 @@ impl Reconciler {
         Ok(())
     }
 
-    async fn launch(
-        &self,
-        runner: &RunnerRecord,
-        profile: &Profile,
-        jit: &JitConfig,
-    ) -> Result<(), Failure> {
-        use secrecy::ExposeSecret;
+    async fn launch(&self, runner: &RunnerRecord, profile: &Profile) -> Result<(), Failure> {
         let user_data = render(&UserDataValues {
             controller_id: self.controller_id.as_str(),
             runner_name: &runner.name,
-            jit_config: jit.encoded.expose_secret(),
             profile,
         })
         .map_err(|e| Failure::End {
@@ -1184,6 +1200,7 @@ impl Reconciler {
                             runner = %runner.name, instance = %instance.id, instance_type = %instance_type,
                             market = %market, "instance launched"
                         );
+                        self.grant_jit_config(&runner.name, &instance).await?;
                         return self
                             .update(
                                 &runner.name,

@@ -31,7 +31,7 @@ fn launches(cloud: &FakeCloud) -> Vec<Attempt> {
                 outcome,
                 ..
             } => Some((instance_type, subnet_id, market, outcome)),
-            CloudCall::Terminate { .. } => None,
+            CloudCall::Terminate { .. } | CloudCall::Tag { .. } => None,
         })
         .collect()
 }

@@ -69,6 +69,9 @@ impl Instance {
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut names = FAKES.to_vec();
         if fast_clock {
+            // 36 retries: the real jq keeps the run short (its arguments
+            // are filters only; the runs without a fast clock record them).
+            names.retain(|n| *n != "jq");
             names.push("sleep");
         }
         for name in names {
@@ -142,7 +145,7 @@ impl Instance {
             command.env(k, v);
         }
         let mut child = command.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(300);
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
                 break status;

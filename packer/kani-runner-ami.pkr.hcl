@@ -12,7 +12,9 @@ packer {
   required_version = ">= 1.9.0"
   required_plugins {
     amazon = {
-      version = ">= 1.3.0"
+      # Any 1.x from 1.3 on: a 2.0 may change the builder's settings, so it
+      # is taken on purpose (edit here), never by a plain `packer init`.
+      version = "~> 1.3"
       source  = "github.com/hashicorp/amazon"
     }
   }
@@ -58,6 +60,19 @@ variable "runner_sha256" {
   validation {
     condition     = can(regex("^[0-9a-f]{64}$", var.runner_sha256))
     error_message = "The runner_sha256 value must be a lower-case hex SHA-256 digest."
+  }
+}
+
+# A pinned release, not `stable`: proof and benchmark results must not drift
+# between two AMI builds because a new Rust came out in between.
+variable "rust_toolchain" {
+  type        = string
+  description = "Rust release installed as the runner user's default toolchain (rustup), e.g. 1.95.0."
+  default     = "1.95.0"
+
+  validation {
+    condition     = can(regex("^[0-9]+\\.[0-9]+\\.[0-9]+$", var.rust_toolchain))
+    error_message = "The rust_toolchain value must be a release number such as 1.95.0, not a channel."
   }
 }
 
@@ -127,6 +142,7 @@ source "amazon-ebs" "kani_runner" {
     Name              = "kani-runner-${var.runner_version}-${local.build_stamp}"
     "runner-version"  = var.runner_version
     "kani-version"    = var.kani_version
+    "rust-toolchain"  = var.rust_toolchain
     "source-ami"      = "{{ .SourceAMI }}"
     "source-ami-name" = "{{ .SourceAMIName }}"
   })
@@ -135,6 +151,14 @@ source "amazon-ebs" "kani_runner" {
 build {
   name    = "kani-runner"
   sources = ["source.amazon-ebs.kani_runner"]
+
+  # With a trailing slash on its source the file provisioner uploads the
+  # directory's contents into the destination, which must already exist:
+  # without this step both files land on one path and 40-benchmark-tuning.sh
+  # fails far into the build.
+  provisioner "shell" {
+    inline = ["install -d -m 0755 /tmp/spot-runners-files"]
+  }
 
   provisioner "file" {
     source      = "${path.root}/files/"
@@ -147,6 +171,7 @@ build {
       "DEBIAN_FRONTEND=noninteractive",
       "RUNNER_VERSION=${var.runner_version}",
       "RUNNER_SHA256=${var.runner_sha256}",
+      "RUST_TOOLCHAIN=${var.rust_toolchain}",
       "KANI_VERSION=${var.kani_version}",
       "FILES_DIR=/tmp/spot-runners-files",
     ]

@@ -170,28 +170,60 @@ watchdog() {
   done
 }
 
-# EC2 posts a spot interruption notice about two minutes ahead. Nothing here
-# can save the job; the log line tells whoever reads the console why it died.
-spot_notice_watch() {
-  local token='' token_at=-100000 reply code
-  while sleep 5; do
+# ---- spot interruption and rebalance (IMDSv2) --------------------------
+# On the interruption notice (2 min ahead) the runner is stopped as run.sh
+# stops it (SIGINT): GitHub fails the job at once ("received a shutdown
+# signal") instead of losing the runner minutes later. An idle runner quits
+# on a rebalance recommendation, so the service replaces it before the
+# reclaim. Each event leaves a "spot-runners-event" line on the serial
+# console, which outlives the instance (ec2:GetConsoleOutput).
+INTERRUPTION_POLL_SECS=5
+event_line() { log "spot-runners-event $1 runner=$RUNNER_NAME ${*:2}"; }
+# imds_path TOKEN PATH: the HTTP status, a newline, the body.
+imds_path() {
+  curl -sS --max-time 3 -w '\n%{http_code}' -H "X-aws-ec2-metadata-token: $1" "$IMDS/meta-data/$2" 2>/dev/null
+}
+stop_runner() {
+  log "stopping the runner: $1"
+  pkill -INT -u "$RUNNER_USER" -x Runner.Listener || log "no Runner.Listener to stop"
+}
+interruption_watch() {
+  local token='' token_at=-100000 reply rebalanced=''
+  while sleep "$INTERRUPTION_POLL_SECS"; do
     # Tokens live 6 h and an instance may live longer: renew every hour.
     if ((SECONDS - token_at > 3600)); then
       token=$(imds_token 2>/dev/null) || continue
       token_at=$SECONDS
     fi
-    reply=$(curl -sS --max-time 3 -w '\n%{http_code}' \
-      -H "X-aws-ec2-metadata-token: $token" "$IMDS/meta-data/spot/instance-action" 2>/dev/null) || continue
-    code=${reply##*$'\n'}
-    case $code in
+    reply=$(imds_path "$token" spot/instance-action) || continue
+    case ${reply##*$'\n'} in
       200)
-        log "spot interruption notice: ${reply%$'\n'*}"
+        local state=idle
+        job_started && state=busy
+        event_line interruption-notice "job=$state notice=${reply%$'\n'*}"
+        stop_runner "spot interruption notice"
         return
         ;;
-      401) token_at=-100000 ;;
+      401)
+        token_at=-100000
+        continue
+        ;;
     esac
+    [[ -z $rebalanced ]] || continue
+    reply=$(imds_path "$token" events/recommendations/rebalance) || continue
+    [[ ${reply##*$'\n'} == 200 ]] || continue
+    rebalanced=1
+    if job_started; then
+      event_line rebalance-recommendation "job=busy action=none notice=${reply%$'\n'*}"
+    else
+      event_line rebalance-recommendation "job=idle action=replace notice=${reply%$'\n'*}"
+      stop_runner "rebalance recommendation while idle"
+      power_off "rebalance recommendation while idle: the service launches a replacement"
+      return
+    fi
   done
 }
+# ---- end of spot interruption and rebalance -------------------------------
 
 # Slow path for an AMI without the runner: a pinned release, checked against
 # its published digest before anything in it runs.
@@ -220,7 +252,7 @@ log "runner $RUNNER_NAME, profile $PROFILE, controller $CONTROLLER_ID," \
 block_metadata_for_runner
 
 watchdog &
-spot_notice_watch &
+interruption_watch &
 
 fetch_jit_config
 

@@ -1,7 +1,14 @@
 #!/bin/bash
-# Rust (rustup, stable) and Kani for the runner user, installed where a job
-# running as that user finds them: ~/.cargo, ~/.rustup and ~/.kani.
+# Rust (rustup, the pinned RUST_TOOLCHAIN release) and Kani for the runner
+# user, installed where a job running as that user finds them: ~/.cargo,
+# ~/.rustup and ~/.kani.
 set -euo pipefail
+: "${RUST_TOOLCHAIN:?}"
+# A channel name (stable, beta, nightly) would make two builds differ.
+[[ $RUST_TOOLCHAIN =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || {
+  echo "RUST_TOOLCHAIN=$RUST_TOOLCHAIN is not a release number" >&2
+  exit 1
+}
 
 RUNNER_USER=runner
 home=$(getent passwd "$RUNNER_USER" | cut -d: -f6)
@@ -20,7 +27,7 @@ curl -fsSL --retry 5 -o "$dir/rustup-init.sha256" "$base/rustup-init.sha256"
 echo "$(cut -d' ' -f1 "$dir/rustup-init.sha256")  $dir/rustup-init" | sha256sum --check --strict -
 chmod 0755 "$dir/rustup-init"
 chmod 0755 "$dir"
-as_runner "$dir/rustup-init" -y --profile minimal --default-toolchain stable \
+as_runner "$dir/rustup-init" -y --profile minimal --default-toolchain "$RUST_TOOLCHAIN" \
   --component clippy --component rustfmt
 rm -rf "$dir"
 
@@ -33,4 +40,7 @@ as_runner cargo install --locked kani-verifier "${version_args[@]}"
 # against, so no job pays for that at run time.
 as_runner cargo kani setup
 as_runner cargo kani --version
-as_runner rustc --version
+# The default must be the pin (a rust-toolchain file in a repository may
+# still ask for another one; rustup then downloads it for that job).
+as_runner rustc --version | grep -F "rustc $RUST_TOOLCHAIN " ||
+  { echo "default toolchain is not $RUST_TOOLCHAIN" >&2; exit 1; }

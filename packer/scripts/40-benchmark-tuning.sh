@@ -18,4 +18,11 @@ kernel.perf_event_paranoid = 1
 kernel.kptr_restrict = 0
 CONF
 
-perf --version
+# Ubuntu's perf is a wrapper that runs the perf built for the running
+# kernel. The build instance still runs the kernel it booted with, while
+# 10-base.sh's upgrades may have installed a newer one, which is what every
+# instance boots: perf must exist for that one.
+boot_kernel=$(linux-version list | linux-version sort | tail -n 1)
+apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "linux-tools-$boot_kernel"
+"/usr/lib/linux-tools/$boot_kernel/perf" --version
+echo "perf installed for the kernel instances boot: $boot_kernel"

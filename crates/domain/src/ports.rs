@@ -236,7 +236,16 @@ pub enum CloudErrorKind {
     Invalid,
     /// Network trouble or a 5xx: retry later.
     Transient,
+    /// The account lacks a one-time setup step (the spot service-linked
+    /// role): no launch of any profile can succeed until an operator does it.
+    AccountSetup,
 }
+
+/// The role EC2 needs for spot, created once per account.
+const SPOT_SERVICE_LINKED_ROLE_HELP: &str = "the account has no spot service-linked role \
+     (AWSServiceRoleForEC2Spot) and this principal may not create it: run \
+     `aws iam create-service-linked-role --aws-service-name spot.amazonaws.com` once, \
+     or allow iam:CreateServiceLinkedRole for spot.amazonaws.com (docs/operations.md)";
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
@@ -258,6 +267,13 @@ impl CloudError {
 
     /// Classifies an EC2 error code.
     pub fn from_code(code: &str, message: impl Into<String>) -> Self {
+        if code == "AuthFailure.ServiceLinkedRoleCreationNotPermitted" {
+            return Self::new(
+                CloudErrorKind::AccountSetup,
+                code,
+                format!("{SPOT_SERVICE_LINKED_ROLE_HELP} ({})", message.into()),
+            );
+        }
         let kind = match code {
             "InsufficientInstanceCapacity"
             | "InsufficientCapacity"
@@ -342,4 +358,26 @@ pub trait ParameterStore: Send + Sync + 'static {
 
     /// Every parameter under `path`, without values.
     async fn list(&self, path: &str) -> Result<Vec<StoredParameter>, CloudError>;
+}
+
+#[cfg(test)]
+mod cloud_error_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_spot_service_linked_role_says_what_to_do() {
+        let e = CloudError::from_code(
+            "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+            "The provided credentials do not have permission to create the service-linked role for EC2 Spot Instances.",
+        );
+        assert_eq!(e.kind, CloudErrorKind::AccountSetup);
+        assert_eq!(e.code, "AuthFailure.ServiceLinkedRoleCreationNotPermitted");
+        assert!(e
+            .message
+            .contains("create-service-linked-role --aws-service-name spot.amazonaws.com"));
+        assert!(
+            e.message.contains("The provided credentials"),
+            "EC2's own words are kept"
+        );
+    }
 }

@@ -24,6 +24,10 @@ pub struct RawSettings {
     /// Address for webhooks, health and metrics (port 0 picks a free port).
     #[arg(long, env = "SPOT_RUNNERS_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// A separate address for /metrics (and health), off the public webhook
+    /// port; unset: /metrics is served on SPOT_RUNNERS_LISTEN.
+    #[arg(long, env = "SPOT_RUNNERS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Webhook HMAC secret; a comma-separated list allows rotation.
     #[arg(long, env = "SPOT_RUNNERS_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
@@ -102,6 +106,8 @@ pub struct Settings {
     pub database_url: Option<SecretString>,
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
+    /// Where /metrics is served instead of `listen`, when set.
+    pub metrics_listen: Option<SocketAddr>,
     pub webhook_secrets: Option<WebhookSecrets>,
     pub controller_id: ControllerId,
     pub github_api_url: String,
@@ -124,6 +130,18 @@ impl RawSettings {
                 self.listen
             ))
         })?;
+        if !simulate {
+            refuse_example_secrets(&self)?;
+        }
+        let metrics_listen = non_blank(self.metrics_listen)
+            .map(|v| {
+                v.parse::<SocketAddr>().map_err(|_| {
+                    Error::Config(format!(
+                        "SPOT_RUNNERS_METRICS_LISTEN={v:?} is not an address like 127.0.0.1:9100"
+                    ))
+                })
+            })
+            .transpose()?;
         let controller_id = ControllerId::parse(&self.controller_id)
             .map_err(|e| Error::Config(format!("SPOT_RUNNERS_CONTROLLER_ID: {e}")))?;
         let webhook_secrets = non_blank(self.webhook_secret)
@@ -172,6 +190,7 @@ impl RawSettings {
             database_url: non_blank(self.database_url).map(SecretString::from),
             data_dir: self.data_dir,
             listen,
+            metrics_listen,
             webhook_secrets,
             controller_id,
             github_api_url,
@@ -183,6 +202,45 @@ impl RawSettings {
             ),
         })
     }
+}
+
+/// What `.env.example` ships: starting with one of these is a deployment
+/// that was never filled in, and a guessable webhook secret or database
+/// password is worse than not starting.
+const EXAMPLE_SECRET_PREFIX: &str = "change-me";
+
+fn refuse_example_secrets(raw: &RawSettings) -> Result<(), Error> {
+    let refuse = |var: &str| {
+        Err(Error::Config(format!(
+            "{var} is still the example value from .env.example ({EXAMPLE_SECRET_PREFIX}-...): \
+             set a real secret (e.g. `openssl rand -hex 32`)"
+        )))
+    };
+    if let Some(secrets) = &raw.webhook_secret {
+        if secrets
+            .split(',')
+            .any(|s| s.trim().starts_with(EXAMPLE_SECRET_PREFIX))
+        {
+            return refuse("SPOT_RUNNERS_WEBHOOK_SECRET");
+        }
+    }
+    if let Some(token) = &raw.github_token {
+        if token.trim().starts_with(EXAMPLE_SECRET_PREFIX) {
+            return refuse("SPOT_RUNNERS_GITHUB_TOKEN");
+        }
+    }
+    if let Some(url) = &raw.database_url {
+        // postgres://user:PASSWORD@host/db
+        let password = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .map(|(_, password)| password);
+        if password.is_some_and(|p| p.starts_with(EXAMPLE_SECRET_PREFIX)) {
+            return refuse("the password in DATABASE_URL (POSTGRES_PASSWORD with compose)");
+        }
+    }
+    Ok(())
 }
 
 /// The key itself when it looks like PEM, else the contents of that file.
@@ -247,6 +305,70 @@ mod tests {
             let err = raw(&args).parse(false).unwrap_err().to_string();
             assert!(err.contains(var), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn example_secrets_are_refused_with_the_variable_named() {
+        let cases = [
+            (
+                vec!["--webhook-secret", "change-me-webhook-secret"],
+                "SPOT_RUNNERS_WEBHOOK_SECRET",
+            ),
+            (
+                vec!["--webhook-secret", "real-one,change-me"],
+                "SPOT_RUNNERS_WEBHOOK_SECRET",
+            ),
+            (
+                vec!["--webhook-secret", "s", "--github-token", "change-me"],
+                "SPOT_RUNNERS_GITHUB_TOKEN",
+            ),
+            (
+                vec![
+                    "--webhook-secret",
+                    "s",
+                    "--database-url",
+                    "postgres://spot_runners:change-me-postgres@postgres:5432/spot_runners",
+                ],
+                "DATABASE_URL",
+            ),
+        ];
+        for (args, var) in cases {
+            let err = raw(&args).parse(false).unwrap_err().to_string();
+            assert!(
+                err.contains(var) && err.contains(".env.example"),
+                "{args:?}: {err}"
+            );
+            assert!(
+                !err.contains("change-me-postgres"),
+                "the value itself is not echoed: {err}"
+            );
+        }
+        // A real secret that merely contains the words is fine, and so is
+        // the simulator, which needs none.
+        assert!(raw(&["--webhook-secret", "please-change-me-never"])
+            .parse(false)
+            .is_ok());
+        assert!(raw(&["--webhook-secret", "change-me"]).parse(true).is_ok());
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_validated() {
+        let s = raw(&["--webhook-secret", "s"]).parse(false).unwrap();
+        assert_eq!(s.metrics_listen, None);
+        let s = raw(&[
+            "--webhook-secret",
+            "s",
+            "--metrics-listen",
+            "127.0.0.1:9100",
+        ])
+        .parse(false)
+        .unwrap();
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let err = raw(&["--webhook-secret", "s", "--metrics-listen", "nope"])
+            .parse(false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("SPOT_RUNNERS_METRICS_LISTEN"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,12 @@ const WAIT_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 1800.0,
     3600.0,
 ];
+/// Seconds from a queued delivery to RunInstances: milliseconds on the happy
+/// path, minutes behind a cap, EC2's rate limit or a GitHub outage.
+const LAUNCH_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+    1800.0, 3600.0,
+];
 /// Seconds, for work the service does itself.
 const FAST_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -106,7 +112,7 @@ impl Metrics {
                 hist(
                     "launch_latency_seconds",
                     "Time from a queued delivery's arrival to its instance being requested.",
-                    FAST_BUCKETS
+                    LAUNCH_BUCKETS
                 ),
                 &["profile"]
             )?),
@@ -157,6 +163,29 @@ impl Metrics {
             ))?),
             registry,
         })
+    }
+
+    /// `oldest_queued_job_seconds` from the ledger's demand: every profile
+    /// with queued jobs, the others at 0 (so a job that starts clears it).
+    pub fn set_oldest_queued(
+        &self,
+        demand: &std::collections::BTreeMap<String, spot_runners_domain::planner::Demand>,
+        profiles: &[spot_runners_domain::Profile],
+        now: chrono::DateTime<chrono::Utc>,
+    ) {
+        self.oldest_queued_job_seconds.reset();
+        for p in profiles {
+            self.oldest_queued_job_seconds
+                .with_label_values(&[p.name.as_str()])
+                .set(0);
+        }
+        for (profile, d) in demand {
+            if let Some(oldest) = d.queued.first() {
+                self.oldest_queued_job_seconds
+                    .with_label_values(&[profile])
+                    .set((now - oldest.since).num_seconds().max(0));
+            }
+        }
     }
 
     /// The text exposition format.

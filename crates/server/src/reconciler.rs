@@ -831,6 +831,9 @@ impl Reconciler {
             .store
             .runners(self.controller_id.as_str(), ENDED_GAUGE_WINDOW)
             .await?;
+        let demand = self.store.demand().await?;
+        self.metrics
+            .set_oldest_queued(&demand, &self.profiles.get().profiles, self.clock.now());
         self.metrics.runners.reset();
         self.metrics.instances.reset();
         for r in &runners {
@@ -1244,7 +1247,7 @@ impl Reconciler {
                                 tokio::time::sleep(backoff(attempt)).await;
                             }
                             CloudErrorKind::Throttled | CloudErrorKind::Transient => break,
-                            CloudErrorKind::Invalid => {
+                            CloudErrorKind::Invalid | CloudErrorKind::AccountSetup => {
                                 let e =
                                     last.unwrap_or_else(|| CloudError::from_code("Unknown", ""));
                                 return Err(Failure::End {

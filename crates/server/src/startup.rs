@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -13,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::{GitHubAuth, Settings};
 use crate::database::Database;
-use crate::http::{router, AppState};
+use crate::http::{metrics_router, public_router, AppState};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
@@ -27,6 +28,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 pub struct Application {
     listener: TcpListener,
+    /// `SPOT_RUNNERS_METRICS_LISTEN`, bound: /metrics moves off `listener`.
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
     addr: SocketAddr,
     state: AppState,
     database: Database,
@@ -53,6 +56,17 @@ impl Application {
         metrics: Arc<Metrics>,
         backends: Option<Backends>,
     ) -> Result<Self, Error> {
+        Self::build_with_clock(settings, metrics, backends, Arc::new(SystemClock)).await
+    }
+
+    /// [`Application::build_with`] with the reconciler reading time from
+    /// `clock` (tests move it to make runners and jobs old).
+    pub async fn build_with_clock(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        backends: Option<Backends>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
         let database = Database::open(&settings).await?;
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
@@ -74,6 +88,17 @@ impl Application {
             context: "reading the bound address".into(),
             source: e,
         })?;
+        let metrics_listener = match settings.metrics_listen {
+            None => None,
+            Some(at) => match bind(at).await {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    stop.cancel();
+                    database.close().await;
+                    return Err(e);
+                }
+            },
+        };
         let state = AppState {
             store,
             ingest,
@@ -83,18 +108,22 @@ impl Application {
             wake: Arc::new(Notify::new()),
         };
         let reconciler = backends.map(|b| {
-            Arc::new(Reconciler::new(
-                Arc::clone(&state.store),
-                b,
-                state.profiles.clone(),
-                Arc::clone(&state.metrics),
-                settings.controller_id.clone(),
-                settings.max_instances,
-            ))
+            Arc::new(
+                Reconciler::new(
+                    Arc::clone(&state.store),
+                    b,
+                    state.profiles.clone(),
+                    Arc::clone(&state.metrics),
+                    settings.controller_id.clone(),
+                    settings.max_instances,
+                )
+                .with_clock(clock),
+            )
         });
         Ok(Self {
             reconciler,
             listener,
+            metrics_listener,
             addr,
             state,
             database,
@@ -106,6 +135,11 @@ impl Application {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where /metrics is served when it has a listener of its own.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The database the service runs on (`serve --simulate` seeds example
@@ -131,6 +165,7 @@ impl Application {
     ) -> Result<(), Error> {
         let Self {
             listener,
+            metrics_listener,
             addr,
             state,
             database,
@@ -146,7 +181,12 @@ impl Application {
                 settings.reconcile_interval,
                 stop.clone(),
             )),
-            tokio::spawn(maintenance(state.clone(), settings.clone(), stop.clone())),
+            tokio::spawn(maintenance(
+                state.clone(),
+                settings.clone(),
+                reconciler.is_none(),
+                stop.clone(),
+            )),
             tokio::spawn(relay_wakeups(
                 database.store.clone(),
                 Arc::clone(&state.wake),
@@ -163,8 +203,21 @@ impl Application {
                 "no GitHub credentials or AWS region: recording jobs only, launching nothing"
             ),
         }
+        let app = public_router(state.clone(), metrics_listener.is_none());
+        if let Some((metrics_listener, metrics_addr)) = metrics_listener {
+            tracing::info!("metrics listening on {metrics_addr}");
+            let routes = metrics_router(state.clone());
+            let stopped = stop.clone();
+            background.push(tokio::spawn(async move {
+                let served = axum::serve(metrics_listener, routes)
+                    .with_graceful_shutdown(async move { stopped.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "serving metrics failed");
+                }
+            }));
+        }
         tracing::info!("listening on {addr}");
-        let app = router(state);
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
@@ -184,8 +237,27 @@ impl Application {
     }
 }
 
+async fn bind(at: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
+    let io = |context: String| move |source| Error::Io { context, source };
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(io(format!("binding {at}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io("reading the bound address".into()))?;
+    Ok((listener, addr))
+}
+
 /// Periodic upkeep: the jobs gauge and delivery-GUID retention.
-async fn maintenance(state: AppState, settings: Settings, stop: CancellationToken) {
+/// Without a reconciler (ledger only) it also keeps the oldest-queued gauge,
+/// which the reconciler keeps otherwise: jobs that nothing launches for
+/// must still raise the alert.
+async fn maintenance(
+    state: AppState,
+    settings: Settings,
+    ledger_only: bool,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(settings.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune: Option<tokio::time::Instant> = None;
@@ -207,6 +279,16 @@ async fn maintenance(state: AppState, settings: Settings, stop: CancellationToke
                 }
             }
             Err(e) => tracing::warn!(error = %e, "counting jobs failed"),
+        }
+        if ledger_only {
+            match state.store.demand().await {
+                Ok(demand) => state.metrics.set_oldest_queued(
+                    &demand,
+                    &state.profiles.get().profiles,
+                    chrono::Utc::now(),
+                ),
+                Err(e) => tracing::warn!(error = %e, "reading queued jobs failed"),
+            }
         }
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             match state

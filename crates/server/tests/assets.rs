@@ -171,3 +171,286 @@ fn apt_probe_survives_long_policy_output_under_pipefail() {
         "a package without a candidate is not offered"
     );
 }
+
+/// The rendered boot script's top-level function `name() { ... }`.
+fn shell_function(script: &str, name: &str) -> String {
+    let start = script
+        .find(&format!("\n{name}() {{"))
+        .unwrap_or_else(|| panic!("boot script defines no {name}()"));
+    let body = &script[start + 1..];
+    let end = body.find("\n}\n").expect("function closes") + 3;
+    body[..end].to_owned()
+}
+
+/// The boot script's interruption section, as rendered by the service.
+fn interruption_section(script: &str) -> String {
+    let start = script
+        .find("# ---- spot interruption and rebalance")
+        .expect("boot script has the interruption section");
+    let end = script[start..]
+        .find("# ---- end of spot interruption and rebalance")
+        .expect("section ends")
+        + start;
+    script[start..end].to_owned()
+}
+
+struct WatchRun {
+    log: String,
+    stops: String,
+    power_off: String,
+}
+
+/// Runs the rendered boot script's `interruption_watch` against a fake IMDS
+/// (`imds` serves `/latest/...`), with `pkill` and `power_off` recorded
+/// instead of done, until the watch returns (or 20 s pass: a failure).
+async fn run_interruption_watch(imds: &wiremock::MockServer, busy: bool) -> WatchRun {
+    use std::os::unix::fs::PermissionsExt;
+
+    let profile = Profile::try_from(example_row("kani-medium", &["kani"])).unwrap();
+    let rendered = render(&UserDataValues {
+        controller_id: "spot-runners",
+        runner_name: "spot-runners-kani-medium-abcd1234",
+        jit_config: &jit_shaped(),
+        profile: &profile,
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    std::fs::write(
+        out.join("pkill"),
+        format!("#!/bin/sh\necho \"$*\" >>{}/stops\n", out.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(out.join("pkill"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    if busy {
+        std::fs::write(out.join("busy"), "").unwrap();
+    }
+    let harness = format!(
+        "set -euo pipefail\n\
+         OUT={out}\n\
+         RUNNER_NAME=spot-runners-kani-medium-abcd1234\n\
+         RUNNER_USER=runner\n\
+         IMDS={imds}/latest\n\
+         log() {{ printf '%s\\n' \"$*\" >>\"$OUT/log\"; }}\n\
+         power_off() {{ printf '%s\\n' \"$*\" >>\"$OUT/power_off\"; }}\n\
+         job_started() {{ [[ -e $OUT/busy ]]; }}\n\
+         {token}\n{section}\n\
+         INTERRUPTION_POLL_SECS=0.05\n\
+         interruption_watch\n",
+        out = out.display(),
+        imds = imds.uri(),
+        token = shell_function(&rendered, "imds_token"),
+        section = interruption_section(&rendered),
+    );
+    let mut child = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg(harness)
+        .env(
+            "PATH",
+            format!("{}:{}", out.display(), std::env::var("PATH").unwrap()),
+        )
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .expect("interruption_watch returns once it has acted")
+        .unwrap();
+    assert!(status.success(), "interruption_watch failed: {status}");
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).unwrap_or_default();
+    WatchRun {
+        log: read("log"),
+        stops: read("stops"),
+        power_off: read("power_off"),
+    }
+}
+
+async fn fake_imds() -> wiremock::MockServer {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let imds = MockServer::start().await;
+    Mock::given(method("PUT"))
+        .and(path("/latest/api/token"))
+        .and(header("X-aws-ec2-metadata-token-ttl-seconds", "21600"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("tok-1"))
+        .mount(&imds)
+        .await;
+    imds
+}
+
+fn imds_answer(p: &str, status: u16, body: &str) -> wiremock::Mock {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    // Only IMDSv2: a request without the session token gets nothing.
+    Mock::given(method("GET"))
+        .and(path(format!("/latest/meta-data/{p}")))
+        .and(header("X-aws-ec2-metadata-token", "tok-1"))
+        .respond_with(ResponseTemplate::new(status).set_body_string(body))
+}
+
+const NOTICE: &str = r#"{"action":"terminate","time":"2026-12-01T10:02:00Z"}"#;
+const REBALANCE: &str = r#"{"noticeTime":"2026-12-01T09:58:00Z"}"#;
+
+#[tokio::test]
+async fn boot_script_stops_a_busy_runner_on_the_interruption_notice_and_says_so() {
+    let imds = fake_imds().await;
+    imds_answer("spot/instance-action", 200, NOTICE)
+        .mount(&imds)
+        .await;
+    let run = run_interruption_watch(&imds, true).await;
+    assert_eq!(run.stops.trim(), "-INT -u runner -x Runner.Listener");
+    assert!(
+        run.log.contains(&format!(
+            "spot-runners-event interruption-notice runner=spot-runners-kani-medium-abcd1234 job=busy notice={NOTICE}"
+        )),
+        "{}",
+        run.log
+    );
+    // The reclaim ends the instance; the script's own exit powers it off.
+    assert!(run.power_off.is_empty(), "{}", run.power_off);
+}
+
+#[tokio::test]
+async fn boot_script_gives_up_an_idle_runner_on_a_rebalance_recommendation() {
+    let imds = fake_imds().await;
+    imds_answer("events/recommendations/rebalance", 200, REBALANCE)
+        .mount(&imds)
+        .await;
+    let run = run_interruption_watch(&imds, false).await;
+    assert!(
+        run.log
+            .contains("spot-runners-event rebalance-recommendation runner=spot-runners-kani-medium-abcd1234 job=idle action=replace"),
+        "{}",
+        run.log
+    );
+    assert_eq!(run.stops.trim(), "-INT -u runner -x Runner.Listener");
+    assert!(
+        run.power_off
+            .contains("rebalance recommendation while idle"),
+        "{}",
+        run.power_off
+    );
+}
+
+#[tokio::test]
+async fn boot_script_keeps_a_busy_runner_on_a_rebalance_recommendation() {
+    let imds = fake_imds().await;
+    imds_answer("events/recommendations/rebalance", 200, REBALANCE)
+        .mount(&imds)
+        .await;
+    // No notice for the first polls, then the notice.
+    imds_answer("spot/instance-action", 404, "")
+        .up_to_n_times(3)
+        .with_priority(1)
+        .mount(&imds)
+        .await;
+    imds_answer("spot/instance-action", 200, NOTICE)
+        .mount(&imds)
+        .await;
+    let run = run_interruption_watch(&imds, true).await;
+    let lines: Vec<&str> = run
+        .log
+        .lines()
+        .filter(|l| l.starts_with("spot-runners-event"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{}", run.log);
+    assert!(
+        lines[0].starts_with("spot-runners-event rebalance-recommendation")
+            && lines[0].contains("job=busy action=none"),
+        "{}",
+        run.log
+    );
+    assert!(lines[1].starts_with("spot-runners-event interruption-notice"));
+    // Stopped once, on the notice, not on the recommendation.
+    assert_eq!(run.stops.lines().count(), 1, "{}", run.stops);
+    assert!(run.power_off.is_empty());
+}
+
+/// `deploy/iam/service-policy.json` grants the EC2 calls the adapter makes
+/// and no others (`CreateTags` rides on `RunInstances`' tag specifications).
+#[test]
+fn the_service_policy_grants_exactly_the_ec2_calls_the_adapter_makes() {
+    let policy: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/iam/service-policy.json")).unwrap(),
+    )
+    .unwrap();
+    let mut granted = std::collections::BTreeSet::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        let actions = match &statement["Action"] {
+            serde_json::Value::String(a) => vec![a.clone()],
+            serde_json::Value::Array(a) => {
+                a.iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+            }
+            other => panic!("Action {other}"),
+        };
+        for a in actions {
+            if let Some(ec2) = a.strip_prefix("ec2:") {
+                granted.insert(ec2.to_owned());
+            }
+        }
+    }
+    let adapter = std::fs::read_to_string(repo().join("crates/aws/src/lib.rs")).unwrap();
+    let snake = |action: &str| {
+        let mut out = String::new();
+        for (i, c) in action.chars().enumerate() {
+            if c.is_ascii_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    };
+    for action in &granted {
+        if action == "CreateTags" {
+            assert!(
+                adapter.contains("tag_specifications("),
+                "CreateTags is for launch-time tags"
+            );
+            continue;
+        }
+        assert!(
+            adapter.contains(&format!(".{}()", snake(action))),
+            "the policy grants ec2:{action}, which the adapter never calls: drop it"
+        );
+    }
+    for call in [
+        "run_instances",
+        "terminate_instances",
+        "describe_instances",
+        "describe_images",
+    ] {
+        if adapter.contains(&format!(".{call}()")) {
+            assert!(
+                granted.iter().any(|a| snake(a) == call),
+                "the adapter calls {call}, which the policy does not grant"
+            );
+        }
+    }
+    let text = serde_json::to_string(&policy).unwrap();
+    assert!(
+        text.contains("iam:CreateServiceLinkedRole") && text.contains("spot.amazonaws.com"),
+        "a fresh account needs the spot service-linked role"
+    );
+    assert!(
+        text.contains("kms:CreateGrant"),
+        "EBS keys of the account's own"
+    );
+}
+
+/// Launch latency reaches minutes behind caps and rate limits: its buckets
+/// must tell 5 minutes from 50.
+#[test]
+fn launch_latency_buckets_reach_minutes() {
+    let metrics = Metrics::new().unwrap();
+    metrics
+        .launch_latency_seconds
+        .with_label_values(&["kani"])
+        .observe(240.0);
+    let text = metrics.render();
+    for (le, n) in [("120", 0), ("300", 1), ("1800", 1), ("3600", 1)] {
+        let line = format!(
+            "spot_runners_launch_latency_seconds_bucket{{profile=\"kani\",le=\"{le}\"}} {n}"
+        );
+        assert!(text.contains(&line), "missing {line}:\n{text}");
+    }
+}

@@ -811,7 +811,9 @@ impl Controller {
                         self.set_candidate(seq, candidate);
                         return true;
                     }
-                    CloudErrorKind::Invalid => return self.give_up(seq).await,
+                    CloudErrorKind::Invalid | CloudErrorKind::AccountSetup => {
+                        return self.give_up(seq).await
+                    }
                 },
             }
         }

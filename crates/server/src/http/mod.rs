@@ -36,13 +36,40 @@ pub struct AppState {
     pub wake: Arc<Notify>,
 }
 
+/// Everything on one listener: webhooks, health and metrics.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/webhook", post(webhook::receive))
-        .route("/metrics", get(health::metrics))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .with_state(state)
+    public_router(state, true)
+}
+
+/// The public listener (GitHub must reach `/webhook`): `/metrics` only
+/// when no separate metrics listener is configured.
+pub fn public_router(state: AppState, with_metrics: bool) -> Router {
+    let mut routes = Router::new().route("/webhook", post(webhook::receive));
+    if with_metrics {
+        routes = routes.route("/metrics", get(health::metrics));
+    }
+    layered(
+        routes
+            .route("/healthz", get(health::healthz))
+            .route("/readyz", get(health::readyz))
+            .with_state(state),
+    )
+}
+
+/// `SPOT_RUNNERS_METRICS_LISTEN`: metrics and health, for Prometheus and
+/// probes on an address the internet cannot reach.
+pub fn metrics_router(state: AppState) -> Router {
+    layered(
+        Router::new()
+            .route("/metrics", get(health::metrics))
+            .route("/healthz", get(health::healthz))
+            .route("/readyz", get(health::readyz))
+            .with_state(state),
+    )
+}
+
+fn layered(routes: Router) -> Router {
+    routes
         .layer(CatchPanicLayer::new())
         // GitHub gives a receiver 10 s; past that an answer is useless.
         .layer(TimeoutLayer::with_status_code(

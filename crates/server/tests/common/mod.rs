@@ -22,6 +22,8 @@ pub const SECRET: &str = "It's a Secret to Everybody";
 
 pub struct TestApp {
     pub base: String,
+    /// `http://ADDR` of the metrics listener, when the settings asked for one.
+    pub metrics_base: Option<String>,
     pub client: reqwest::Client,
     pub db: TestDatabase,
     pub state: AppState,
@@ -34,6 +36,7 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         database_url: Some(SecretString::from(db.url.clone())),
         data_dir: PathBuf::from("/nonexistent"),
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
         webhook_secrets: WebhookSecrets::from_list(secrets),
         controller_id: Default::default(),
         github_api_url: "http://127.0.0.1:9".into(),
@@ -59,15 +62,35 @@ pub async fn spawn_app_with(
     tweak: impl FnOnce(&mut Settings),
     backends: Option<spot_runners::reconciler::Backends>,
 ) -> TestApp {
+    let metrics = Arc::new(spot_runners::metrics::Metrics::new().unwrap());
+    spawn_app_on(
+        secrets,
+        tweak,
+        metrics,
+        backends,
+        Arc::new(spot_runners_domain::clock::SystemClock),
+    )
+    .await
+}
+
+/// [`spawn_app_with`] reporting into `metrics` (which the backends may
+/// share, as the real GitHub adapter does) and reading time from `clock`.
+pub async fn spawn_app_on(
+    secrets: &str,
+    tweak: impl FnOnce(&mut Settings),
+    metrics: Arc<spot_runners::metrics::Metrics>,
+    backends: Option<spot_runners::reconciler::Backends>,
+    clock: Arc<dyn spot_runners_domain::clock::Clock>,
+) -> TestApp {
     spot_runners::telemetry::init();
     let db = test_database().await.expect("test database");
     let mut settings = settings(&db, secrets);
     tweak(&mut settings);
-    let metrics = Arc::new(spot_runners::metrics::Metrics::new().unwrap());
-    let app = Application::build_with(settings, metrics, backends)
+    let app = Application::build_with_clock(settings, metrics, backends, clock)
         .await
         .expect("app builds");
     let base = format!("http://{}", app.local_addr());
+    let metrics_base = app.metrics_addr().map(|a| format!("http://{a}"));
     let state = app.state().clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run_until_stopped(async {
@@ -75,6 +98,7 @@ pub async fn spawn_app_with(
     }));
     TestApp {
         base,
+        metrics_base,
         client: reqwest::Client::new(),
         db,
         state,

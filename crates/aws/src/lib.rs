@@ -6,8 +6,11 @@
 //! one EC2 call per request (plus a cached image lookup) and classifies the
 //! outcome with EC2's own error codes.
 
+mod ssm;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use ssm::SsmParameterStore;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -143,6 +146,21 @@ impl Ec2Cloud {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(image_id.to_owned(), name.clone());
         Ok(name)
+    }
+
+    /// Makes instance ARNs for the account that owns a reservation, in this
+    /// client's region: what IAM compares with `ec2:SourceInstanceARN` when
+    /// the instance calls AWS with its role.
+    fn instance_arn(&self, owner_id: Option<&str>) -> impl Fn(&str) -> Option<String> {
+        let region = self.client.config().region().map(|r| r.to_string());
+        let owner = owner_id.filter(|o| !o.is_empty()).map(str::to_owned);
+        move |id: &str| {
+            let (region, owner) = (region.as_deref()?, owner.as_deref()?);
+            Some(format!(
+                "arn:{}:ec2:{region}:{owner}:instance/{id}",
+                partition(region)
+            ))
+        }
     }
 
     fn cached_root_device(&self, image_id: &str) -> Option<String> {
@@ -310,7 +328,8 @@ impl Cloud for Ec2Cloud {
             err
         })?;
         let raw = output.instances().first();
-        let mut instance = raw.and_then(to_instance).ok_or_else(|| {
+        let arn = self.instance_arn(output.owner_id());
+        let mut instance = raw.and_then(|r| to_instance(r, &arn)).ok_or_else(|| {
             // Safe to retry: the same ClientToken finds the instance if one
             // was in fact started.
             CloudError::new(
@@ -372,6 +391,7 @@ impl Cloud for Ec2Cloud {
         let mut owned = Vec::new();
         while let Some(reservation) = pages.next().await {
             let reservation = reservation.map_err(|e| cloud_error(&e))?;
+            let arn = self.instance_arn(reservation.owner_id());
             for raw in reservation.instances() {
                 // Tag filter values accept `*` and `?` wildcards; ownership
                 // is an exact match, checked here rather than trusted.
@@ -379,12 +399,38 @@ impl Cloud for Ec2Cloud {
                     .tags()
                     .iter()
                     .any(|t| t.key() == Some(TAG_CONTROLLER) && t.value() == Some(controller_id));
-                if let (true, Some(instance)) = (ours, to_instance(raw)) {
+                if let (true, Some(instance)) = (ours, to_instance(raw, &arn)) {
                     owned.push(instance);
                 }
             }
         }
         Ok(owned)
+    }
+
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let call = tags.iter().fold(
+            self.client.create_tags().resources(instance_id),
+            |call, (key, value)| call.tags(Tag::builder().key(*key).value(value).build()),
+        );
+        call.send().await.map(|_| ()).map_err(|e| cloud_error(&e))
+    }
+}
+
+/// The ARN partition of a region.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
     }
 }
 
@@ -401,8 +447,12 @@ fn tag_specification(resource: ResourceType, tags: &[(&str, &str)]) -> TagSpecif
         .build()
 }
 
-/// `None` only when EC2 sent no instance id, which it always does.
-fn to_instance(raw: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
+/// `None` only when EC2 sent no instance id, which it always does. `arn`
+/// makes an instance's ARN from its id (see [`Ec2Cloud::instance_arn`]).
+fn to_instance(
+    raw: &aws_sdk_ec2::types::Instance,
+    arn: &dyn Fn(&str) -> Option<String>,
+) -> Option<Instance> {
     let id = raw.instance_id().filter(|id| !id.is_empty())?.to_owned();
     let tag = |key: &str| {
         raw.tags()
@@ -435,6 +485,7 @@ fn to_instance(raw: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         launched_at: raw
             .launch_time()
             .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())),
+        arn: arn(&id),
         id,
     })
 }
@@ -477,7 +528,7 @@ fn instance_ids_in(message: &str) -> HashSet<&str> {
 /// Classifies an SDK failure. EC2's error code decides when there is one;
 /// failures that never reached EC2 (or got no parseable answer) are worth a
 /// retry, except requests the SDK could not even build.
-fn cloud_error<E>(err: &SdkError<E, HttpResponse>) -> CloudError
+pub(crate) fn cloud_error<E>(err: &SdkError<E, HttpResponse>) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -636,6 +687,13 @@ mod tests {
     }
 
     #[test]
+    fn arns_carry_the_regions_partition() {
+        assert_eq!(partition("us-east-1"), "aws");
+        assert_eq!(partition("cn-north-1"), "aws-cn");
+        assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
+    }
+
+    #[test]
     fn unknown_states_count_as_alive() {
         assert_eq!(
             instance_state(Some(&InstanceStateName::ShuttingDown), Some(32)),
@@ -671,8 +729,15 @@ mod tests {
             )
             .launch_time(aws_sdk_ec2::primitives::DateTime::from_secs(1_700_000_000))
             .build();
-        let instance = to_instance(&raw).unwrap();
+        let instance = to_instance(&raw, &|id| {
+            Some(format!("arn:aws:ec2:us-east-1:123456789012:instance/{id}"))
+        })
+        .unwrap();
         assert_eq!(instance.id, "i-0abc");
+        assert_eq!(
+            instance.arn.as_deref(),
+            Some("arn:aws:ec2:us-east-1:123456789012:instance/i-0abc")
+        );
         assert_eq!(instance.runner_name.as_deref(), Some("ctl-linux-ab12"));
         assert_eq!(instance.profile.as_deref(), Some("linux"));
         assert_eq!(instance.instance_type, "c7i.large");
@@ -691,8 +756,9 @@ mod tests {
             .instance_id("i-0def")
             .state_reason(aws_sdk_ec2::types::StateReason::builder().code("").build())
             .build();
-        let instance = to_instance(&on_demand).unwrap();
+        let instance = to_instance(&on_demand, &|_| None).unwrap();
         assert_eq!(instance.market, Market::OnDemand);
+        assert_eq!(instance.arn, None);
         assert_eq!(instance.state_reason, None);
         assert_eq!(instance.runner_name, None);
     }

@@ -8,10 +8,12 @@
 
 pub mod backoff;
 pub mod clock;
+pub mod cost_tags;
 mod error;
 pub mod job;
 pub mod matching;
 pub mod names;
+pub mod parameters;
 pub mod planner;
 pub mod ports;
 pub mod profile;

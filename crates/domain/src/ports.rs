@@ -253,8 +253,9 @@ pub struct LaunchRequest {
     pub iam_instance_profile: Option<String>,
     pub market: Market,
     pub root_volume_gb: u32,
-    /// The rendered boot script (plain text; the adapter encodes it). Holds
-    /// the JIT config, so it is never printed.
+    /// The rendered boot script (plain text; the adapter encodes it). It
+    /// holds no secret (the JIT config waits in the [`ParameterStore`]), but
+    /// it is bulky, so `Debug` prints only its size.
     pub user_data: String,
 }
 
@@ -308,6 +309,10 @@ pub struct Instance {
     /// EC2's state reason code, e.g. `Server.SpotInstanceTermination`.
     pub state_reason: Option<String>,
     pub launched_at: Option<DateTime<Utc>>,
+    /// `arn:<partition>:ec2:<region>:<account>:instance/<id>`, as IAM sees
+    /// it in `ec2:SourceInstanceARN` (`None` when EC2 did not say the
+    /// account).
+    pub arn: Option<String>,
 }
 
 /// How a failed call should be treated.
@@ -416,10 +421,52 @@ pub trait Cloud: Send + Sync + 'static {
     /// reports (terminated ones linger for about an hour).
     async fn list_owned(&self, controller_id: &str) -> Result<Vec<Instance>, CloudError>;
 
+    /// `CreateTags` on one of our instances (cost allocation tags: see
+    /// [`crate::cost_tags`]); an existing key gets the new value.
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError>;
+
     /// The `RunInstances` bucket this cloud enforces; callers pace themselves by it.
     fn launch_limit(&self) -> TokenBucket {
         TokenBucket::ec2_run_instances()
     }
+}
+
+// ------------------------------------------------------- Parameter store --
+
+/// SSM's error code for creating a parameter whose name exists.
+pub const PARAMETER_ALREADY_EXISTS: &str = "ParameterAlreadyExists";
+
+/// A parameter as a listing shows it: no value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredParameter {
+    pub name: String,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+/// Where JIT configs wait for their instance (SSM Parameter Store; see
+/// [`crate::parameters`]). Errors carry SSM's error code, classified like
+/// EC2's.
+#[async_trait]
+pub trait ParameterStore: Send + Sync + 'static {
+    /// Creates a SecureString (encrypted with the account's `aws/ssm` key).
+    /// Never overwrites: a name that exists fails with
+    /// [`PARAMETER_ALREADY_EXISTS`], so a stale value (and its tags, which
+    /// grant it to an instance) can never be silently kept.
+    async fn create_secure(&self, name: &str, value: &SecretString) -> Result<(), CloudError>;
+
+    /// Adds tags to a parameter (`AddTagsToResource`); an existing key gets
+    /// the new value.
+    async fn tag(&self, name: &str, tags: &[(&str, String)]) -> Result<(), CloudError>;
+
+    /// `DeleteParameter`; a parameter already gone is success.
+    async fn delete(&self, name: &str) -> Result<(), CloudError>;
+
+    /// Every parameter under `path`, without values.
+    async fn list(&self, path: &str) -> Result<Vec<StoredParameter>, CloudError>;
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use spot_runners_domain::names::client_token;
 use spot_runners_domain::planner::{launch_candidates, plan_launches};
 use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance,
-    JitConfig, JitRequest, JobReport, LaunchRequest, RunnerScope,
+    JitConfig, JitRequest, JobReport, LaunchRequest, ParameterStore, RunnerScope,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
+
+mod cost_tags;
+mod jit_config;
 
 /// Rows one provisioner claims at a time; each waits its turn at the
 /// token bucket, so this bounds in-flight calls, not throughput.
@@ -90,6 +93,8 @@ const PRUNE_BATCH: i64 = 500;
 pub struct Backends {
     pub cloud: Arc<dyn Cloud>,
     pub github: Arc<dyn GitHub>,
+    /// Where JIT configs wait for their instance (never in user data).
+    pub parameters: Arc<dyn ParameterStore>,
 }
 
 pub struct Reconciler {
@@ -117,6 +122,8 @@ pub struct Reconciler {
     provision_wake: Notify,
     /// Completed jobs and ended runners older than this are pruned.
     retention: Duration,
+    /// Busy runners whose instance carries its job's cost tags already.
+    cost_tagged: Mutex<BTreeSet<String>>,
 }
 
 /// What a pass did.
@@ -148,6 +155,10 @@ pub struct SweepReport {
     pub stale_closed: usize,
     /// Queued jobs found on GitHub that no delivery told us about.
     pub discovered: usize,
+    /// JIT config parameters left behind (see [`jit_parameter_is_leftover`]), deleted.
+    pub leftover_parameters: usize,
+    /// Instances given their job's cost tags.
+    pub cost_tagged: usize,
 }
 
 enum Failure {
@@ -192,6 +203,7 @@ impl Reconciler {
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
             retention: Duration::from_secs(30 * 86_400),
+            cost_tagged: Mutex::new(BTreeSet::new()),
             backends,
         }
     }
@@ -461,6 +473,8 @@ impl Reconciler {
                 "pruned the ledger past its retention"
             );
         }
+        report.leftover_parameters = self.sweep_jit_parameters().await?;
+        report.cost_tagged = self.tag_costs(&runners).await?;
         Ok(Some(report))
     }
 
@@ -1143,6 +1157,11 @@ impl Reconciler {
             });
         }
         let jit = self.register(&runner, &profile).await?;
+        runner.github_runner_id = Some(jit.runner_id);
+        if let Err(failure) = self.store_jit_config(&runner, &jit).await {
+            self.forget_registration(&runner).await;
+            return Err(failure);
+        }
         self.update(
             &runner.name,
             RunnerChange::Registered {
@@ -1150,11 +1169,12 @@ impl Reconciler {
             },
         )
         .await?;
-        runner.github_runner_id = Some(jit.runner_id);
         let result = self
-            .launch(&runner, &profile, &jit, &candidates, first_attempt)
+            .launch(&runner, &profile, &candidates, first_attempt)
             .await;
-        if result.is_err() {
+        // A postponed launch may have an instance already (its row stays
+        // `launching` and is adopted): its registration and config must stay.
+        if matches!(result, Err(Failure::End { .. })) {
             self.forget_registration(&runner).await;
         }
         result
@@ -1185,6 +1205,7 @@ impl Reconciler {
             .find(|i| i.runner_name.as_deref() == Some(runner.name.as_str()) && i.state.is_alive())
         {
             tracing::info!(runner = %runner.name, instance = %instance.id, "adopted the instance of an interrupted launch");
+            self.grant_jit_config(&runner.name, &instance).await?;
             self.update(
                 &runner.name,
                 RunnerChange::Booting {
@@ -1200,13 +1221,15 @@ impl Reconciler {
         Ok(false)
     }
 
-    /// Deletes the runner's GitHub registration, if it has one.
+    /// Deletes the runner's GitHub registration, if it has one, and its
+    /// JIT config parameter.
     async fn forget_registration(&self, runner: &RunnerRecord) {
         if let Some(id) = runner.github_runner_id {
             if let Err(e) = self.backends.github.delete_runner(&runner.scope, id).await {
                 tracing::warn!(runner = %runner.name, error = %e, "deleting the GitHub registration failed; the orphan sweep will retry");
             }
         }
+        self.forget_jit_config(&runner.name).await;
     }
 
     async fn pace(bucket: &Mutex<TokenBucket>) {
@@ -1295,15 +1318,12 @@ impl Reconciler {
         &self,
         runner: &RunnerRecord,
         profile: &Profile,
-        jit: &JitConfig,
         candidates: &[(String, Option<String>, spot_runners_domain::Market)],
         first_attempt: usize,
     ) -> Result<(), Failure> {
-        use secrecy::ExposeSecret;
         let user_data = render(&UserDataValues {
             controller_id: self.controller_id.as_str(),
             runner_name: &runner.name,
-            jit_config: jit.encoded.expose_secret(),
             profile,
         })
         .map_err(|e| Failure::End {
@@ -1369,6 +1389,7 @@ impl Reconciler {
                             .lock()
                             .unwrap_or_else(PoisonError::into_inner)
                             .launched(profile.name.as_str());
+                        self.grant_jit_config(&runner.name, &instance).await?;
                         return self
                             .update(
                                 &runner.name,

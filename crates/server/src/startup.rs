@@ -413,9 +413,13 @@ async fn real_backends(
             return Ok(None);
         }
     };
+    let parameters = spot_runners_aws::SsmParameterStore::from_env()
+        .await
+        .map_err(|e| Error::Config(format!("SSM: {e}")))?;
     Ok(Some(Backends {
         cloud: Arc::new(cloud),
         github: Arc::new(github),
+        parameters: Arc::new(parameters),
     }))
 }
 

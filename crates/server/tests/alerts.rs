@@ -272,6 +272,7 @@ async fn fleet() -> Fleet {
         Some(Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(github.clone()),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         }),
         Arc::new(clock.clone()),
     )
@@ -750,6 +751,7 @@ async fn on_mock_github(github: &wiremock::MockServer) -> Fleet {
         Some(Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(adapter),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         }),
         Arc::new(clock.clone()),
     )

@@ -27,7 +27,7 @@ fn tokens(cloud: &FakeCloud) -> Vec<String> {
         .into_iter()
         .filter_map(|c| match c {
             CloudCall::Launch { client_token, .. } => Some(client_token),
-            CloudCall::Terminate { .. } => None,
+            _ => None,
         })
         .collect()
 }
@@ -44,7 +44,7 @@ fn launches(cloud: &FakeCloud) -> Vec<Attempt> {
                 outcome,
                 ..
             } => Some((instance_type, subnet_id, market, outcome)),
-            CloudCall::Terminate { .. } => None,
+            CloudCall::Terminate { .. } | CloudCall::Tag { .. } => None,
         })
         .collect()
 }

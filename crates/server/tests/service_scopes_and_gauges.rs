@@ -32,6 +32,7 @@ async fn world() -> World {
         Some(Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(github.clone()),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         }),
         Arc::new(clock.clone()),
     )

@@ -13,7 +13,7 @@
 //! is terminated; after a capacity refusal it is simply tried again.
 //! Throttled calls never reach that far and are not remembered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,9 @@ pub const REASON_SHUTDOWN_FROM_INSIDE: &str = "Client.InstanceInitiatedShutdown"
 
 /// EC2 refuses user data above 16 KiB (before base64).
 const MAX_USER_DATA_BYTES: usize = 16 * 1024;
+
+/// The account and region the fake's instance ARNs name.
+pub const FAKE_ARN_PREFIX: &str = "arn:aws:ec2:us-east-1:123456789012:instance/";
 
 const DEFAULT_BOOT_TIME: Duration = Duration::from_secs(30);
 /// EC2 keeps reporting terminated instances for about an hour.
@@ -56,6 +59,11 @@ pub enum CloudCall {
     /// A `terminate` EC2 accepted; throttled or failed calls change nothing
     /// and show only in [`FakeCloud::throttled_count`].
     Terminate { ids: Vec<String>, at: Instant },
+    /// A `tag_instance` (`CreateTags` after launch).
+    Tag {
+        instance_id: String,
+        tags: Vec<(String, String)>,
+    },
 }
 
 /// An instance as the fake holds it, with what `Instance` cannot carry.
@@ -110,6 +118,8 @@ struct Record {
     launched_at: Instant,
     running_at: Instant,
     ended: Option<(Instant, Option<String>)>,
+    /// Added after launch by `tag_instance`.
+    tags: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -182,6 +192,7 @@ impl State {
             state: record.state(now),
             state_reason: record.ended.as_ref().and_then(|(_, r)| r.clone()),
             launched_at: Some(self.wall_time(record.launched_at)),
+            arn: Some(format!("{FAKE_ARN_PREFIX}{}", record.id)),
         }
     }
 
@@ -300,6 +311,7 @@ impl State {
             launched_at: now,
             running_at: now + self.boot_time,
             ended: None,
+            tags: BTreeMap::new(),
         };
         let instance = self.view(&record, now);
         self.remember_token(request, Some(self.records.len()));
@@ -599,6 +611,16 @@ impl FakeCloud {
             .map(|r| state.view(r, now))
     }
 
+    /// The tags added to an instance after its launch.
+    pub fn added_tags(&self, instance_id: &str) -> BTreeMap<String, String> {
+        self.lock()
+            .records
+            .iter()
+            .find(|r| r.id == instance_id)
+            .map(|r| r.tags.clone())
+            .unwrap_or_default()
+    }
+
     pub fn calls(&self) -> Vec<CloudCall> {
         self.lock().calls.clone()
     }
@@ -683,6 +705,32 @@ impl Cloud for FakeCloud {
             })
             .map(|r| state.view(r, now))
             .collect())
+    }
+
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError> {
+        self.delay().await;
+        let mut state = self.lock();
+        let Some(record) = state.records.iter_mut().find(|r| r.id == instance_id) else {
+            return Err(CloudError::from_code(
+                "InvalidInstanceID.NotFound",
+                format!("The instance ID '{instance_id}' does not exist"),
+            ));
+        };
+        for (key, value) in tags {
+            record.tags.insert((*key).to_owned(), value.clone());
+        }
+        state.calls.push(CloudCall::Tag {
+            instance_id: instance_id.to_owned(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        });
+        Ok(())
     }
 }
 
@@ -861,7 +909,7 @@ mod tests {
                     outcome,
                     ..
                 } => Some((runner_name, outcome.is_ok())),
-                CloudCall::Terminate { .. } => None,
+                CloudCall::Terminate { .. } | CloudCall::Tag { .. } => None,
             })
             .collect();
         let expected = [

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use secrecy::ExposeSecret;
 use serde::Serialize;
 use spot_runners_domain::job::ParsedWorkflowJob;
 use spot_runners_domain::planner::{
@@ -698,14 +697,12 @@ impl Controller {
             return true;
         };
         let now = self.clock.now();
-        let jit = match runner.jit {
-            Some(jit) => jit,
-            None => match self.register(seq, &runner, &profile, now).await {
-                Ok(jit) => jit,
-                Err(go_on) => return go_on,
-            },
-        };
-        self.launch(seq, &profile, &jit, now).await
+        if runner.jit.is_none() {
+            if let Err(go_on) = self.register(seq, &runner, &profile, now).await {
+                return go_on;
+            }
+        }
+        self.launch(seq, &profile, now).await
     }
 
     async fn register(
@@ -753,14 +750,15 @@ impl Controller {
         }
     }
 
-    async fn launch(&mut self, seq: u64, profile: &Profile, jit: &JitConfig, now: Instant) -> bool {
+    /// The JIT config waits in the parameter store (not modelled here: it
+    /// costs no rate-limited call), so the launch needs only the profile.
+    async fn launch(&mut self, seq: u64, profile: &Profile, now: Instant) -> bool {
         let Some(runner) = self.runners.get(&seq).cloned() else {
             return true;
         };
         let user_data = match render(&UserDataValues {
             controller_id: self.controller_id.as_str(),
             runner_name: &runner.name,
-            jit_config: jit.encoded.expose_secret(),
             profile,
         }) {
             Ok(u) => u,

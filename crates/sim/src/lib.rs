@@ -24,6 +24,7 @@ pub mod controller;
 pub mod duration;
 pub mod faults;
 pub mod github;
+pub mod parameters;
 pub mod payload;
 pub mod report;
 pub mod scenario;
@@ -34,6 +35,7 @@ pub mod world;
 pub use clock::ManualClock;
 pub use cloud::FakeCloud;
 pub use github::FakeGitHub;
+pub use parameters::FakeParameterStore;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;

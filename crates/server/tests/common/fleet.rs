@@ -9,7 +9,7 @@ use spot_runners::profiles::ProfileCache;
 use spot_runners::reconciler::{Backends, Reconciler};
 use spot_runners_domain::ControllerId;
 use spot_runners_sim::cloud::CloudCall;
-use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
+use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock};
 use spot_runners_store::testing::{test_database, TestDatabase};
 use spot_runners_store::PgStore;
 
@@ -18,6 +18,7 @@ pub struct Harness {
     pub store: Arc<PgStore>,
     pub cloud: FakeCloud,
     pub github: FakeGitHub,
+    pub parameters: FakeParameterStore,
     pub profiles: ProfileCache,
     pub metrics: Arc<Metrics>,
     pub clock: ManualClock,
@@ -38,6 +39,7 @@ impl Harness {
             _db: db,
             cloud: FakeCloud::with_seed(1),
             github: FakeGitHub::with_seed(1),
+            parameters: FakeParameterStore::new(),
             profiles: ProfileCache::default(),
             metrics: Arc::new(Metrics::new().unwrap()),
             clock: ManualClock::new(),
@@ -57,6 +59,7 @@ impl Harness {
                 Backends {
                     cloud: Arc::new(self.cloud.clone()),
                     github: Arc::new(self.github.clone()),
+                    parameters: Arc::new(self.parameters.clone()),
                 },
                 self.profiles.clone(),
                 Arc::clone(&self.metrics),
@@ -78,6 +81,7 @@ impl Harness {
             Backends {
                 cloud: Arc::new(self.cloud.clone()),
                 github: Arc::new(self.github.clone()),
+                parameters: Arc::new(self.parameters.clone()),
             },
             self.profiles.clone(),
             Arc::clone(&self.metrics),
@@ -149,7 +153,7 @@ pub fn terminations(cloud: &FakeCloud) -> Vec<Vec<String>> {
         .into_iter()
         .filter_map(|c| match c {
             CloudCall::Terminate { ids, .. } => Some(ids),
-            CloudCall::Launch { .. } => None,
+            CloudCall::Launch { .. } | CloudCall::Tag { .. } => None,
         })
         .collect()
 }

@@ -18,6 +18,7 @@ pub mod ratelimit;
 pub mod reaper;
 pub mod runner;
 pub mod stale;
+pub mod survival;
 pub mod userdata;
 pub mod webhook;
 

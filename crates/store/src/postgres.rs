@@ -218,7 +218,10 @@ impl Store for PgStore {
             r#"SELECT name, labels, instance_types, image_id, subnet_ids, security_group_ids,
                       iam_instance_profile, market, on_demand_fallback, max_instances, min_idle,
                       idle_timeout_secs, boot_timeout_secs, max_lifetime_secs, runner_group_id,
-                      root_volume_gb, repositories, enabled, priority
+                      root_volume_gb, repositories, enabled, priority,
+                      max_interruption_reruns, rerun_market, rerun_own_failures,
+                      spot_breaker_interruptions, spot_breaker_window_secs,
+                      spot_breaker_cooldown_secs, spot_max_job_minutes
                FROM instance_profiles ORDER BY name"#
         )
         .fetch_all(&self.pool)

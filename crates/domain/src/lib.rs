@@ -16,6 +16,7 @@ pub mod ports;
 pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
+pub mod run;
 pub mod runner;
 pub mod stale;
 pub mod survival;

@@ -159,7 +159,11 @@ impl SurvivalPolicy {
                 "spot_breaker_interruptions",
                 row.spot_breaker_interruptions,
             )?,
-            breaker_window_secs: positive(n, "spot_breaker_window_secs", row.spot_breaker_window_secs)?,
+            breaker_window_secs: positive(
+                n,
+                "spot_breaker_window_secs",
+                row.spot_breaker_window_secs,
+            )?,
             breaker_cooldown_secs: cooldown,
             spot_max_job_minutes: row
                 .spot_max_job_minutes
@@ -389,11 +393,20 @@ mod tests {
             ("bad name", Box::new(|r| r.name = "Kani".into())),
             ("reruns < 0", Box::new(|r| r.max_interruption_reruns = -1)),
             ("reruns > 50", Box::new(|r| r.max_interruption_reruns = 51)),
-            ("rerun market", Box::new(|r| r.rerun_market = "cheap".into())),
+            (
+                "rerun market",
+                Box::new(|r| r.rerun_market = "cheap".into()),
+            ),
             ("breaker 0", Box::new(|r| r.spot_breaker_interruptions = 0)),
             ("window 0", Box::new(|r| r.spot_breaker_window_secs = 0)),
-            ("cooldown < 0", Box::new(|r| r.spot_breaker_cooldown_secs = -1)),
-            ("max minutes 0", Box::new(|r| r.spot_max_job_minutes = Some(0))),
+            (
+                "cooldown < 0",
+                Box::new(|r| r.spot_breaker_cooldown_secs = -1),
+            ),
+            (
+                "max minutes 0",
+                Box::new(|r| r.spot_max_job_minutes = Some(0)),
+            ),
         ];
         for (what, mutate) in cases {
             let mut row = example_row("kani", &["kani"]);

@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod profiles;
 pub mod reconciler;
+pub mod reruns;
 pub mod simulation;
 pub mod startup;
 pub mod telemetry;

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub invalid_profiles: IntGauge,
     pub github_api_requests_total: IntCounterVec,
     pub github_rate_limit_remaining: IntGauge,
+    pub interruptions_total: IntCounterVec,
+    pub reruns_total: IntCounterVec,
+    pub jobs_lost_total: IntCounterVec,
+    pub spot_breaker_open: IntGaugeVec,
 }
 
 const PREFIX: &str = "spot_runners";
@@ -155,6 +159,22 @@ impl Metrics {
                 "github_rate_limit_remaining",
                 "Requests left in GitHub's current rate-limit window."
             ))?),
+            interruptions_total: reg!(IntCounterVec::new(
+                opts("interruptions_total", "Jobs a spot reclaim interrupted, by profile."),
+                &["profile"]
+            )?),
+            reruns_total: reg!(IntCounterVec::new(
+                opts("reruns_total", "Re-runs of interrupted jobs by profile and outcome (requested, retry, waiting, rerun, lost)."),
+                &["profile", "outcome"]
+            )?),
+            jobs_lost_total: reg!(IntCounterVec::new(
+                opts("jobs_lost_total", "Interrupted jobs given up without a re-run, by profile."),
+                &["profile"]
+            )?),
+            spot_breaker_open: reg!(IntGaugeVec::new(
+                opts("spot_breaker_open", "1 while a profile's spot circuit breaker is open (it launches on-demand)."),
+                &["profile"]
+            )?),
             registry,
         })
     }
@@ -209,6 +229,10 @@ impl Metrics {
             &self.invalid_profiles,
             &self.github_api_requests_total,
             &self.github_rate_limit_remaining,
+            &self.interruptions_total,
+            &self.reruns_total,
+            &self.jobs_lost_total,
+            &self.spot_breaker_open,
         ]
     }
 }

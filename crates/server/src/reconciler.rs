@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::Rng;
 use spot_runners_domain::clock::{Clock, SystemClock};
-use spot_runners_domain::planner::{launch_candidates, plan_launches};
+use spot_runners_domain::planner::plan_launches;
 use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance,
     JitConfig, JitRequest, JobReport, LaunchRequest, RunnerScope,
@@ -424,6 +424,10 @@ impl Reconciler {
             } else {
                 RunnerState::Terminated
             };
+            if state == RunnerState::Interrupted {
+                crate::reruns::attribute_gone(self.store.as_ref(), &self.metrics, r, instance, now)
+                    .await?;
+            }
             if !matches!(r.state, RunnerState::Done | RunnerState::Terminating) {
                 self.metrics
                     .orphans_total
@@ -1136,7 +1140,17 @@ impl Reconciler {
             reason: e.to_string(),
         })?;
         let mut last: Option<CloudError> = None;
-        for (instance_type, subnet_id, market) in launch_candidates(profile) {
+        let choice = crate::reruns::choose_runner_market(
+            self.store.as_ref(),
+            self.controller_id.as_str(),
+            runner,
+            profile,
+            self.clock.now(),
+        )
+        .await
+        .map_err(|_| Failure::Later)?;
+        tracing::info!(runner = %runner.name, market = %choice.market, reason = %choice.reason, "market chosen");
+        for (instance_type, subnet_id, market) in choice.candidates(profile) {
             let request = LaunchRequest {
                 runner_name: runner.name.clone(),
                 controller_id: self.controller_id.to_string(),

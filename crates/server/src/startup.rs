@@ -18,6 +18,7 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
 use crate::reconciler::{Backends, Reconciler};
+use crate::reruns::RerunWorker;
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -35,6 +36,7 @@ pub struct Application {
     /// Fired once the HTTP server has drained: stops the writer and loops.
     stop: CancellationToken,
     reconciler: Option<Arc<Reconciler>>,
+    reruns: Option<Arc<RerunWorker>>,
 }
 
 impl Application {
@@ -82,6 +84,16 @@ impl Application {
             secrets: settings.webhook_secrets.clone(),
             wake: Arc::new(Notify::new()),
         };
+        let reruns = backends.as_ref().map(|b| {
+            Arc::new(RerunWorker::new(
+                Arc::clone(&state.store),
+                Arc::clone(&b.github),
+                state.profiles.clone(),
+                Arc::clone(&state.metrics),
+                settings.controller_id.to_string(),
+                Arc::new(spot_runners_domain::clock::SystemClock),
+            ))
+        });
         let reconciler = backends.map(|b| {
             Arc::new(Reconciler::new(
                 Arc::clone(&state.store),
@@ -94,6 +106,7 @@ impl Application {
         });
         Ok(Self {
             reconciler,
+            reruns,
             listener,
             addr,
             state,
@@ -122,6 +135,11 @@ impl Application {
         self.reconciler.clone()
     }
 
+    /// The re-run worker (tests drive its passes directly).
+    pub fn reruns(&self) -> Option<Arc<RerunWorker>> {
+        self.reruns.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains: in-flight requests
     /// finish, every accepted delivery is committed, background loops stop,
     /// and an embedded database is shut down.
@@ -138,6 +156,7 @@ impl Application {
             settings,
             stop,
             reconciler,
+            reruns,
         } = self;
         let mut background = vec![
             tokio::spawn(state.profiles.clone().watch(
@@ -153,6 +172,11 @@ impl Application {
                 stop.clone(),
             )),
         ];
+        if let Some(w) = &reruns {
+            background.push(tokio::spawn(
+                Arc::clone(w).run(settings.reconcile_interval, stop.clone()),
+            ));
+        }
         match &reconciler {
             Some(r) => background.push(tokio::spawn(Arc::clone(r).run(
                 Arc::clone(&state.wake),

@@ -116,9 +116,12 @@ mod tests {
         };
         assert_eq!(breaker_state(&p, &[at(0), at(1)], at(2)), Breaker::Closed);
         assert!(breaker_state(&p, &[at(0), at(1), at(2)], at(3)).is_open());
-        assert!(Breaker::Open { since: at(0), until: at(1) }
-            .describe(&p)
-            .contains("3 interruptions within 900 s"));
+        assert!(Breaker::Open {
+            since: at(0),
+            until: at(1)
+        }
+        .describe(&p)
+        .contains("3 interruptions within 900 s"));
     }
 
     proptest! {

@@ -91,7 +91,10 @@ pub fn plan_reruns(policy: &SurvivalPolicy, jobs: &[RunJob]) -> RerunPlan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RerunFailure {
     /// 403, 409 or 422 with GitHub's message.
-    Rejected { status: u16, message: String },
+    Rejected {
+        status: u16,
+        message: String,
+    },
     RateLimited(Duration),
     Transient(String),
     NotFound,
@@ -246,17 +249,51 @@ mod tests {
     #[test]
     fn github_refusals() {
         let cases: Vec<(RerunFailure, bool, &str)> = vec![
-            (rejected(403, "This workflow is already running"), true, "running again"),
+            (
+                rejected(403, "This workflow is already running"),
+                true,
+                "running again",
+            ),
             (rejected(409, "Conflict"), true, "running again"),
-            (rejected(403, "This workflow run has been re-run the maximum number of times"), false, "limit of 50"),
-            (rejected(403, "Unable to retry this workflow run because it was created over a month ago"), false, "30 days"),
-            (rejected(403, "Resource not accessible by integration"), false, "Actions: write"),
-            (rejected(403, "This workflow run cannot be retried"), false, "will not re-run"),
+            (
+                rejected(
+                    403,
+                    "This workflow run has been re-run the maximum number of times",
+                ),
+                false,
+                "limit of 50",
+            ),
+            (
+                rejected(
+                    403,
+                    "Unable to retry this workflow run because it was created over a month ago",
+                ),
+                false,
+                "30 days",
+            ),
+            (
+                rejected(403, "Resource not accessible by integration"),
+                false,
+                "Actions: write",
+            ),
+            (
+                rejected(403, "This workflow run cannot be retried"),
+                false,
+                "will not re-run",
+            ),
             (rejected(422, "Validation Failed"), false, "will not re-run"),
             (RerunFailure::NotFound, false, "does not know"),
-            (RerunFailure::Refused("401 Bad credentials".into()), false, "refused"),
+            (
+                RerunFailure::Refused("401 Bad credentials".into()),
+                false,
+                "refused",
+            ),
             (RerunFailure::Transient("502".into()), true, "unavailable"),
-            (RerunFailure::RateLimited(Duration::from_secs(30)), true, "rate limit"),
+            (
+                RerunFailure::RateLimited(Duration::from_secs(30)),
+                true,
+                "rate limit",
+            ),
         ];
         for (failure, retried, reason) in cases {
             let v = judge_failure(&failure, 1);

@@ -290,7 +290,11 @@ pub async fn attribute_gone(
     instance: Option<&Instance>,
     now: DateTime<Utc>,
 ) -> Result<Option<Interruption>, StoreError> {
-    let Some(job_id) = runner.job_id else {
+    let job_id = match runner.job_id {
+        Some(id) => Some(id),
+        None => store.job_of_runner(&runner.name).await?,
+    };
+    let Some(job_id) = job_id else {
         return Ok(None);
     };
     let job = store.job(job_id).await?;

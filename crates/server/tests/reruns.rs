@@ -290,7 +290,11 @@ async fn three_reclaimed_matrix_jobs_are_all_rerun_on_demand_without_a_webhook()
     let launched: Vec<Market> = h.cloud.calls()[launches_before..]
         .iter()
         .filter_map(|c| match c {
-            CloudCall::Launch { request, .. } => Some(request.market),
+            CloudCall::Launch {
+                market,
+                outcome: Ok(_),
+                ..
+            } => Some(*market),
             _ => None,
         })
         .collect();

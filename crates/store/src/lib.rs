@@ -252,6 +252,11 @@ pub trait Store: Send + Sync + 'static {
     /// Returns whether it was not marked before.
     async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError>;
 
+    /// The job GitHub gave this runner, by the ledger's `runner_name`
+    /// (a runner GitHub listed busy before its `in_progress` arrived has
+    /// no `job_id` yet).
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError>;
+
     /// Links jobs of later attempts to the interrupted jobs they re-run.
     async fn link_reruns(&self) -> Result<u64, StoreError>;
 

@@ -813,6 +813,16 @@ impl Store for PgStore {
         survival::record_interruption(&self.pool, interruption).await
     }
 
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM workflow_jobs WHERE runner_name = $1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(runner_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
     async fn link_reruns(&self) -> Result<u64, StoreError> {
         survival::link_reruns(&self.pool).await
     }

@@ -20,9 +20,11 @@ pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
 pub mod redelivery;
+pub mod run;
 pub mod runner;
 pub mod scopes;
 pub mod stale;
+pub mod survival;
 pub mod userdata;
 pub mod webhook;
 

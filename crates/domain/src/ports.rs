@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
 use crate::ratelimit::TokenBucket;
+use crate::run::WorkflowRunEvent;
+use crate::survival::RerunFailure;
 use crate::Market;
 
 // ---------------------------------------------------------------- GitHub --
@@ -170,6 +172,21 @@ pub enum GitHubError {
     Refused(String),
 }
 
+impl From<GitHubError> for RerunFailure {
+    fn from(e: GitHubError) -> Self {
+        match e {
+            GitHubError::NotFound => RerunFailure::NotFound,
+            GitHubError::RateLimited(wait) => RerunFailure::RateLimited(wait),
+            GitHubError::Transient(m) => RerunFailure::Transient(m),
+            GitHubError::NameTaken => RerunFailure::Rejected {
+                status: 409,
+                message: "conflict".into(),
+            },
+            GitHubError::Refused(m) => RerunFailure::Refused(m),
+        }
+    }
+}
+
 #[async_trait]
 pub trait GitHub: Send + Sync + 'static {
     /// `POST .../actions/runners/generate-jitconfig`.
@@ -220,6 +237,21 @@ pub trait GitHub: Send + Sync + 'static {
             "redelivering to {source} is not supported here"
         )))
     }
+    /// `GET /repos/{owner}/{repo}/actions/runs/{run_id}`: whether the run
+    /// completed (a re-run waits for that).
+    async fn workflow_run(
+        &self,
+        repository: &str,
+        run_id: i64,
+    ) -> Result<WorkflowRunEvent, GitHubError>;
+
+    /// `POST /repos/{owner}/{repo}/actions/jobs/{job_id}/rerun`: re-runs one
+    /// job (and its dependents) in a new attempt of its completed run.
+    async fn rerun_job(&self, repository: &str, job_id: i64) -> Result<(), RerunFailure>;
+
+    /// `POST /repos/{owner}/{repo}/actions/runs/{run_id}/rerun-failed-jobs`:
+    /// re-runs every failed job of the completed run in one new attempt.
+    async fn rerun_failed_jobs(&self, repository: &str, run_id: i64) -> Result<(), RerunFailure>;
 
     /// The JIT-config allowance this GitHub enforces; callers pace themselves by it.
     fn jit_config_limit(&self) -> TokenBucket {

@@ -21,6 +21,8 @@ use spot_runners_domain::ports::{
     GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
     JitRequest, JobReport, RunnerScope, WebhookSource,
 };
+use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::survival::RerunFailure;
 
 mod app;
 mod deliveries;
@@ -31,7 +33,9 @@ mod transport;
 use app::AppAuth;
 use listing_cache::{CachedPage, ListingCache};
 use scope::Target;
-use transport::{classify, Reply, Request, RetryPolicy, Transport};
+use transport::{
+    classify, github_message, rate_limit_wait, Reply, Request, RetryPolicy, Transport,
+};
 
 /// `per_page` maximum of the runners list.
 const PAGE_SIZE: usize = 100;
@@ -52,8 +56,10 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub trait ApiObserver: Send + Sync {
     /// `endpoint` is one of `generate_jitconfig`, `list_runners`,
     /// `delete_runner`, `get_job`, `get_installation`, `installation_token`,
-    /// `list_installations`, `list_hook_deliveries`, `redeliver_hook_delivery`.
-    /// A listing answered from the cache is reported with status 304.
+    /// `list_installations`, `list_hook_deliveries`, `redeliver_hook_delivery`,
+    /// `list_workflow_runs`, `list_jobs_for_run`, `get_workflow_run`,
+    /// `rerun_job`, `rerun_failed_jobs`. A listing answered from the cache is
+    /// reported with status 304.
     fn request(&self, endpoint: &'static str, status: u16);
 
     /// The `x-ratelimit-remaining` of a response that carried one.
@@ -547,6 +553,44 @@ impl GitHub for OctocrabGitHub {
         Err(classify(ENDPOINT, &reply))
     }
 
+    async fn workflow_run(
+        &self,
+        repository: &str,
+        run_id: i64,
+    ) -> Result<WorkflowRunEvent, GitHubError> {
+        const ENDPOINT: &str = "get_workflow_run";
+        let target = Target::repository(repository)?;
+        let http_request = self.transport.request(
+            Method::GET,
+            &format!("{}/actions/runs/{run_id}", target.prefix()),
+            None,
+        );
+        let reply = self.call(&target, ENDPOINT, http_request).await?;
+        if !reply.status.is_success() {
+            return Err(classify(ENDPOINT, &reply));
+        }
+        WorkflowRunEvent::from_api(repository, reply.body.as_bytes())
+            .map_err(|e| GitHubError::Transient(format!("{ENDPOINT}: {e}")))
+    }
+
+    async fn rerun_job(&self, repository: &str, job_id: i64) -> Result<(), RerunFailure> {
+        self.rerun(
+            repository,
+            "rerun_job",
+            format!("/actions/jobs/{job_id}/rerun"),
+        )
+        .await
+    }
+
+    async fn rerun_failed_jobs(&self, repository: &str, run_id: i64) -> Result<(), RerunFailure> {
+        self.rerun(
+            repository,
+            "rerun_failed_jobs",
+            format!("/actions/runs/{run_id}/rerun-failed-jobs"),
+        )
+        .await
+    }
+
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {
         const ENDPOINT: &str = "get_job";
         #[derive(serde::Deserialize)]
@@ -573,6 +617,42 @@ impl GitHub for OctocrabGitHub {
             // A queued job reports an empty name on some GitHub versions.
             runner_name: job.runner_name.filter(|n| !n.is_empty()),
         })
+    }
+}
+
+impl OctocrabGitHub {
+    /// One re-run request. GitHub answers 201 with an empty object; 403,
+    /// 409 and 422 carry a message saying why not (run still in progress,
+    /// re-run limit, too old, missing permission), which the caller judges.
+    async fn rerun(
+        &self,
+        repository: &str,
+        endpoint: &'static str,
+        path: String,
+    ) -> Result<(), RerunFailure> {
+        let target = Target::repository(repository)?;
+        let http_request = self.transport.request(
+            Method::POST,
+            &format!("{}{path}", target.prefix()),
+            Some(serde_json::json!({})),
+        );
+        let reply = self.call(&target, endpoint, http_request).await?;
+        if reply.status.is_success() {
+            return Ok(());
+        }
+        if rate_limit_wait(&reply).is_none()
+            && matches!(
+                reply.status,
+                StatusCode::FORBIDDEN | StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
+            )
+        {
+            let message = github_message(&reply.body);
+            return Err(RerunFailure::Rejected {
+                status: reply.status.as_u16(),
+                message: message.trim_start_matches(": ").to_owned(),
+            });
+        }
+        Err(classify(endpoint, &reply).into())
     }
 }
 

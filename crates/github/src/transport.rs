@@ -260,7 +260,7 @@ pub(crate) fn header_i64(headers: &HeaderMap, name: &str) -> Option<i64> {
 }
 
 /// GitHub's `message` field, shortened, as `": message"`.
-fn github_message(body: &str) -> String {
+pub(crate) fn github_message(body: &str) -> String {
     #[derive(serde::Deserialize)]
     struct ErrorBody {
         message: Option<String>,

@@ -49,6 +49,7 @@ pub async fn explain_job(
             Err(e) => invalid_profiles.push((name, e.to_string())),
         }
     }
+    let profile = job.profile.clone();
     let context = JobContext {
         job,
         profiles,
@@ -60,7 +61,19 @@ pub async fn explain_job(
         max_instances: settings.max_instances,
         now: Utc::now(),
     };
-    Ok(explain(&context))
+    let mut text = explain(&context);
+    text.push_str(
+        &crate::reruns::explain_job_survival(
+            store,
+            settings.controller_id.as_str(),
+            job_id,
+            profile.as_deref(),
+            &context.profiles,
+            context.now,
+        )
+        .await?,
+    );
+    Ok(text)
 }
 
 pub async fn list_runners(

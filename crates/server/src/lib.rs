@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod profiles;
 pub mod reconciler;
 pub mod redelivery;
+pub mod reruns;
 pub mod simulation;
 pub mod startup;
 pub mod telemetry;

@@ -31,6 +31,10 @@ pub struct Metrics {
     pub github_api_requests_total: IntCounterVec,
     pub github_rate_limit_remaining: IntGauge,
     pub redeliveries_total: IntCounterVec,
+    pub interruptions_total: IntCounterVec,
+    pub reruns_total: IntCounterVec,
+    pub jobs_lost_total: IntCounterVec,
+    pub spot_breaker_open: IntGaugeVec,
 }
 
 const PREFIX: &str = "spot_runners";
@@ -169,6 +173,22 @@ impl Metrics {
                 ),
                 &["outcome"]
             )?),
+            interruptions_total: reg!(IntCounterVec::new(
+                opts("interruptions_total", "Jobs a spot reclaim interrupted, by profile."),
+                &["profile"]
+            )?),
+            reruns_total: reg!(IntCounterVec::new(
+                opts("reruns_total", "Re-runs of interrupted jobs by profile and outcome (requested, retry, waiting, rerun, lost)."),
+                &["profile", "outcome"]
+            )?),
+            jobs_lost_total: reg!(IntCounterVec::new(
+                opts("jobs_lost_total", "Interrupted jobs given up without a re-run, by profile."),
+                &["profile"]
+            )?),
+            spot_breaker_open: reg!(IntGaugeVec::new(
+                opts("spot_breaker_open", "1 while a profile's spot circuit breaker is open (it launches on-demand)."),
+                &["profile"]
+            )?),
             registry,
         })
     }
@@ -246,6 +266,10 @@ impl Metrics {
             &self.invalid_profiles,
             &self.github_api_requests_total,
             &self.github_rate_limit_remaining,
+            &self.interruptions_total,
+            &self.reruns_total,
+            &self.jobs_lost_total,
+            &self.spot_breaker_open,
         ]
     }
 }

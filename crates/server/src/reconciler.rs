@@ -16,7 +16,7 @@ use rand::Rng;
 use spot_runners_domain::backoff::{self, Backoffs};
 use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::names::client_token;
-use spot_runners_domain::planner::{launch_candidates, plan_launches};
+use spot_runners_domain::planner::plan_launches;
 use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance,
     JitConfig, JitRequest, JobReport, LaunchRequest, ParameterStore, RunnerScope,
@@ -531,6 +531,10 @@ impl Reconciler {
             } else {
                 RunnerState::Terminated
             };
+            if state == RunnerState::Interrupted {
+                crate::reruns::attribute_gone(self.store.as_ref(), &self.metrics, r, instance, now)
+                    .await?;
+            }
             if !matches!(r.state, RunnerState::Done | RunnerState::Terminating) {
                 self.metrics
                     .orphans_total
@@ -1099,7 +1103,19 @@ impl Reconciler {
                 reason: format!("profile {} no longer exists or is invalid", runner.profile),
             });
         };
-        let candidates = launch_candidates(&profile);
+        // Re-run demand, an open spot breaker or a job history longer than
+        // the profile's spot limit moves the launch to on-demand.
+        let choice = crate::reruns::choose_runner_market(
+            self.store.as_ref(),
+            self.controller_id.as_str(),
+            &runner,
+            &profile,
+            self.clock.now(),
+        )
+        .await
+        .map_err(|_| Failure::Later)?;
+        tracing::info!(runner = %runner.name, market = %choice.market, reason = %choice.reason, "market chosen");
+        let candidates = choice.candidates(&profile);
         let mut first_attempt = 0;
         match runner.state {
             RunnerState::Launching => {

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
 use crate::reconciler::{Backends, Reconciler};
 use crate::redelivery::Redeliverer;
+use crate::reruns::RerunWorker;
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -42,6 +43,7 @@ pub struct Application {
     reconciler: Option<Arc<Reconciler>>,
     /// Asks GitHub to resend failed deliveries (leader only).
     redeliverer: Option<Arc<Redeliverer>>,
+    reruns: Option<Arc<RerunWorker>>,
 }
 
 impl Application {
@@ -138,6 +140,16 @@ impl Application {
             ))),
             _ => None,
         };
+        let reruns = backends.as_ref().map(|b| {
+            Arc::new(RerunWorker::new(
+                Arc::clone(&state.store),
+                Arc::clone(&b.github),
+                state.profiles.clone(),
+                Arc::clone(&state.metrics),
+                settings.controller_id.to_string(),
+                Arc::new(spot_runners_domain::clock::SystemClock),
+            ))
+        });
         let reconciler = backends.map(|b| {
             Arc::new(
                 Reconciler::new(
@@ -156,6 +168,7 @@ impl Application {
         Ok(Self {
             reconciler,
             redeliverer,
+            reruns,
             listener,
             metrics_listener,
             addr,
@@ -190,6 +203,11 @@ impl Application {
         self.reconciler.clone()
     }
 
+    /// The re-run worker (tests drive its passes directly).
+    pub fn reruns(&self) -> Option<Arc<RerunWorker>> {
+        self.reruns.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains: in-flight requests
     /// finish, every accepted delivery is committed, background loops stop,
     /// and an embedded database is shut down.
@@ -208,6 +226,7 @@ impl Application {
             stop,
             reconciler,
             redeliverer,
+            reruns,
         } = self;
         let mut background = vec![
             tokio::spawn(state.profiles.clone().watch(
@@ -228,6 +247,11 @@ impl Application {
                 stop.clone(),
             )),
         ];
+        if let Some(w) = &reruns {
+            background.push(tokio::spawn(
+                Arc::clone(w).run(settings.reconcile_interval, stop.clone()),
+            ));
+        }
         match &reconciler {
             Some(r) => background.push(tokio::spawn(Arc::clone(r).run(
                 Arc::clone(&state.wake),

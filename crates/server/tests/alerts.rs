@@ -78,6 +78,10 @@ const ALERT_TESTS: &[(&str, &str)] = &[
         "alerts.rs::github_rate_limit_low",
     ),
     ("SpotRunnersGithubErrors", "alerts.rs::github_errors"),
+    (
+        "SpotRunnersJobLost",
+        "reruns.rs::refusals_are_retried_later_or_given_up_with_a_reason_never_in_a_loop",
+    ),
 ];
 
 /// Alerts on a metric the service does not set yet, and why. Each one here

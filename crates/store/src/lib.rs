@@ -7,6 +7,7 @@ mod error;
 mod jobs;
 mod postgres;
 mod runners;
+mod survival;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -17,7 +18,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::RunnerScope;
+use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
+use spot_runners_domain::survival::{Interruption, RunJob};
+use spot_runners_domain::Market;
 use spot_runners_domain::{profile::ProfileRow, JobStatus, RunnerState, WorkflowJobEvent};
 use tokio::time::Instant;
 
@@ -25,6 +29,7 @@ pub use error::StoreError;
 pub use jobs::{JobCheck, JobRecord, RecentRepository, StaleJob};
 pub use postgres::PgStore;
 pub use runners::{PlanFn, PlanSnapshot, RunnerChange, RunnerRecord, DEFAULT_LEASE};
+pub use survival::{JobSurvival, MarketFn, MarketSnapshot, RerunOutcome, RunAwaitingRerun};
 
 /// A verified, parsed `workflow_job` delivery on its way into the ledger.
 #[derive(Clone, Debug)]
@@ -239,4 +244,82 @@ pub trait Store: Send + Sync + 'static {
     /// Which of these delivery GUIDs the ledger holds (recorded and not yet
     /// pruned).
     async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError>;
+    // ------------------------------------------------ spot survival --
+
+    /// Records a `workflow_run` `completed` delivery (deduplicated by GUID).
+    async fn record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, StoreError>;
+
+    /// What GitHub's runs API said about a run, asked `at`.
+    async fn record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// The runs API was asked about a run `at` and did not answer usefully.
+    async fn mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Marks a job interrupted by a spot reclaim, its re-run pending.
+    /// Returns whether it was not marked before.
+    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError>;
+
+    /// The job GitHub gave this runner, by the ledger's `runner_name`
+    /// (a runner GitHub listed busy before its `in_progress` arrived has
+    /// no `job_id` yet).
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError>;
+
+    /// Links jobs of later attempts to the interrupted jobs they re-run.
+    async fn link_reruns(&self) -> Result<u64, StoreError>;
+
+    /// Runs with an interrupted job whose re-run is due at `now`.
+    async fn runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, StoreError>;
+
+    /// The jobs of a run's latest attempt (one per job name).
+    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError>;
+
+    /// Records what became of the re-run of these pending jobs.
+    async fn set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Re-run requests made for this job so far.
+    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError>;
+
+    /// A job's interruption and re-run record, for `jobs explain`.
+    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError>;
+
+    /// Decides a runner's market by `decide` on the profile's facts (its
+    /// queued jobs, on-demand runners available, interruptions since
+    /// `interruptions_since`) and records it on the runner row.
+    async fn choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), StoreError>;
+
+    /// `(profile, when)` of every instance reclaim since `since`.
+    async fn interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError>;
 }

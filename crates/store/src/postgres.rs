@@ -17,10 +17,15 @@ use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
 use crate::runners::{queued_job, scope_columns, scope_of};
+use crate::survival::sql as survival;
 use crate::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot, Pruned,
     RecentRepository, RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
+use crate::{JobSurvival, MarketFn, RerunOutcome, RunAwaitingRerun};
+use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::survival::{Interruption, RunJob};
+use spot_runners_domain::Market;
 
 /// Channel the `instance_profiles` trigger notifies on every change.
 pub const PROFILES_CHANNEL: &str = "spot_runners_profiles";
@@ -294,17 +299,55 @@ impl Store for PgStore {
     }
 
     async fn profile_rows(&self) -> Result<Vec<ProfileRow>, StoreError> {
-        let rows = sqlx::query_as!(
-            ProfileRow,
+        use sqlx::Row;
+        // Read at run time, not with `query_as!`: several columns are added
+        // by separate migrations, and a row type checked at build time
+        // would have to change with every one of them.
+        let rows = sqlx::query(
             r#"SELECT name, labels, instance_types, image_id, subnet_ids, security_group_ids,
                       iam_instance_profile, market, on_demand_fallback, max_instances, min_idle,
                       idle_timeout_secs, boot_timeout_secs, max_lifetime_secs, runner_group_id,
-                      root_volume_gb, repositories, enabled, priority
-               FROM instance_profiles ORDER BY name"#
+                      root_volume_gb, repositories, enabled, priority,
+                      max_interruption_reruns, rerun_market, rerun_own_failures,
+                      spot_breaker_interruptions, spot_breaker_window_secs,
+                      spot_breaker_cooldown_secs, spot_max_job_minutes
+               FROM instance_profiles ORDER BY name"#,
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|r| {
+                Ok(ProfileRow {
+                    name: r.try_get("name")?,
+                    labels: r.try_get("labels")?,
+                    instance_types: r.try_get("instance_types")?,
+                    image_id: r.try_get("image_id")?,
+                    subnet_ids: r.try_get("subnet_ids")?,
+                    security_group_ids: r.try_get("security_group_ids")?,
+                    iam_instance_profile: r.try_get("iam_instance_profile")?,
+                    market: r.try_get("market")?,
+                    on_demand_fallback: r.try_get("on_demand_fallback")?,
+                    max_instances: r.try_get("max_instances")?,
+                    min_idle: r.try_get("min_idle")?,
+                    idle_timeout_secs: r.try_get("idle_timeout_secs")?,
+                    boot_timeout_secs: r.try_get("boot_timeout_secs")?,
+                    max_lifetime_secs: r.try_get("max_lifetime_secs")?,
+                    runner_group_id: r.try_get("runner_group_id")?,
+                    root_volume_gb: r.try_get("root_volume_gb")?,
+                    repositories: r.try_get("repositories")?,
+                    enabled: r.try_get("enabled")?,
+                    priority: r.try_get("priority")?,
+                    max_interruption_reruns: r.try_get("max_interruption_reruns")?,
+                    rerun_market: r.try_get("rerun_market")?,
+                    rerun_own_failures: r.try_get("rerun_own_failures")?,
+                    spot_breaker_interruptions: r.try_get("spot_breaker_interruptions")?,
+                    spot_breaker_window_secs: r.try_get("spot_breaker_window_secs")?,
+                    spot_breaker_cooldown_secs: r.try_get("spot_breaker_cooldown_secs")?,
+                    spot_max_job_minutes: r.try_get("spot_max_job_minutes")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
     }
 
     async fn job_counts(&self, completed_within: Duration) -> Result<Vec<JobCount>, StoreError> {
@@ -896,6 +939,105 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        survival::record_workflow_run(&self.pool, delivery_id, run).await
+    }
+
+    async fn record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        survival::record_run_check(&self.pool, run, at).await
+    }
+
+    async fn mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        survival::mark_run_checked(&self.pool, run_id, repository, at).await
+    }
+
+    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError> {
+        survival::record_interruption(&self.pool, interruption).await
+    }
+
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM workflow_jobs WHERE runner_name = $1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(runner_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    async fn link_reruns(&self) -> Result<u64, StoreError> {
+        survival::link_reruns(&self.pool).await
+    }
+
+    async fn runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, StoreError> {
+        survival::runs_awaiting_reruns(&self.pool, now, limit).await
+    }
+
+    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError> {
+        survival::run_jobs(&self.pool, run_id).await
+    }
+
+    async fn set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        survival::set_rerun_outcome(&self.pool, job_ids, outcome, at).await
+    }
+
+    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError> {
+        survival::rerun_attempts(&self.pool, job_id).await
+    }
+
+    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError> {
+        survival::job_survival(&self.pool, job_id).await
+    }
+
+    async fn choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), StoreError> {
+        survival::choose_runner_market(
+            &self.pool,
+            controller_id,
+            runner_name,
+            profile,
+            interruptions_since,
+            decide,
+        )
+        .await
+    }
+
+    async fn interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        survival::interruptions_since(&self.pool, controller_id, since).await
     }
 }
 

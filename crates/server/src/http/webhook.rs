@@ -11,6 +11,7 @@ use axum::Json;
 use bytes::BytesMut;
 use http_body_util::BodyExt;
 use spot_runners_domain::job::ParsedWorkflowJob;
+use spot_runners_domain::run::{ParsedWorkflowRun, WorkflowRunEvent};
 use spot_runners_domain::webhook::Signature;
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 use spot_runners_store::{DeliveryOutcome, IncomingDelivery};
@@ -92,6 +93,7 @@ impl Delivery {
     fn event_label(&self) -> &'static str {
         match self.event.as_str() {
             "workflow_job" => "workflow_job",
+            "workflow_run" => "workflow_run",
             "ping" => "ping",
             "" => "none",
             _ => "other",
@@ -191,7 +193,7 @@ async fn handle(
     // read: a stranger's body costs memory only once it carries a
     // well-formed signature for an event the service uses.
     match delivery.event.as_str() {
-        "ping" | "workflow_job" => {}
+        "ping" | "workflow_job" | "workflow_run" => {}
         "" => return Err(ApiError::Malformed("missing X-GitHub-Event".into())),
         _ => return Ok(Accepted::Ignored),
     }
@@ -228,7 +230,8 @@ async fn handle(
         return Err(ApiError::BadSignature);
     }
     // Only a caller who proved it holds the secret learns more than 401.
-    let job_delivery_id = if delivery.event == "workflow_job" {
+    // `workflow_job` and `workflow_run` are recorded by their delivery GUID.
+    let job_delivery_id = if delivery.event != "ping" {
         let is_json = headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -259,6 +262,9 @@ async fn handle(
         }
         return Ok(Accepted::Ping);
     };
+    if delivery.event == "workflow_run" {
+        return record_run(state, &body, id, delivery, deadline).await;
+    }
     let job =
         match WorkflowJobEvent::parse(&body).map_err(|e| ApiError::Malformed(e.to_string()))? {
             ParsedWorkflowJob::Event(job) => *job,
@@ -306,6 +312,39 @@ async fn handle(
                     .with_label_values(&[&profile])
                     .observe(ms.max(0) as f64 / 1000.0);
             }
+            state.wake.notify_one();
+            Ok(Accepted::Recorded)
+        }
+    }
+}
+
+/// A `workflow_run` delivery: `completed` tells the re-run worker that
+/// interrupted jobs of the run can be re-run now. Written straight to the
+/// ledger (not through the group-committing writer): there is one per run,
+/// not one per job.
+async fn record_run(
+    state: &AppState,
+    body: &[u8],
+    id: String,
+    delivery: &mut Delivery,
+    deadline: Instant,
+) -> Result<Accepted, ApiError> {
+    let run = match WorkflowRunEvent::parse(body).map_err(|e| ApiError::Malformed(e.to_string()))? {
+        ParsedWorkflowRun::Completed(run) => run,
+        ParsedWorkflowRun::IgnoredAction(action) => {
+            delivery.action = action;
+            return Ok(Accepted::Ignored);
+        }
+    };
+    delivery.action = "completed".to_owned();
+    let outcome = tokio::time::timeout_at(deadline, state.store.record_workflow_run(&id, &run))
+        .await
+        .map_err(|_| ApiError::Unavailable("the ledger could not be written in time".into()))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    tracing::debug!(run_id = run.run_id, repository = %run.repository, attempt = run.run_attempt, "workflow run completed");
+    match outcome {
+        DeliveryOutcome::Duplicate => Ok(Accepted::Duplicate),
+        DeliveryOutcome::Accepted => {
             state.wake.notify_one();
             Ok(Accepted::Recorded)
         }

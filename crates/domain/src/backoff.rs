@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::ports::{CloudError, CloudErrorKind};
+use crate::ports::CloudError;
 use crate::Profile;
 
 /// The first backoff; each further failure doubles it, up to [`MAX_DELAY`].
@@ -49,8 +49,10 @@ pub fn backs_off(code: &str) -> bool {
         PREFLIGHT_CODE | GITHUB_REFUSED_CODE => true,
         // The service's own codes for runners lost in a crash, to a
         // deleted profile, or to a backoff: no verdict on the request.
-        "LostInLaunch" | "ProfileGone" | "NoCandidates" | BACKED_OFF_CODE => false,
-        _ => CloudError::from_code(code, "").kind == CloudErrorKind::Invalid,
+        "LostInLaunch" | "ProfileGone" | "NoCandidates" | "JitConfigGone" | BACKED_OFF_CODE => {
+            false
+        }
+        _ => CloudError::from_code(code, "").kind.is_invalid_request(),
     }
 }
 

@@ -841,6 +841,10 @@ async fn github_errors() {
             |v| v >= 1.0,
         )
         .await;
+        // A refused registration backs the profile off; the next try, which
+        // meets the 503, comes once the backoff has passed.
+        f.clock
+            .advance(spot_runners_domain::backoff::FIRST_DELAY + Duration::from_secs(1));
     }
     f.app.stop().await;
 }

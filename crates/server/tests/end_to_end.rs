@@ -237,11 +237,17 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
             .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
             .collect::<std::collections::BTreeMap<_, _>>()
     };
-    app.eventually("cost tags on the instance", || async {
-        let tags = instance_tags().await;
-        tags.get("spot-runners:repository").map(String::as_str) == Some("octo-org/example-workflow")
-            && tags.get("spot-runners:workflow").map(String::as_str) == Some("Kani proofs")
-    })
+    // The sweep sets them, on its own 10 s pace.
+    app.eventually_within(
+        "cost tags on the instance",
+        Duration::from_secs(30),
+        || async {
+            let tags = instance_tags().await;
+            tags.get("spot-runners:repository").map(String::as_str)
+                == Some("octo-org/example-workflow")
+                && tags.get("spot-runners:workflow").map(String::as_str) == Some("Kani proofs")
+        },
+    )
     .await;
     assert_eq!(
         app.deliver("workflow_job", "e2e-3", &named("completed"))
@@ -275,11 +281,15 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
     })
     .await;
     // Nothing booted to read and delete the config: the sweep deletes it.
-    app.eventually("the JIT config left behind is deleted", || async {
-        spot_runners_aws::testing::moto_parameter(&parameter)
-            .await
-            .is_none()
-    })
+    app.eventually_within(
+        "the JIT config left behind is deleted",
+        Duration::from_secs(30),
+        || async {
+            spot_runners_aws::testing::moto_parameter(&parameter)
+                .await
+                .is_none()
+        },
+    )
     .await;
     // Counted once EC2 has accepted the call, which the checks above may beat.
     app.eventually("the reap counted", || async {

@@ -185,10 +185,11 @@ async fn a_crash_between_put_parameter_and_run_instances_launches_once_with_a_fr
     assert_eq!(h.parameters.names(), [parameter(&name)]);
 }
 
-/// A crash during RunInstances that started no instance: the runner ends
-/// and its config goes with its registration.
+/// A crash during RunInstances that started no instance: the interrupted
+/// attempt is resumed with its own ClientToken, under a new registration
+/// whose config replaces the stale one; nothing of the old one is left.
 #[tokio::test]
-async fn a_launch_lost_in_a_crash_takes_its_config_with_it() {
+async fn a_launch_lost_in_a_crash_is_resumed_with_a_fresh_config() {
     let (h, _, name) = one_planned_runner().await;
     let stale_id = stale_config(&h, &name).await;
     h.sql(&format!(
@@ -197,9 +198,58 @@ async fn a_launch_lost_in_a_crash_takes_its_config_with_it() {
     .await;
     let r2 = h.reconciler(100);
     while r2.provision_batch().await.unwrap() > 0 {}
+    let (state, instance, github_id) = row(&h, &name).await;
+    assert_eq!(state, "booting");
+    assert_eq!(h.cloud.launch_attempts(), 1);
+    assert_ne!(github_id, Some(stale_id));
+    assert!(
+        h.github.runners().iter().all(|g| g.id != stale_id),
+        "the stale registration is gone"
+    );
+    let config = read_as(&h, &name, &instance.unwrap());
+    assert_eq!(
+        FakeGitHub::jit_runner_name(&config).as_deref(),
+        Some(name.as_str())
+    );
+    assert_eq!(h.parameters.names(), [parameter(&name)]);
+}
+
+/// A crash during RunInstances left an instance, but its config parameter
+/// is gone (deleted by hand): the instance can never register, so its
+/// runner ends at once instead of waiting for a grant forever, and the
+/// sweep terminates the instance as an orphan.
+#[tokio::test]
+async fn an_adopted_instance_whose_config_is_gone_ends_its_runner() {
+    let (h, r, name) = one_planned_runner().await;
+    h.cloud
+        .launch(&LaunchRequest {
+            runner_name: name.clone(),
+            client_token: name.clone(),
+            controller_id: "spot-runners".into(),
+            profile: "kani".into(),
+            instance_type: "c6i.4xlarge".into(),
+            subnet_id: Some("subnet-a".into()),
+            image_id: "ami-1".into(),
+            security_group_ids: vec![],
+            iam_instance_profile: None,
+            market: Market::Spot,
+            root_volume_gb: 64,
+            user_data: "#!/bin/bash".into(),
+        })
+        .await
+        .unwrap();
+    h.sql("UPDATE runners SET state = 'launching', github_runner_id = 1, lease_until = now() - interval '1 s'")
+        .await;
+    while r.provision_batch().await.unwrap() > 0 {}
+    assert_eq!(h.cloud.launch_attempts(), 1, "no second RunInstances");
+    let code: Option<String> =
+        sqlx::query_scalar("SELECT last_error_code FROM runners WHERE name = $1")
+            .bind(&name)
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap();
     assert_eq!(row(&h, &name).await.0, "launch_failed");
-    assert!(h.parameters.names().is_empty());
-    assert!(h.github.runners().iter().all(|g| g.name != name));
+    assert_eq!(code.as_deref(), Some("JitConfigGone"));
 }
 
 /// A crash after RunInstances answered, before the grant: the adopted

@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::fleet::{terminations, Harness};
 use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::names::client_token;
-use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, LaunchRequest, RunnerScope};
+use spot_runners_domain::ports::{
+    Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
+};
 use spot_runners_domain::Market;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
@@ -316,6 +318,15 @@ async fn a_crash_during_run_instances_adopts_the_instance() {
             root_volume_gb: 64,
             user_data: "#!/bin/bash".into(),
         })
+        .await
+        .unwrap();
+    // The crash came after the config was stored (it is stored before
+    // `registered`), so the adopted instance can be granted it.
+    h.parameters
+        .create_secure(
+            &spot_runners_domain::parameters::jit_parameter_name("spot-runners", &name),
+            &secrecy::SecretString::from("jit-config"),
+        )
         .await
         .unwrap();
     h.sql("UPDATE runners SET state = 'launching', github_runner_id = 1, lease_until = now() - interval '1 s'")

@@ -97,6 +97,18 @@ impl Reconciler {
                 {
                     tokio::time::sleep(backoff(attempt)).await;
                 }
+                // The parameter is gone (deleted by hand, or a crash lost it
+                // before it was stored): the instance can never read its
+                // config, so waiting for a grant would wait forever. The
+                // runner ends; its instance is then an orphan the sweep
+                // terminates, and the planner replaces it for its demand.
+                Err(e) if matches!(e.code.as_str(), "InvalidResourceId" | "ParameterNotFound") => {
+                    tracing::warn!(runner = %runner_name, instance = %instance.id, parameter = %name, "the JIT config parameter is gone; the instance can never register");
+                    return Err(Failure::End {
+                        code: "JitConfigGone".into(),
+                        reason: format!("the JIT config parameter {name} no longer exists"),
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(runner = %runner_name, instance = %instance.id, code = %e.code, error = %e.message, "granting the JIT config to its instance failed; retrying later");
                     return Err(Failure::Later);

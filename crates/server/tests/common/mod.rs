@@ -185,12 +185,23 @@ impl TestApp {
     }
 
     /// Waits (bounded) until `f` holds.
-    pub async fn eventually<F, Fut>(&self, what: &str, mut f: F)
+    pub async fn eventually<F, Fut>(&self, what: &str, f: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.eventually_within(what, Duration::from_secs(10), f)
+            .await;
+    }
+
+    /// Waits until `f` holds, at most `limit`: for what happens on the
+    /// sweep's real-time pace (every 10 s) rather than on the next pass.
+    pub async fn eventually_within<F, Fut>(&self, what: &str, limit: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
         while !f().await {
             assert!(
                 tokio::time::Instant::now() < deadline,

@@ -150,7 +150,7 @@ pub struct PastLaunch {
 /// restarted the backoff without the ledger knowing.
 pub fn from_history(history: &[PastLaunch]) -> Option<(u32, String, DateTime<Utc>)> {
     let mut sorted: Vec<&PastLaunch> = history.iter().collect();
-    sorted.sort_by(|a, b| b.at.cmp(&a.at));
+    sorted.sort_by_key(|b| std::cmp::Reverse(b.at));
     let mut failures = 0u32;
     let mut latest: Option<(&str, DateTime<Utc>)> = None;
     for past in sorted {

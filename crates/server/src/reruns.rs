@@ -243,7 +243,7 @@ impl RerunWorker {
         let horizon = set
             .profiles
             .iter()
-            .map(|p| breaker_horizon(p))
+            .map(breaker_horizon)
             .max()
             .unwrap_or_default();
         let times = self

@@ -16,7 +16,7 @@ use common::{job_payload, spawn_app, spawn_app_on, TestApp, SECRET};
 use secrecy::SecretString;
 use spot_runners::metrics::Metrics;
 use spot_runners::reconciler::Backends;
-use spot_runners_domain::ports::{Cloud, GitHubJob, JobReport, LaunchRequest};
+use spot_runners_domain::ports::{Cloud, GitHubJob, JobReport};
 use spot_runners_domain::Market;
 use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
 use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
@@ -555,20 +555,10 @@ async fn orphans_found() {
     profile(&f.app, "").await;
     // An instance of this controller that the ledger never heard of.
     f.cloud
-        .launch(&LaunchRequest {
-            runner_name: "spot-runners-kani-lost0001".into(),
-            client_token: "spot-runners-kani-lost0001".into(),
-            controller_id: "spot-runners".into(),
-            profile: "kani".into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: None,
-            image_id: "ami-1".into(),
-            security_group_ids: vec![],
-            iam_instance_profile: None,
-            market: Market::Spot,
-            root_volume_gb: 64,
-            user_data: "#!/bin/sh\n".into(),
-        })
+        .launch(&common::fleet::launch_request(
+            "spot-runners",
+            "spot-runners-kani-lost0001",
+        ))
         .await
         .unwrap();
     f.clock.advance(Duration::from_secs(11));

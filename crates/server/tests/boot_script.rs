@@ -54,7 +54,7 @@ struct Run {
 impl Instance {
     /// A fake instance whose parameter store holds `parameters`
     /// (name → (value, instance ARN it is granted to)).
-    fn new(parameters: Value, fast_clock: bool) -> Self {
+    fn new(parameters: &Value, fast_clock: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         for d in ["bin", "state", "state/home", "runner"] {
@@ -223,7 +223,7 @@ fn is_runner_start(c: &Value) -> bool {
 #[test]
 fn the_jit_config_is_read_once_deleted_and_given_to_the_runner_on_stdin() {
     let jit = jit_config();
-    let instance = Instance::new(granted(&jit), false);
+    let instance = Instance::new(&granted(&jit), false);
     let run = instance.boot(&[]);
 
     // The runner ran, got the config from its environment and no argument.
@@ -296,7 +296,7 @@ fn a_config_never_granted_to_this_instance_is_not_read_and_no_job_runs() {
     let mut other = granted(&jit);
     other[PARAMETER]["tags"]["spot-runners:instance-arn"] =
         "arn:aws:ec2:us-east-1:123456789012:instance/i-0ffffffffffffffff".into();
-    let instance = Instance::new(other, true);
+    let instance = Instance::new(&other, true);
     let run = instance.boot(&[]);
 
     assert!(
@@ -318,7 +318,7 @@ fn a_config_never_granted_to_this_instance_is_not_read_and_no_job_runs() {
 #[test]
 fn an_ineffective_firewall_stops_the_boot_before_the_config_is_read() {
     let jit = jit_config();
-    let instance = Instance::new(granted(&jit), false);
+    let instance = Instance::new(&granted(&jit), false);
     let run = instance.boot(&[("FAKE_FIREWALL", "ignores-rules")]);
 
     assert!(run.ssm_ops().is_empty(), "nothing read from SSM");

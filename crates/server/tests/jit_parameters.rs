@@ -13,10 +13,7 @@ use common::fleet::Harness;
 use secrecy::SecretString;
 use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::parameters::{jit_parameter_name, TAG_INSTANCE_ARN};
-use spot_runners_domain::ports::{
-    Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
-};
-use spot_runners_domain::Market;
+use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, ParameterStore, RunnerScope};
 use spot_runners_sim::cloud::{CloudCall, FAKE_ARN_PREFIX};
 use spot_runners_sim::FakeGitHub;
 
@@ -222,20 +219,7 @@ async fn a_launch_lost_in_a_crash_is_resumed_with_a_fresh_config() {
 async fn an_adopted_instance_whose_config_is_gone_ends_its_runner() {
     let (h, r, name) = one_planned_runner().await;
     h.cloud
-        .launch(&LaunchRequest {
-            runner_name: name.clone(),
-            client_token: name.clone(),
-            controller_id: "spot-runners".into(),
-            profile: "kani".into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: Some("subnet-a".into()),
-            image_id: "ami-1".into(),
-            security_group_ids: vec![],
-            iam_instance_profile: None,
-            market: Market::Spot,
-            root_volume_gb: 64,
-            user_data: "#!/bin/bash".into(),
-        })
+        .launch(&common::fleet::launch_request("spot-runners", &name))
         .await
         .unwrap();
     h.sql("UPDATE runners SET state = 'launching', github_runner_id = 1, lease_until = now() - interval '1 s'")
@@ -260,20 +244,7 @@ async fn an_adopted_instance_is_granted_its_config() {
     let github_id = stale_config(&h, &name).await;
     let instance = h
         .cloud
-        .launch(&LaunchRequest {
-            runner_name: name.clone(),
-            client_token: name.clone(),
-            controller_id: "spot-runners".into(),
-            profile: "kani".into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: Some("subnet-a".into()),
-            image_id: "ami-1".into(),
-            security_group_ids: vec![],
-            iam_instance_profile: None,
-            market: Market::Spot,
-            root_volume_gb: 64,
-            user_data: "#!/bin/bash".into(),
-        })
+        .launch(&common::fleet::launch_request("spot-runners", &name))
         .await
         .unwrap();
     h.sql(&format!(

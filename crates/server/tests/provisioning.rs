@@ -304,20 +304,7 @@ async fn a_crash_during_run_instances_adopts_the_instance() {
     let (h, r, name) = one_planned_runner().await;
     let instance = h
         .cloud
-        .launch(&LaunchRequest {
-            runner_name: name.clone(),
-            client_token: name.clone(),
-            controller_id: "spot-runners".into(),
-            profile: "kani".into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: Some("subnet-a".into()),
-            image_id: "ami-1".into(),
-            security_group_ids: vec![],
-            iam_instance_profile: None,
-            market: Market::Spot,
-            root_volume_gb: 64,
-            user_data: "#!/bin/bash".into(),
-        })
+        .launch(&common::fleet::launch_request("spot-runners", &name))
         .await
         .unwrap();
     // The crash came after the config was stored (it is stored before

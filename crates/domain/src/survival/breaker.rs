@@ -85,7 +85,9 @@ mod tests {
     #[test]
     fn defaults_two_in_fifteen_minutes_open_for_thirty() {
         let p = SurvivalPolicy::default();
-        let cases: &[(&str, &[i64], i64, Option<(i64, i64)>)] = &[
+        // (what, interruptions at minute, now at minute, open from..until)
+        type Case<'a> = (&'a str, &'a [i64], i64, Option<(i64, i64)>);
+        let cases: &[Case<'_>] = &[
             ("none", &[], 0, None),
             ("one", &[0], 1, None),
             ("two within 15 min", &[0, 10], 11, Some((10, 40))),

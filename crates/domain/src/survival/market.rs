@@ -214,15 +214,18 @@ mod tests {
             2,
             &[20.0, 25.0, 120.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 20.0],
         );
-        let cases: Vec<(
-            &str,
-            &Profile,
+        // (what, profile, queued jobs, on-demand runners available, breaker,
+        // expected market, words the reason must contain)
+        type Case<'a> = (
+            &'a str,
+            &'a Profile,
             Vec<QueuedJobFacts>,
             usize,
             Breaker,
             Market,
-            &str,
-        )> = vec![
+            &'a str,
+        );
+        let cases: Vec<Case<'_>> = vec![
             (
                 "nothing special",
                 &spot,
@@ -367,7 +370,7 @@ mod tests {
         fn p90_lies_within_the_values(v in proptest::collection::vec(0.0f64..1000.0, 1..40)) {
             let got = p90(&v).unwrap();
             let used = &v[..v.len().min(HISTORY_RUNS)];
-            prop_assert!(used.iter().any(|x| *x == got));
+            prop_assert!(used.contains(&got));
             let below = used.iter().filter(|x| **x <= got).count();
             prop_assert!(below * 10 >= used.len() * 9);
         }

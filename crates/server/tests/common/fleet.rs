@@ -7,7 +7,8 @@ use std::time::Duration;
 use spot_runners::metrics::Metrics;
 use spot_runners::profiles::ProfileCache;
 use spot_runners::reconciler::{Backends, Reconciler};
-use spot_runners_domain::ControllerId;
+use spot_runners_domain::ports::LaunchRequest;
+use spot_runners_domain::{ControllerId, Market};
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock};
 use spot_runners_store::testing::{test_database, TestDatabase};
@@ -156,4 +157,24 @@ pub fn terminations(cloud: &FakeCloud) -> Vec<Vec<String>> {
             CloudCall::Launch { .. } | CloudCall::Tag { .. } => None,
         })
         .collect()
+}
+
+/// A first-attempt `RunInstances` of profile `kani` for `runner`, as the
+/// reconciler would send it: for tests that put an instance in EC2 behind
+/// the ledger's back (a crash mid-launch, an orphan).
+pub fn launch_request(controller: &str, runner: &str) -> LaunchRequest {
+    LaunchRequest {
+        runner_name: runner.to_owned(),
+        client_token: runner.to_owned(),
+        controller_id: controller.to_owned(),
+        profile: "kani".to_owned(),
+        instance_type: "c6i.4xlarge".to_owned(),
+        subnet_id: None,
+        image_id: "ami-1".to_owned(),
+        security_group_ids: vec![],
+        iam_instance_profile: None,
+        market: Market::Spot,
+        root_volume_gb: 64,
+        user_data: "#!/bin/sh\n".to_owned(),
+    }
 }

@@ -73,6 +73,26 @@ impl std::fmt::Debug for Ec2Cloud {
     }
 }
 
+/// The standard AWS configuration chain, with per-call timeouts (the SDK
+/// has none by default): every AWS client of the service starts here.
+pub(crate) async fn sdk_config(
+    attempt: Duration,
+    operation: Duration,
+) -> Result<aws_config::SdkConfig, SetupError> {
+    let timeouts = TimeoutConfig::builder()
+        .operation_attempt_timeout(attempt)
+        .operation_timeout(operation)
+        .build();
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await;
+    if config.region().is_none() {
+        return Err(SetupError::NoRegion);
+    }
+    Ok(config)
+}
+
 impl Ec2Cloud {
     /// Configuration from the standard AWS sources: `AWS_REGION`,
     /// `AWS_ENDPOINT_URL` (moto, LocalStack), the default credentials chain
@@ -82,17 +102,7 @@ impl Ec2Cloud {
         // would otherwise hold a reconcile pass forever. RunInstances can
         // legitimately take several seconds, hence the generous attempt
         // budget.
-        let timeouts = TimeoutConfig::builder()
-            .operation_attempt_timeout(Duration::from_secs(30))
-            .operation_timeout(Duration::from_secs(90))
-            .build();
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .load()
-            .await;
-        if config.region().is_none() {
-            return Err(SetupError::NoRegion);
-        }
+        let config = sdk_config(Duration::from_secs(30), Duration::from_secs(90)).await?;
         Ok(Self::new(Client::new(&config)))
     }
 

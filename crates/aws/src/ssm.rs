@@ -4,8 +4,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::BehaviorVersion;
 use aws_sdk_ssm::types::{ParameterTier, ParameterType, ResourceTypeForTagging, Tag};
 use aws_sdk_ssm::Client;
 use chrono::{DateTime, Utc};
@@ -31,17 +29,7 @@ impl std::fmt::Debug for SsmParameterStore {
 impl SsmParameterStore {
     /// Configuration from the standard AWS sources, as for EC2.
     pub async fn from_env() -> Result<Self, SetupError> {
-        let timeouts = TimeoutConfig::builder()
-            .operation_attempt_timeout(Duration::from_secs(10))
-            .operation_timeout(Duration::from_secs(30))
-            .build();
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .load()
-            .await;
-        if config.region().is_none() {
-            return Err(SetupError::NoRegion);
-        }
+        let config = crate::sdk_config(Duration::from_secs(10), Duration::from_secs(30)).await?;
         Ok(Self::new(Client::new(&config)))
     }
 

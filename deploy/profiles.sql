@@ -10,6 +10,8 @@
 --   subnet_ids          one subnet per availability zone, tried in turn on
 --                       capacity errors ('{}' = the region's default subnet)
 --   security_group_ids  egress to GitHub and your registries; no ingress needed
+-- and create the instance profile 'spot-runners-runner' (docs/operations.md,
+-- "The runners' instance role"): without it no runner can read its JIT config.
 -- Left as they are, every launch fails with a malformed-id error from EC2
 -- (no instance, no cost) and shows up in spot_runners_launch_errors_total.
 --
@@ -47,7 +49,7 @@ INSERT INTO instance_profiles (
      'ami-REPLACE_ME',
      '{subnet-REPLACE_ME_AZ_A,subnet-REPLACE_ME_AZ_B,subnet-REPLACE_ME_AZ_C}',
      '{sg-REPLACE_ME}',
-     NULL,            -- no instance role: jobs get no AWS credentials (docs/operations.md)
+     'spot-runners-runner', -- reads its JIT config from SSM; jobs cannot reach it (docs/operations.md)
      'spot', true,
      20, 0,
      300, 600,
@@ -64,7 +66,7 @@ INSERT INTO instance_profiles (
      'ami-REPLACE_ME',
      '{subnet-REPLACE_ME_AZ_A,subnet-REPLACE_ME_AZ_B,subnet-REPLACE_ME_AZ_C}',
      '{sg-REPLACE_ME}',
-     NULL,
+     'spot-runners-runner',
      'spot', true,
      10, 0,
      300, 600,
@@ -84,7 +86,7 @@ INSERT INTO instance_profiles (
      'ami-REPLACE_ME',
      '{subnet-REPLACE_ME_AZ_A,subnet-REPLACE_ME_AZ_B,subnet-REPLACE_ME_AZ_C}',
      '{sg-REPLACE_ME}',
-     NULL,
+     'spot-runners-runner',
      'spot', true,
      4, 0,
      300, 600,

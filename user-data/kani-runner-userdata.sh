@@ -2,7 +2,15 @@
 # spot-runners boot script: the service fills in the quoted values below
 # (plain text substitution) and sends the result as EC2 user data, so the file
 # must stay valid shell both as a template and once rendered, and stay small
-# (EC2 caps user data at 16 KB and the JIT config alone takes several KB).
+# (EC2 caps user data at 16 KB).
+#
+# User data carries no secret: any principal allowed ec2:DescribeInstanceAttribute
+# can read it. The runner's JIT config waits in an SSM SecureString that the
+# service granted to this instance alone (tag spot-runners:instance-arn); this
+# script reads it once with the instance role, deletes it, and hands it to the
+# runner on stdin, never on a command line (/proc/*/cmdline is world-readable).
+# Jobs run as the runner user, which is firewalled off the metadata service, so
+# no job step can take the instance role's credentials or read user data.
 #
 # One instance runs one job, then powers itself off, which terminates it
 # (InstanceInitiatedShutdownBehavior=terminate). It also powers off when no job
@@ -14,7 +22,6 @@ set -euo pipefail
 CONTROLLER_ID='@@CONTROLLER_ID@@'
 PROFILE='@@PROFILE@@'
 RUNNER_NAME='@@RUNNER_NAME@@'
-JIT_CONFIG='@@JIT_CONFIG@@'
 # Seconds after boot by which a job must have started; seconds after boot at
 # which the instance goes whatever it is doing.
 IDLE_LIMIT_SECS='@@IDLE_LIMIT_SECS@@'
@@ -25,15 +32,25 @@ MAX_LIFETIME_SECS='@@MAX_LIFETIME_SECS@@'
 RUNNER_VERSION='2.334.0'
 RUNNER_SHA256='048024cd2c848eb6f14d5646d56c13a4def2ae7ee3ad12122bee960c56f3d271'
 
-RUNNER_DIR=/opt/actions-runner
+# Only the boot-script test (crates/server/tests/boot_script.rs) sets these,
+# to run this script unprivileged against fake AWS and runner commands;
+# cloud-init runs it with neither set.
+RUNNER_DIR=${SPOT_RUNNERS_TEST_RUNNER_DIR:-/opt/actions-runner}
+LOG_FILE=${SPOT_RUNNERS_TEST_LOG_FILE:-/var/log/spot-runners-userdata.log}
 RUNNER_USER=runner
-IMDS=http://169.254.169.254/latest
+IMDS_IP=169.254.169.254
+IMDS=http://$IMDS_IP/latest
+JIT_PARAMETER="/spot-runners/$CONTROLLER_ID/jit/$RUNNER_NAME"
+# The service grants the parameter to this instance right after RunInstances
+# answers (or, after a crash, when it adopts the instance): until then reads
+# are refused, so they are retried this many times, 5 s apart.
+JIT_FETCH_ATTEMPTS=36
 
 # The journal for a live instance, the serial console for one that is gone or
 # unreachable (aws ec2 get-console-output), a file for a quick look.
 console=/dev/console
 [[ -w $console ]] || console=/dev/null
-exec > >(tee -a /var/log/spot-runners-userdata.log | logger -t spot-runners -s 2>"$console") 2>&1
+exec > >(tee -a "$LOG_FILE" | logger -t spot-runners -s 2>"$console") 2>&1
 
 log() { printf '%s %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
 
@@ -54,7 +71,7 @@ trap 'power_off "boot script ended (status $?)"' EXIT
 
 # A value that fails these checks means the service did not render the
 # template; running on would only burn money until a watchdog fired.
-[[ $JIT_CONFIG =~ ^[A-Za-z0-9+/=]+$ ]] || die "no JIT config in the user data"
+[[ $RUNNER_NAME =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "no runner name in the user data"
 [[ $IDLE_LIMIT_SECS =~ ^[1-9][0-9]*$ ]] || die "idle limit is not a number of seconds"
 [[ $MAX_LIFETIME_SECS =~ ^[1-9][0-9]*$ ]] || die "lifetime is not a number of seconds"
 
@@ -65,6 +82,61 @@ imds_token() {
 
 imds_get() {
   curl -fsS --max-time 5 -H "X-aws-ec2-metadata-token: $1" "$IMDS/meta-data/$2" || echo '?'
+}
+
+# Jobs run as the runner user. Without this, any job step could ask the
+# metadata service for the instance role's credentials and for user data.
+# Fails closed: an instance that cannot block it runs no job.
+block_metadata_for_runner() {
+  iptables -w -I OUTPUT -d "$IMDS_IP/32" -m owner --uid-owner "$RUNNER_USER" -j REJECT ||
+    die "cannot firewall the metadata service off the $RUNNER_USER user; refusing to run jobs"
+  # IPv6 IMDS is off for our launches; block it too where the kernel has IPv6.
+  if command -v ip6tables >/dev/null; then
+    ip6tables -w -I OUTPUT -d fd00:ec2::254/128 -m owner --uid-owner "$RUNNER_USER" -j REJECT ||
+      log "ip6tables refused the IPv6 metadata rule (IPv6 IMDS is disabled at launch)"
+  fi
+  if runuser -u "$RUNNER_USER" -- curl -sS --max-time 3 -o /dev/null -X PUT \
+    -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "$IMDS/api/token" 2>/dev/null; then
+    die "the $RUNNER_USER user still reaches the metadata service; refusing to run jobs"
+  fi
+  log "metadata service blocked for $RUNNER_USER"
+}
+
+# One SSM call (JSON protocol), signed by curl with the instance role's
+# credentials. The keys reach curl on stdin (-K -), never on its command line.
+ssm_call() {
+  local action=$1 body=$2 host="ssm.$region.amazonaws.com"
+  [[ $region != cn-* ]] || host+=.cn
+  jq -r '"user = \"\(.AccessKeyId):\(.SecretAccessKey)\"", "header = \"X-Amz-Security-Token: \(.Token)\""' \
+    <<<"$role_credentials" |
+    curl -fsS --max-time 10 -K - --aws-sigv4 "aws:amz:$region:ssm" \
+      -H "X-Amz-Target: AmazonSSM.$action" -H 'Content-Type: application/x-amz-json-1.1' \
+      --data-binary "$body" "https://$host/"
+}
+
+# Reads this runner's JIT config into $jit_config once, then deletes the
+# parameter: a config nobody can fetch twice is of no use to anyone later.
+fetch_jit_config() {
+  local role attempt reply=''
+  region=$(curl -fsS --max-time 5 -H "X-aws-ec2-metadata-token: $token" "$IMDS/meta-data/placement/region") ||
+    die "no region from the metadata service"
+  role=$(curl -fsS --max-time 5 -H "X-aws-ec2-metadata-token: $token" "$IMDS/meta-data/iam/security-credentials/") ||
+    die "no instance role: the runner reads its JIT config with one (docs/operations.md, iam_instance_profile)"
+  role_credentials=$(curl -fsS --max-time 5 -H "X-aws-ec2-metadata-token: $token" \
+    "$IMDS/meta-data/iam/security-credentials/${role%%$'\n'*}") || die "no credentials for the instance role"
+  for ((attempt = 1; attempt <= JIT_FETCH_ATTEMPTS; attempt++)); do
+    reply=$(ssm_call GetParameter "{\"Name\":\"$JIT_PARAMETER\",\"WithDecryption\":true}") && break
+    reply=''
+    sleep 5
+  done
+  [[ -n $reply ]] || die "could not read $JIT_PARAMETER (not granted to this instance, or already read)"
+  jit_config=$(jq -r '.Parameter.Value // empty' <<<"$reply")
+  reply=''
+  ssm_call DeleteParameter "{\"Name\":\"$JIT_PARAMETER\"}" >/dev/null ||
+    log "could not delete $JIT_PARAMETER; the service deletes it once the runner is online"
+  role_credentials=''
+  [[ $jit_config =~ ^[A-Za-z0-9+/=]+$ ]] || die "$JIT_PARAMETER holds no JIT config"
+  log "JIT config read from $JIT_PARAMETER and deleted"
 }
 
 uptime_secs() {
@@ -177,16 +249,25 @@ log "runner $RUNNER_NAME, profile $PROFILE, controller $CONTROLLER_ID," \
   "lifetime ${MAX_LIFETIME_SECS}s"
 
 [[ -x $RUNNER_DIR/run.sh ]] || install_runner
+block_metadata_for_runner
 
 watchdog &
 interruption_watch &
 
+fetch_jit_config
+
 home=$(getent passwd "$RUNNER_USER" | cut -d: -f6)
 cd "$RUNNER_DIR"
 status=0
-# A clean environment: nothing from cloud-init or root leaks into jobs.
+# A clean environment: nothing from cloud-init or root leaks into jobs. The
+# JIT config goes in on stdin and on into the runner's environment
+# (ACTIONS_RUNNER_INPUT_JITCONFIG, which the runner reads and drops from the
+# environment its jobs inherit).
+# shellcheck disable=SC2016 # expanded by the runner user's shell
 runuser -u "$RUNNER_USER" -- env -i \
   HOME="$home" USER="$RUNNER_USER" LOGNAME="$RUNNER_USER" SHELL=/bin/bash LANG=C.UTF-8 \
   PATH="$home/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
-  ./run.sh --jitconfig "$JIT_CONFIG" || status=$?
+  bash -c 'IFS= read -r ACTIONS_RUNNER_INPUT_JITCONFIG && export ACTIONS_RUNNER_INPUT_JITCONFIG && exec ./run.sh </dev/null' \
+  <<<"$jit_config" || status=$?
+jit_config=''
 log "runner exited with status $status"

@@ -27,6 +27,11 @@ apt_get install -y --no-install-recommends \
   linux-tools-common linux-tools-aws \
   time
 
+# The boot script firewalls the metadata service off the runner user
+# (iptables) and reads its JIT config from SSM (curl >= 7.75 signs with
+# --aws-sigv4, jq reads the answer).
+apt_get install -y --no-install-recommends iptables
+
 # No background package activity on runners: apt's timers and snap refreshes
 # would compete with the job for CPU, disk and the dpkg lock. Masked, not
 # disabled: the image ships an empty machine-id, so every instance's first
@@ -34,8 +39,8 @@ apt_get install -y --no-install-recommends \
 systemctl mask apt-daily.timer apt-daily-upgrade.timer unattended-upgrades.service
 if command -v snap >/dev/null; then
   snap refresh --hold || true
-  # Runners get no instance role by default (deploy/iam/), so the agent
-  # could only retry in the background.
+  # The runners' role lets an instance read and delete its own JIT config,
+  # nothing else (deploy/iam/), so the agent could only retry in the background.
   snap stop --disable amazon-ssm-agent 2>/dev/null || true
 fi
 

@@ -6,8 +6,11 @@
 //! one EC2 call per request (plus a cached image lookup) and classifies the
 //! outcome with EC2's own error codes.
 
+mod ssm;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use ssm::SsmParameterStore;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -70,6 +73,26 @@ impl std::fmt::Debug for Ec2Cloud {
     }
 }
 
+/// The standard AWS configuration chain, with per-call timeouts (the SDK
+/// has none by default): every AWS client of the service starts here.
+pub(crate) async fn sdk_config(
+    attempt: Duration,
+    operation: Duration,
+) -> Result<aws_config::SdkConfig, SetupError> {
+    let timeouts = TimeoutConfig::builder()
+        .operation_attempt_timeout(attempt)
+        .operation_timeout(operation)
+        .build();
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await;
+    if config.region().is_none() {
+        return Err(SetupError::NoRegion);
+    }
+    Ok(config)
+}
+
 impl Ec2Cloud {
     /// Configuration from the standard AWS sources: `AWS_REGION`,
     /// `AWS_ENDPOINT_URL` (moto, LocalStack), the default credentials chain
@@ -79,17 +102,7 @@ impl Ec2Cloud {
         // would otherwise hold a reconcile pass forever. RunInstances can
         // legitimately take several seconds, hence the generous attempt
         // budget.
-        let timeouts = TimeoutConfig::builder()
-            .operation_attempt_timeout(Duration::from_secs(30))
-            .operation_timeout(Duration::from_secs(90))
-            .build();
-        let config = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(timeouts)
-            .load()
-            .await;
-        if config.region().is_none() {
-            return Err(SetupError::NoRegion);
-        }
+        let config = sdk_config(Duration::from_secs(30), Duration::from_secs(90)).await?;
         Ok(Self::new(Client::new(&config)))
     }
 
@@ -143,6 +156,21 @@ impl Ec2Cloud {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(image_id.to_owned(), name.clone());
         Ok(name)
+    }
+
+    /// Makes instance ARNs for the account that owns a reservation, in this
+    /// client's region: what IAM compares with `ec2:SourceInstanceARN` when
+    /// the instance calls AWS with its role.
+    fn instance_arn(&self, owner_id: Option<&str>) -> impl Fn(&str) -> Option<String> {
+        let region = self.client.config().region().map(|r| r.to_string());
+        let owner = owner_id.filter(|o| !o.is_empty()).map(str::to_owned);
+        move |id: &str| {
+            let (region, owner) = (region.as_deref()?, owner.as_deref()?);
+            Some(format!(
+                "arn:{}:ec2:{region}:{owner}:instance/{id}",
+                partition(region)
+            ))
+        }
     }
 
     fn cached_root_device(&self, image_id: &str) -> Option<String> {
@@ -237,7 +265,7 @@ impl Cloud for Ec2Cloud {
             .max_count(1)
             // EC2 returns the original instance for a repeated token, so a
             // retry after a lost response cannot start a second machine.
-            .client_token(&request.runner_name)
+            .client_token(&request.client_token)
             .image_id(&request.image_id)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .set_subnet_id(non_empty(request.subnet_id.as_deref()).map(str::to_owned))
@@ -310,7 +338,8 @@ impl Cloud for Ec2Cloud {
             err
         })?;
         let raw = output.instances().first();
-        let mut instance = raw.and_then(to_instance).ok_or_else(|| {
+        let arn = self.instance_arn(output.owner_id());
+        let mut instance = raw.and_then(|r| to_instance(r, &arn)).ok_or_else(|| {
             // Safe to retry: the same ClientToken finds the instance if one
             // was in fact started.
             CloudError::new(
@@ -372,6 +401,7 @@ impl Cloud for Ec2Cloud {
         let mut owned = Vec::new();
         while let Some(reservation) = pages.next().await {
             let reservation = reservation.map_err(|e| cloud_error(&e))?;
+            let arn = self.instance_arn(reservation.owner_id());
             for raw in reservation.instances() {
                 // Tag filter values accept `*` and `?` wildcards; ownership
                 // is an exact match, checked here rather than trusted.
@@ -379,12 +409,38 @@ impl Cloud for Ec2Cloud {
                     .tags()
                     .iter()
                     .any(|t| t.key() == Some(TAG_CONTROLLER) && t.value() == Some(controller_id));
-                if let (true, Some(instance)) = (ours, to_instance(raw)) {
+                if let (true, Some(instance)) = (ours, to_instance(raw, &arn)) {
                     owned.push(instance);
                 }
             }
         }
         Ok(owned)
+    }
+
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let call = tags.iter().fold(
+            self.client.create_tags().resources(instance_id),
+            |call, (key, value)| call.tags(Tag::builder().key(*key).value(value).build()),
+        );
+        call.send().await.map(|_| ()).map_err(|e| cloud_error(&e))
+    }
+}
+
+/// The ARN partition of a region.
+fn partition(region: &str) -> &'static str {
+    if region.starts_with("cn-") {
+        "aws-cn"
+    } else if region.starts_with("us-gov-") {
+        "aws-us-gov"
+    } else {
+        "aws"
     }
 }
 
@@ -401,8 +457,12 @@ fn tag_specification(resource: ResourceType, tags: &[(&str, &str)]) -> TagSpecif
         .build()
 }
 
-/// `None` only when EC2 sent no instance id, which it always does.
-fn to_instance(raw: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
+/// `None` only when EC2 sent no instance id, which it always does. `arn`
+/// makes an instance's ARN from its id (see [`Ec2Cloud::instance_arn`]).
+fn to_instance(
+    raw: &aws_sdk_ec2::types::Instance,
+    arn: &dyn Fn(&str) -> Option<String>,
+) -> Option<Instance> {
     let id = raw.instance_id().filter(|id| !id.is_empty())?.to_owned();
     let tag = |key: &str| {
         raw.tags()
@@ -435,6 +495,7 @@ fn to_instance(raw: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
         launched_at: raw
             .launch_time()
             .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())),
+        arn: arn(&id),
         id,
     })
 }
@@ -477,7 +538,7 @@ fn instance_ids_in(message: &str) -> HashSet<&str> {
 /// Classifies an SDK failure. EC2's error code decides when there is one;
 /// failures that never reached EC2 (or got no parseable answer) are worth a
 /// retry, except requests the SDK could not even build.
-fn cloud_error<E>(err: &SdkError<E, HttpResponse>) -> CloudError
+pub(crate) fn cloud_error<E>(err: &SdkError<E, HttpResponse>) -> CloudError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -542,6 +603,11 @@ mod tests {
             ("InvalidAMIID.NotFound", CloudErrorKind::Invalid),
             ("InvalidSubnetID.NotFound", CloudErrorKind::Invalid),
             ("UnauthorizedOperation", CloudErrorKind::Invalid),
+            ("AuthFailure", CloudErrorKind::Invalid),
+            ("InvalidParameterValue", CloudErrorKind::Invalid),
+            // Not the profile's fault: the attempt's token is spent.
+            ("IdempotentParameterMismatch", CloudErrorKind::TokenSpent),
+            ("IdempotentInstanceTerminated", CloudErrorKind::TokenSpent),
         ];
         for (code, kind) in cases {
             let err = cloud_error(&service_error(code, 400));
@@ -631,6 +697,13 @@ mod tests {
     }
 
     #[test]
+    fn arns_carry_the_regions_partition() {
+        assert_eq!(partition("us-east-1"), "aws");
+        assert_eq!(partition("cn-north-1"), "aws-cn");
+        assert_eq!(partition("us-gov-west-1"), "aws-us-gov");
+    }
+
+    #[test]
     fn unknown_states_count_as_alive() {
         assert_eq!(
             instance_state(Some(&InstanceStateName::ShuttingDown), Some(32)),
@@ -666,8 +739,15 @@ mod tests {
             )
             .launch_time(aws_sdk_ec2::primitives::DateTime::from_secs(1_700_000_000))
             .build();
-        let instance = to_instance(&raw).unwrap();
+        let instance = to_instance(&raw, &|id| {
+            Some(format!("arn:aws:ec2:us-east-1:123456789012:instance/{id}"))
+        })
+        .unwrap();
         assert_eq!(instance.id, "i-0abc");
+        assert_eq!(
+            instance.arn.as_deref(),
+            Some("arn:aws:ec2:us-east-1:123456789012:instance/i-0abc")
+        );
         assert_eq!(instance.runner_name.as_deref(), Some("ctl-linux-ab12"));
         assert_eq!(instance.profile.as_deref(), Some("linux"));
         assert_eq!(instance.instance_type, "c7i.large");
@@ -686,8 +766,9 @@ mod tests {
             .instance_id("i-0def")
             .state_reason(aws_sdk_ec2::types::StateReason::builder().code("").build())
             .build();
-        let instance = to_instance(&on_demand).unwrap();
+        let instance = to_instance(&on_demand, &|_| None).unwrap();
         assert_eq!(instance.market, Market::OnDemand);
+        assert_eq!(instance.arn, None);
         assert_eq!(instance.state_reason, None);
         assert_eq!(instance.runner_name, None);
     }

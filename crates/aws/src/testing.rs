@@ -164,3 +164,46 @@ fn answers_as_moto(port: u16) -> bool {
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
 }
+
+/// A parameter as moto holds it, read behind the adapter's back (tests of
+/// the server cannot build the SSM SDK themselves).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MotoParameter {
+    /// Decrypted.
+    pub value: String,
+    pub secure: bool,
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// `None` when moto has no parameter of that name.
+pub async fn moto_parameter(name: &str) -> Option<MotoParameter> {
+    moto();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .load()
+        .await;
+    let ssm = aws_sdk_ssm::Client::new(&config);
+    let got = ssm
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await
+        .ok()?;
+    let p = got.parameter()?;
+    let tags = ssm
+        .list_tags_for_resource()
+        .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Parameter)
+        .resource_id(name)
+        .send()
+        .await
+        .expect("ListTagsForResource on moto");
+    Some(MotoParameter {
+        value: p.value().unwrap_or_default().to_owned(),
+        secure: p.r#type() == Some(&aws_sdk_ssm::types::ParameterType::SecureString),
+        tags: tags
+            .tag_list()
+            .iter()
+            .map(|t| (t.key().to_owned(), t.value().to_owned()))
+            .collect(),
+    })
+}

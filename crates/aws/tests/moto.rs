@@ -125,6 +125,7 @@ async fn default_security_group(ec2: &Client) -> String {
 fn request(controller: &str, id: &str, image_id: &str, market: Market) -> LaunchRequest {
     LaunchRequest {
         runner_name: format!("{controller}-linux-{id}"),
+        client_token: format!("{controller}-linux-{id}"),
         controller_id: controller.to_owned(),
         profile: "linux".to_owned(),
         instance_type: "m5.large".to_owned(),

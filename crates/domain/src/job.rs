@@ -149,6 +149,28 @@ impl WorkflowJobEvent {
         }
         // GitHub reports "" for a runner not yet assigned in some deliveries.
         let runner_name = j.runner_name.filter(|n| !n.is_empty());
+        // PostgreSQL text cannot hold NUL: such a delivery is refused here,
+        // plainly, instead of failing the ledger commit it shares with others.
+        let texts = [
+            Some(&j.name),
+            j.workflow_name.as_ref(),
+            j.conclusion.as_ref(),
+            runner_name.as_ref(),
+            j.html_url.as_ref(),
+            Some(&p.repository.full_name),
+            Some(&p.repository.owner.login),
+            p.organization.as_ref().map(|o| &o.login),
+        ];
+        if texts
+            .into_iter()
+            .flatten()
+            .chain(j.labels.iter())
+            .any(|t| t.contains('\0'))
+        {
+            return Err(DomainError::MalformedPayload(
+                "a text field holds a NUL character, which the ledger cannot store".into(),
+            ));
+        }
         Ok(ParsedWorkflowJob::Event(Box::new(WorkflowJobEvent {
             job_id: j.id,
             run_id: j.run_id,
@@ -183,6 +205,110 @@ mod tests {
         assert!(JobStatus::InProgress < JobStatus::Completed);
         for s in JobStatus::ALL {
             assert_eq!(JobStatus::parse(s.as_str()), Ok(s));
+        }
+    }
+
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    /// Any JSON value, strings drawn to include NUL and other control
+    /// characters.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[\\x00-\\x7f\\u{80}-\\u{10ffff}]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A payload of GitHub's shape with one field replaced by anything.
+    fn mutated_payload() -> impl Strategy<Value = Value> {
+        let paths: &[&[&str]] = &[
+            &["action"],
+            &["workflow_job", "id"],
+            &["workflow_job", "run_id"],
+            &["workflow_job", "name"],
+            &["workflow_job", "labels"],
+            &["workflow_job", "runner_name"],
+            &["workflow_job", "created_at"],
+            &["workflow_job", "run_attempt"],
+            &["repository", "full_name"],
+            &["repository", "owner", "login"],
+            &["organization"],
+            &["installation", "id"],
+        ];
+        (proptest::sample::select(paths.to_vec()), any_json()).prop_map(|(path, v)| {
+            let mut payload = json!({
+                "action": "queued",
+                "workflow_job": {
+                    "id": 1, "run_id": 2, "run_attempt": 1, "name": "proof",
+                    "labels": ["self-hosted", "kani"], "runner_name": null,
+                    "created_at": "2021-10-05T18:00:00Z"
+                },
+                "repository": {"full_name": "acme/proofs", "owner": {"login": "acme"}},
+                "organization": {"login": "acme"},
+                "installation": {"id": 3}
+            });
+            let mut at = &mut payload;
+            for key in &path[..path.len() - 1] {
+                at = &mut at[*key];
+            }
+            at[path[path.len() - 1]] = v;
+            payload
+        })
+    }
+
+    fn no_nul(e: &WorkflowJobEvent) -> bool {
+        let texts = [
+            Some(&e.name),
+            e.workflow_name.as_ref(),
+            e.conclusion.as_ref(),
+            e.runner_name.as_ref(),
+            e.html_url.as_ref(),
+            Some(&e.repository),
+            Some(&e.owner),
+            e.org.as_ref(),
+        ];
+        texts
+            .into_iter()
+            .flatten()
+            .chain(e.labels.iter())
+            .all(|t| !t.contains('\0'))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any bytes: a parse or a clear error, never a panic.
+        #[test]
+        fn any_body_parses_or_is_refused(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Err(e) = WorkflowJobEvent::parse(&body) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Bodies of the real shape with one field wrong: an event the
+        /// ledger can store, an ignored action, or a clear error.
+        #[test]
+        fn payload_mutations_parse_or_are_refused(payload in mutated_payload()) {
+            let body = serde_json::to_vec(&payload).unwrap();
+            match WorkflowJobEvent::parse(&body) {
+                Ok(ParsedWorkflowJob::Event(e)) => {
+                    prop_assert!(no_nul(&e), "{e:?}");
+                    prop_assert_eq!(e.repository.split('/').count(), 2);
+                }
+                Ok(ParsedWorkflowJob::IgnoredAction(_)) => {}
+                Err(e) => prop_assert!(e.to_string().starts_with("malformed"), "{e}"),
+            }
         }
     }
 

@@ -6,20 +6,27 @@
 //! Adapters (Postgres, GitHub, EC2, the simulator) depend on this crate, never
 //! the other way round.
 
+pub mod backoff;
 pub mod clock;
+pub mod cost_tags;
 mod error;
 pub mod job;
 pub mod matching;
 pub mod names;
+pub mod parameters;
 pub mod planner;
 pub mod ports;
 pub mod profile;
 pub mod ratelimit;
 pub mod reaper;
+pub mod redelivery;
+pub mod run;
 pub mod runner;
+pub mod scopes;
 pub mod stale;
 pub mod store;
 pub mod sweeps;
+pub mod survival;
 pub mod userdata;
 pub mod webhook;
 

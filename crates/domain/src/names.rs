@@ -141,6 +141,31 @@ impl RunnerName {
     }
 }
 
+/// EC2 accepts client tokens of at most this many ASCII characters.
+pub const CLIENT_TOKEN_MAX: usize = 64;
+
+/// The `ClientToken` of one attempt of a runner's launch walk (attempt 0 is
+/// the first instance type × subnet × market tried). EC2 remembers a token
+/// with the parameters of its request, so every attempt with other
+/// parameters needs its own token, while a retry of the same attempt (a
+/// throttled call, a lost response, a resumed crash) must send the same one.
+/// Attempt 0's token is the runner name itself (DESIGN.md); later ones add
+/// `.<attempt>`, a character runner names never contain, so no token of one
+/// runner can equal another's. A name too long for the suffix is replaced
+/// by a digest of it.
+pub fn client_token(runner_name: &str, attempt: u32) -> String {
+    use sha2::{Digest, Sha256};
+    if attempt == 0 && runner_name.len() <= CLIENT_TOKEN_MAX {
+        return runner_name.to_owned();
+    }
+    let suffix = format!(".{attempt}");
+    if runner_name.len() + suffix.len() <= CLIENT_TOKEN_MAX {
+        return format!("{runner_name}{suffix}");
+    }
+    let digest = hex::encode(Sha256::digest(runner_name.as_bytes()));
+    format!("{}{suffix}", &digest[..CLIENT_TOKEN_MAX - suffix.len()])
+}
+
 impl fmt::Display for RunnerName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -180,6 +205,33 @@ mod tests {
         let (back, profile) = RunnerName::parse_owned(n.as_str(), &c, [&p].into_iter()).unwrap();
         assert_eq!(back, n);
         assert_eq!(profile, p);
+    }
+
+    #[test]
+    fn client_tokens_are_distinct_per_attempt_stable_and_fit() {
+        let short = "spot-runners-kani-abcd1234";
+        assert_eq!(
+            client_token(short, 0),
+            short,
+            "the first attempt's token is the name"
+        );
+        assert_eq!(client_token(short, 3), "spot-runners-kani-abcd1234.3");
+        assert_eq!(client_token(short, 3), client_token(short, 3));
+        let long = format!(
+            "{}-{}-abcd1234",
+            "c".repeat(CONTROLLER_ID_MAX),
+            "p".repeat(PROFILE_NAME_MAX)
+        );
+        assert_eq!(long.len(), RUNNER_NAME_MAX);
+        let other = long.replace("abcd1234", "abcd1235");
+        let mut seen = std::collections::BTreeSet::new();
+        for name in [short, long.as_str(), other.as_str()] {
+            for attempt in [0, 1, 2, 9, 10, 99, u32::MAX] {
+                let t = client_token(name, attempt);
+                assert!(t.len() <= CLIENT_TOKEN_MAX && t.is_ascii(), "{t}");
+                assert!(seen.insert(t.clone()), "{t} repeats");
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@ use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
 use crate::ratelimit::TokenBucket;
+use crate::run::WorkflowRunEvent;
+use crate::survival::RerunFailure;
 use crate::Market;
 
 // ---------------------------------------------------------------- GitHub --
@@ -93,6 +95,65 @@ pub struct GitHubJob {
     pub created_at: Option<DateTime<Utc>>,
 }
 
+/// One installation of the GitHub App (`GET /app/installations`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installation {
+    pub id: i64,
+    /// The account's login.
+    pub account: String,
+    /// GitHub's account type: `Organization` or `User`.
+    pub account_type: String,
+}
+
+impl Installation {
+    /// Where runners for this installation register: an organization's
+    /// runners live at org level; a user account has none (its
+    /// repositories' runners are per repository, learned from their jobs).
+    pub fn scope(&self) -> Option<RunnerScope> {
+        (self.account_type == "Organization").then(|| RunnerScope::Org(self.account.clone()))
+    }
+}
+
+/// The webhook whose deliveries GitHub keeps for us: the App's own, or an
+/// organization hook.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WebhookSource {
+    /// `/app/hook/deliveries` (authenticated as the App, with its JWT).
+    App,
+    /// `/orgs/{org}/hooks/{hook_id}/deliveries` (a token with `admin:org_hook`).
+    OrgHook { org: String, hook_id: i64 },
+}
+
+impl fmt::Display for WebhookSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WebhookSource::App => f.write_str("the App's webhook"),
+            WebhookSource::OrgHook { org, hook_id } => write!(f, "hook {hook_id} of org {org}"),
+        }
+    }
+}
+
+/// One attempt to deliver a webhook, as GitHub's delivery log lists it. A
+/// redelivery is a new attempt (its own `id`) with the same `guid`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookDelivery {
+    pub id: i64,
+    /// The `X-GitHub-Delivery` header of the attempt.
+    pub guid: String,
+    pub delivered_at: DateTime<Utc>,
+    pub redelivery: bool,
+    /// The receiver's HTTP status; 0 when it gave none (timeout, refused).
+    pub status_code: u16,
+    pub event: String,
+    pub action: Option<String>,
+}
+
+impl HookDelivery {
+    pub fn succeeded(&self) -> bool {
+        (200..300).contains(&self.status_code)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum GitHubError {
     /// 409 from generate-jitconfig: a runner with that name exists.
@@ -109,6 +170,21 @@ pub enum GitHubError {
     /// Anything retrying will not fix (bad credentials, permissions).
     #[error("GitHub refused: {0}")]
     Refused(String),
+}
+
+impl From<GitHubError> for RerunFailure {
+    fn from(e: GitHubError) -> Self {
+        match e {
+            GitHubError::NotFound => RerunFailure::NotFound,
+            GitHubError::RateLimited(wait) => RerunFailure::RateLimited(wait),
+            GitHubError::Transient(m) => RerunFailure::Transient(m),
+            GitHubError::NameTaken => RerunFailure::Rejected {
+                status: 409,
+                message: "conflict".into(),
+            },
+            GitHubError::Refused(m) => RerunFailure::Refused(m),
+        }
+    }
 }
 
 #[async_trait]
@@ -134,6 +210,49 @@ pub trait GitHub: Send + Sync + 'static {
     /// lost `queued` deliveries, not a replacement for webhooks).
     async fn queued_jobs(&self, repository: &str) -> Result<Vec<GitHubJob>, GitHubError>;
 
+    /// Where the App is installed, every page. Token auth has no App: the
+    /// answer is empty, and the configured orgs are what is known.
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        Ok(Vec::new())
+    }
+
+    /// The hook's delivery attempts from `since` on, newest first (all
+    /// pages back to `since`).
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        let _ = since;
+        Err(GitHubError::Refused(format!(
+            "listing the deliveries of {source} is not supported here"
+        )))
+    }
+
+    /// `POST …/deliveries/{delivery_id}/attempts`: GitHub sends that
+    /// delivery again, with the same GUID.
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        let _ = delivery_id;
+        Err(GitHubError::Refused(format!(
+            "redelivering to {source} is not supported here"
+        )))
+    }
+    /// `GET /repos/{owner}/{repo}/actions/runs/{run_id}`: whether the run
+    /// completed (a re-run waits for that).
+    async fn workflow_run(
+        &self,
+        repository: &str,
+        run_id: i64,
+    ) -> Result<WorkflowRunEvent, GitHubError>;
+
+    /// `POST /repos/{owner}/{repo}/actions/jobs/{job_id}/rerun`: re-runs one
+    /// job (and its dependents) in a new attempt of its completed run.
+    async fn rerun_job(&self, repository: &str, job_id: i64) -> Result<(), RerunFailure>;
+
+    /// `POST /repos/{owner}/{repo}/actions/runs/{run_id}/rerun-failed-jobs`:
+    /// re-runs every failed job of the completed run in one new attempt.
+    async fn rerun_failed_jobs(&self, repository: &str, run_id: i64) -> Result<(), RerunFailure>;
+
     /// The JIT-config allowance this GitHub enforces; callers pace themselves by it.
     fn jit_config_limit(&self) -> TokenBucket {
         TokenBucket::github_jit_configs()
@@ -151,8 +270,11 @@ pub const TAG_NAME: &str = "Name";
 /// One `RunInstances` call: one instance, one type, one subnet, one market.
 #[derive(Clone, PartialEq, Eq)]
 pub struct LaunchRequest {
-    /// Also the `ClientToken`, so a retried call cannot make a second instance.
+    /// The `spot-runners:runner` and `Name` tags.
     pub runner_name: String,
+    /// This attempt's `ClientToken` ([`crate::names::client_token`]): a
+    /// retried call cannot make a second instance.
+    pub client_token: String,
     pub controller_id: String,
     pub profile: String,
     pub instance_type: String,
@@ -163,8 +285,9 @@ pub struct LaunchRequest {
     pub iam_instance_profile: Option<String>,
     pub market: Market,
     pub root_volume_gb: u32,
-    /// The rendered boot script (plain text; the adapter encodes it). Holds
-    /// the JIT config, so it is never printed.
+    /// The rendered boot script (plain text; the adapter encodes it). It
+    /// holds no secret (the JIT config waits in the [`ParameterStore`]), but
+    /// it is bulky, so `Debug` prints only its size.
     pub user_data: String,
 }
 
@@ -172,6 +295,7 @@ impl fmt::Debug for LaunchRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LaunchRequest")
             .field("runner_name", &self.runner_name)
+            .field("client_token", &self.client_token)
             .field("profile", &self.profile)
             .field("instance_type", &self.instance_type)
             .field("subnet_id", &self.subnet_id)
@@ -217,6 +341,10 @@ pub struct Instance {
     /// EC2's state reason code, e.g. `Server.SpotInstanceTermination`.
     pub state_reason: Option<String>,
     pub launched_at: Option<DateTime<Utc>>,
+    /// `arn:<partition>:ec2:<region>:<account>:instance/<id>`, as IAM sees
+    /// it in `ec2:SourceInstanceARN` (`None` when EC2 did not say the
+    /// account).
+    pub arn: Option<String>,
 }
 
 /// How a failed call should be treated.
@@ -234,6 +362,20 @@ pub enum CloudErrorKind {
     /// The account lacks a one-time setup step (the spot service-linked
     /// role): no launch of any profile can succeed until an operator does it.
     AccountSetup,
+    /// This attempt's `ClientToken` is spent: EC2 remembers it with other
+    /// parameters (`IdempotentParameterMismatch`) or its instance was
+    /// terminated (`IdempotentInstanceTerminated`). Nothing is wrong with
+    /// the profile: adopt the runner's instance if it has one, else go on
+    /// with the next attempt and its own token.
+    TokenSpent,
+}
+
+impl CloudErrorKind {
+    /// Whether retrying the profile as it is cannot help: an operator has
+    /// to fix the row (or the account) first.
+    pub fn is_invalid_request(self) -> bool {
+        matches!(self, CloudErrorKind::Invalid | CloudErrorKind::AccountSetup)
+    }
 }
 
 /// The role EC2 needs for spot, created once per account.
@@ -287,6 +429,9 @@ impl CloudError {
             "InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable" => {
                 CloudErrorKind::Transient
             }
+            "IdempotentParameterMismatch" | "IdempotentInstanceTerminated" => {
+                CloudErrorKind::TokenSpent
+            }
             _ => CloudErrorKind::Invalid,
         };
         Self::new(kind, code, message)
@@ -295,9 +440,10 @@ impl CloudError {
 
 #[async_trait]
 pub trait Cloud: Send + Sync + 'static {
-    /// One `RunInstances` with `ClientToken` = runner name and the contract
-    /// tags. Repeating a call with the same runner name returns the same
-    /// instance.
+    /// One `RunInstances` with the request's `ClientToken` and the contract
+    /// tags. Repeating a call with the same token and parameters returns the
+    /// same instance; the same token with other parameters, or after its
+    /// instance terminated, is refused ([`CloudErrorKind::TokenSpent`]).
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, CloudError>;
 
     /// `TerminateInstances`; ids already gone are not an error.
@@ -307,10 +453,52 @@ pub trait Cloud: Send + Sync + 'static {
     /// reports (terminated ones linger for about an hour).
     async fn list_owned(&self, controller_id: &str) -> Result<Vec<Instance>, CloudError>;
 
+    /// `CreateTags` on one of our instances (cost allocation tags: see
+    /// [`crate::cost_tags`]); an existing key gets the new value.
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError>;
+
     /// The `RunInstances` bucket this cloud enforces; callers pace themselves by it.
     fn launch_limit(&self) -> TokenBucket {
         TokenBucket::ec2_run_instances()
     }
+}
+
+// ------------------------------------------------------- Parameter store --
+
+/// SSM's error code for creating a parameter whose name exists.
+pub const PARAMETER_ALREADY_EXISTS: &str = "ParameterAlreadyExists";
+
+/// A parameter as a listing shows it: no value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredParameter {
+    pub name: String,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+/// Where JIT configs wait for their instance (SSM Parameter Store; see
+/// [`crate::parameters`]). Errors carry SSM's error code, classified like
+/// EC2's.
+#[async_trait]
+pub trait ParameterStore: Send + Sync + 'static {
+    /// Creates a SecureString (encrypted with the account's `aws/ssm` key).
+    /// Never overwrites: a name that exists fails with
+    /// [`PARAMETER_ALREADY_EXISTS`], so a stale value (and its tags, which
+    /// grant it to an instance) can never be silently kept.
+    async fn create_secure(&self, name: &str, value: &SecretString) -> Result<(), CloudError>;
+
+    /// Adds tags to a parameter (`AddTagsToResource`); an existing key gets
+    /// the new value.
+    async fn tag(&self, name: &str, tags: &[(&str, String)]) -> Result<(), CloudError>;
+
+    /// `DeleteParameter`; a parameter already gone is success.
+    async fn delete(&self, name: &str) -> Result<(), CloudError>;
+
+    /// Every parameter under `path`, without values.
+    async fn list(&self, path: &str) -> Result<Vec<StoredParameter>, CloudError>;
 }
 
 #[cfg(test)]

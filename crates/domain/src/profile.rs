@@ -58,6 +58,13 @@ pub struct ProfileRow {
     pub repositories: Option<Vec<String>>,
     pub enabled: bool,
     pub priority: i32,
+    pub max_interruption_reruns: i32,
+    pub rerun_market: String,
+    pub rerun_own_failures: bool,
+    pub spot_breaker_interruptions: i32,
+    pub spot_breaker_window_secs: i32,
+    pub spot_breaker_cooldown_secs: i32,
+    pub spot_max_job_minutes: Option<i32>,
 }
 
 /// A validated profile. Labels are lower-case; limits are positive.
@@ -82,6 +89,88 @@ pub struct Profile {
     pub repositories: Option<RepositoryAllowList>,
     pub enabled: bool,
     pub priority: i32,
+    pub survival: SurvivalPolicy,
+}
+
+/// How a profile survives spot reclaims: re-runs of interrupted jobs, the
+/// spot circuit breaker and the duration-aware market.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SurvivalPolicy {
+    /// Re-runs per job lineage after a spot reclaim (0 = never).
+    pub max_interruption_reruns: u32,
+    /// Market for the demand of such a re-run.
+    pub rerun_market: Market,
+    /// Also re-run jobs of the same run that failed on their own.
+    pub rerun_own_failures: bool,
+    /// That many interruptions within the window open the breaker…
+    pub breaker_interruptions: u32,
+    pub breaker_window_secs: u32,
+    /// …for this long.
+    pub breaker_cooldown_secs: u32,
+    /// Jobs whose history says they run longer start on-demand.
+    pub spot_max_job_minutes: Option<u32>,
+}
+
+impl Default for SurvivalPolicy {
+    /// The migration's column defaults (RunsOn's breaker: 2 in 15 min → 30 min).
+    fn default() -> Self {
+        Self {
+            max_interruption_reruns: 2,
+            rerun_market: Market::OnDemand,
+            rerun_own_failures: false,
+            breaker_interruptions: 2,
+            breaker_window_secs: 900,
+            breaker_cooldown_secs: 1800,
+            spot_max_job_minutes: None,
+        }
+    }
+}
+
+impl SurvivalPolicy {
+    fn from_row(n: &str, row: &ProfileRow) -> Result<Self, DomainError> {
+        let reruns = u32::try_from(row.max_interruption_reruns)
+            .ok()
+            .filter(|r| *r <= 50)
+            .ok_or_else(|| {
+                invalid(
+                    n,
+                    format!(
+                        "max_interruption_reruns must be 0..=50 (GitHub's re-run limit), got {}",
+                        row.max_interruption_reruns
+                    ),
+                )
+            })?;
+        let cooldown = u32::try_from(row.spot_breaker_cooldown_secs).map_err(|_| {
+            invalid(
+                n,
+                format!(
+                    "spot_breaker_cooldown_secs must not be negative, got {}",
+                    row.spot_breaker_cooldown_secs
+                ),
+            )
+        })?;
+        Ok(Self {
+            max_interruption_reruns: reruns,
+            rerun_market: Market::parse(&row.rerun_market)
+                .map_err(|e| invalid(n, format!("rerun_market: {e}")))?,
+            rerun_own_failures: row.rerun_own_failures,
+            breaker_interruptions: positive(
+                n,
+                "spot_breaker_interruptions",
+                row.spot_breaker_interruptions,
+            )?,
+            breaker_window_secs: positive(
+                n,
+                "spot_breaker_window_secs",
+                row.spot_breaker_window_secs,
+            )?,
+            breaker_cooldown_secs: cooldown,
+            spot_max_job_minutes: row
+                .spot_max_job_minutes
+                .map(|m| positive(n, "spot_max_job_minutes", m))
+                .transpose()?,
+        })
+    }
 }
 
 /// `owner/repo` globs, matched case-insensitively (GitHub names are).
@@ -142,6 +231,7 @@ impl TryFrom<ProfileRow> for Profile {
     fn try_from(row: ProfileRow) -> Result<Self, DomainError> {
         let n = row.name.as_str();
         let name = ProfileName::parse(n)?;
+        let survival = SurvivalPolicy::from_row(n, &row)?;
         let labels: Vec<String> = row
             .labels
             .iter()
@@ -185,6 +275,7 @@ impl TryFrom<ProfileRow> for Profile {
             .transpose()
             .map_err(|e| invalid(n, e))?;
         Ok(Profile {
+            survival,
             market: Market::parse(&row.market).map_err(|e| invalid(n, e.to_string()))?,
             idle_timeout_secs: positive(n, "idle_timeout_secs", row.idle_timeout_secs)?,
             boot_timeout_secs: positive(n, "boot_timeout_secs", row.boot_timeout_secs)?,
@@ -253,12 +344,104 @@ pub fn example_row(name: &str, labels: &[&str]) -> ProfileRow {
         repositories: None,
         enabled: true,
         priority: 0,
+        max_interruption_reruns: 2,
+        rerun_market: "on-demand".into(),
+        rerun_own_failures: false,
+        spot_breaker_interruptions: 2,
+        spot_breaker_window_secs: 900,
+        spot_breaker_cooldown_secs: 1800,
+        spot_max_job_minutes: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            "[a-z0-9-]{1,40}",
+            "[a-z*?/{}\\[\\]!,-]{0,12}",
+            ".{0,12}",
+        ]
+    }
+
+    fn int() -> impl Strategy<Value = i32> {
+        prop_oneof![Just(0), Just(-1), Just(i32::MAX), Just(i32::MIN), -5..50i32]
+    }
+
+    prop_compose! {
+        /// Whatever a hand-edited row (or one from before a constraint
+        /// existed) may hold.
+        fn any_row()(
+            name in text(),
+            labels in proptest::collection::vec(text(), 0..4),
+            instance_types in proptest::collection::vec(text(), 0..3),
+            image_id in text(),
+            market in prop_oneof![Just("spot".to_owned()), Just("on-demand".to_owned()), text()],
+            limits in proptest::array::uniform6(int()),
+            runner_group_id in prop_oneof![Just(0i64), Just(-3i64), 1..5i64],
+            repositories in proptest::option::of(proptest::collection::vec(text(), 0..3)),
+            flags in proptest::array::uniform2(any::<bool>()),
+            priority in any::<i32>(),
+            survival in proptest::array::uniform4(int()),
+            rerun_market in prop_oneof![Just("spot".to_owned()), Just("on-demand".to_owned()), text()],
+            rerun_own_failures in any::<bool>(),
+            spot_max_job_minutes in proptest::option::of(int()),
+        ) -> ProfileRow {
+            ProfileRow {
+                name, labels, instance_types, image_id,
+                subnet_ids: vec![],
+                security_group_ids: vec![],
+                iam_instance_profile: None,
+                market,
+                on_demand_fallback: flags[0],
+                max_instances: limits[0],
+                min_idle: limits[1],
+                idle_timeout_secs: limits[2],
+                boot_timeout_secs: limits[3],
+                max_lifetime_secs: limits[4],
+                runner_group_id,
+                root_volume_gb: limits[5],
+                repositories,
+                enabled: flags[1],
+                priority,
+                max_interruption_reruns: survival[0],
+                rerun_market,
+                rerun_own_failures,
+                spot_breaker_interruptions: survival[1],
+                spot_breaker_window_secs: survival[2],
+                spot_breaker_cooldown_secs: survival[3],
+                spot_max_job_minutes,
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any row is a usable profile or skipped with a reason; never a panic.
+        #[test]
+        fn any_row_is_a_valid_profile_or_a_reason(row in any_row()) {
+            match Profile::try_from(row.clone()) {
+                Ok(p) => {
+                    prop_assert!(!p.labels.is_empty());
+                    prop_assert!(p.labels.iter().all(|l| *l == l.to_lowercase()));
+                    prop_assert!(!p.instance_types.is_empty());
+                    prop_assert!(p.min_idle <= p.max_instances && p.max_instances > 0);
+                    prop_assert!(p.idle_timeout_secs > 0 && p.boot_timeout_secs > 0);
+                    prop_assert!(p.instance_idle_limit_secs() <= p.max_lifetime_secs);
+                    let _ = p.repositories.as_ref().map(|r| r.allows("acme/proofs"));
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    prop_assert!(!reason.is_empty());
+                }
+            }
+        }
+    }
 
     fn parse(row: ProfileRow) -> Result<Profile, DomainError> {
         Profile::try_from(row)
@@ -293,12 +476,55 @@ mod tests {
                 Box::new(|r| r.repositories = Some(vec!["org/[".into()])),
             ),
             ("bad name", Box::new(|r| r.name = "Kani".into())),
+            ("reruns < 0", Box::new(|r| r.max_interruption_reruns = -1)),
+            ("reruns > 50", Box::new(|r| r.max_interruption_reruns = 51)),
+            (
+                "rerun market",
+                Box::new(|r| r.rerun_market = "cheap".into()),
+            ),
+            ("breaker 0", Box::new(|r| r.spot_breaker_interruptions = 0)),
+            ("window 0", Box::new(|r| r.spot_breaker_window_secs = 0)),
+            (
+                "cooldown < 0",
+                Box::new(|r| r.spot_breaker_cooldown_secs = -1),
+            ),
+            (
+                "max minutes 0",
+                Box::new(|r| r.spot_max_job_minutes = Some(0)),
+            ),
         ];
         for (what, mutate) in cases {
             let mut row = example_row("kani", &["kani"]);
             mutate(&mut row);
             assert!(parse(row).is_err(), "{what} was accepted");
         }
+    }
+
+    #[test]
+    fn survival_columns_parse_with_the_migration_defaults() {
+        let p = parse(example_row("kani", &["kani"])).unwrap();
+        assert_eq!(p.survival, SurvivalPolicy::default());
+        let mut row = example_row("bench", &["bench"]);
+        row.max_interruption_reruns = 0;
+        row.rerun_market = "spot".into();
+        row.rerun_own_failures = true;
+        row.spot_breaker_interruptions = 3;
+        row.spot_breaker_window_secs = 600;
+        row.spot_breaker_cooldown_secs = 0;
+        row.spot_max_job_minutes = Some(90);
+        let s = parse(row).unwrap().survival;
+        assert_eq!(
+            s,
+            SurvivalPolicy {
+                max_interruption_reruns: 0,
+                rerun_market: Market::Spot,
+                rerun_own_failures: true,
+                breaker_interruptions: 3,
+                breaker_window_secs: 600,
+                breaker_cooldown_secs: 0,
+                spot_max_job_minutes: Some(90),
+            }
+        );
     }
 
     #[test]

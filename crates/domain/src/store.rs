@@ -13,7 +13,10 @@ use chrono::{DateTime, Utc};
 use crate::planner::{Demand, Launch, RunnerCount};
 use crate::ports::RunnerScope;
 use crate::profile::ProfileRow;
+use crate::run::WorkflowRunEvent;
 use crate::stale::StaleCutoffs;
+use crate::survival::{Interruption, QueuedJobFacts, RunJob};
+use crate::Market;
 use crate::{JobStatus, RunnerState, WorkflowJobEvent};
 
 /// Why the ledger could not answer.
@@ -54,6 +57,75 @@ pub struct JobCount {
     pub count: i64,
 }
 
+/// What one retention batch deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub jobs: u64,
+    pub runners: u64,
+}
+
+/// A workflow run with an interrupted job whose re-run is due.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAwaitingRerun {
+    pub run_id: i64,
+    pub repository: String,
+    pub profile: Option<String>,
+    /// What the ledger knows of the run: `None` when nothing yet.
+    pub status: Option<String>,
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+impl RunAwaitingRerun {
+    pub fn completed(&self) -> bool {
+        self.status.as_deref() == Some("completed")
+    }
+}
+
+/// What became of a re-run request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RerunOutcome {
+    /// GitHub accepted it: a new attempt of the run is starting.
+    Requested,
+    /// Not now; due again at `at`. The reason is what `jobs explain` says.
+    RetryAt { at: DateTime<Utc>, reason: String },
+    /// Given up: the job is lost.
+    Lost { reason: String },
+    /// Left for a later completion of the run (another job's re-run goes first).
+    Waiting { reason: String },
+}
+
+/// The market decision's view of one profile, read under a per-profile lock.
+#[derive(Clone, Debug, Default)]
+pub struct MarketSnapshot {
+    pub queued: Vec<QueuedJobFacts>,
+    pub on_demand_available: usize,
+    /// When the profile's instances were reclaimed lately.
+    pub interruptions: Vec<DateTime<Utc>>,
+}
+
+/// Decides a runner's market inside the store's lock.
+pub type MarketFn = Box<dyn FnOnce(&MarketSnapshot) -> (Market, String) + Send>;
+
+/// The spot-survival part of a job, for `jobs explain`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobSurvival {
+    pub interrupted_at: Option<DateTime<Utc>>,
+    pub interrupted_runner: Option<String>,
+    pub interrupted_instance_type: Option<String>,
+    pub interrupted_subnet_id: Option<String>,
+    pub interrupted_market: Option<String>,
+    pub interrupted_after_secs: Option<i32>,
+    pub rerun_of: Option<i64>,
+    pub rerun_count: i32,
+    pub rerun_state: Option<String>,
+    pub rerun_reason: Option<String>,
+    pub rerun_attempts: i32,
+    pub rerun_next_at: Option<DateTime<Utc>>,
+    /// The market the runner that took it ran on, and why.
+    pub runner_market: Option<String>,
+    pub runner_market_reason: Option<String>,
+}
+
 /// What the service needs from its database.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -76,6 +148,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Forgets delivery GUIDs older than `retention`; returns how many.
     async fn prune_deliveries(&self, retention: Duration) -> Result<u64, StoreError>;
+
+    /// Retention: deletes at most `batch` completed jobs and at most `batch`
+    /// ended runners of `controller_id` that are older than `older_than`,
+    /// oldest first. Open jobs and live runners are never touched.
+    async fn prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, StoreError>;
 
     /// Succeeds when the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -220,6 +302,88 @@ pub trait Store: Send + Sync + 'static {
 
     /// Wakes every replica's reconciler.
     async fn notify_wake(&self) -> Result<(), StoreError>;
+
+    /// Which of these delivery GUIDs the ledger holds (recorded and not yet
+    /// pruned).
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError>;
+    // ------------------------------------------------ spot survival --
+
+    /// Records a `workflow_run` `completed` delivery (deduplicated by GUID).
+    async fn record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, StoreError>;
+
+    /// What GitHub's runs API said about a run, asked `at`.
+    async fn record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// The runs API was asked about a run `at` and did not answer usefully.
+    async fn mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Marks a job interrupted by a spot reclaim, its re-run pending.
+    /// Returns whether it was not marked before.
+    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError>;
+
+    /// The job GitHub gave this runner, by the ledger's `runner_name`
+    /// (a runner GitHub listed busy before its `in_progress` arrived has
+    /// no `job_id` yet).
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError>;
+
+    /// Links jobs of later attempts to the interrupted jobs they re-run.
+    async fn link_reruns(&self) -> Result<u64, StoreError>;
+
+    /// Runs with an interrupted job whose re-run is due at `now`.
+    async fn runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, StoreError>;
+
+    /// The jobs of a run's latest attempt (one per job name).
+    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError>;
+
+    /// Records what became of the re-run of these pending jobs.
+    async fn set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Re-run requests made for this job so far.
+    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError>;
+
+    /// A job's interruption and re-run record, for `jobs explain`.
+    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError>;
+
+    /// Decides a runner's market by `decide` on the profile's facts (its
+    /// queued jobs, on-demand runners available, interruptions since
+    /// `interruptions_since`) and records it on the runner row.
+    async fn choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), StoreError>;
+
+    /// `(profile, when)` of every instance reclaim since `since`.
+    async fn interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError>;
 }
 
 /// A job queued long enough that a lost webhook is worth ruling out.

@@ -142,7 +142,15 @@ pub fn orphan_instances(
                     out.retries.push(i.id.clone());
                 }
             }
-            Some(s) if s.is_live() => {}
+            // A second instance under a live runner's name (a resumed
+            // launch whose first instance EC2 listed only later) is
+            // nobody's: the runner uses the one the ledger names.
+            Some(s)
+                if s.is_live()
+                    && !runners.iter().any(|r| {
+                        Some(&r.name) == i.runner_name.as_ref()
+                            && r.instance_id.as_ref().is_some_and(|id| *id != i.id)
+                    }) => {}
             _ => out.orphans.push(i.id.clone()),
         }
     }

@@ -13,13 +13,12 @@ pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 pub struct UserDataValues<'a> {
     pub controller_id: &'a str,
     pub runner_name: &'a str,
-    pub jit_config: &'a str,
     pub profile: &'a Profile,
 }
 
 fn shell_safe(what: &str, v: &str) -> Result<(), DomainError> {
     // Every value lands inside single quotes; these characters are all a
-    // JIT config (base64), a name or a number can hold.
+    // name or a number can hold.
     let ok = v
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=' | '-' | '_' | '.'));
@@ -45,7 +44,6 @@ pub fn render_template(template: &str, v: &UserDataValues<'_>) -> Result<String,
         ("@@CONTROLLER_ID@@", "controller id", v.controller_id),
         ("@@PROFILE@@", "profile", v.profile.name.as_str()),
         ("@@RUNNER_NAME@@", "runner name", v.runner_name),
-        ("@@JIT_CONFIG@@", "JIT config", v.jit_config),
         ("@@IDLE_LIMIT_SECS@@", "idle limit", &idle),
         ("@@MAX_LIFETIME_SECS@@", "lifetime", &life),
     ];
@@ -96,27 +94,30 @@ mod tests {
         let p = profile();
         let v = UserDataValues {
             controller_id: "spot-runners",
-            runner_name: "spot-runners-kani-medium-abcd1234",
-            jit_config: "abc'; rm -rf / #",
+            runner_name: "abc'; rm -rf / #",
             profile: &p,
         };
-        assert!(render_template("X='@@JIT_CONFIG@@'", &v).is_err());
+        assert!(render_template("X='@@RUNNER_NAME@@'", &v).is_err());
         let v = UserDataValues {
-            jit_config: "abc=",
+            runner_name: "spot-runners-kani-medium-abcd1234",
             ..v
         };
         assert_eq!(
-            render_template("X='@@JIT_CONFIG@@'", &v).unwrap(),
-            "X='abc='"
+            render_template("X='@@RUNNER_NAME@@'", &v).unwrap(),
+            "X='spot-runners-kani-medium-abcd1234'"
         );
         assert!(render_template("X='@@SOMETHING_ELSE@@'", &v).is_err());
-        assert!(render_template("a@@b @@JIT_CONFIG@@ @@LEFT@@", &v).is_err());
+        assert!(render_template("a@@b @@RUNNER_NAME@@ @@LEFT@@", &v).is_err());
         assert!(render_template("email@@example and @@ alone", &v).is_ok());
         let huge = "A".repeat(MAX_USER_DATA_BYTES + 1);
-        let v = UserDataValues {
-            jit_config: &huge,
-            ..v
-        };
-        assert!(render_template("@@JIT_CONFIG@@", &v).is_err());
+        assert!(render_template(&huge, &v).is_err());
+    }
+
+    /// The JIT config waits in the parameter store; nothing in the template
+    /// may ask for it.
+    #[test]
+    fn the_template_takes_no_secret() {
+        assert!(!TEMPLATE.contains("@@JIT_CONFIG@@"));
+        assert!(!TEMPLATE.contains("--jitconfig"));
     }
 }

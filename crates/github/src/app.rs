@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use http::{Method, StatusCode};
 use octocrab::Octocrab;
 use secrecy::SecretString;
-use spot_runners_domain::ports::GitHubError;
+use spot_runners_domain::ports::{GitHubError, Installation};
 
 use crate::scope::Target;
 use crate::transport::{classify, Transport};
@@ -127,6 +127,12 @@ impl AppAuth {
         Ok((installation, client))
     }
 
+    /// The client that authenticates as the App itself (a JWT per request),
+    /// for the App's own endpoints such as its webhook's deliveries.
+    pub(crate) fn app_client(&self) -> &Octocrab {
+        &self.app
+    }
+
     /// Drops a token GitHub no longer accepts, so the next call buys one.
     pub(crate) async fn forget_token(&self, installation: u64) {
         *self.tokens.slot(installation).lock().await = None;
@@ -172,6 +178,56 @@ impl AppAuth {
         let id = reply.json::<InstallationBody>("get_installation")?.id;
         *cached = Some(id);
         Ok(id)
+    }
+}
+
+impl AppAuth {
+    /// `GET /app/installations`, every page, as the App itself.
+    pub(crate) async fn installations(
+        &self,
+        transport: &Transport,
+    ) -> Result<Vec<Installation>, GitHubError> {
+        const ENDPOINT: &str = "list_installations";
+        const PER_PAGE: usize = 100;
+        const MAX_PAGES: u32 = 100;
+        #[derive(serde::Deserialize)]
+        struct Account {
+            login: String,
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Item {
+            id: i64,
+            account: Option<Account>,
+        }
+        let mut out = Vec::new();
+        for page in 1..=MAX_PAGES {
+            let request = transport.request(
+                Method::GET,
+                &format!("/app/installations?per_page={PER_PAGE}&page={page}"),
+                None,
+            );
+            let reply = transport.send(&self.app, ENDPOINT, &request).await?;
+            if !reply.status.is_success() {
+                return Err(classify(ENDPOINT, &reply));
+            }
+            let items: Vec<Item> = reply.json(ENDPOINT)?;
+            let fetched = items.len();
+            out.extend(items.into_iter().filter_map(|i| {
+                i.account.map(|a| Installation {
+                    id: i.id,
+                    account: a.login,
+                    account_type: a.kind,
+                })
+            }));
+            if fetched < PER_PAGE {
+                return Ok(out);
+            }
+        }
+        Err(GitHubError::Transient(format!(
+            "{ENDPOINT}: more than {MAX_PAGES} pages of installations"
+        )))
     }
 }
 

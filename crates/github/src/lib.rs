@@ -18,16 +18,24 @@ use octocrab::service::middleware::retry::RetryConfig;
 use octocrab::Octocrab;
 use secrecy::{ExposeSecret, SecretString};
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubJob, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
+    JitRequest, JobReport, RunnerScope, WebhookSource,
 };
+use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::survival::RerunFailure;
 
 mod app;
+mod deliveries;
+mod listing_cache;
 mod scope;
 mod transport;
 
 use app::AppAuth;
+use listing_cache::{CachedPage, ListingCache};
 use scope::Target;
-use transport::{classify, Reply, Request, RetryPolicy, Transport};
+use transport::{
+    classify, github_message, rate_limit_wait, Reply, Request, RetryPolicy, Transport,
+};
 
 /// `per_page` maximum of the runners list.
 const PAGE_SIZE: usize = 100;
@@ -47,7 +55,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// `spot_runners_github_rate_limit_remaining`.
 pub trait ApiObserver: Send + Sync {
     /// `endpoint` is one of `generate_jitconfig`, `list_runners`,
-    /// `delete_runner`, `get_job`, `get_installation`, `installation_token`.
+    /// `delete_runner`, `get_job`, `get_installation`, `installation_token`,
+    /// `list_installations`, `list_hook_deliveries`, `redeliver_hook_delivery`,
+    /// `list_workflow_runs`, `list_jobs_for_run`, `get_workflow_run`,
+    /// `rerun_job`, `rerun_failed_jobs`. A listing answered from the cache is
+    /// reported with status 304.
     fn request(&self, endpoint: &'static str, status: u16);
 
     /// The `x-ratelimit-remaining` of a response that carried one.
@@ -118,6 +130,10 @@ pub struct OctocrabGitHub {
     api_url: String,
     credentials: Credentials,
     transport: Transport,
+    /// The last runner listing per scope, page by page with its `ETag`:
+    /// GitHub answers an unchanged page with a 304, which costs no rate
+    /// limit.
+    runner_pages: ListingCache,
 }
 
 impl fmt::Debug for OctocrabGitHub {
@@ -189,6 +205,7 @@ impl OctocrabGitHub {
                 observer: metrics,
                 retry: RetryPolicy::default(),
             },
+            runner_pages: ListingCache::default(),
         })
     }
 
@@ -224,6 +241,32 @@ impl OctocrabGitHub {
                 app.forget_token(installation).await;
                 let (_, client) = app.client(&self.transport, target).await?;
                 self.transport.send(&client, endpoint, &request).await
+            }
+        }
+    }
+}
+
+impl OctocrabGitHub {
+    /// A call about a webhook's deliveries: the App's own hook takes the
+    /// App's JWT; an organization hook takes the token (or the App's
+    /// installation token for that organization).
+    async fn hook_call(
+        &self,
+        source: &WebhookSource,
+        endpoint: &'static str,
+        request: Request,
+    ) -> Result<Reply, GitHubError> {
+        match (source, &self.credentials) {
+            (WebhookSource::App, Credentials::App(app)) => {
+                self.transport.send(app.app_client(), endpoint, &request).await
+            }
+            (WebhookSource::App, Credentials::Token(_)) => Err(GitHubError::Refused(
+                "the App's webhook deliveries need GitHub App auth; with a token, set the org hook id"
+                    .into(),
+            )),
+            (WebhookSource::OrgHook { org, .. }, _) => {
+                let target = Target::from_scope(&RunnerScope::Org(org.clone()))?;
+                self.call(&target, endpoint, request).await
             }
         }
     }
@@ -296,10 +339,12 @@ impl GitHub for OctocrabGitHub {
         }
 
         let target = Target::from_scope(scope)?;
+        let cache_key = target.cache_key();
+        let mut listed: Vec<CachedPage> = Vec::new();
         let mut runners: Vec<GitHubRunner> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for page in 1..=MAX_PAGES {
-            let http_request = self.transport.request(
+            let mut http_request = self.transport.request(
                 Method::GET,
                 &format!(
                     "{}/actions/runners?per_page={PAGE_SIZE}&page={page}",
@@ -307,32 +352,61 @@ impl GitHub for OctocrabGitHub {
                 ),
                 None,
             );
-            let reply = self.call(&target, ENDPOINT, http_request).await?;
-            if !reply.status.is_success() {
-                return Err(classify(ENDPOINT, &reply));
+            let cached = self.runner_pages.page(&cache_key, page);
+            if let Some(etag) = cached.as_ref().and_then(|c| c.etag.as_ref()) {
+                http_request
+                    .headers
+                    .insert(http::header::IF_NONE_MATCH, etag.clone());
             }
-            let body: Page = reply.json(ENDPOINT)?;
-            let fetched = body.runners.len();
+            let reply = self.call(&target, ENDPOINT, http_request).await?;
+            let fetched = match cached {
+                Some(cached) if reply.status == StatusCode::NOT_MODIFIED => cached,
+                _ if !reply.status.is_success() => return Err(classify(ENDPOINT, &reply)),
+                _ => {
+                    let body: Page = reply.json(ENDPOINT)?;
+                    CachedPage {
+                        etag: reply.headers.get(http::header::ETAG).cloned(),
+                        total_count: body.total_count,
+                        runners: body
+                            .runners
+                            .into_iter()
+                            .map(|r| GitHubRunner {
+                                id: r.id,
+                                name: r.name,
+                                online: r.status == "online",
+                                busy: r.busy,
+                                labels: r.labels.into_iter().map(|l| l.name).collect(),
+                            })
+                            .collect(),
+                    }
+                }
+            };
+            let count = fetched.runners.len();
+            let total = fetched.total_count;
             // Runners registered or removed between two pages shift the
             // others; one may show up twice.
-            for r in body.runners {
+            for r in &fetched.runners {
                 if seen.insert(r.id) {
-                    runners.push(GitHubRunner {
-                        id: r.id,
-                        name: r.name,
-                        online: r.status == "online",
-                        busy: r.busy,
-                        labels: r.labels.into_iter().map(|l| l.name).collect(),
-                    });
+                    runners.push(r.clone());
                 }
             }
-            if fetched < PAGE_SIZE || runners.len() >= body.total_count {
+            listed.push(fetched);
+            if count < PAGE_SIZE || runners.len() >= total {
+                self.runner_pages.replace(cache_key, listed);
                 return Ok(runners);
             }
         }
         Err(GitHubError::Transient(format!(
             "{ENDPOINT}: more than {MAX_PAGES} pages of runners for {scope}"
         )))
+    }
+
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        match &self.credentials {
+            // A token is no App: there is nothing to list.
+            Credentials::Token(_) => Ok(Vec::new()),
+            Credentials::App(app) => app.installations(&self.transport).await,
+        }
     }
 
     async fn delete_runner(&self, scope: &RunnerScope, runner_id: i64) -> Result<(), GitHubError> {
@@ -435,6 +509,88 @@ impl GitHub for OctocrabGitHub {
         Ok(queued)
     }
 
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        const ENDPOINT: &str = "list_hook_deliveries";
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..deliveries::MAX_PAGES {
+            let path = deliveries::list_path(source, cursor.as_deref())?;
+            let request = self.transport.request(Method::GET, &path, None);
+            let reply = self.hook_call(source, ENDPOINT, request).await?;
+            if !reply.status.is_success() {
+                return Err(classify(ENDPOINT, &reply));
+            }
+            let page = deliveries::parse_page(&reply, ENDPOINT)?;
+            let reached_since = page.iter().any(|d| d.delivered_at < since);
+            out.extend(page.into_iter().filter(|d| d.delivered_at >= since));
+            cursor = deliveries::next_cursor(&reply.headers)?;
+            if reached_since || cursor.is_none() {
+                return Ok(out);
+            }
+        }
+        // The newest pages are the ones that matter; say how far we got.
+        tracing::info!(
+            %source,
+            deliveries = out.len(),
+            "webhook delivery log longer than {} pages; looked at the newest only",
+            deliveries::MAX_PAGES
+        );
+        Ok(out)
+    }
+
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        const ENDPOINT: &str = "redeliver_hook_delivery";
+        let path = format!("{}/{delivery_id}/attempts", deliveries::base_path(source)?);
+        let request = self.transport.request(Method::POST, &path, None);
+        let reply = self.hook_call(source, ENDPOINT, request).await?;
+        if reply.status.is_success() {
+            return Ok(());
+        }
+        Err(classify(ENDPOINT, &reply))
+    }
+
+    async fn workflow_run(
+        &self,
+        repository: &str,
+        run_id: i64,
+    ) -> Result<WorkflowRunEvent, GitHubError> {
+        const ENDPOINT: &str = "get_workflow_run";
+        let target = Target::repository(repository)?;
+        let http_request = self.transport.request(
+            Method::GET,
+            &format!("{}/actions/runs/{run_id}", target.prefix()),
+            None,
+        );
+        let reply = self.call(&target, ENDPOINT, http_request).await?;
+        if !reply.status.is_success() {
+            return Err(classify(ENDPOINT, &reply));
+        }
+        WorkflowRunEvent::from_api(repository, reply.body.as_bytes())
+            .map_err(|e| GitHubError::Transient(format!("{ENDPOINT}: {e}")))
+    }
+
+    async fn rerun_job(&self, repository: &str, job_id: i64) -> Result<(), RerunFailure> {
+        self.rerun(
+            repository,
+            "rerun_job",
+            format!("/actions/jobs/{job_id}/rerun"),
+        )
+        .await
+    }
+
+    async fn rerun_failed_jobs(&self, repository: &str, run_id: i64) -> Result<(), RerunFailure> {
+        self.rerun(
+            repository,
+            "rerun_failed_jobs",
+            format!("/actions/runs/{run_id}/rerun-failed-jobs"),
+        )
+        .await
+    }
+
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {
         const ENDPOINT: &str = "get_job";
         #[derive(serde::Deserialize)]
@@ -461,6 +617,42 @@ impl GitHub for OctocrabGitHub {
             // A queued job reports an empty name on some GitHub versions.
             runner_name: job.runner_name.filter(|n| !n.is_empty()),
         })
+    }
+}
+
+impl OctocrabGitHub {
+    /// One re-run request. GitHub answers 201 with an empty object; 403,
+    /// 409 and 422 carry a message saying why not (run still in progress,
+    /// re-run limit, too old, missing permission), which the caller judges.
+    async fn rerun(
+        &self,
+        repository: &str,
+        endpoint: &'static str,
+        path: String,
+    ) -> Result<(), RerunFailure> {
+        let target = Target::repository(repository)?;
+        let http_request = self.transport.request(
+            Method::POST,
+            &format!("{}{path}", target.prefix()),
+            Some(serde_json::json!({})),
+        );
+        let reply = self.call(&target, endpoint, http_request).await?;
+        if reply.status.is_success() {
+            return Ok(());
+        }
+        if rate_limit_wait(&reply).is_none()
+            && matches!(
+                reply.status,
+                StatusCode::FORBIDDEN | StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
+            )
+        {
+            let message = github_message(&reply.body);
+            return Err(RerunFailure::Rejected {
+                status: reply.status.as_u16(),
+                message: message.trim_start_matches(": ").to_owned(),
+            });
+        }
+        Err(classify(endpoint, &reply).into())
     }
 }
 

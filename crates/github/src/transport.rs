@@ -63,6 +63,8 @@ pub(crate) struct Request {
     /// full URL, so octocrab always sends it to the configured host.
     pub(crate) path: String,
     pub(crate) body: Option<serde_json::Value>,
+    /// Extra headers (e.g. `If-None-Match`); GET only.
+    pub(crate) headers: HeaderMap,
 }
 
 pub(crate) struct Reply {
@@ -102,6 +104,7 @@ impl Transport {
             method,
             path: format!("{}{path}", self.base_path),
             body,
+            headers: HeaderMap::new(),
         }
     }
 
@@ -150,7 +153,12 @@ impl Transport {
         let exchange = async {
             let path = request.path.as_str();
             let response = match request.method {
-                Method::GET => client._get(path).await,
+                Method::GET if request.headers.is_empty() => client._get(path).await,
+                Method::GET => {
+                    client
+                        ._get_with_headers(path, Some(request.headers.clone()))
+                        .await
+                }
                 Method::POST => client._post(path, request.body.as_ref()).await,
                 Method::DELETE => client._delete(path, None::<&()>).await,
                 ref other => return Err(format!("{endpoint}: unsupported method {other}")),
@@ -247,12 +255,12 @@ pub(crate) fn rate_limit_wait(reply: &Reply) -> Option<Duration> {
     None
 }
 
-fn header_i64(headers: &HeaderMap, name: &str) -> Option<i64> {
+pub(crate) fn header_i64(headers: &HeaderMap, name: &str) -> Option<i64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// GitHub's `message` field, shortened, as `": message"`.
-fn github_message(body: &str) -> String {
+pub(crate) fn github_message(body: &str) -> String {
     #[derive(serde::Deserialize)]
     struct ErrorBody {
         message: Option<String>,

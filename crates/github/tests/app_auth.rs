@@ -266,6 +266,76 @@ async fn an_org_without_the_app_is_refused() {
     assert_eq!(recorder.requests(), vec![("get_installation", 404)]);
 }
 
+/// `GET /app/installations`, as the App (JWT), every page: the orgs known
+/// before any webhook.
+#[tokio::test]
+async fn the_apps_installations_are_listed_page_by_page() {
+    let server = MockServer::start().await;
+    let item = |id: i64, login: &str, kind: &str| {
+        json!({
+            "id": id,
+            "account": {"login": login, "id": id * 10, "type": kind},
+            "app_id": APP_ID,
+            "target_type": kind,
+            "permissions": {"organization_self_hosted_runners": "write"},
+            "events": ["workflow_job"]
+        })
+    };
+    let first: Vec<_> = (0..100)
+        .map(|i| item(1000 + i, &format!("org{i}"), "Organization"))
+        .collect();
+    Mock::given(method("GET"))
+        .and(path("/app/installations"))
+        .and(wiremock::matchers::query_param("page", "1"))
+        .and(AppJwt)
+        .respond_with(ResponseTemplate::new(200).set_body_json(first))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/app/installations"))
+        .and(wiremock::matchers::query_param("page", "2"))
+        .and(AppJwt)
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!([
+            item(7, "acme", "Organization"),
+            item(8, "octocat", "User")
+        ])))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let (github, recorder) = app_github(&server);
+
+    let list = github.installations().await.unwrap();
+
+    assert_eq!(list.len(), 102);
+    let acme = list.iter().find(|i| i.account == "acme").unwrap();
+    assert_eq!(acme.id, 7);
+    assert_eq!(acme.scope(), Some(RunnerScope::Org("acme".into())));
+    let user = list.iter().find(|i| i.account == "octocat").unwrap();
+    assert_eq!(
+        user.scope(),
+        None,
+        "a user account has no org-level runners"
+    );
+    assert_eq!(
+        recorder.requests(),
+        vec![("list_installations", 200), ("list_installations", 200)]
+    );
+}
+
+#[tokio::test]
+async fn a_token_lists_no_installations() {
+    let server = MockServer::start().await;
+    let github = OctocrabGitHub::new(GitHubConfig {
+        api_url: server.uri(),
+        auth: Auth::Token(SecretString::from("ghp_test")),
+        metrics: None,
+    })
+    .unwrap();
+    assert!(github.installations().await.unwrap().is_empty());
+    assert!(server.received_requests().await.unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn a_bad_private_key_fails_construction() {
     for pem in [

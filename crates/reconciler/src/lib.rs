@@ -22,9 +22,10 @@ pub mod pass;
 mod profiles;
 pub mod provision;
 pub mod retry;
+pub mod survival;
 pub mod sweeps;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,9 +33,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use spot_runners_domain::backoff::Backoffs;
 use spot_runners_domain::clock::{Clock, SystemClock};
-use spot_runners_domain::ports::{Cloud, GitHub};
+use spot_runners_domain::ports::{Cloud, GitHub, ParameterStore};
 use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::scopes::KnownScopes;
 use spot_runners_domain::store::Store;
 use spot_runners_domain::ControllerId;
 use tokio::sync::Notify;
@@ -50,12 +53,16 @@ use crate::retry::Every;
 /// Sweeps (GitHub's runner list, orphans, timeouts, stale jobs) run at most
 /// this often, however often webhooks wake the reconciler.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// The App's installations are listed this often (and on the first sweep).
+const INSTALLATIONS_EVERY: Duration = Duration::from_secs(600);
 
 /// The outside world the reconciler acts on.
 #[derive(Clone)]
 pub struct Backends {
     pub cloud: Arc<dyn Cloud>,
     pub github: Arc<dyn GitHub>,
+    /// Where JIT configs wait for their instance (never in user data).
+    pub parameters: Arc<dyn ParameterStore>,
 }
 
 pub struct Reconciler {
@@ -73,6 +80,15 @@ pub struct Reconciler {
     rematches: Every,
     gauges: Every,
     polls: Every,
+    installations: Every,
+    /// Where runners may be registered before any job said so.
+    scopes: KnownScopes,
+    /// Profiles whose launches were refused as invalid requests.
+    backoffs: Mutex<Backoffs>,
+    /// Completed jobs and ended runners older than this are pruned.
+    retention: Duration,
+    /// Busy runners whose instance carries its job's cost tags already.
+    cost_tagged: Mutex<BTreeSet<String>>,
     /// Which recent repository is polled next.
     poll_turn: AtomicUsize,
     /// Runners missing from GitHub's last listings, and since when (one
@@ -104,6 +120,11 @@ impl Reconciler {
             rematches: Every::new(SWEEP_EVERY),
             gauges: Every::new(pass::GAUGES_EVERY),
             polls: Every::new(sweeps::POLL_EVERY),
+            installations: Every::new(INSTALLATIONS_EVERY),
+            scopes: KnownScopes::default(),
+            backoffs: Mutex::default(),
+            retention: Duration::from_secs(30 * 86_400),
+            cost_tagged: Mutex::default(),
             poll_turn: AtomicUsize::new(0),
             missing: Mutex::default(),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
@@ -119,6 +140,20 @@ impl Reconciler {
     #[must_use]
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// Keeps completed jobs and ended runners this long (default 30 days).
+    #[must_use]
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Shares the scopes known from configuration and webhooks.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: KnownScopes) -> Self {
+        self.scopes = scopes;
         self
     }
 

@@ -37,6 +37,8 @@ pub trait MetricsSink: Send + Sync + 'static {
     /// A runner's instance vanished underneath it (not one the service was
     /// terminating): `state` is `interrupted` for a spot reclaim.
     fn instance_lost(&self, _profile: &str, _was: RunnerState, _state: RunnerState) {}
+    /// A spot reclaim interrupted a job of `profile`.
+    fn interrupted(&self, _profile: &str) {}
     /// Orphans found and removed, by kind (`instance`, `github_runner`).
     fn orphans(&self, _kind: &str, _count: u64) {}
     /// Stale or lost jobs by outcome (`still_queued`, `started`,

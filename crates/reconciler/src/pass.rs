@@ -6,10 +6,12 @@
 use std::time::Duration;
 
 use spot_runners_domain::planner::plan_launches;
+use spot_runners_domain::scopes::fill_warm_scopes;
 use spot_runners_domain::store::StoreError;
 use spot_runners_domain::Profile;
 
 use crate::metrics::Fleet;
+use crate::retry::lock;
 use crate::Reconciler;
 
 /// The runner gauges are refreshed at most this often.
@@ -49,12 +51,28 @@ impl Reconciler {
         }
         let profiles = self.profiles.get();
         let cap = self.max_instances;
-        let planned: Vec<Profile> = profiles.profiles.clone();
+        let now = self.clock.now();
+        // A profile backed off gets no runners: each would be registered
+        // at GitHub only to fail the same way.
+        let planned: Vec<Profile> = {
+            let mut backoffs = lock(&self.backoffs);
+            profiles
+                .profiles
+                .iter()
+                .filter(|p| backoffs.blocking(p, now).is_none())
+                .cloned()
+                .collect()
+        };
+        let known = self.scopes.snapshot();
         let created = self
             .store
             .plan_runners(
                 self.controller_id.as_str(),
-                Box::new(move |snap| plan_launches(&planned, &snap.demand, &snap.runners, cap)),
+                Box::new(move |snap| {
+                    let mut demand = snap.demand.clone();
+                    fill_warm_scopes(&planned, &mut demand, &known);
+                    plan_launches(&planned, &demand, &snap.runners, cap)
+                }),
             )
             .await?;
         report.requested = created.len();

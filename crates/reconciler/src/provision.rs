@@ -3,18 +3,20 @@
 //! `launch.rs`), or to a final state. A crash anywhere leaves rows whose
 //! lease runs out and that the next claim resumes.
 
+mod jit_config;
 mod launch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use spot_runners_domain::backoff;
 use spot_runners_domain::ports::{GitHubError, JitConfig, JitRequest, RunnerScope};
 use spot_runners_domain::store::{RunnerChange, RunnerRecord, StoreError, DEFAULT_LEASE};
 use spot_runners_domain::{Profile, RunnerState};
 use tokio::task::JoinSet;
 
-use crate::retry::{MAX_RETRIES, MAX_WAIT};
-use crate::Reconciler;
+use crate::retry::{lock, MAX_RETRIES, MAX_WAIT};
+use crate::{survival, Reconciler};
 
 /// Rows one provisioner claims at a time; each waits its turn at the
 /// token bucket, so this bounds in-flight calls, not throughput.
@@ -75,6 +77,9 @@ impl Reconciler {
                 Failure::End { code, reason } => {
                     self.metrics.launch_failed(&profile, &code);
                     tracing::warn!(runner = %name, code = %code, reason = %reason, "launch failed");
+                    if backoff::backs_off(&code) {
+                        self.back_off(&profile, &code, &reason);
+                    }
                     let change = RunnerChange::Ended {
                         state: RunnerState::LaunchFailed,
                         code: Some(code),
@@ -98,6 +103,26 @@ impl Reconciler {
         }
     }
 
+    /// Backs the profile off after an invalid request (see [`backoff`]): no
+    /// runner is planned for it until the delay passes or the row changes.
+    fn back_off(&self, profile: &str, code: &str, reason: &str) {
+        let profiles = self.profiles.get();
+        let Some(p) = profiles
+            .profiles
+            .iter()
+            .find(|p| p.name.as_str() == profile)
+        else {
+            return;
+        };
+        let now = self.clock.now();
+        let mut backoffs = lock(&self.backoffs);
+        let b = backoffs.failed(p, code, reason, now);
+        tracing::warn!(
+            profile, code, failures = b.failures, retry_in_secs = (b.until - now).num_seconds(),
+            "profile backed off: its launches are refused as invalid requests; fix the instance_profiles row (an edit that changes what is launched retries at once)"
+        );
+    }
+
     async fn provision_inner(&self, mut runner: RunnerRecord) -> Result<(), Failure> {
         let profiles = self.profiles.get();
         let Some(profile) = profiles
@@ -112,8 +137,44 @@ impl Reconciler {
                 reason: format!("profile {} no longer exists or is invalid", runner.profile),
             });
         };
+        // Re-run demand, an open spot breaker or a job history longer than
+        // the profile's spot limit moves the launch to on-demand.
+        let choice = survival::choose_runner_market(
+            self.store.as_ref(),
+            self.controller_id.as_str(),
+            &runner,
+            &profile,
+            self.clock.now(),
+        )
+        .await
+        .map_err(|e| {
+            tracing::warn!(runner = %runner.name, error = %e, "choosing the market failed");
+            Failure::Later
+        })?;
+        tracing::info!(runner = %runner.name, market = %choice.market, reason = %choice.reason, "market chosen");
+        let candidates = choice.candidates(&profile);
+        let mut first_attempt = 0;
         match runner.state {
-            RunnerState::Launching => return self.recover_launching(&runner).await,
+            RunnerState::Launching => {
+                if self.adopt(&runner).await? {
+                    return Ok(());
+                }
+                // The attempt the crash interrupted is resumed with its own
+                // token: if its RunInstances never reached EC2 it launches
+                // now; if it did, EC2 answers for that token.
+                first_attempt = candidates
+                    .iter()
+                    .position(|(t, s, m)| {
+                        runner.instance_type.as_deref() == Some(t.as_str())
+                            && runner.subnet_id == *s
+                            && runner.market.as_deref() == Some(m.as_str())
+                    })
+                    .unwrap_or(0);
+                tracing::info!(runner = %runner.name, attempt = first_attempt, "resuming an interrupted launch");
+                self.forget_registration(&runner).await;
+                self.update(&runner.name, RunnerChange::Requeue).await?;
+                runner.github_runner_id = None;
+            }
             RunnerState::Registered => {
                 // The JIT config lived only in the memory of a process that
                 // is gone; GitHub will not issue it twice.
@@ -123,7 +184,34 @@ impl Reconciler {
             }
             _ => {}
         }
+        let blocked = lock(&self.backoffs)
+            .blocking(&profile, self.clock.now())
+            .map(|b| {
+                format!(
+                    "profile {} is backed off after {} invalid request(s) ({}: {})",
+                    profile.name, b.failures, b.code, b.reason
+                )
+            });
+        if let Some(reason) = blocked {
+            self.forget_registration(&runner).await;
+            return Err(Failure::End {
+                code: backoff::BACKED_OFF_CODE.into(),
+                reason,
+            });
+        }
+        if let Err(reason) = backoff::preflight(&profile) {
+            self.forget_registration(&runner).await;
+            return Err(Failure::End {
+                code: backoff::PREFLIGHT_CODE.into(),
+                reason,
+            });
+        }
         let jit = self.register(&runner, &profile).await?;
+        runner.github_runner_id = Some(jit.runner_id);
+        if let Err(failure) = self.store_jit_config(&runner, &jit).await {
+            self.forget_registration(&runner).await;
+            return Err(failure);
+        }
         self.update(
             &runner.name,
             RunnerChange::Registered {
@@ -131,9 +219,12 @@ impl Reconciler {
             },
         )
         .await?;
-        runner.github_runner_id = Some(jit.runner_id);
-        let result = self.launch(&runner, &profile, &jit).await;
-        if result.is_err() {
+        let result = self
+            .launch(&runner, &profile, &candidates, first_attempt)
+            .await;
+        // A postponed launch may have an instance already (its row stays
+        // `launching` and is adopted): its registration and config must stay.
+        if matches!(result, Err(Failure::End { .. })) {
             self.forget_registration(&runner).await;
         }
         result
@@ -146,11 +237,10 @@ impl Reconciler {
         })
     }
 
-    /// A row left in `launching` by a crash: `RunInstances` may or may not
-    /// have happened. Adopt the instance if it exists; otherwise end the
-    /// runner (anything that appears later under its name is an orphan the
-    /// sweep terminates).
-    async fn recover_launching(&self, runner: &RunnerRecord) -> Result<(), Failure> {
+    /// A launch whose outcome is unknown (a crash during `RunInstances`, or
+    /// a token EC2 says was used before): adopts a live instance carrying
+    /// the runner's tag, if there is one. Returns whether it did.
+    async fn adopt(&self, runner: &RunnerRecord) -> Result<bool, Failure> {
         let owned = self
             .backends
             .cloud
@@ -160,37 +250,36 @@ impl Reconciler {
                 tracing::warn!(runner = %runner.name, error = %e, "listing instances failed");
                 Failure::Later
             })?;
-        if let Some(instance) = owned
+        let Some(instance) = owned
             .into_iter()
             .find(|i| i.runner_name.as_deref() == Some(runner.name.as_str()) && i.state.is_alive())
-        {
-            tracing::info!(runner = %runner.name, instance = %instance.id, "adopted the instance of an interrupted launch");
-            return self
-                .update(
-                    &runner.name,
-                    RunnerChange::Booting {
-                        instance_id: instance.id,
-                        instance_type: instance.instance_type,
-                        subnet_id: instance.subnet_id,
-                        market: instance.market.as_str().to_owned(),
-                    },
-                )
-                .await;
-        }
-        self.forget_registration(runner).await;
-        Err(Failure::End {
-            code: "LostInLaunch".into(),
-            reason: "interrupted during RunInstances and no instance found".into(),
-        })
+        else {
+            return Ok(false);
+        };
+        tracing::info!(runner = %runner.name, instance = %instance.id, "adopted the instance of an interrupted launch");
+        self.grant_jit_config(&runner.name, &instance).await?;
+        self.update(
+            &runner.name,
+            RunnerChange::Booting {
+                instance_id: instance.id,
+                instance_type: instance.instance_type,
+                subnet_id: instance.subnet_id,
+                market: instance.market.as_str().to_owned(),
+            },
+        )
+        .await?;
+        Ok(true)
     }
 
-    /// Deletes the runner's GitHub registration, if it has one.
+    /// Deletes the runner's GitHub registration, if it has one, and its
+    /// JIT config parameter.
     pub(crate) async fn forget_registration(&self, runner: &RunnerRecord) {
         if let Some(id) = runner.github_runner_id {
             if let Err(e) = self.backends.github.delete_runner(&runner.scope, id).await {
                 tracing::warn!(runner = %runner.name, error = %e, "deleting the GitHub registration failed; the orphan sweep will retry");
             }
         }
+        self.forget_jit_config(&runner.name).await;
     }
 
     async fn register(

@@ -5,6 +5,7 @@
 //! [`spot_runners_domain::reaper`]); this module gathers their snapshots and
 //! carries their actions out.
 
+mod cost_tags;
 mod jobs;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,18 +14,20 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use spot_runners_domain::ports::{GitHubError, GitHubRunner, Instance, RunnerScope};
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
-use spot_runners_domain::store::{RunnerRecord, StaleJob, StoreError};
+use spot_runners_domain::store::{Pruned, RunnerRecord, StaleJob, StoreError};
 use spot_runners_domain::sweeps::{self as decide, RegistrationGone};
 use spot_runners_domain::{RunnerName, RunnerState};
 
 pub use jobs::POLL_EVERY;
 
 use crate::retry::lock;
-use crate::{Reconciler, SWEEP_EVERY};
+use crate::{survival, Reconciler, SWEEP_EVERY};
 
 /// The scopes of runners that ended this recently are still listed, so a
 /// leftover registration of theirs is found.
 const ORPHAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// Rows of each kind one sweep prunes at most (SPOT_RUNNERS_RETENTION_DAYS).
+const PRUNE_BATCH: i64 = 500;
 
 /// What a sweep repaired.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -48,6 +51,11 @@ pub struct SweepReport {
     pub stale_closed: usize,
     /// Queued jobs found on GitHub that no delivery told us about.
     pub discovered: usize,
+    /// JIT config parameters left behind
+    /// ([`spot_runners_domain::parameters::jit_parameter_is_leftover`]), deleted.
+    pub leftover_parameters: usize,
+    /// Instances given their job's cost tags.
+    pub cost_tagged: usize,
 }
 
 impl Reconciler {
@@ -61,9 +69,19 @@ impl Reconciler {
         }
         let mut report = SweepReport::default();
         let now = self.clock.now();
+        if self.installations.due(now) {
+            self.learn_installations().await;
+        }
         // Scopes of recently ended runners too: their leftover
-        // registrations are swept.
-        let scopes = self.store.runner_scopes(controller, ORPHAN_MEMORY).await?;
+        // registrations are swept. And every scope known from the App's
+        // installations, configuration and webhooks, so a leftover is found
+        // before any runner of ours was registered there.
+        let mut scopes = self.store.runner_scopes(controller, ORPHAN_MEMORY).await?;
+        for known in self.scopes.snapshot() {
+            if !scopes.contains(&known) {
+                scopes.push(known);
+            }
+        }
         let instances = match self.backends.cloud.list_owned(controller).await {
             Ok(list) => Some(list),
             Err(e) => {
@@ -115,7 +133,44 @@ impl Reconciler {
         report.stale_checked = checked;
         report.stale_closed = closed;
         report.discovered = self.poll_queued_jobs(now).await?;
+        let pruned = self
+            .store
+            .prune_ledger(controller, self.retention, PRUNE_BATCH)
+            .await?;
+        if pruned != Pruned::default() {
+            tracing::info!(
+                jobs = pruned.jobs,
+                runners = pruned.runners,
+                "pruned the ledger past its retention"
+            );
+        }
+        report.leftover_parameters = self.sweep_jit_parameters().await?;
+        report.cost_tagged = self.tag_costs(&runners).await?;
         Ok(Some(report))
+    }
+
+    /// Learns the orgs the App is installed in, so warm pools and orphan
+    /// sweeps work there before any job arrives.
+    async fn learn_installations(&self) {
+        match self.backends.github.installations().await {
+            Ok(list) => {
+                for i in &list {
+                    match i.scope() {
+                        Some(scope) => {
+                            if self.scopes.learn(scope) {
+                                tracing::info!(org = %i.account, installation = i.id, "serving an org the App is installed in");
+                            }
+                        }
+                        None => {
+                            tracing::debug!(account = %i.account, kind = %i.account_type, "installation on a user account; its repositories are learned from their jobs");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "listing the App's installations failed; known scopes come from configuration and webhooks");
+            }
+        }
     }
 
     /// One paginated list per scope our runners are registered in.
@@ -177,6 +232,22 @@ impl Reconciler {
                 .await?
             {
                 continue;
+            }
+            if g.state == RunnerState::Interrupted {
+                if let Some(r) = runners.iter().find(|r| r.name == g.name) {
+                    let instance = r
+                        .instance_id
+                        .as_deref()
+                        .and_then(|id| owned.iter().find(|i| i.id == id));
+                    survival::attribute_gone(
+                        self.store.as_ref(),
+                        self.metrics.as_ref(),
+                        r,
+                        instance,
+                        now,
+                    )
+                    .await?;
+                }
             }
             if !g.expected {
                 self.metrics.instance_lost(&g.profile, g.was, g.state);

@@ -345,6 +345,7 @@ impl Service {
         let backends = Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(github.clone()),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         };
         let app = runtime.block_on(Application::build_with(settings, metrics, Some(backends)))?;
         let base = format!("http://{}", app.local_addr());

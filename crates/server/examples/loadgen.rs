@@ -14,6 +14,19 @@
 //!     --url http://127.0.0.1:8080 --secret change-me --requests 20000 --concurrency 64
 //! ```
 //!
+//! With `--flood N` it measures the intake under strangers instead: N
+//! senders (loopback only, for at most `--flood-secs`) keep POSTing
+//! unauthenticated 25 MiB `workflow_job` bodies with a well-formed but
+//! forged signature (the worst case: the service must read them to know),
+//! while one signed delivery every `--probe-every-ms` measures how long a
+//! real delivery waits, and the service's RSS (`--rss-of PID`) is sampled;
+//! the kernel's peak (`VmHWM`) is reported too.
+//!
+//! ```sh
+//! cargo run --release --example loadgen -- --url http://127.0.0.1:8080 \
+//!     --secret change-me --flood 200 --flood-secs 20 --rss-of "$(pidof spot-runners)"
+//! ```
+//!
 //! Exits non-zero only when it cannot run at all (bad template, service never
 //! ready); a slow or failing service is reported, not treated as an error.
 
@@ -78,6 +91,22 @@ struct Args {
     /// may be repeated.
     #[arg(long = "cpu-of", value_name = "NAME=PID", value_parser = parse_cpu_of)]
     cpu_of: Vec<(String, u32)>,
+    /// Flood mode: this many concurrent unauthenticated senders of large
+    /// bodies (0: the ordinary ingest benchmark).
+    #[arg(long, default_value_t = 0)]
+    flood: usize,
+    /// How long the flood lasts (at most 120 s).
+    #[arg(long, default_value_t = 20)]
+    flood_secs: u64,
+    /// Body size each flood sender announces and sends, in MiB.
+    #[arg(long, default_value_t = 25)]
+    flood_body_mib: usize,
+    /// A signed delivery is sent this often during the flood.
+    #[arg(long, default_value_t = 100)]
+    probe_every_ms: u64,
+    /// PID of the service, whose RSS is sampled during the flood.
+    #[arg(long)]
+    rss_of: Option<u32>,
 }
 
 fn parse_cpu_of(s: &str) -> Result<(String, u32), String> {
@@ -142,6 +171,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.flood > 0 {
+        return flood::run(&args).await;
+    }
     let base_url = args.url.trim_end_matches('/').to_owned();
     let webhook_url = format!("{base_url}/webhook");
     let text = std::fs::read(&args.template)
@@ -594,4 +626,275 @@ fn report(args: &Args, tally: &mut Tally, elapsed: Duration, cpu: &CpuUse) {
         tally.duplicates,
         tally.non_202()
     );
+}
+
+/// `--flood`: strangers' large bodies against signed deliveries.
+mod flood {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{ensure, Context};
+    use spot_runners_domain::webhook::{delivery_headers, sign};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::{percentile_ms, wait_ready, Args};
+
+    const MAX_SECS: u64 = 120;
+    const CHUNK: usize = 64 * 1024;
+
+    #[derive(Default)]
+    struct Attack {
+        started: AtomicU64,
+        answered_503: AtomicU64,
+        answered_401: AtomicU64,
+        answered_other: AtomicU64,
+        /// Connection closed or reset before an answer was read.
+        cut: AtomicU64,
+        bytes_sent: AtomicU64,
+    }
+
+    pub async fn run(args: &Args) -> anyhow::Result<()> {
+        ensure!(
+            args.flood_secs <= MAX_SECS,
+            "--flood-secs is at most {MAX_SECS}"
+        );
+        ensure!(args.flood <= 1000, "--flood is at most 1000");
+        let base = args.url.trim_end_matches('/').to_owned();
+        let url: reqwest::Url = base.parse().context("--url")?;
+        let host = url.host_str().unwrap_or_default().to_owned();
+        ensure!(
+            matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]"),
+            "the flood only goes to loopback, not {host}"
+        );
+        let addr = format!("{host}:{}", url.port_or_known_default().unwrap_or(80));
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        wait_ready(
+            &client,
+            &format!("{base}/readyz"),
+            Duration::from_secs(args.ready_timeout_secs),
+        )
+        .await?;
+        let rss_before = args.rss_of.and_then(|p| status_kib(p, "VmRSS:"));
+
+        let body_len = args.flood_body_mib * 1024 * 1024;
+        let forged = sign(b"a stranger's guess", b"anything");
+        let head = format!(
+            "POST /webhook HTTP/1.1\r\nHost: {addr}\r\nX-GitHub-Event: workflow_job\r\n\
+             X-GitHub-Delivery: flood\r\nX-Hub-Signature-256: {forged}\r\n\
+             Content-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n"
+        );
+        let attack = Arc::new(Attack::default());
+        let until = Instant::now() + Duration::from_secs(args.flood_secs);
+        let mut tasks = Vec::new();
+        for _ in 0..args.flood {
+            let (attack, head, addr) = (Arc::clone(&attack), head.clone(), addr.clone());
+            tasks.push(tokio::spawn(async move {
+                let zeros = vec![b' '; CHUNK];
+                while Instant::now() < until {
+                    attack.started.fetch_add(1, Ordering::Relaxed);
+                    let outcome = tokio::time::timeout_at(
+                        until.into(),
+                        one_attack(&addr, head.as_bytes(), body_len, &zeros, &attack),
+                    )
+                    .await;
+                    let counter = match outcome {
+                        Ok(Some(503)) => &attack.answered_503,
+                        Ok(Some(401)) => &attack.answered_401,
+                        Ok(Some(_)) => &attack.answered_other,
+                        Ok(None) | Err(_) => &attack.cut,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+
+        // The signed deliveries GitHub would be sending meanwhile.
+        let probe_every = Duration::from_millis(args.probe_every_ms.max(1));
+        let secret = args.secret.clone();
+        let webhook = format!("{base}/webhook");
+        // On a thread and runtime of its own, so the flood's senders cannot
+        // delay it inside this process: what it measures is the service.
+        let probes = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            // Its own client too: pooled connections belong to a runtime.
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .tcp_nodelay(true)
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            Ok::<_, anyhow::Error>(runtime.block_on(async move {
+                let mut latencies_us = Vec::new();
+                let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+                let mut tick = tokio::time::interval(probe_every);
+                let id_base = i64::try_from(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_micros())
+                        .unwrap_or_default(),
+                )
+                .unwrap_or_default();
+                let mut n = 0i64;
+                while Instant::now() < until {
+                    tick.tick().await;
+                    n += 1;
+                    let body = probe_body(id_base + n);
+                    let mut req = client.post(&webhook).body(body.clone());
+                    for (name, value) in delivery_headers(
+                        "workflow_job",
+                        &format!("probe-{}", id_base + n),
+                        sign(secret.as_bytes(), &body),
+                    ) {
+                        req = req.header(name, value);
+                    }
+                    let sent = Instant::now();
+                    let status = match req.send().await {
+                        Ok(r) => r.status().as_u16().to_string(),
+                        Err(e) => format!("error ({e})"),
+                    };
+                    latencies_us
+                        .push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    *statuses.entry(status).or_default() += 1;
+                }
+                (latencies_us, statuses)
+            }))
+        });
+
+        let mut peak_sampled = 0u64;
+        if let Some(pid) = args.rss_of {
+            while Instant::now() < until {
+                if let Some(kib) = status_kib(pid, "VmRSS:") {
+                    peak_sampled = peak_sampled.max(kib);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let (mut latencies, statuses) = probes
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe thread panicked"))??;
+        latencies.sort_unstable();
+        let hwm = args.rss_of.and_then(|p| status_kib(p, "VmHWM:"));
+        let rss_after = args.rss_of.and_then(|p| status_kib(p, "VmRSS:"));
+        let mib =
+            |k: Option<u64>| k.map_or("n/a".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0));
+        println!(
+            "flood: {} senders x {} MiB bodies for {} s; {} requests started, {:.0} MiB sent",
+            args.flood,
+            args.flood_body_mib,
+            args.flood_secs,
+            attack.started.load(Ordering::Relaxed),
+            attack.bytes_sent.load(Ordering::Relaxed) as f64 / 1048576.0
+        );
+        println!(
+            "  answers to the flood: 503 {}, 401 {}, other {}, cut off {}",
+            attack.answered_503.load(Ordering::Relaxed),
+            attack.answered_401.load(Ordering::Relaxed),
+            attack.answered_other.load(Ordering::Relaxed),
+            attack.cut.load(Ordering::Relaxed)
+        );
+        println!(
+            "  signed deliveries: {} sent, answers {statuses:?}; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            latencies.len(),
+            percentile_ms(&latencies, 50.0),
+            percentile_ms(&latencies, 99.0),
+            latencies.last().map_or(0.0, |u| *u as f64 / 1000.0),
+        );
+        println!(
+            "  service RSS: before {} MiB, peak sampled {} MiB, peak (VmHWM) {} MiB, after {} MiB",
+            mib(rss_before),
+            mib((peak_sampled > 0).then_some(peak_sampled)),
+            mib(hwm),
+            mib(rss_after)
+        );
+        println!(
+            "RESULT mode=flood senders={} body_mib={} secs={} probes={} probe_p50_ms={:.1} probe_p99_ms={:.1} probe_max_ms={:.1} peak_rss_mib={} hwm_mib={}",
+            args.flood,
+            args.flood_body_mib,
+            args.flood_secs,
+            latencies.len(),
+            percentile_ms(&latencies, 50.0),
+            percentile_ms(&latencies, 99.0),
+            latencies.last().map_or(0.0, |u| *u as f64 / 1000.0),
+            mib((peak_sampled > 0).then_some(peak_sampled)),
+            mib(hwm),
+        );
+        Ok(())
+    }
+
+    /// One stranger's request: the head, then the body until the service
+    /// answers or hangs up. The status it answered, if any.
+    async fn one_attack(
+        addr: &str,
+        head: &[u8],
+        body_len: usize,
+        zeros: &[u8],
+        attack: &Attack,
+    ) -> Option<u16> {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream.write_all(head).await.ok()?;
+        let (mut reader, mut writer) = stream.split();
+        let mut left = body_len;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while left > 0 {
+            let n = left.min(zeros.len());
+            tokio::select! {
+                biased;
+                r = reader.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return None,
+                    Ok(k) => { answer.extend_from_slice(&buf[..k]); break; }
+                },
+                w = writer.write_all(&zeros[..n]) => {
+                    if w.is_err() {
+                        break;
+                    }
+                    attack.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    left -= n;
+                }
+            }
+        }
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => answer.extend_from_slice(&buf[..k]),
+            }
+        }
+        let line = String::from_utf8_lossy(&answer);
+        line.split_whitespace().nth(1).and_then(|s| s.parse().ok())
+    }
+
+    fn probe_body(job_id: i64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "action": "queued",
+            "workflow_job": {
+                "id": job_id, "run_id": job_id, "run_attempt": 1, "name": "probe",
+                "labels": ["self-hosted", "linux", "x64", "kani"], "status": "queued",
+                "created_at": "2026-12-01T10:00:00Z"
+            },
+            "repository": {"full_name": "flood/probe", "owner": {"login": "flood"}},
+            "organization": {"login": "flood"}
+        }))
+        .unwrap_or_default()
+    }
+
+    /// A `kB` line of /proc/PID/status.
+    fn status_kib(pid: u32, key: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        text.lines()
+            .find(|l| l.starts_with(key))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
 }

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use clap::Args;
 use secrecy::SecretString;
+use spot_runners_domain::ports::WebhookSource;
 use spot_runners_domain::webhook::WebhookSecrets;
 use spot_runners_domain::ControllerId;
 
+use crate::http::IntakeLimits;
 use crate::Error;
 
 /// The environment, as clap reads it (each variable can also be a flag).
@@ -68,6 +70,10 @@ pub struct RawSettings {
     /// Global cap on live instances over all profiles.
     #[arg(long, env = "SPOT_RUNNERS_MAX_INSTANCES", default_value_t = 100)]
     pub max_instances: u32,
+    /// Orgs (or `owner/repo` scopes) served from the first pass, before any
+    /// webhook: comma-separated. Needed with token auth for warm pools.
+    #[arg(long, env = "SPOT_RUNNERS_GITHUB_ORGS")]
+    pub github_orgs: Option<String>,
     /// Days a delivery GUID is remembered for de-duplication.
     #[arg(
         long,
@@ -75,6 +81,13 @@ pub struct RawSettings {
         default_value_t = 7
     )]
     pub delivery_retention_days: u32,
+    /// Days completed jobs and ended runners are kept in the ledger.
+    #[arg(long, env = "SPOT_RUNNERS_RETENTION_DAYS", default_value_t = 30)]
+    pub retention_days: u32,
+    /// The org webhook this service receives, as `ORG/HOOK_ID`: its failed
+    /// deliveries are redelivered. Unset with App auth: the App's webhook.
+    #[arg(long, env = "SPOT_RUNNERS_GITHUB_HOOK_ID")]
+    pub github_hook_id: Option<String>,
 }
 
 /// How the service authenticates to GitHub.
@@ -115,6 +128,15 @@ pub struct Settings {
     pub reconcile_interval: Duration,
     pub max_instances: u32,
     pub delivery_retention: Duration,
+    /// `SPOT_RUNNERS_GITHUB_ORGS`: where runners may register before any
+    /// job or webhook said so.
+    pub github_orgs: Vec<spot_runners_domain::ports::RunnerScope>,
+    /// Completed jobs and ended runners older than this are pruned.
+    pub retention: Duration,
+    /// What requests may hold before they are authenticated.
+    pub intake: IntakeLimits,
+    /// Whose failed deliveries are redelivered; `None`: nobody's.
+    pub redeliver_from: Option<WebhookSource>,
 }
 
 fn non_blank(v: Option<String>) -> Option<String> {
@@ -186,7 +208,24 @@ impl RawSettings {
                 "SPOT_RUNNERS_DELIVERY_RETENTION_DAYS must be at least 1".into(),
             ));
         }
+        let github_orgs =
+            spot_runners_domain::scopes::parse_scopes(self.github_orgs.as_deref().unwrap_or(""))
+                .map_err(|e| Error::Config(format!("SPOT_RUNNERS_GITHUB_ORGS: {e}")))?;
+        if self.retention_days < self.delivery_retention_days {
+            // A job forgotten before its delivery GUIDs would come back as
+            // new demand if GitHub redelivered its `queued`.
+            return Err(Error::Config(format!(
+                "SPOT_RUNNERS_RETENTION_DAYS ({}) must be at least SPOT_RUNNERS_DELIVERY_RETENTION_DAYS ({})",
+                self.retention_days, self.delivery_retention_days
+            )));
+        }
+        let redeliver_from = match non_blank(self.github_hook_id) {
+            Some(hook) => Some(parse_org_hook(&hook)?),
+            None => matches!(github_auth, GitHubAuth::App { .. }).then_some(WebhookSource::App),
+        };
         Ok(Settings {
+            github_orgs,
+            redeliver_from,
             database_url: non_blank(self.database_url).map(SecretString::from),
             data_dir: self.data_dir,
             listen,
@@ -200,6 +239,8 @@ impl RawSettings {
             delivery_retention: Duration::from_secs(
                 u64::from(self.delivery_retention_days) * 86_400,
             ),
+            retention: Duration::from_secs(u64::from(self.retention_days) * 86_400),
+            intake: IntakeLimits::default(),
         })
     }
 }
@@ -241,6 +282,26 @@ fn refuse_example_secrets(raw: &RawSettings) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// `ORG/HOOK_ID`, e.g. `acme/123456789`.
+fn parse_org_hook(value: &str) -> Result<WebhookSource, Error> {
+    let bad = || {
+        Error::Config(format!(
+            "SPOT_RUNNERS_GITHUB_HOOK_ID={value:?} is not ORG/HOOK_ID (e.g. acme/123456789; \
+             the id is in the hook's settings URL)"
+        ))
+    };
+    let (org, id) = value.trim().split_once('/').ok_or_else(bad)?;
+    let hook_id: i64 = id.parse().map_err(|_| bad())?;
+    let plain = !org.is_empty() && org.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !plain || hook_id <= 0 {
+        return Err(bad());
+    }
+    Ok(WebhookSource::OrgHook {
+        org: org.to_owned(),
+        hook_id,
+    })
 }
 
 /// The key itself when it looks like PEM, else the contents of that file.
@@ -299,6 +360,11 @@ mod tests {
                 vec!["--reconcile-interval-secs", "0"],
                 "SPOT_RUNNERS_RECONCILE_INTERVAL_SECS",
             ),
+            (
+                vec!["--github-orgs", "acme, not an org"],
+                "SPOT_RUNNERS_GITHUB_ORGS",
+            ),
+            (vec!["--retention-days", "3"], "SPOT_RUNNERS_RETENTION_DAYS"),
         ];
         for (mut args, var) in cases {
             args.extend(["--webhook-secret", "s"]);
@@ -369,6 +435,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("SPOT_RUNNERS_METRICS_LISTEN"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_to_30_days() {
+        let s = raw(&["--webhook-secret", "s"]).parse(false).unwrap();
+        assert_eq!(s.retention, Duration::from_secs(30 * 86_400));
+        let s = raw(&["--webhook-secret", "s", "--retention-days", "90"])
+            .parse(false)
+            .unwrap();
+        assert_eq!(s.retention, Duration::from_secs(90 * 86_400));
+    }
+
+    #[test]
+    fn the_hook_to_redeliver_from() {
+        let with = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.extend(["--webhook-secret", "s"]);
+            raw(&all).parse(false)
+        };
+        assert_eq!(with(&[]).unwrap().redeliver_from, None);
+        assert_eq!(
+            with(&["--github-hook-id", "acme/42"])
+                .unwrap()
+                .redeliver_from,
+            Some(WebhookSource::OrgHook {
+                org: "acme".into(),
+                hook_id: 42
+            })
+        );
+        for bad in ["42", "acme/x", "/42", "acme/-1", "a/b/42", "../1"] {
+            let err = with(&["--github-hook-id", bad]).unwrap_err().to_string();
+            assert!(err.contains("SPOT_RUNNERS_GITHUB_HOOK_ID"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -19,4 +19,6 @@ pub enum Error {
     NotFound(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("GitHub: {0}")]
+    GitHub(#[from] spot_runners_domain::ports::GitHubError),
 }

@@ -2,13 +2,19 @@
 //! for the durable commit; it writes whatever has queued up meanwhile in one
 //! transaction, so a burst shares commits (group commit) instead of paying
 //! one fsync per delivery.
+//!
+//! A delivery never waits for a batch window: the writer starts a
+//! transaction as soon as one arrives. Up to [`WRITERS`] transactions are in
+//! flight at once, so a lone delivery does not queue behind a batch that is
+//! committing; only when every writer is busy do deliveries pile up, and
+//! then they share the next commit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners_store::{DeliveryOutcome, IncomingDelivery, Store, StoreError};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 const MAX_BATCH: usize = 512;
 /// Deliveries waiting for the writer before senders are told "unavailable".
 const QUEUE: usize = 8192;
+/// Transactions in flight at once. Each holds a pool connection; the rest
+/// of the pool stays with the reconciler and the health checks.
+pub const WRITERS: usize = 4;
 
 /// Why a delivery could not be recorded.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +91,8 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Pending>,
     stop: CancellationToken,
 ) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    let writers = Arc::new(Semaphore::new(WRITERS));
+    let mut in_flight = JoinSet::new();
     let mut closed = false;
     loop {
         let first = tokio::select! {
@@ -97,6 +107,12 @@ async fn write_loop(
                 continue;
             }
         };
+        // While every writer is busy, deliveries queue up and then share
+        // the next transaction.
+        let Ok(permit) = Arc::clone(&writers).acquire_owned().await else {
+            break;
+        };
+        let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH.min(rx.len() + 1));
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -104,35 +120,45 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        // Whatever already missed its deadline is answered "unavailable"
-        // without being written, so it cannot cut the others' time short.
-        let now = Instant::now();
-        let (live, expired): (Vec<_>, Vec<_>) = batch.drain(..).partition(|p| p.deadline > now);
-        for p in expired {
-            let _ = p.reply.send(Err(IngestError::Timeout));
-        }
-        let Some(deadline) = live.iter().map(|p| p.deadline).min() else {
-            continue;
-        };
-        let (deliveries, replies): (Vec<_>, Vec<_>) =
-            live.into_iter().map(|p| (p.delivery, p.reply)).unzip();
-        match store
-            .record_deliveries(&deliveries, deadline.into_std())
-            .await
-        {
-            Ok(outcomes) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
+        let store = Arc::clone(&store);
+        in_flight.spawn(async move {
+            write_batch(store.as_ref(), batch).await;
+            drop(permit);
+        });
+        while in_flight.try_join_next().is_some() {}
+    }
+    // Everything accepted into a transaction is committed (or answered)
+    // before the writer reports that it has stopped.
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Writes one batch and answers each of its senders.
+async fn write_batch(store: &dyn Store, batch: Vec<Pending>) {
+    // Whatever already missed its deadline is answered "unavailable"
+    // without being written, so it cannot cut the others' time short.
+    let now = Instant::now();
+    let (live, expired): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline > now);
+    for p in expired {
+        let _ = p.reply.send(Err(IngestError::Timeout));
+    }
+    let Some(deadline) = live.iter().map(|p| p.deadline).min() else {
+        return;
+    };
+    let (deliveries, replies): (Vec<_>, Vec<_>) =
+        live.into_iter().map(|p| (p.delivery, p.reply)).unzip();
+    match store.record_deliveries(&deliveries, deadline.into_std()).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, deliveries = deliveries.len(), "ledger batch failed; answering 503");
-                for reply in replies {
-                    let _ = reply.send(Err(match &e {
-                        StoreError::Timeout => IngestError::Timeout,
-                        other => IngestError::Store(other.to_string()),
-                    }));
-                }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, deliveries = deliveries.len(), "ledger batch failed; answering 503");
+            for reply in replies {
+                let _ = reply.send(Err(match &e {
+                    StoreError::Timeout => IngestError::Timeout,
+                    other => IngestError::Store(other.to_string()),
+                }));
             }
         }
     }

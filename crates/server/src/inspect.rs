@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use spot_runners_domain::backoff::{self, PastLaunch};
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::{JobStatus, Profile, RunnerState};
 use spot_runners_store::{JobRecord, RunnerRecord, Store};
@@ -48,6 +49,7 @@ pub async fn explain_job(
             Err(e) => invalid_profiles.push((name, e.to_string())),
         }
     }
+    let profile = job.profile.clone();
     let context = JobContext {
         job,
         profiles,
@@ -59,7 +61,19 @@ pub async fn explain_job(
         max_instances: settings.max_instances,
         now: Utc::now(),
     };
-    Ok(explain(&context))
+    let mut text = explain(&context);
+    text.push_str(
+        &crate::reruns::explain_job_survival(
+            store,
+            settings.controller_id.as_str(),
+            job_id,
+            profile.as_deref(),
+            &context.profiles,
+            context.now,
+        )
+        .await?,
+    );
+    Ok(text)
 }
 
 pub async fn list_runners(
@@ -174,6 +188,21 @@ fn explain_queued(c: &JobContext, out: &mut String) {
         profile.max_instances,
         c.max_instances
     );
+    let history: Vec<PastLaunch> = mine
+        .iter()
+        .filter(|r| {
+            !matches!(
+                r.state,
+                RunnerState::Requested | RunnerState::Registered | RunnerState::Launching
+            )
+        })
+        .map(|r| PastLaunch {
+            at: r.updated_at,
+            failure_code: (r.state == RunnerState::LaunchFailed)
+                .then(|| r.last_error_code.clone().unwrap_or_default()),
+        })
+        .collect();
+    let backed_off = backoff::from_history(&history).filter(|(_, _, until)| *until > c.now);
     if available.len() >= position {
         let _ = writeln!(
             out,
@@ -190,6 +219,15 @@ fn explain_queued(c: &JobContext, out: &mut String) {
             out,
             "=> waiting: the global cap SPOT_RUNNERS_MAX_INSTANCES ({}) is reached.",
             c.max_instances
+        );
+    } else if let Some((failures, code, until)) = &backed_off {
+        let _ = writeln!(
+            out,
+            "=> backed off: launches of profile {name} were refused as invalid requests ({code}, {failures} in a row); \
+             the service tries again in {} (backoff doubles, up to {} min). Fix the instance_profiles row: \
+             an edit of what is launched (image, types, subnets, groups) is tried at once.",
+            ago(*until, c.now),
+            backoff::MAX_DELAY.as_secs() / 60
         );
     } else {
         let _ = writeln!(
@@ -397,6 +435,37 @@ mod tests {
         ));
         assert!(text.contains("is at max_instances (1)"), "{text}");
         assert!(text.contains("InsufficientInstanceCapacity x1"), "{text}");
+    }
+
+    #[test]
+    fn a_profile_refused_as_invalid_says_it_is_backed_off() {
+        let failed = |name: &str, at: i64| {
+            let mut r = runner(name, RunnerState::LaunchFailed);
+            r.last_error_code = Some("InvalidAMIID.NotFound".into());
+            r.instance_id = None;
+            r.updated_at = t(at);
+            r
+        };
+        let text = explain(&context(
+            job(JobStatus::Queued, Some("kani")),
+            vec![failed("a", 40), failed("b", 80)],
+            5,
+        ));
+        // Two in a row: 60 s after the latest (t=80), at t=90 that is 50 s away.
+        assert!(
+            text.contains("=> backed off: launches of profile kani were refused as invalid requests (InvalidAMIID.NotFound, 2 in a row)"),
+            "{text}"
+        );
+        assert!(text.contains("tries again in 50s"), "{text}");
+        // Capacity errors are no reason to back off.
+        let mut capacity = failed("c", 80);
+        capacity.last_error_code = Some("InsufficientInstanceCapacity".into());
+        let text = explain(&context(
+            job(JobStatus::Queued, Some("kani")),
+            vec![capacity],
+            5,
+        ));
+        assert!(text.contains("=> not covered yet"), "{text}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod inspect;
 pub mod metrics;
 pub mod profiles;
 mod reconciler_metrics;
+pub mod redelivery;
+pub mod reruns;
 pub mod simulation;
 pub mod startup;
 pub mod telemetry;

@@ -30,6 +30,11 @@ pub struct Metrics {
     pub invalid_profiles: IntGauge,
     pub github_api_requests_total: IntCounterVec,
     pub github_rate_limit_remaining: IntGauge,
+    pub redeliveries_total: IntCounterVec,
+    pub interruptions_total: IntCounterVec,
+    pub reruns_total: IntCounterVec,
+    pub jobs_lost_total: IntCounterVec,
+    pub spot_breaker_open: IntGaugeVec,
 }
 
 const PREFIX: &str = "spot_runners";
@@ -161,6 +166,29 @@ impl Metrics {
                 "github_rate_limit_remaining",
                 "Requests left in GitHub's current rate-limit window."
             ))?),
+            redeliveries_total: reg!(IntCounterVec::new(
+                opts(
+                    "redeliveries_total",
+                    "Failed webhook deliveries GitHub was asked to send again, by outcome (requested, failed)."
+                ),
+                &["outcome"]
+            )?),
+            interruptions_total: reg!(IntCounterVec::new(
+                opts("interruptions_total", "Jobs a spot reclaim interrupted, by profile."),
+                &["profile"]
+            )?),
+            reruns_total: reg!(IntCounterVec::new(
+                opts("reruns_total", "Re-runs of interrupted jobs by profile and outcome (requested, retry, waiting, rerun, lost)."),
+                &["profile", "outcome"]
+            )?),
+            jobs_lost_total: reg!(IntCounterVec::new(
+                opts("jobs_lost_total", "Interrupted jobs given up without a re-run, by profile."),
+                &["profile"]
+            )?),
+            spot_breaker_open: reg!(IntGaugeVec::new(
+                opts("spot_breaker_open", "1 while a profile's spot circuit breaker is open (it launches on-demand)."),
+                &["profile"]
+            )?),
             registry,
         })
     }
@@ -180,10 +208,10 @@ impl Metrics {
                 .set(0);
         }
         for (profile, d) in demand {
-            if let Some(oldest) = d.queued.first() {
+            if let Some(oldest) = d.queued.iter().map(|q| q.since).min() {
                 self.oldest_queued_job_seconds
                     .with_label_values(&[profile])
-                    .set((now - oldest.since).num_seconds().max(0));
+                    .set((now - oldest).num_seconds().max(0));
             }
         }
     }
@@ -238,6 +266,10 @@ impl Metrics {
             &self.invalid_profiles,
             &self.github_api_requests_total,
             &self.github_rate_limit_remaining,
+            &self.interruptions_total,
+            &self.reruns_total,
+            &self.jobs_lost_total,
+            &self.spot_breaker_open,
         ]
     }
 }

@@ -53,6 +53,10 @@ impl MetricsSink for Metrics {
             .inc();
     }
 
+    fn interrupted(&self, profile: &str) {
+        self.interruptions_total.with_label_values(&[profile]).inc();
+    }
+
     fn orphans(&self, kind: &str, count: u64) {
         self.orphans_total.with_label_values(&[kind]).inc_by(count);
     }

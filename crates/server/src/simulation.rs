@@ -134,6 +134,7 @@ impl SimulatedService {
         let backends = Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(github.clone()),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         };
         let metrics = Arc::new(Metrics::new()?);
         let app = Application::build_with(settings, metrics, Some(backends)).await?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners_domain::clock::{Clock, SystemClock};
+use spot_runners_domain::scopes::KnownScopes;
 use spot_runners_store::Store;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -14,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::{GitHubAuth, Settings};
 use crate::database::Database;
-use crate::http::{metrics_router, public_router, AppState};
+use crate::http::{metrics_router, public_router, serve, AppState, BodyBudget};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::{self, ProfileCache};
+use crate::redelivery::Redeliverer;
+use crate::reruns::RerunWorker;
 use crate::Error;
 use spot_runners_reconciler::{Backends, Reconciler};
 
@@ -38,6 +41,9 @@ pub struct Application {
     /// Fired once the HTTP server has drained: stops the writer and loops.
     stop: CancellationToken,
     reconciler: Option<Arc<Reconciler>>,
+    /// Asks GitHub to resend failed deliveries (leader only).
+    redeliverer: Option<Arc<Redeliverer>>,
+    reruns: Option<Arc<RerunWorker>>,
 }
 
 impl Application {
@@ -71,6 +77,11 @@ impl Application {
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
         profiles.reload(store.as_ref(), metrics.as_ref()).await?;
+        if let Err(e) = check_warm_pool_scopes(&settings, &profiles) {
+            database.close().await;
+            return Err(e);
+        }
+        let scopes = KnownScopes::new(settings.github_orgs.iter().cloned());
         let stop = CancellationToken::new();
         let (ingest, writer) = Ingest::start(Arc::clone(&store), stop.clone());
         let listener = match TcpListener::bind(settings.listen).await {
@@ -88,6 +99,14 @@ impl Application {
             context: "reading the bound address".into(),
             source: e,
         })?;
+        let Some(secrets) = settings.webhook_secrets.clone() else {
+            // Never "no secret, so no verification".
+            stop.cancel();
+            database.close().await;
+            return Err(Error::Config(
+                "SPOT_RUNNERS_WEBHOOK_SECRET is required: every delivery is verified".into(),
+            ));
+        };
         let metrics_listener = match settings.metrics_listen {
             None => None,
             Some(at) => match bind(at).await {
@@ -104,9 +123,33 @@ impl Application {
             ingest,
             profiles,
             metrics,
-            secrets: settings.webhook_secrets.clone(),
+            secrets,
+            body_budget: BodyBudget::new(settings.intake.body_budget_bytes),
+            body_read_timeout: settings.intake.body_read_timeout,
             wake: Arc::new(Notify::new()),
+            scopes: scopes.clone(),
         };
+        let redeliverer = match (&backends, &settings.redeliver_from) {
+            (Some(b), Some(source)) => Some(Arc::new(Redeliverer::new(
+                Arc::clone(&state.store),
+                Arc::clone(&b.github),
+                source.clone(),
+                Arc::new(spot_runners_domain::clock::SystemClock),
+                Arc::clone(&state.metrics),
+                settings.controller_id.as_str().to_owned(),
+            ))),
+            _ => None,
+        };
+        let reruns = backends.as_ref().map(|b| {
+            Arc::new(RerunWorker::new(
+                Arc::clone(&state.store),
+                Arc::clone(&b.github),
+                state.profiles.clone(),
+                Arc::clone(&state.metrics),
+                settings.controller_id.to_string(),
+                Arc::new(spot_runners_domain::clock::SystemClock),
+            ))
+        });
         let reconciler = backends.map(|b| {
             Arc::new(
                 Reconciler::new(
@@ -117,11 +160,15 @@ impl Application {
                     settings.controller_id.clone(),
                     settings.max_instances,
                 )
-                .with_clock(clock),
+                .with_clock(clock)
+                .with_scopes(scopes)
+                .with_retention(settings.retention),
             )
         });
         Ok(Self {
             reconciler,
+            redeliverer,
+            reruns,
             listener,
             metrics_listener,
             addr,
@@ -156,6 +203,11 @@ impl Application {
         self.reconciler.clone()
     }
 
+    /// The re-run worker (tests drive its passes directly).
+    pub fn reruns(&self) -> Option<Arc<RerunWorker>> {
+        self.reruns.clone()
+    }
+
     /// Serves until `shutdown` resolves, then drains: in-flight requests
     /// finish, every accepted delivery is committed, background loops stop,
     /// and an embedded database is shut down.
@@ -173,6 +225,8 @@ impl Application {
             settings,
             stop,
             reconciler,
+            redeliverer,
+            reruns,
         } = self;
         let mut background = vec![
             tokio::spawn(profiles::watch(
@@ -194,6 +248,11 @@ impl Application {
                 stop.clone(),
             )),
         ];
+        if let Some(w) = &reruns {
+            background.push(tokio::spawn(
+                Arc::clone(w).run(settings.reconcile_interval, stop.clone()),
+            ));
+        }
         match &reconciler {
             Some(r) => background.push(tokio::spawn(Arc::clone(r).run(
                 Arc::clone(&state.wake),
@@ -218,10 +277,11 @@ impl Application {
                 }
             }));
         }
+        if let Some(r) = redeliverer {
+            background.push(tokio::spawn(r.run(crate::redelivery::EVERY, stop.clone())));
+        }
         tracing::info!("listening on {addr}");
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        serve(listener, app, &settings.intake, shutdown).await;
         tracing::info!("shutting down");
         stop.cancel();
         for task in background {
@@ -231,10 +291,7 @@ impl Application {
         // queued and exits.
         let _ = writer.await;
         database.close().await;
-        served.map_err(|e| Error::Io {
-            context: "serving HTTP".into(),
-            source: e,
-        })
+        Ok(())
     }
 }
 
@@ -247,6 +304,31 @@ async fn bind(at: SocketAddr) -> Result<(TcpListener, SocketAddr), Error> {
         .local_addr()
         .map_err(io("reading the bound address".into()))?;
     Ok((listener, addr))
+}
+
+/// With token auth there is no App to list installations of: a profile
+/// that keeps a warm pool needs `SPOT_RUNNERS_GITHUB_ORGS` to know where to
+/// register its runners before the first job.
+fn check_warm_pool_scopes(settings: &Settings, profiles: &ProfileCache) -> Result<(), Error> {
+    if !matches!(settings.github_auth, GitHubAuth::Token(_)) || !settings.github_orgs.is_empty() {
+        return Ok(());
+    }
+    let warm: Vec<String> = profiles
+        .get()
+        .profiles
+        .iter()
+        .filter(|p| p.enabled && p.min_idle > 0)
+        .map(|p| p.name.to_string())
+        .collect();
+    if warm.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "profile(s) {} keep a warm pool (min_idle > 0), but with SPOT_RUNNERS_GITHUB_TOKEN the service \
+         cannot list where it is installed: set SPOT_RUNNERS_GITHUB_ORGS to the org(s) (or owner/repo \
+         scopes) to keep them in, e.g. SPOT_RUNNERS_GITHUB_ORGS=acme",
+        warm.join(", ")
+    )))
 }
 
 /// Periodic upkeep: the jobs gauge and delivery-GUID retention.
@@ -356,9 +438,13 @@ async fn real_backends(
             return Ok(None);
         }
     };
+    let parameters = spot_runners_aws::SsmParameterStore::from_env()
+        .await
+        .map_err(|e| Error::Config(format!("SSM: {e}")))?;
     Ok(Some(Backends {
         cloud: Arc::new(cloud),
         github: Arc::new(github),
+        parameters: Arc::new(parameters),
     }))
 }
 

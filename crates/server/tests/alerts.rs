@@ -15,7 +15,8 @@ use std::time::Duration;
 use common::{job_payload, spawn_app, spawn_app_on, TestApp, SECRET};
 use secrecy::SecretString;
 use spot_runners::metrics::Metrics;
-use spot_runners_domain::ports::{Cloud, GitHubJob, JobReport, LaunchRequest};
+use spot_runners_domain::ports::{Cloud, GitHubJob, JobReport};
+use spot_runners_reconciler::Backends;
 use spot_runners_domain::Market;
 use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
 use spot_runners_reconciler::Backends;
@@ -78,6 +79,10 @@ const ALERT_TESTS: &[(&str, &str)] = &[
         "alerts.rs::github_rate_limit_low",
     ),
     ("SpotRunnersGithubErrors", "alerts.rs::github_errors"),
+    (
+        "SpotRunnersJobLost",
+        "reruns.rs::refusals_are_retried_later_or_given_up_with_a_reason_never_in_a_loop",
+    ),
 ];
 
 /// Alerts on a metric the service does not set yet, and why. Each one here
@@ -272,6 +277,7 @@ async fn fleet() -> Fleet {
         Some(Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(github.clone()),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         }),
         Arc::new(clock.clone()),
     )
@@ -550,19 +556,10 @@ async fn orphans_found() {
     profile(&f.app, "").await;
     // An instance of this controller that the ledger never heard of.
     f.cloud
-        .launch(&LaunchRequest {
-            runner_name: "spot-runners-kani-lost0001".into(),
-            controller_id: "spot-runners".into(),
-            profile: "kani".into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: None,
-            image_id: "ami-1".into(),
-            security_group_ids: vec![],
-            iam_instance_profile: None,
-            market: Market::Spot,
-            root_volume_gb: 64,
-            user_data: "#!/bin/sh\n".into(),
-        })
+        .launch(&common::fleet::launch_request(
+            "spot-runners",
+            "spot-runners-kani-lost0001",
+        ))
         .await
         .unwrap();
     f.clock.advance(Duration::from_secs(11));
@@ -749,6 +746,7 @@ async fn on_mock_github(github: &wiremock::MockServer) -> Fleet {
         Some(Backends {
             cloud: Arc::new(cloud.clone()),
             github: Arc::new(adapter),
+            parameters: Arc::new(spot_runners_sim::FakeParameterStore::new()),
         }),
         Arc::new(clock.clone()),
     )
@@ -834,6 +832,10 @@ async fn github_errors() {
             |v| v >= 1.0,
         )
         .await;
+        // A refused registration backs the profile off; the next try, which
+        // meets the 503, comes once the backoff has passed.
+        f.clock
+            .advance(spot_runners_domain::backoff::FIRST_DELAY + Duration::from_secs(1));
     }
     f.app.stop().await;
 }

@@ -1,8 +1,8 @@
 //! `kill -9` in the middle of a burst: the real binary, on moto (through
 //! aws-sdk-ec2) and a GitHub mock (through octocrab), killed while it
 //! launches, then started again. Afterwards every queued job has exactly
-//! one live instance, and no instance or runner is left that the ledger
-//! does not account for.
+//! one live instance, granted its own JIT config in SSM (moto), and no
+//! instance or runner is left that the ledger does not account for.
 
 mod common;
 #[path = "support/moto.rs"]
@@ -259,6 +259,18 @@ async fn kill_9_mid_burst_then_restart_leaves_one_instance_per_job_and_no_orphan
                 live.get(instance),
                 Some(name),
                 "{name} runs on its own instance"
+            );
+            // Its JIT config waits in SSM, granted to that instance: the
+            // crash left none half-stored or granted to a lost launch.
+            let stored = spot_runners_aws::testing::moto_parameter(&format!(
+                "/spot-runners/{CONTROLLER}/jit/{name}"
+            ))
+            .await
+            .unwrap_or_else(|| panic!("{name} has its JIT config in SSM"));
+            let granted = stored.tags.get("spot-runners:instance-arn");
+            assert!(
+                granted.is_some_and(|arn| arn.ends_with(&format!("instance/{instance}"))),
+                "{name}'s config is granted to {instance}: {granted:?}"
             );
         } else {
             assert!(

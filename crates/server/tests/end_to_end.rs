@@ -1,8 +1,10 @@
 //! End to end on the real adapters: a signed `queued` delivery → a JIT
 //! config requested from GitHub (an HTTP mock, through octocrab) → a spot
 //! instance in moto (through aws-sdk-ec2), tagged and configured as the
-//! contract says → `in_progress` names the runner → `completed` → the
-//! instance is terminated.
+//! contract says, its JIT config in SSM (moto) granted to that instance
+//! alone → `in_progress` names the runner → the instance carries its cost
+//! tags → `completed` → the instance is terminated, and the config left
+//! behind (no real boot script read it) is deleted.
 
 mod common;
 #[path = "support/moto.rs"]
@@ -58,6 +60,11 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
         Some(Backends {
             cloud: Arc::new(cloud),
             github: Arc::new(github),
+            parameters: Arc::new(
+                spot_runners_aws::SsmParameterStore::from_env()
+                    .await
+                    .unwrap(),
+            ),
         }),
     )
     .await;
@@ -74,11 +81,16 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
     })
     .await;
 
-    let body = job_payload(
+    let with_workflow = |payload: Vec<u8>| {
+        let mut v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        v["workflow_job"]["workflow_name"] = "Kani proofs".into();
+        serde_json::to_vec(&v).unwrap()
+    };
+    let body = with_workflow(job_payload(
         "queued",
         777,
         &["self-hosted", "Linux", "X64", "spot", "kani"],
-    );
+    ));
     assert_eq!(
         app.deliver("workflow_job", "e2e-1", &body).await.status(),
         202
@@ -135,7 +147,8 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
     assert_eq!(row.0, 4242);
     assert_eq!(Some(row.1.as_str()), i.instance_id());
 
-    // The boot script carries the JIT config, and the request named the runner.
+    // The boot script carries no secret; the JIT config waits in SSM,
+    // encrypted, readable only by this instance; the request named the runner.
     let attr = ec2
         .describe_instance_attribute()
         .instance_id(i.instance_id().unwrap())
@@ -147,7 +160,28 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
         .decode(attr.user_data().and_then(|v| v.value()).unwrap())
         .unwrap();
     let user_data = String::from_utf8(user_data).unwrap();
-    assert!(user_data.contains(&format!("JIT_CONFIG='{jit}'")));
+    assert!(!user_data.contains(&jit), "no JIT config in user data");
+    assert!(user_data.contains(&format!("RUNNER_NAME='{runner}'")));
+    let parameter = format!("/spot-runners/{controller}/jit/{runner}");
+    let stored = spot_runners_aws::testing::moto_parameter(&parameter)
+        .await
+        .expect("the JIT config is in SSM");
+    assert_eq!(stored.value, jit);
+    assert!(stored.secure, "a SecureString");
+    assert_eq!(
+        stored
+            .tags
+            .get("spot-runners:instance-arn")
+            .map(String::as_str),
+        Some(
+            format!(
+                "arn:aws:ec2:us-east-1:123456789012:instance/{}",
+                i.instance_id().unwrap()
+            )
+            .as_str()
+        ),
+        "granted to its instance"
+    );
     let requests = github_mock.received_requests().await.unwrap();
     let jit_request: serde_json::Value = requests
         .iter()
@@ -171,7 +205,7 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
         .unwrap();
         v["workflow_job"]["runner_name"] = runner.as_str().into();
         v["workflow_job"]["runner_id"] = 4242.into();
-        serde_json::to_vec(&v).unwrap()
+        with_workflow(serde_json::to_vec(&v).unwrap())
     };
     assert_eq!(
         app.deliver("workflow_job", "e2e-2", &named("in_progress"))
@@ -188,13 +222,39 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
     };
     app.eventually("runner busy", || async { state().await == "busy" })
         .await;
+    // Cost Explorer can now split this instance's spend.
+    let instance_id = i.instance_id().unwrap().to_owned();
+    let instance_tags = || async {
+        ec2.describe_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .unwrap()
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.tags())
+            .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    // The sweep sets them, on its own 10 s pace.
+    app.eventually_within(
+        "cost tags on the instance",
+        Duration::from_secs(30),
+        || async {
+            let tags = instance_tags().await;
+            tags.get("spot-runners:repository").map(String::as_str)
+                == Some("octo-org/example-workflow")
+                && tags.get("spot-runners:workflow").map(String::as_str) == Some("Kani proofs")
+        },
+    )
+    .await;
     assert_eq!(
         app.deliver("workflow_job", "e2e-3", &named("completed"))
             .await
             .status(),
         202
     );
-    let instance_id = i.instance_id().unwrap().to_owned();
     let ec2_state = || async {
         ec2.describe_instances()
             .instance_ids(&instance_id)
@@ -219,6 +279,17 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
     app.eventually("runner ended in the ledger", || async {
         matches!(state().await.as_str(), "terminating" | "terminated")
     })
+    .await;
+    // Nothing booted to read and delete the config: the sweep deletes it.
+    app.eventually_within(
+        "the JIT config left behind is deleted",
+        Duration::from_secs(30),
+        || async {
+            spot_runners_aws::testing::moto_parameter(&parameter)
+                .await
+                .is_none()
+        },
+    )
     .await;
     // Counted once EC2 has accepted the call, which the checks above may beat.
     app.eventually("the reap counted", || async {

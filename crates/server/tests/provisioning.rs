@@ -10,7 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{terminations, Harness};
-use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, LaunchRequest, RunnerScope};
+use spot_runners_domain::names::client_token;
+use spot_runners_domain::ports::{
+    Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
+};
+use spot_runners_reconciler::Reconciler;
 use spot_runners_domain::Market;
 use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
@@ -18,6 +22,18 @@ use spot_runners_sim::FakeCloud;
 
 /// (instance type, subnet, market, instance id or EC2 error code)
 type Attempt = (String, Option<String>, Market, Result<String, String>);
+
+/// The `ClientToken` of every `RunInstances`, in order.
+fn tokens(cloud: &FakeCloud) -> Vec<String> {
+    cloud
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CloudCall::Launch { client_token, .. } => Some(client_token),
+            _ => None,
+        })
+        .collect()
+}
 
 fn launches(cloud: &FakeCloud) -> Vec<Attempt> {
     cloud
@@ -31,7 +47,7 @@ fn launches(cloud: &FakeCloud) -> Vec<Attempt> {
                 outcome,
                 ..
             } => Some((instance_type, subnet_id, market, outcome)),
-            CloudCall::Terminate { .. } => None,
+            CloudCall::Terminate { .. } | CloudCall::Tag { .. } => None,
         })
         .collect()
 }
@@ -122,6 +138,18 @@ async fn capacity_errors_walk_types_and_subnets_then_fall_back_to_on_demand() {
             "c6a.4xlarge/subnet-b/spot/false",
             "c6i.4xlarge/subnet-a/on-demand/true",
         ]
+    );
+    // EC2 remembers a token with the parameters of the request that used
+    // it, even one refused for capacity: each attempt needs its own.
+    let name: String = sqlx::query_scalar("SELECT name FROM runners")
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    let expected: Vec<String> = (0..5).map(|a| client_token(&name, a)).collect();
+    assert_eq!(tokens(&h.cloud), expected);
+    assert_eq!(
+        expected[0], name,
+        "the first attempt's token is the runner name"
     );
     let text = h.metrics.render();
     assert!(text.contains(
@@ -277,19 +305,16 @@ async fn a_crash_during_run_instances_adopts_the_instance() {
     let (h, r, name) = one_planned_runner().await;
     let instance = h
         .cloud
-        .launch(&LaunchRequest {
-            runner_name: name.clone(),
-            controller_id: "spot-runners".into(),
-            profile: "kani".into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: Some("subnet-a".into()),
-            image_id: "ami-1".into(),
-            security_group_ids: vec![],
-            iam_instance_profile: None,
-            market: Market::Spot,
-            root_volume_gb: 64,
-            user_data: "#!/bin/bash".into(),
-        })
+        .launch(&common::fleet::launch_request("spot-runners", &name))
+        .await
+        .unwrap();
+    // The crash came after the config was stored (it is stored before
+    // `registered`), so the adopted instance can be granted it.
+    h.parameters
+        .create_secure(
+            &spot_runners_domain::parameters::jit_parameter_name("spot-runners", &name),
+            &secrecy::SecretString::from("jit-config"),
+        )
         .await
         .unwrap();
     h.sql("UPDATE runners SET state = 'launching', github_runner_id = 1, lease_until = now() - interval '1 s'")
@@ -302,6 +327,209 @@ async fn a_crash_during_run_instances_adopts_the_instance() {
             .await
             .unwrap();
     assert_eq!(adopted, instance.id);
+}
+
+impl Harness {
+    /// What a process left behind that crashed in the walk of `name` with
+    /// attempt 0 refused for capacity and attempt 1 (c6i.4xlarge in
+    /// subnet-b) recorded as `launching`; `attempt_1_reached_ec2` says
+    /// whether that call got to EC2 (and was refused for capacity too).
+    async fn crash_in_attempt_1(&self, name: &str, attempt_1_reached_ec2: bool) {
+        let jit = self.register_at_github(name).await;
+        let request = |attempt: u32, subnet: &str| LaunchRequest {
+            runner_name: name.to_owned(),
+            client_token: client_token(name, attempt),
+            controller_id: "spot-runners".into(),
+            profile: "kani".into(),
+            instance_type: "c6i.4xlarge".into(),
+            subnet_id: Some(subnet.into()),
+            image_id: "ami-1".into(),
+            security_group_ids: vec![],
+            iam_instance_profile: None,
+            market: Market::Spot,
+            root_volume_gb: 64,
+            user_data: "#!/bin/bash\n# the crashed process's JIT config".into(),
+        };
+        self.cloud
+            .set_capacity("c6i.4xlarge", Some("subnet-a"), Market::Spot, Some(0));
+        let refused = self
+            .cloud
+            .launch(&request(0, "subnet-a"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, "InsufficientInstanceCapacity");
+        if attempt_1_reached_ec2 {
+            self.cloud
+                .set_capacity("c6i.4xlarge", Some("subnet-b"), Market::Spot, Some(0));
+            self.cloud
+                .launch(&request(1, "subnet-b"))
+                .await
+                .unwrap_err();
+            self.cloud
+                .set_capacity("c6i.4xlarge", Some("subnet-b"), Market::Spot, None);
+        }
+        self.sql(&format!(
+            "UPDATE runners SET state = 'launching', github_runner_id = {}, instance_type = 'c6i.4xlarge',
+                    subnet_id = 'subnet-b', market = 'spot', lease_owner = 'dead', lease_until = now() - interval '1 s'",
+            jit.runner_id
+        ))
+        .await;
+    }
+}
+
+/// A crash during the fallback walk, before attempt 1's `RunInstances`
+/// reached EC2: the resumed row goes on with attempt 1 and its own token,
+/// instead of giving the runner up or starting the walk over.
+#[tokio::test]
+async fn a_crash_mid_walk_resumes_its_attempt_with_the_attempts_token() {
+    let (h, _, name) = one_planned_runner().await;
+    h.crash_in_attempt_1(&name, false).await;
+    let r2 = h.reconciler(100);
+    while r2.provision_batch().await.unwrap() > 0 {}
+
+    let after: Vec<_> = launches(&h.cloud).into_iter().skip(1).collect();
+    assert_eq!(
+        after,
+        [(
+            "c6i.4xlarge".to_owned(),
+            Some("subnet-b".to_owned()),
+            Market::Spot,
+            Ok(h.cloud.instances()[0].instance.id.clone())
+        )]
+    );
+    assert_eq!(tokens(&h.cloud), [name.clone(), client_token(&name, 1)]);
+    let (state, instance): (String, String) =
+        sqlx::query_as("SELECT state, instance_id FROM runners WHERE name = $1")
+            .bind(&name)
+            .fetch_one(h.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(state, "booting", "the same runner, resumed");
+    assert_eq!(instance, h.cloud.instances()[0].instance.id);
+    assert_eq!(h.cloud.live_count(None), 1);
+}
+
+/// The same crash after attempt 1 did reach EC2: its token is remembered
+/// with the crashed process's request, so EC2 refuses the resumed one
+/// (`IdempotentParameterMismatch`). That is no verdict on the profile: no
+/// instance carries the runner's tag, so the walk goes on to attempt 2.
+#[tokio::test]
+async fn a_spent_token_moves_the_walk_on_instead_of_failing_the_runner() {
+    let (h, _, name) = one_planned_runner().await;
+    h.crash_in_attempt_1(&name, true).await;
+    let r2 = h.reconciler(100);
+    while r2.provision_batch().await.unwrap() > 0 {}
+
+    let walk: Vec<String> = launches(&h.cloud)
+        .into_iter()
+        .skip(2)
+        .map(|(t, s, _, o)| {
+            format!(
+                "{t}/{}/{}",
+                s.unwrap(),
+                o.map(|_| "ok".into()).unwrap_or_else(|e| e)
+            )
+        })
+        .collect();
+    assert_eq!(
+        walk,
+        [
+            "c6i.4xlarge/subnet-b/IdempotentParameterMismatch",
+            "c6a.4xlarge/subnet-a/ok"
+        ]
+    );
+    assert_eq!(
+        tokens(&h.cloud)[2..],
+        [client_token(&name, 1), client_token(&name, 2)]
+    );
+    assert_eq!(h.states().await, [("booting".to_owned(), 1)]);
+}
+
+/// A profile whose AMI does not exist: the first failure backs it off, so
+/// ten passes in 20 s register (and delete) one JIT runner, not ten; once
+/// the delay has passed it is tried again, and an edit of the row at once.
+#[tokio::test]
+async fn a_profile_that_cannot_launch_backs_off() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5, image_id = 'ami-0gone'")
+        .await;
+    h.cloud.remove_image("ami-0gone");
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    for _ in 0..10 {
+        h.reconcile(&r).await;
+        h.clock.advance(Duration::from_secs(2));
+    }
+    assert_eq!(
+        h.github.jit_calls(),
+        1,
+        "one registration, not one per pass"
+    );
+    assert_eq!(h.cloud.launch_attempts(), 1);
+    assert!(
+        h.github.runners().is_empty(),
+        "its registration was deleted"
+    );
+    let codes: Vec<String> =
+        sqlx::query_scalar("SELECT last_error_code FROM runners ORDER BY created_at")
+            .fetch_all(h.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(codes, ["InvalidAMIID.NotFound"]);
+
+    // 30 s after the failure: one more try, then 60 s of quiet.
+    h.clock.advance(Duration::from_secs(11));
+    h.reconcile(&r).await;
+    assert_eq!(h.github.jit_calls(), 2);
+    h.clock.advance(Duration::from_secs(59));
+    h.reconcile(&r).await;
+    assert_eq!(h.github.jit_calls(), 2);
+
+    // Fixing the row is tried at once.
+    h.sql("UPDATE instance_profiles SET image_id = 'ami-0fixed' WHERE name = 'kani'")
+        .await;
+    h.profiles
+        .reload(h.store.as_ref(), &h.metrics)
+        .await
+        .unwrap();
+    h.reconcile(&r).await;
+    assert_eq!(h.github.jit_calls(), 3);
+    assert_eq!(h.cloud.live_count(None), 1);
+}
+
+/// What can be checked without GitHub or EC2 is: a placeholder AMI id
+/// registers nothing at GitHub, and backs the profile off.
+#[tokio::test]
+async fn a_profile_with_a_placeholder_ami_registers_nothing() {
+    let h = Harness::new().await;
+    h.profile("kani", "max_instances = 5, image_id = 'ami-REPLACE_ME'")
+        .await;
+    h.queue("kani", 0..3).await;
+    let r = h.reconciler(100);
+    for _ in 0..3 {
+        h.reconcile(&r).await;
+        h.clock.advance(Duration::from_secs(2));
+    }
+    assert_eq!(h.github.jit_calls(), 0);
+    assert_eq!(h.cloud.launch_attempts(), 0);
+    let ended: Vec<(String, String)> =
+        sqlx::query_as("SELECT last_error_code, reason FROM runners ORDER BY name")
+            .fetch_all(h.store.pool())
+            .await
+            .unwrap();
+    // The first to fail backs the profile off; the others of its batch
+    // may already find it backed off.
+    assert!(ended
+        .iter()
+        .any(|(c, r)| c == "InvalidProfile" && r.contains("ami-REPLACE_ME")));
+    assert!(
+        ended
+            .iter()
+            .all(|(c, _)| c == "InvalidProfile" || c == "ProfileBackedOff"),
+        "{ended:?}"
+    );
+    // The three runners of the first pass ended; none after it.
+    assert_eq!(h.states().await, [("launch_failed".to_owned(), 3)]);
 }
 
 #[tokio::test]

@@ -7,12 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::fleet::{terminations, Harness};
+use common::fleet::{launch_request, terminations, Harness};
 use spot_runners_domain::clock::Clock;
-use spot_runners_domain::ports::{
-    Cloud, GitHub, GitHubJob, JitRequest, JobReport, LaunchRequest, RunnerScope,
-};
-use spot_runners_domain::Market;
+use spot_runners_domain::ports::{Cloud, GitHub, GitHubJob, JitRequest, JobReport, RunnerScope};
 use spot_runners_reconciler::Reconciler;
 use spot_runners_store::PgStore;
 
@@ -211,22 +208,6 @@ async fn a_runner_github_lists_busy_is_taken_not_idle() {
     sweep(&r).await;
     assert_eq!(runners(&h).await[0].1, "terminated");
     assert_eq!(terminations(&h.cloud), [vec![instance]]);
-}
-
-fn launch_request(controller: &str, runner: &str) -> LaunchRequest {
-    LaunchRequest {
-        runner_name: runner.to_owned(),
-        controller_id: controller.to_owned(),
-        profile: "kani".to_owned(),
-        instance_type: "c6i.4xlarge".to_owned(),
-        subnet_id: None,
-        image_id: "ami-1".to_owned(),
-        security_group_ids: vec![],
-        iam_instance_profile: None,
-        market: Market::Spot,
-        root_volume_gb: 64,
-        user_data: "#!/bin/sh\n".to_owned(),
-    }
 }
 
 #[tokio::test]

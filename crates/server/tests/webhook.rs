@@ -422,3 +422,51 @@ async fn health_readiness_and_metrics() {
     );
     assert_eq!(app.get("/healthz").await.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_completed_workflow_run_is_recorded_once_other_actions_ignored() {
+    let app = spawn_app().await;
+    let body = fixture_bytes("workflow_run/completed-org-2.json");
+    let (status, text) = outcome(app.deliver("workflow_run", "r-1", &body).await).await;
+    assert_eq!((status, text.as_str()), (StatusCode::ACCEPTED, "accepted"));
+    let row: (i64, String, i32, String, Option<String>) =
+        sqlx::query_as("SELECT id, repository, run_attempt, status, conclusion FROM workflow_runs")
+            .fetch_one(app.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        row,
+        (
+            289782451,
+            "octo-org/octo-repo".into(),
+            1,
+            "completed".into(),
+            Some("success".into())
+        )
+    );
+    // GitHub's redelivery keeps its GUID: nothing changes.
+    let (status, text) = outcome(app.deliver("workflow_run", "r-1", &body).await).await;
+    assert_eq!((status, text.as_str()), (StatusCode::ACCEPTED, "duplicate"));
+    // `completed` is the action; the user-repository example's body still
+    // says `queued`, and it is recorded completed all the same.
+    let body = fixture_bytes("workflow_run/completed-user-1.json");
+    app.deliver("workflow_run", "r-2", &body).await;
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM workflow_runs WHERE id = 1589141559")
+            .fetch_one(app.db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "completed");
+    // `requested` changes nothing.
+    let body = fixture_bytes("workflow_run/requested-org-4.json");
+    let (status, text) = outcome(app.deliver("workflow_run", "r-3", &body).await).await;
+    assert_eq!((status, text.as_str()), (StatusCode::ACCEPTED, "ignored"));
+    assert_eq!(app.count("workflow_runs").await, 2);
+    // A body that is not a workflow_run is 400 and stores nothing.
+    let res = app
+        .deliver("workflow_run", "r-4", br#"{"action":"completed"}"#)
+        .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(app.count("workflow_runs").await, 2);
+    app.stop().await;
+}

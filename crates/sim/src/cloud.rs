@@ -3,8 +3,17 @@
 //! idempotency, capacity running out per type/subnet/market, instances that
 //! take time to boot, and instances that vanish by spot reclaim or by shutting
 //! themselves down.
+//!
+//! `ClientToken`s as EC2 treats them: a token is remembered with the
+//! parameters of the request that used it, whether that request started an
+//! instance or was refused for capacity (ubicloud's capacity fallback met
+//! exactly this). The same token with other parameters is refused with
+//! `IdempotentParameterMismatch`; with the same parameters it returns the
+//! instance it started, or `IdempotentInstanceTerminated` once that instance
+//! is terminated; after a capacity refusal it is simply tried again.
+//! Throttled calls never reach that far and are not remembered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -12,7 +21,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use spot_runners_domain::ports::{Cloud, CloudError, Instance, InstanceState, LaunchRequest};
+use spot_runners_domain::ports::{
+    Cloud, CloudError, CloudErrorKind, Instance, InstanceState, LaunchRequest,
+};
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::Market;
 
@@ -24,6 +35,9 @@ pub const REASON_SHUTDOWN_FROM_INSIDE: &str = "Client.InstanceInitiatedShutdown"
 /// EC2 refuses user data above 16 KiB (before base64).
 const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 
+/// The account and region the fake's instance ARNs name.
+pub const FAKE_ARN_PREFIX: &str = "arn:aws:ec2:us-east-1:123456789012:instance/";
+
 const DEFAULT_BOOT_TIME: Duration = Duration::from_secs(30);
 /// EC2 keeps reporting terminated instances for about an hour.
 const DEFAULT_TERMINATED_RETENTION: Duration = Duration::from_secs(3600);
@@ -34,6 +48,7 @@ pub enum CloudCall {
     /// Every `launch`, including throttled and failed ones.
     Launch {
         runner_name: String,
+        client_token: String,
         instance_type: String,
         subnet_id: Option<String>,
         market: Market,
@@ -44,6 +59,11 @@ pub enum CloudCall {
     /// A `terminate` EC2 accepted; throttled or failed calls change nothing
     /// and show only in [`FakeCloud::throttled_count`].
     Terminate { ids: Vec<String>, at: Instant },
+    /// A `tag_instance` (`CreateTags` after launch).
+    Tag {
+        instance_id: String,
+        tags: Vec<(String, String)>,
+    },
 }
 
 /// An instance as the fake holds it, with what `Instance` cannot carry.
@@ -73,12 +93,33 @@ pub struct LiveInstance {
 
 type CapacityKey = (String, Option<String>, Market);
 
+/// What EC2 remembers of a `ClientToken`.
+struct TokenUse {
+    /// The request that first used it (only the fields EC2 compares matter).
+    request: LaunchRequest,
+    /// The instance it started, as an index into `records`.
+    instance: Option<usize>,
+}
+
+impl TokenUse {
+    fn same_parameters(&self, other: &LaunchRequest) -> bool {
+        let first = &self.request;
+        first.instance_type == other.instance_type
+            && first.subnet_id == other.subnet_id
+            && first.market == other.market
+            && first.image_id == other.image_id
+            && first.user_data == other.user_data
+    }
+}
+
 struct Record {
     id: String,
     request: LaunchRequest,
     launched_at: Instant,
     running_at: Instant,
     ended: Option<(Instant, Option<String>)>,
+    /// Added after launch by `tag_instance`.
+    tags: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -105,12 +146,14 @@ struct State {
     terminated_retention: Duration,
     /// In launch order.
     records: Vec<Record>,
-    by_token: HashMap<String, usize>,
+    by_token: HashMap<String, TokenUse>,
     /// Absent means unlimited.
     capacity: HashMap<CapacityKey, u32>,
     /// Chance that a launch of this type and market finds no capacity.
     capacity_error_rates: HashMap<(String, Market), f64>,
     fail_launch: VecDeque<String>,
+    /// AMIs that do not exist: launching one is refused, every time.
+    missing_images: std::collections::HashSet<String>,
     fail_terminate: VecDeque<String>,
     fail_list: VecDeque<String>,
     live: HashMap<String, u32>,
@@ -149,6 +192,7 @@ impl State {
             state: record.state(now),
             state_reason: record.ended.as_ref().and_then(|(_, r)| r.clone()),
             launched_at: Some(self.wall_time(record.launched_at)),
+            arn: Some(format!("{FAKE_ARN_PREFIX}{}", record.id)),
         }
     }
 
@@ -175,28 +219,46 @@ impl State {
             ));
         }
 
-        if let Some(&index) = self.by_token.get(&request.runner_name) {
-            let first = &self.records[index];
-            let same = first.request.instance_type == request.instance_type
-                && first.request.subnet_id == request.subnet_id
-                && first.request.market == request.market
-                && first.request.image_id == request.image_id
-                && first.request.user_data == request.user_data;
-            return if same {
-                Ok(self.view(first, now))
-            } else {
-                Err(CloudError::from_code(
+        if let Some(used) = self.by_token.get(&request.client_token) {
+            if !used.same_parameters(request) {
+                return Err(CloudError::from_code(
                     "IdempotentParameterMismatch",
                     format!(
-                        "client token {} was already used with different parameters",
-                        request.runner_name
+                        "Arguments on this idempotent request (client token {}) are inconsistent with arguments used in previous request(s).",
+                        request.client_token
                     ),
-                ))
-            };
+                ));
+            }
+            if let Some(index) = used.instance {
+                let first = &self.records[index];
+                return if first.is_live() {
+                    Ok(self.view(first, now))
+                } else {
+                    Err(CloudError::from_code(
+                        "IdempotentInstanceTerminated",
+                        format!(
+                            "The instance {} launched with client token {} has been terminated.",
+                            first.id, request.client_token
+                        ),
+                    ))
+                };
+            }
+            // Refused for capacity last time: EC2 tries it again.
         }
 
         if let Some(code) = self.fail_launch.pop_front() {
-            return Err(CloudError::from_code(&code, "injected by the fake cloud"));
+            let error = CloudError::from_code(&code, "injected by the fake cloud");
+            if error.kind == CloudErrorKind::Capacity {
+                self.remember_token(request, None);
+            }
+            return Err(error);
+        }
+
+        if self.missing_images.contains(&request.image_id) {
+            return Err(CloudError::from_code(
+                "InvalidAMIID.NotFound",
+                format!("The image id '[{}]' does not exist", request.image_id),
+            ));
         }
 
         if request.user_data.len() > MAX_USER_DATA_BYTES {
@@ -213,6 +275,7 @@ impl State {
         );
         if let Some(left) = self.capacity.get_mut(&key) {
             if *left == 0 {
+                self.remember_token(request, None);
                 return Err(CloudError::from_code(
                     "InsufficientInstanceCapacity",
                     format!(
@@ -231,6 +294,7 @@ impl State {
             .copied()
             .unwrap_or(0.0);
         if rate > 0.0 && self.rng.gen_bool(rate.min(1.0)) {
+            self.remember_token(request, None);
             return Err(CloudError::from_code(
                 "InsufficientInstanceCapacity",
                 format!(
@@ -247,10 +311,10 @@ impl State {
             launched_at: now,
             running_at: now + self.boot_time,
             ended: None,
+            tags: BTreeMap::new(),
         };
         let instance = self.view(&record, now);
-        self.by_token
-            .insert(request.runner_name.clone(), self.records.len());
+        self.remember_token(request, Some(self.records.len()));
         self.records.push(record);
 
         let live = self.live.entry(request.profile.clone()).or_default();
@@ -261,6 +325,16 @@ impl State {
         self.live_total += 1;
         self.peak_total = self.peak_total.max(self.live_total);
         Ok(instance)
+    }
+
+    fn remember_token(&mut self, request: &LaunchRequest, instance: Option<usize>) {
+        self.by_token.insert(
+            request.client_token.clone(),
+            TokenUse {
+                request: request.clone(),
+                instance,
+            },
+        );
     }
 
     /// Ends a live instance; `false` when there is none by that id.
@@ -328,6 +402,7 @@ impl FakeCloud {
             capacity: HashMap::new(),
             capacity_error_rates: HashMap::new(),
             fail_launch: VecDeque::new(),
+            missing_images: std::collections::HashSet::new(),
             fail_terminate: VecDeque::new(),
             fail_list: VecDeque::new(),
             live: HashMap::new(),
@@ -371,6 +446,12 @@ impl FakeCloud {
     /// fails with this EC2 error code; queued codes are used one per launch.
     pub fn fail_next(&self, code: &str) {
         self.lock().fail_launch.push_back(code.to_owned());
+    }
+
+    /// Every launch of this AMI fails with `InvalidAMIID.NotFound`, as a
+    /// deregistered or mistyped image does.
+    pub fn remove_image(&self, image_id: &str) {
+        self.lock().missing_images.insert(image_id.to_owned());
     }
 
     /// Like [`fail_next`](Self::fail_next), for the next accepted `terminate`.
@@ -530,6 +611,16 @@ impl FakeCloud {
             .map(|r| state.view(r, now))
     }
 
+    /// The tags added to an instance after its launch.
+    pub fn added_tags(&self, instance_id: &str) -> BTreeMap<String, String> {
+        self.lock()
+            .records
+            .iter()
+            .find(|r| r.id == instance_id)
+            .map(|r| r.tags.clone())
+            .unwrap_or_default()
+    }
+
     pub fn calls(&self) -> Vec<CloudCall> {
         self.lock().calls.clone()
     }
@@ -559,6 +650,7 @@ impl Cloud for FakeCloud {
         let result = state.try_launch(request, now);
         state.calls.push(CloudCall::Launch {
             runner_name: request.runner_name.clone(),
+            client_token: request.client_token.clone(),
             instance_type: request.instance_type.clone(),
             subnet_id: request.subnet_id.clone(),
             market: request.market,
@@ -614,6 +706,32 @@ impl Cloud for FakeCloud {
             .map(|r| state.view(r, now))
             .collect())
     }
+
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError> {
+        self.delay().await;
+        let mut state = self.lock();
+        let Some(record) = state.records.iter_mut().find(|r| r.id == instance_id) else {
+            return Err(CloudError::from_code(
+                "InvalidInstanceID.NotFound",
+                format!("The instance ID '{instance_id}' does not exist"),
+            ));
+        };
+        for (key, value) in tags {
+            record.tags.insert((*key).to_owned(), value.clone());
+        }
+        state.calls.push(CloudCall::Tag {
+            instance_id: instance_id.to_owned(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        });
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -624,6 +742,7 @@ mod tests {
     fn request(name: &str) -> LaunchRequest {
         LaunchRequest {
             runner_name: name.to_owned(),
+            client_token: name.to_owned(),
             controller_id: "ctl".to_owned(),
             profile: "linux".to_owned(),
             instance_type: "c6i.large".to_owned(),
@@ -692,22 +811,60 @@ mod tests {
             change(&mut different);
             let err = cloud.launch(&different).await.unwrap_err();
             assert_eq!(err.code, "IdempotentParameterMismatch");
-            assert_eq!(err.kind, CloudErrorKind::Invalid);
+            assert_eq!(err.kind, CloudErrorKind::TokenSpent);
         }
         assert_eq!(cloud.instances().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_repeated_token_reports_the_instance_as_it_is_now() {
+    async fn a_token_whose_instance_terminated_is_refused() {
         let cloud = FakeCloud::new();
         let first = cloud.launch(&request("r-1")).await.unwrap();
         cloud
             .terminate(std::slice::from_ref(&first.id))
             .await
             .unwrap();
-        let again = cloud.launch(&request("r-1")).await.unwrap();
-        assert_eq!(again.id, first.id);
-        assert_eq!(again.state, InstanceState::Terminated);
+        let err = cloud.launch(&request("r-1")).await.unwrap_err();
+        assert_eq!(err.code, "IdempotentInstanceTerminated");
+        assert_eq!(err.kind, CloudErrorKind::TokenSpent);
+        // A new token for the same runner launches again.
+        let mut next = request("r-1");
+        next.client_token = "r-1.1".to_owned();
+        assert_ne!(cloud.launch(&next).await.unwrap().id, first.id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_refused_for_capacity_is_remembered_with_its_parameters() {
+        let cloud = FakeCloud::new();
+        cloud.set_capacity("c6i.large", Some("subnet-a"), Market::Spot, Some(0));
+        let err = cloud.launch(&request("r-1")).await.unwrap_err();
+        assert_eq!(err.kind, CloudErrorKind::Capacity);
+        // The fallback to another subnet with the same token: EC2 refuses.
+        let mut fallback = request("r-1");
+        fallback.subnet_id = Some("subnet-b".to_owned());
+        let err = cloud.launch(&fallback).await.unwrap_err();
+        assert_eq!(err.code, "IdempotentParameterMismatch");
+        // With its own token it goes through.
+        fallback.client_token = "r-1.1".to_owned();
+        cloud.launch(&fallback).await.unwrap();
+        // The first request, repeated once capacity is back, is tried again.
+        refill().await;
+        cloud.set_capacity("c6i.large", Some("subnet-a"), Market::Spot, None);
+        cloud.launch(&request("r-1")).await.unwrap();
+        assert_eq!(cloud.live_count(None), 2);
+        // Throttled calls are not remembered.
+        let mut throttled = request("r-2");
+        refill().await;
+        for _ in 0..5 {
+            let _ = cloud.launch(&request("filler")).await;
+        }
+        throttled.subnet_id = Some("subnet-b".to_owned());
+        assert_eq!(
+            cloud.launch(&throttled).await.unwrap_err().code,
+            "RequestLimitExceeded"
+        );
+        refill().await;
+        cloud.launch(&request("r-2")).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
@@ -720,8 +877,10 @@ mod tests {
         assert_eq!(err.code, "InsufficientInstanceCapacity");
         assert_eq!(err.kind, CloudErrorKind::Capacity);
 
-        // Any other combination still has room.
+        // Any other combination still has room (the fallback of r-2 uses
+        // its own token: the first is remembered with subnet-a).
         let mut other_subnet = request("r-2");
+        other_subnet.client_token = "r-2.1".to_owned();
         other_subnet.subnet_id = Some("subnet-b".to_owned());
         cloud.launch(&other_subnet).await.unwrap();
         let mut other_type = request("r-3");
@@ -750,7 +909,7 @@ mod tests {
                     outcome,
                     ..
                 } => Some((runner_name, outcome.is_ok())),
-                CloudCall::Terminate { .. } => None,
+                CloudCall::Terminate { .. } | CloudCall::Tag { .. } => None,
             })
             .collect();
         let expected = [

@@ -19,16 +19,21 @@ use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use spot_runners_domain::planner::Demand;
+use secrecy::SecretString;
 use spot_runners_domain::ports::{
-    Cloud, CloudError, GitHub, GitHubError, GitHubJob, GitHubRunner, Instance, JitConfig,
-    JitRequest, JobReport, LaunchRequest, RunnerScope,
+    Cloud, CloudError, GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation,
+    Instance, JitConfig, JitRequest, JobReport, LaunchRequest, ParameterStore, RunnerScope, StoredParameter, WebhookSource,
 };
+use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::survival::{Interruption, RerunFailure, RunJob};
+use spot_runners_domain::Market;
 use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, RecentRepository,
-    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
+    PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
+    StaleJob, Store, StoreError,
 };
 use spot_runners_domain::RunnerState;
 
@@ -319,6 +324,119 @@ impl<S: Store> Store for CrashingStore<S> {
         self.point.reached().await;
         self.inner.notify_wake().await
     }
+
+    async fn prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, StoreError> {
+        self.point.reached().await;
+        self.inner.prune_ledger(controller_id, older_than, batch).await
+    }
+
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        self.point.reached().await;
+        self.inner.known_deliveries(guids).await
+    }
+
+    async fn record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        self.point.reached().await;
+        self.inner.record_workflow_run(delivery_id, run).await
+    }
+
+    async fn record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.point.reached().await;
+        self.inner.record_run_check(run, at).await
+    }
+
+    async fn mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.point.reached().await;
+        self.inner.mark_run_checked(run_id, repository, at).await
+    }
+
+    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError> {
+        self.point.reached().await;
+        self.inner.record_interruption(interruption).await
+    }
+
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
+        self.point.reached().await;
+        self.inner.job_of_runner(runner_name).await
+    }
+
+    async fn link_reruns(&self) -> Result<u64, StoreError> {
+        self.point.reached().await;
+        self.inner.link_reruns().await
+    }
+
+    async fn runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, StoreError> {
+        self.point.reached().await;
+        self.inner.runs_awaiting_reruns(now, limit).await
+    }
+
+    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError> {
+        self.point.reached().await;
+        self.inner.run_jobs(run_id).await
+    }
+
+    async fn set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.point.reached().await;
+        self.inner.set_rerun_outcome(job_ids, outcome, at).await
+    }
+
+    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError> {
+        self.point.reached().await;
+        self.inner.rerun_attempts(job_id).await
+    }
+
+    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError> {
+        self.point.reached().await;
+        self.inner.job_survival(job_id).await
+    }
+
+    async fn choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), StoreError> {
+        self.point.reached().await;
+        self.inner.choose_runner_market(controller_id, runner_name, profile, interruptions_since, decide).await
+    }
+
+    async fn interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        self.point.reached().await;
+        self.inner.interruptions_since(controller_id, since).await
+    }
 }
 
 /// EC2 of one incarnation.
@@ -342,6 +460,15 @@ impl<C: Cloud> Cloud for CrashingCloud<C> {
     async fn list_owned(&self, controller_id: &str) -> Result<Vec<Instance>, CloudError> {
         self.point.reached().await;
         self.inner.list_owned(controller_id).await
+    }
+
+    async fn tag_instance(
+        &self,
+        instance_id: &str,
+        tags: &[(&str, String)],
+    ) -> Result<(), CloudError> {
+        self.point.reached().await;
+        self.inner.tag_instance(instance_id, tags).await
     }
 
     fn launch_limit(&self) -> TokenBucket {
@@ -386,7 +513,75 @@ impl<G: GitHub> GitHub for CrashingGitHub<G> {
         self.inner.queued_jobs(repository).await
     }
 
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        self.point.reached().await;
+        self.inner.installations().await
+    }
+
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        self.point.reached().await;
+        self.inner.hook_deliveries(source, since).await
+    }
+
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        self.point.reached().await;
+        self.inner.redeliver(source, delivery_id).await
+    }
+
+    async fn workflow_run(
+        &self,
+        repository: &str,
+        run_id: i64,
+    ) -> Result<WorkflowRunEvent, GitHubError> {
+        self.point.reached().await;
+        self.inner.workflow_run(repository, run_id).await
+    }
+
+    async fn rerun_job(&self, repository: &str, job_id: i64) -> Result<(), RerunFailure> {
+        self.point.reached().await;
+        self.inner.rerun_job(repository, job_id).await
+    }
+
+    async fn rerun_failed_jobs(&self, repository: &str, run_id: i64) -> Result<(), RerunFailure> {
+        self.point.reached().await;
+        self.inner.rerun_failed_jobs(repository, run_id).await
+    }
+
     fn jit_config_limit(&self) -> TokenBucket {
         self.inner.jit_config_limit()
     }
 }
+
+/// SSM Parameter Store of one incarnation.
+pub struct CrashingParameters<P> {
+    pub inner: P,
+    pub point: Point,
+}
+
+#[async_trait]
+impl<P: ParameterStore> ParameterStore for CrashingParameters<P> {
+    async fn create_secure(&self, name: &str, value: &SecretString) -> Result<(), CloudError> {
+        self.point.reached().await;
+        self.inner.create_secure(name, value).await
+    }
+
+    async fn tag(&self, name: &str, tags: &[(&str, String)]) -> Result<(), CloudError> {
+        self.point.reached().await;
+        self.inner.tag(name, tags).await
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), CloudError> {
+        self.point.reached().await;
+        self.inner.delete(name).await
+    }
+
+    async fn list(&self, path: &str) -> Result<Vec<StoredParameter>, CloudError> {
+        self.point.reached().await;
+        self.inner.list(path).await
+    }
+}
+

@@ -15,9 +15,28 @@ use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
 use serde_json::json;
 use spot_runners_domain::ports::{
-    GitHub, GitHubError, GitHubJob, GitHubRunner, JitConfig, JitRequest, JobReport, RunnerScope,
+    GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
+    JitRequest, JobReport, RunnerScope, WebhookSource,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::survival::RerunFailure;
+
+/// GitHub's limit on re-runs of one workflow run (full or partial).
+pub const MAX_RUN_RERUNS: u32 = 50;
+/// Job ids this fake hands out for re-runs start here, far from the ids a
+/// simulated world gives its own jobs.
+const FIRST_RERUN_JOB_ID: i64 = 1 << 40;
+
+/// A workflow run: its latest attempt's jobs, by name. A re-run gives the
+/// re-run jobs new ids (and the run a new attempt); the others carry over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeRun {
+    pub attempt: i32,
+    pub reruns: u32,
+    /// `(job id, name, attempt that job belongs to)` of the latest attempt.
+    pub jobs: Vec<(i64, String, i32)>,
+}
 
 /// A registered runner with what the list API does not show.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +89,30 @@ pub enum GitHubCall {
         repository: String,
         at: Instant,
     },
+    HookDeliveries {
+        source: WebhookSource,
+        at: Instant,
+    },
+    Redeliver {
+        source: WebhookSource,
+        delivery_id: i64,
+        at: Instant,
+    },
+    WorkflowRun {
+        repository: String,
+        run_id: i64,
+        at: Instant,
+    },
+    RerunJob {
+        repository: String,
+        job_id: i64,
+        at: Instant,
+    },
+    RerunFailedJobs {
+        repository: String,
+        run_id: i64,
+        at: Instant,
+    },
 }
 
 impl GitHubCall {
@@ -81,6 +124,11 @@ impl GitHubCall {
             GitHubCall::DeleteRunner { .. } => "delete_runner",
             GitHubCall::Job { .. } => "job",
             GitHubCall::QueuedJobs { .. } => "queued_jobs",
+            GitHubCall::HookDeliveries { .. } => "hook_deliveries",
+            GitHubCall::Redeliver { .. } => "redeliver",
+            GitHubCall::WorkflowRun { .. } => "workflow_run",
+            GitHubCall::RerunJob { .. } => "rerun_job",
+            GitHubCall::RerunFailedJobs { .. } => "rerun_failed_jobs",
         }
     }
 
@@ -90,7 +138,12 @@ impl GitHubCall {
             | GitHubCall::ListRunners { at, .. }
             | GitHubCall::DeleteRunner { at, .. }
             | GitHubCall::Job { at, .. }
-            | GitHubCall::QueuedJobs { at, .. } => *at,
+            | GitHubCall::QueuedJobs { at, .. }
+            | GitHubCall::HookDeliveries { at, .. }
+            | GitHubCall::Redeliver { at, .. }
+            | GitHubCall::WorkflowRun { at, .. }
+            | GitHubCall::RerunJob { at, .. }
+            | GitHubCall::RerunFailedJobs { at, .. } => *at,
         }
     }
 }
@@ -109,8 +162,15 @@ struct State {
     /// [`FakeGitHub::queue_job`].
     job_details: HashMap<(String, i64), GitHubJob>,
     fail_next: VecDeque<GitHubError>,
+    /// The webhook's delivery log, oldest first.
+    hook_log: Vec<HookDelivery>,
+    /// Keyed by lower-cased `owner/repo` and run id.
+    runs: HashMap<(String, i64), FakeRun>,
+    next_rerun_job_id: i64,
     calls: Vec<GitHubCall>,
     jit_calls: u64,
+    /// What `GET /app/installations` answers.
+    installations: Vec<Installation>,
     rng: StdRng,
 }
 
@@ -122,6 +182,94 @@ impl State {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    fn job_report(&self, repo: &str, job_id: i64) -> Option<&JobReport> {
+        self.jobs.get(&(repo.to_owned(), job_id))
+    }
+
+    /// A run is completed once every job of its latest attempt is.
+    fn run_completed(&self, repo: &str, run: &FakeRun) -> bool {
+        run.jobs.iter().all(|(id, _, _)| {
+            self.job_report(repo, *id)
+                .is_some_and(|j| j.status == "completed")
+        })
+    }
+
+    fn job_failed(&self, repo: &str, job_id: i64) -> bool {
+        self.job_report(repo, job_id).is_some_and(|j| {
+            matches!(
+                j.conclusion.as_deref(),
+                Some("failure" | "cancelled" | "timed_out")
+            )
+        })
+    }
+
+    /// GitHub's rules for a re-run of `which` jobs of a run: only once the
+    /// run completed, at most [`MAX_RUN_RERUNS`] times; the re-run jobs get
+    /// new ids in a new attempt, queued.
+    fn rerun(
+        &mut self,
+        repo: &str,
+        run_id: i64,
+        which: impl Fn(&State, i64) -> bool,
+    ) -> Result<Vec<i64>, RerunFailure> {
+        let key = (repo.to_owned(), run_id);
+        let run = self.runs.get(&key).cloned().ok_or(RerunFailure::NotFound)?;
+        if !self.run_completed(repo, &run) {
+            return Err(RerunFailure::Rejected {
+                status: 403,
+                message: "This workflow is already running".into(),
+            });
+        }
+        if run.reruns >= MAX_RUN_RERUNS {
+            return Err(RerunFailure::Rejected {
+                status: 403,
+                message: "This workflow run has been re-run the maximum number of times".into(),
+            });
+        }
+        let chosen: Vec<i64> = run
+            .jobs
+            .iter()
+            .map(|(id, _, _)| *id)
+            .filter(|id| which(self, *id))
+            .collect();
+        if chosen.is_empty() {
+            return Err(RerunFailure::Rejected {
+                status: 403,
+                message: "This workflow run cannot be retried".into(),
+            });
+        }
+        let attempt = run.attempt + 1;
+        let mut jobs = Vec::with_capacity(run.jobs.len());
+        let mut new_ids = Vec::new();
+        for (id, name, job_attempt) in run.jobs {
+            if chosen.contains(&id) {
+                let new_id = self.next_rerun_job_id;
+                self.next_rerun_job_id += 1;
+                self.jobs.insert(
+                    (repo.to_owned(), new_id),
+                    JobReport {
+                        status: "queued".into(),
+                        conclusion: None,
+                        runner_name: None,
+                    },
+                );
+                jobs.push((new_id, name, attempt));
+                new_ids.push(new_id);
+            } else {
+                jobs.push((id, name, job_attempt));
+            }
+        }
+        self.runs.insert(
+            key,
+            FakeRun {
+                attempt,
+                reruns: run.reruns + 1,
+                jobs,
+            },
+        );
+        Ok(new_ids)
     }
 
     /// Applies `change` to every runner by that name; `false` if none.
@@ -215,8 +363,12 @@ impl FakeGitHub {
             jobs: HashMap::new(),
             job_details: HashMap::new(),
             fail_next: VecDeque::new(),
+            hook_log: Vec::new(),
+            runs: HashMap::new(),
+            next_rerun_job_id: FIRST_RERUN_JOB_ID,
             calls: Vec::new(),
             jit_calls: 0,
+            installations: Vec::new(),
             rng,
         };
         Self {
@@ -308,7 +460,81 @@ impl FakeGitHub {
             .insert((repository.to_ascii_lowercase(), job_id), report);
     }
 
+    /// GitHub tried to deliver `guid` and the receiver answered
+    /// `status_code` (0: no answer). Returns the attempt's id.
+    pub fn log_hook_delivery(
+        &self,
+        guid: &str,
+        event: &str,
+        status_code: u16,
+        delivered_at: chrono::DateTime<chrono::Utc>,
+    ) -> i64 {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let redelivery = state.hook_log.iter().any(|d| d.guid == guid);
+        state.hook_log.push(HookDelivery {
+            id,
+            guid: guid.to_owned(),
+            delivered_at,
+            redelivery,
+            status_code,
+            event: event.to_owned(),
+            action: None,
+        });
+        id
+    }
+
+    /// A workflow run of `repository` with these `(job id, name)` jobs in
+    /// its first attempt; each job is queued unless already set.
+    pub fn add_run(&self, repository: &str, run_id: i64, jobs: &[(i64, &str)]) {
+        let repo = repository.to_ascii_lowercase();
+        let mut state = self.lock();
+        for (id, _) in jobs {
+            state
+                .jobs
+                .entry((repo.clone(), *id))
+                .or_insert_with(|| JobReport {
+                    status: "queued".into(),
+                    conclusion: None,
+                    runner_name: None,
+                });
+        }
+        state.runs.insert(
+            (repo, run_id),
+            FakeRun {
+                attempt: 1,
+                reruns: 0,
+                jobs: jobs
+                    .iter()
+                    .map(|(id, n)| (*id, (*n).to_owned(), 1))
+                    .collect(),
+            },
+        );
+    }
+
     // ----------------------------------------------------- inspection --
+
+    /// The ids of the delivery attempts the service asked to redeliver, in
+    /// order.
+    pub fn redelivery_requests(&self) -> Vec<i64> {
+        self.lock()
+            .calls
+            .iter()
+            .filter_map(|c| match c {
+                GitHubCall::Redeliver { delivery_id, .. } => Some(*delivery_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A run as this fake holds it.
+    pub fn run(&self, repository: &str, run_id: i64) -> Option<FakeRun> {
+        self.lock()
+            .runs
+            .get(&(repository.to_ascii_lowercase(), run_id))
+            .cloned()
+    }
 
     /// Every registered runner, of every scope, in registration order.
     pub fn runners(&self) -> Vec<FakeRunner> {
@@ -316,6 +542,11 @@ impl FakeGitHub {
     }
 
     /// Every `generate_jit_config` call, whatever its outcome.
+    /// The App's installations, as `GET /app/installations` lists them.
+    pub fn set_installations(&self, installations: Vec<Installation>) {
+        self.lock().installations = installations;
+    }
+
     pub fn jit_calls(&self) -> u64 {
         self.lock().jit_calls
     }
@@ -374,6 +605,11 @@ impl GitHub for FakeGitHub {
             runner_id,
             encoded: SecretString::from(encoded),
         })
+    }
+
+    async fn installations(&self) -> Result<Vec<Installation>, GitHubError> {
+        self.delay().await;
+        Ok(self.lock().installations.clone())
     }
 
     async fn list_runners(&self, scope: &RunnerScope) -> Result<Vec<GitHubRunner>, GitHubError> {
@@ -442,6 +678,116 @@ impl GitHub for FakeGitHub {
         Ok(queued)
     }
 
+    async fn hook_deliveries(
+        &self,
+        source: &WebhookSource,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<HookDelivery>, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::HookDeliveries {
+            source: source.clone(),
+            at: now,
+        })?;
+        Ok(state
+            .hook_log
+            .iter()
+            .rev()
+            .filter(|d| d.delivered_at >= since)
+            .cloned()
+            .collect())
+    }
+
+    async fn redeliver(&self, source: &WebhookSource, delivery_id: i64) -> Result<(), GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::Redeliver {
+            source: source.clone(),
+            delivery_id,
+            at: now,
+        })?;
+        if state.hook_log.iter().any(|d| d.id == delivery_id) {
+            Ok(())
+        } else {
+            Err(GitHubError::NotFound)
+        }
+    }
+
+    async fn workflow_run(
+        &self,
+        repository: &str,
+        run_id: i64,
+    ) -> Result<WorkflowRunEvent, GitHubError> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::WorkflowRun {
+            repository: repository.to_owned(),
+            run_id,
+            at: now,
+        })?;
+        let repo = repository.to_ascii_lowercase();
+        let run = state
+            .runs
+            .get(&(repo.clone(), run_id))
+            .ok_or(GitHubError::NotFound)?;
+        let completed = state.run_completed(&repo, run);
+        let failed = run
+            .jobs
+            .iter()
+            .any(|(id, _, _)| state.job_failed(&repo, *id));
+        Ok(WorkflowRunEvent {
+            run_id,
+            run_attempt: run.attempt,
+            repository: repository.to_owned(),
+            status: if completed {
+                "completed"
+            } else {
+                "in_progress"
+            }
+            .into(),
+            conclusion: completed.then(|| if failed { "failure" } else { "success" }.into()),
+            updated_at: None,
+        })
+    }
+
+    async fn rerun_job(&self, repository: &str, job_id: i64) -> Result<(), RerunFailure> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::RerunJob {
+            repository: repository.to_owned(),
+            job_id,
+            at: now,
+        })?;
+        let repo = repository.to_ascii_lowercase();
+        let run_id = state
+            .runs
+            .iter()
+            .find(|((r, _), run)| r == &repo && run.jobs.iter().any(|(id, _, _)| *id == job_id))
+            .map(|((_, id), _)| *id)
+            .ok_or(RerunFailure::NotFound)?;
+        state.rerun(&repo, run_id, |_, id| id == job_id).map(drop)
+    }
+
+    async fn rerun_failed_jobs(&self, repository: &str, run_id: i64) -> Result<(), RerunFailure> {
+        self.delay().await;
+        let now = crate::now();
+        let mut state = self.lock();
+        state.begin(GitHubCall::RerunFailedJobs {
+            repository: repository.to_owned(),
+            run_id,
+            at: now,
+        })?;
+        let repo = repository.to_ascii_lowercase();
+        let r = repo.clone();
+        state
+            .rerun(&repo, run_id, move |s, id| s.job_failed(&r, id))
+            .map(drop)
+    }
+
     async fn job(&self, repository: &str, job_id: i64) -> Result<JobReport, GitHubError> {
         self.delay().await;
         let now = crate::now();
@@ -474,6 +820,81 @@ mod tests {
             runner_group_id: 1,
             labels: vec!["self-hosted".to_owned(), "linux".to_owned()],
         }
+    }
+
+    fn done(conclusion: &str) -> JobReport {
+        JobReport {
+            status: "completed".into(),
+            conclusion: Some(conclusion.into()),
+            runner_name: Some("r".into()),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reruns_follow_githubs_rules() {
+        let gh = FakeGitHub::new();
+        let repo = "acme/proofs";
+        gh.add_run(
+            repo,
+            9,
+            &[(1, "proof (a)"), (2, "proof (b)"), (3, "proof (c)")],
+        );
+        // Not before the run completed.
+        gh.set_job(repo, 1, done("failure"));
+        let err = gh.rerun_job(repo, 1).await.unwrap_err();
+        assert!(
+            matches!(err, RerunFailure::Rejected { status: 403, ref message } if message.contains("already running"))
+        );
+        assert_eq!(
+            gh.workflow_run(repo, 9).await.unwrap().status,
+            "in_progress"
+        );
+        gh.set_job(repo, 2, done("success"));
+        gh.set_job(repo, 3, done("failure"));
+        let run = gh.workflow_run(repo, 9).await.unwrap();
+        assert!(run.is_completed());
+        assert_eq!(run.conclusion.as_deref(), Some("failure"));
+
+        // rerun-failed-jobs: every failed job, new ids, attempt + 1.
+        gh.rerun_failed_jobs(repo, 9).await.unwrap();
+        let run = gh.run(repo, 9).unwrap();
+        assert_eq!(run.attempt, 2);
+        let ids: Vec<i64> = run.jobs.iter().map(|j| j.0).collect();
+        assert_eq!(ids[1], 2, "the job that passed carries over");
+        assert!(ids[0] >= FIRST_RERUN_JOB_ID && ids[2] > ids[0]);
+        assert_eq!(run.jobs[0].2, 2);
+        // Running again: a second re-run is refused until it completes.
+        assert!(gh.rerun_job(repo, 2).await.is_err());
+        gh.set_job(repo, ids[0], done("success"));
+        gh.set_job(repo, ids[2], done("success"));
+        // One job re-run; nothing failed, so rerun-failed-jobs has nothing to do.
+        let err = gh.rerun_failed_jobs(repo, 9).await.unwrap_err();
+        assert!(matches!(err, RerunFailure::Rejected { status: 403, .. }));
+        gh.rerun_job(repo, 2).await.unwrap();
+        assert_eq!(gh.run(repo, 9).unwrap().attempt, 3);
+        assert_eq!(
+            gh.rerun_job(repo, 12345).await.unwrap_err(),
+            RerunFailure::NotFound
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_is_rerun_at_most_fifty_times() {
+        let gh = FakeGitHub::new();
+        let repo = "acme/proofs";
+        gh.add_run(repo, 9, &[(1, "bench")]);
+        let mut job = 1;
+        gh.set_job(repo, job, done("failure"));
+        for _ in 0..MAX_RUN_RERUNS {
+            gh.rerun_job(repo, job).await.unwrap();
+            job = gh.run(repo, 9).unwrap().jobs[0].0;
+            gh.set_job(repo, job, done("failure"));
+        }
+        let err = gh.rerun_job(repo, job).await.unwrap_err();
+        assert!(
+            matches!(err, RerunFailure::Rejected { status: 403, ref message } if message.contains("maximum"))
+        );
+        assert_eq!(gh.run(repo, 9).unwrap().attempt, 51);
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,6 +26,7 @@ pub mod crash;
 pub mod duration;
 pub mod faults;
 pub mod github;
+pub mod parameters;
 pub mod payload;
 pub mod report;
 pub mod scenario;
@@ -38,6 +39,7 @@ pub use clock::ManualClock;
 pub use cloud::FakeCloud;
 pub use github::FakeGitHub;
 pub use store::MemoryStore;
+pub use parameters::FakeParameterStore;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;

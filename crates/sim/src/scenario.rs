@@ -133,6 +133,13 @@ impl ScenarioProfile {
             repositories: self.repositories.clone(),
             enabled: true,
             priority: self.priority,
+            max_interruption_reruns: 2,
+            rerun_market: "on-demand".into(),
+            rerun_own_failures: false,
+            spot_breaker_interruptions: 2,
+            spot_breaker_window_secs: 900,
+            spot_breaker_cooldown_secs: 1800,
+            spot_max_job_minutes: None,
         }
     }
 }

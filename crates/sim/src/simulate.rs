@@ -29,13 +29,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::arrivals::Arrivals;
 use crate::counters::Counters;
-use crate::crash::{Crashes, CrashingCloud, CrashingGitHub, CrashingStore};
+use crate::crash::{Crashes, CrashingCloud, CrashingGitHub, CrashingParameters, CrashingStore};
 use crate::payload::Delivery;
 use crate::report::{self, Report, STRANDED_AFTER};
 use crate::scenario::Scenario;
 use crate::sim_clock::SimClock;
 use crate::world::{SimJob, World, WorldConfig};
-use crate::{FakeCloud, FakeGitHub, MemoryStore};
+use crate::{FakeCloud, FakeGitHub, FakeParameterStore, MemoryStore};
 
 /// The world advances in steps of this much virtual time.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -85,6 +85,7 @@ struct Service {
     session: MemoryStore,
     cloud: FakeCloud,
     github: FakeGitHub,
+    parameters: FakeParameterStore,
     profiles: ProfileCache,
     counters: Arc<Counters>,
     crashes: Arc<Crashes>,
@@ -113,6 +114,10 @@ impl Service {
             }),
             github: Arc::new(CrashingGitHub {
                 inner: self.github.clone(),
+                point: point.clone(),
+            }),
+            parameters: Arc::new(CrashingParameters {
+                inner: self.parameters.clone(),
                 point,
             }),
         };
@@ -227,6 +232,7 @@ pub async fn run_in_paused_time(
         session: ledger.clone(),
         ledger,
         cloud: cloud.clone(),
+        parameters: FakeParameterStore::new(),
         github,
         profiles,
         counters: Arc::new(Counters::default()),

@@ -24,11 +24,14 @@ use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::stale::StaleCutoffs;
+use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, RecentRepository,
-    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
+    PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
+    StaleJob, Store, StoreError,
 };
-use spot_runners_domain::{JobStatus, RunnerState};
+use spot_runners_domain::survival::{Interruption, RunJob};
+use spot_runners_domain::{JobStatus, Market, RunnerState};
 
 use ledger::Ledger;
 
@@ -405,5 +408,151 @@ impl Store for MemoryStore {
 
     async fn notify_wake(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, StoreError> {
+        let before = self.now() - chrono(older_than);
+        let batch = usize::try_from(batch).unwrap_or(0);
+        let mut ledger = self.lock();
+        let mut jobs: Vec<(DateTime<Utc>, i64)> = ledger
+            .jobs
+            .values()
+            .filter(|j| j.status == JobStatus::Completed)
+            .filter_map(|j| j.completed_at.filter(|t| *t < before).map(|t| (t, j.id)))
+            .collect();
+        jobs.sort();
+        jobs.truncate(batch);
+        for (_, id) in &jobs {
+            ledger.jobs.remove(id);
+        }
+        let mut runners: Vec<(DateTime<Utc>, String)> = ledger
+            .runners
+            .values()
+            .filter(|r| r.controller_id == controller_id && r.record.state.is_final())
+            .filter(|r| r.record.updated_at < before)
+            .map(|r| (r.record.updated_at, r.record.name.clone()))
+            .collect();
+        runners.sort();
+        runners.truncate(batch);
+        for (_, name) in &runners {
+            ledger.runners.remove(name);
+        }
+        Ok(Pruned {
+            jobs: jobs.len() as u64,
+            runners: runners.len() as u64,
+        })
+    }
+
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        let ledger = self.lock();
+        Ok(guids
+            .iter()
+            .filter(|g| ledger.deliveries.contains_key(*g))
+            .cloned()
+            .collect())
+    }
+
+    async fn record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        let now = self.now();
+        Ok(self.lock().record_workflow_run(delivery_id, run, now))
+    }
+
+    async fn record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let now = self.now();
+        self.lock().record_run_check(run, at, now);
+        Ok(())
+    }
+
+    async fn mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let _ = repository;
+        self.lock().mark_run_checked(run_id, at);
+        Ok(())
+    }
+
+    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError> {
+        Ok(self.lock().record_interruption(interruption))
+    }
+
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.lock().job_of_runner(runner_name))
+    }
+
+    async fn link_reruns(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().link_reruns())
+    }
+
+    async fn runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, StoreError> {
+        Ok(self.lock().runs_awaiting_reruns(now, limit))
+    }
+
+    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError> {
+        Ok(self.lock().run_jobs(run_id))
+    }
+
+    async fn set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.lock().set_rerun_outcome(job_ids, outcome, at);
+        Ok(())
+    }
+
+    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError> {
+        Ok(self.lock().rerun_attempts(job_id))
+    }
+
+    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError> {
+        Ok(self.lock().job_survival(job_id))
+    }
+
+    async fn choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), StoreError> {
+        let now = self.now();
+        Ok(self.lock().choose_runner_market(
+            controller_id,
+            runner_name,
+            profile,
+            interruptions_since,
+            decide,
+            now,
+        ))
+    }
+
+    async fn interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        Ok(self.lock().interruptions_since(controller_id, since))
     }
 }

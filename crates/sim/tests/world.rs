@@ -77,6 +77,7 @@ impl Sim {
             .cloud
             .launch(&LaunchRequest {
                 runner_name: name.into(),
+                client_token: name.into(),
                 controller_id: "spot-runners".into(),
                 profile: "kani".into(),
                 instance_type: "c6i.4xlarge".into(),

@@ -3,7 +3,9 @@
 //! of its own, and stops it on shutdown.
 //!
 //! PostgreSQL refuses to run as root, so when we are root the cluster runs as
-//! the unprivileged `nobody` user.
+//! the unprivileged `nobody` user. A data directory `nobody` cannot reach (a
+//! checkout under `/root`) is swapped for one it can, derived from the
+//! requested path, so the same checkout always finds the same cluster.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -17,10 +19,17 @@ use crate::PgError;
 const DATABASE: &str = "spot_runners";
 const ROLE: &str = "spot_runners";
 
+/// Where a data directory `nobody` cannot reach is moved to, in this order:
+/// the first that can be created and is reachable wins.
+const FALLBACK_ROOTS: &[&str] = &["/var/lib/spot-runners"];
+
 #[derive(Clone, Debug, Default)]
 pub struct EmbeddedOptions {
     /// Turn off `fsync` (throwaway test clusters only: a crash loses data).
     pub unsafe_no_fsync: bool,
+    /// Parents to move an unreachable data directory under (default
+    /// `/var/lib/spot-runners`, then the system temp directory).
+    pub fallback_roots: Option<Vec<PathBuf>>,
 }
 
 /// A running local cluster.
@@ -118,7 +127,6 @@ impl EmbeddedPostgres {
             .map_err(PgError::io(format!("creating {}", root.display())))?;
         let root = std::fs::canonicalize(root)
             .map_err(PgError::io(format!("resolving {}", root.display())))?;
-        let pgdata = root.join("pgdata");
         let run_as = if Uid::effective().is_root() {
             let nobody = User::from_name("nobody").ok().flatten().ok_or_else(|| {
                 err("running as root, and there is no `nobody` user to run PostgreSQL as")
@@ -127,6 +135,20 @@ impl EmbeddedPostgres {
         } else {
             None
         };
+        let root = match run_as {
+            Some((uid, _)) if !reachable_by_others(&root) => {
+                let moved = reachable_home(&root, options)?;
+                tracing::warn!(
+                    requested = %root.display(),
+                    data_dir = %moved.display(),
+                    "PostgreSQL runs as `nobody` (uid {uid}), who cannot reach the requested data \
+                     directory; using one it can reach instead (set SPOT_RUNNERS_DATA_DIR to choose)"
+                );
+                moved
+            }
+            _ => root,
+        };
+        let pgdata = root.join("pgdata");
         let mut pg = EmbeddedPostgres {
             bin,
             pgdata,
@@ -152,6 +174,12 @@ impl EmbeddedPostgres {
         pg.password = password;
         pg.port = port;
         Ok(pg)
+    }
+
+    /// The cluster's data directory (where it really lives, after any move
+    /// to a place `nobody` can reach).
+    pub fn pgdata(&self) -> &Path {
+        &self.pgdata
     }
 
     /// Connection URL of the service's database (holds the password:
@@ -350,6 +378,65 @@ fn write_private(path: &Path, contents: &str) -> Result<(), PgError> {
         .map_err(PgError::io(format!("writing {}", path.display())))?;
     f.write_all(contents.as_bytes())
         .map_err(PgError::io(format!("writing {}", path.display())))
+}
+
+/// A home for the cluster of `requested` that other users can reach: under
+/// the first fallback root that can be made reachable, named after the
+/// requested path (its last component, for people, and a digest of the
+/// whole, so two checkouts never share a cluster).
+fn reachable_home(requested: &Path, options: &EmbeddedOptions) -> Result<PathBuf, PgError> {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let digest = sha2::Sha256::digest(requested.as_os_str().as_bytes());
+    let tail: String = requested
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name = format!("{}-{}", tail.trim_matches('_'), hex::encode(&digest[..8]));
+    let roots = options.fallback_roots.clone().unwrap_or_else(|| {
+        FALLBACK_ROOTS
+            .iter()
+            .map(PathBuf::from)
+            .chain([std::env::temp_dir().join("spot-runners")])
+            .collect()
+    });
+    let mut tried = Vec::new();
+    for base in roots {
+        let dir = base.join(&name);
+        let made = std::fs::create_dir_all(&dir).and_then(|()| {
+            for d in [&base, &dir] {
+                let mut perms = std::fs::metadata(d)?.permissions();
+                perms.set_mode(perms.mode() | 0o711);
+                std::fs::set_permissions(d, perms)?;
+            }
+            Ok(())
+        });
+        match made {
+            Ok(()) if reachable_by_others(&dir) => return Ok(dir),
+            Ok(()) => tried.push(format!(
+                "{} (a parent is closed to other users)",
+                dir.display()
+            )),
+            Err(e) => tried.push(format!("{} ({e})", dir.display())),
+        }
+    }
+    Err(err(format!(
+        "running as root, PostgreSQL must run as `nobody`, who cannot reach {}, and no \
+         fallback could be used: {}; set SPOT_RUNNERS_DATA_DIR to a directory all users can \
+         traverse (e.g. /var/lib/spot-runners) or set DATABASE_URL",
+        requested.display(),
+        tried.join(", ")
+    )))
 }
 
 /// Every ancestor of `dir` lets other users through (o+x), and `dir` itself

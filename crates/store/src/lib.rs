@@ -7,6 +7,7 @@ mod error;
 mod pg_store;
 mod postgres;
 mod runners;
+mod survival;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -15,6 +16,7 @@ pub use postgres::PgStore;
 // The port and its records, re-exported so callers of this crate need not
 // name the domain's module.
 pub use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot,
-    RecentRepository, RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
+    MarketSnapshot, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome,
+    RunAwaitingRerun, RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
 };

@@ -10,10 +10,14 @@ use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::stale::StaleCutoffs;
+use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, RecentRepository,
-    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
+    PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
+    StaleJob, Store, StoreError,
 };
+use spot_runners_domain::survival::{Interruption, RunJob};
+use spot_runners_domain::Market;
 use spot_runners_domain::RunnerState;
 
 use crate::PgStore;
@@ -186,5 +190,103 @@ impl Store for PgStore {
 
     async fn notify_wake(&self) -> Result<(), StoreError> {
         Ok(self.pg_notify_wake().await?)
+    }
+
+    async fn choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), StoreError> {
+        Ok(self.pg_choose_runner_market(controller_id, runner_name, profile, interruptions_since, decide).await?)
+    }
+
+    async fn interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+        Ok(self.pg_interruptions_since(controller_id, since).await?)
+    }
+
+    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
+        Ok(self.pg_job_of_runner(runner_name).await?)
+    }
+
+    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError> {
+        Ok(self.pg_job_survival(job_id).await?)
+    }
+
+    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+        Ok(self.pg_known_deliveries(guids).await?)
+    }
+
+    async fn link_reruns(&self) -> Result<u64, StoreError> {
+        Ok(self.pg_link_reruns().await?)
+    }
+
+    async fn mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        Ok(self.pg_mark_run_checked(run_id, repository, at).await?)
+    }
+
+    async fn prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, StoreError> {
+        Ok(self.pg_prune_ledger(controller_id, older_than, batch).await?)
+    }
+
+    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError> {
+        Ok(self.pg_record_interruption(interruption).await?)
+    }
+
+    async fn record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        Ok(self.pg_record_run_check(run, at).await?)
+    }
+
+    async fn record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        Ok(self.pg_record_workflow_run(delivery_id, run).await?)
+    }
+
+    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError> {
+        Ok(self.pg_rerun_attempts(job_id).await?)
+    }
+
+    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError> {
+        Ok(self.pg_run_jobs(run_id).await?)
+    }
+
+    async fn runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, StoreError> {
+        Ok(self.pg_runs_awaiting_reruns(now, limit).await?)
+    }
+
+    async fn set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        Ok(self.pg_set_rerun_outcome(job_ids, outcome, at).await?)
     }
 }

@@ -1,6 +1,7 @@
-//! The PostgreSQL implementation of [`Store`].
+//! The queries behind [`PgStore`]'s [`Store`](spot_runners_domain::store::Store)
+//! implementation (`pg_store.rs`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,11 +17,16 @@ use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
 use crate::runners::{queued_job, scope_columns, scope_of};
+use crate::survival::sql as survival;
 use crate::PgError;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot,
-    RecentRepository, RunnerChange, RunnerRecord, StaleJob,
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
+    PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
+    RunnerRecord, StaleJob,
 };
+use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::survival::{Interruption, RunJob};
+use spot_runners_domain::Market;
 
 /// Channel the `instance_profiles` trigger notifies on every change.
 pub const PROFILES_CHANNEL: &str = "spot_runners_profiles";
@@ -86,106 +92,61 @@ impl PgStore {
         Ok(listener)
     }
 
+    /// Writes a batch with a fixed number of round trips, whatever its size:
+    /// `BEGIN` (with the statement timeout), one set-based statement that
+    /// records the delivery GUIDs and folds the new ones into
+    /// `workflow_jobs`, the wake-up, `COMMIT`.
     async fn record_batch(
         &self,
         batch: &[IncomingDelivery],
         deadline: Instant,
     ) -> Result<Vec<DeliveryOutcome>, PgError> {
-        let mut tx = self.pool.begin().await?;
+        // A GUID twice in one batch is a duplicate of its first occurrence;
+        // only first occurrences go to the database.
+        let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+        let mut rows = Vec::with_capacity(batch.len());
+        for (ord, d) in batch.iter().enumerate() {
+            if first_of.contains_key(d.delivery_id.as_str()) {
+                continue;
+            }
+            first_of.insert(d.delivery_id.as_str(), ord);
+            rows.push(delivery_row(ord, d));
+        }
+
         // The server gives up on its own too, so a statement stuck behind a
         // lock cannot commit after the sender was told "unavailable".
         let budget = deadline.saturating_duration_since(Instant::now());
         let budget_ms = budget.saturating_sub(MIN_BATCH_TIME).as_millis().max(1);
-        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
-            .bind(budget_ms.to_string())
-            .execute(&mut *tx)
+        let mut tx = self
+            .pool
+            .begin_with(format!("BEGIN; SET LOCAL statement_timeout = {budget_ms}"))
             .await?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for d in batch {
-            let job = &d.job;
-            let status = job.status.as_str();
-            let fresh = sqlx::query!(
-                r#"INSERT INTO webhook_deliveries (delivery_id, event, action, job_id)
-                   VALUES ($1, 'workflow_job', $2, $3)
-                   ON CONFLICT (delivery_id) DO NOTHING"#,
-                d.delivery_id,
-                status,
-                job.job_id,
-            )
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
-                outcomes.push(DeliveryOutcome::Duplicate);
-                continue;
-            }
-            let (profile, match_error) = match &d.profile {
-                Ok(p) => (Some(p.as_str()), None),
-                Err(e) => (None, Some(e.as_str())),
-            };
-            // Status and per-transition timestamps only ever move forward, so
-            // deliveries may arrive in any order and any number of times.
-            sqlx::query!(
-                r#"INSERT INTO workflow_jobs AS j (
-                       id, run_id, run_attempt, name, workflow_name, repository, owner, org,
-                       installation_id, html_url, labels, status, conclusion, runner_id,
-                       runner_name, profile, match_error, github_created_at,
-                       waiting_at, queued_at, in_progress_at, completed_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                           $16, $17, $18,
-                           CASE WHEN $12 = 'waiting' THEN now() END,
-                           CASE WHEN $12 = 'queued' THEN now() END,
-                           CASE WHEN $12 = 'in_progress' THEN now() END,
-                           CASE WHEN $12 = 'completed' THEN now() END)
-                   ON CONFLICT (id) DO UPDATE SET
-                       status = CASE WHEN job_status_rank(EXCLUDED.status) > job_status_rank(j.status)
-                                     THEN EXCLUDED.status ELSE j.status END,
-                       run_attempt = GREATEST(j.run_attempt, EXCLUDED.run_attempt),
-                       conclusion = COALESCE(EXCLUDED.conclusion, j.conclusion),
-                       runner_id = COALESCE(EXCLUDED.runner_id, j.runner_id),
-                       runner_name = COALESCE(EXCLUDED.runner_name, j.runner_name),
-                       installation_id = COALESCE(EXCLUDED.installation_id, j.installation_id),
-                       html_url = COALESCE(j.html_url, EXCLUDED.html_url),
-                       profile = COALESCE(j.profile, EXCLUDED.profile),
-                       match_error = CASE WHEN COALESCE(j.profile, EXCLUDED.profile) IS NULL
-                                          THEN EXCLUDED.match_error END,
-                       github_created_at = COALESCE(j.github_created_at, EXCLUDED.github_created_at),
-                       waiting_at = COALESCE(j.waiting_at, EXCLUDED.waiting_at),
-                       queued_at = COALESCE(j.queued_at, EXCLUDED.queued_at),
-                       in_progress_at = COALESCE(j.in_progress_at, EXCLUDED.in_progress_at),
-                       completed_at = COALESCE(j.completed_at, EXCLUDED.completed_at),
-                       updated_at = now()"#,
-                job.job_id,
-                job.run_id,
-                job.run_attempt,
-                job.name,
-                job.workflow_name,
-                job.repository,
-                job.owner,
-                job.org,
-                job.installation_id,
-                job.html_url,
-                &job.labels,
-                status,
-                job.conclusion,
-                job.runner_id,
-                job.runner_name,
-                profile,
-                match_error,
-                job.created_at,
-            )
-            .execute(&mut *tx)
+        let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
+            .bind(sqlx::types::Json(&rows))
+            .fetch_all(&mut *tx)
             .await?;
-            outcomes.push(DeliveryOutcome::Accepted);
-        }
+        let fresh: HashSet<String> = fresh.into_iter().collect();
+        let outcomes: Vec<DeliveryOutcome> = batch
+            .iter()
+            .enumerate()
+            .map(|(ord, d)| {
+                if first_of.get(d.delivery_id.as_str()) == Some(&ord)
+                    && fresh.contains(&d.delivery_id)
+                {
+                    DeliveryOutcome::Accepted
+                } else {
+                    DeliveryOutcome::Duplicate
+                }
+            })
+            .collect();
         if Instant::now() + MIN_BATCH_TIME / 5 >= deadline {
             // Dropping the transaction rolls it back.
             return Err(PgError::Timeout);
         }
-        if outcomes.contains(&DeliveryOutcome::Accepted) {
+        if !fresh.is_empty() {
             // Delivered on commit, to every replica's reconciler.
-            sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(WAKE_CHANNEL)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -194,7 +155,132 @@ impl PgStore {
     }
 }
 
-/// The queries behind the [`Store`](spot_runners_domain::store::Store) implementation (`pg_store.rs`).
+/// One delivery as a row of [`RECORD_BATCH_SQL`]'s input; `ord` is its
+/// place in the batch, which decides "first" and "last" between deliveries
+/// of one job.
+fn delivery_row(ord: usize, d: &IncomingDelivery) -> serde_json::Value {
+    let job = &d.job;
+    let (profile, match_error) = match &d.profile {
+        Ok(p) => (Some(p.as_str()), None),
+        Err(e) => (None, Some(e.as_str())),
+    };
+    serde_json::json!({
+        "ord": ord,
+        "delivery_id": d.delivery_id,
+        "status": job.status.as_str(),
+        "job_id": job.job_id,
+        "run_id": job.run_id,
+        "run_attempt": job.run_attempt,
+        "name": job.name,
+        "workflow_name": job.workflow_name,
+        "repository": job.repository,
+        "owner": job.owner,
+        "org": job.org,
+        "installation_id": job.installation_id,
+        "html_url": job.html_url,
+        "labels": job.labels,
+        "conclusion": job.conclusion,
+        "runner_id": job.runner_id,
+        "runner_name": job.runner_name,
+        "profile": profile,
+        "match_error": match_error,
+        "github_created_at": job.created_at,
+    })
+}
+
+/// Records a batch of deliveries (`$1`, a JSON array of [`delivery_row`]s
+/// with distinct GUIDs) and returns the GUIDs that were new.
+///
+/// The new deliveries of each job are folded into one row first, exactly as
+/// applying them one after another in batch order would leave it: status
+/// and run attempt only move forward; conclusion, runner and installation
+/// take the last value given; URL, profile, creation time and the
+/// per-status timestamps keep the first; the rest (names, labels) come from
+/// the first delivery, as an insert followed by updates would keep them. That row is then upserted with the
+/// same rules against what the ledger holds. GUIDs and jobs are written in
+/// key order, so concurrent batches cannot deadlock on each other.
+const RECORD_BATCH_SQL: &str = r#"
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset($1) AS i(
+        ord int, delivery_id text, status text, job_id bigint, run_id bigint,
+        run_attempt int, name text, workflow_name text, repository text, owner text,
+        org text, installation_id bigint, html_url text, labels text[],
+        conclusion text, runner_id bigint, runner_name text, profile text,
+        match_error text, github_created_at timestamptz)
+),
+fresh AS (
+    INSERT INTO webhook_deliveries (delivery_id, event, action, job_id)
+    SELECT delivery_id, 'workflow_job', status, job_id FROM input ORDER BY delivery_id
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id
+),
+folded AS (
+    SELECT i.job_id AS id,
+           min(i.ord) AS first_ord,
+           max(i.run_attempt) AS run_attempt,
+           (array_agg(i.installation_id ORDER BY i.ord DESC)
+                FILTER (WHERE i.installation_id IS NOT NULL))[1] AS installation_id,
+           (array_agg(i.html_url ORDER BY i.ord)
+                FILTER (WHERE i.html_url IS NOT NULL))[1] AS html_url,
+           (array_agg(i.status ORDER BY job_status_rank(i.status) DESC))[1] AS status,
+           (array_agg(i.conclusion ORDER BY i.ord DESC)
+                FILTER (WHERE i.conclusion IS NOT NULL))[1] AS conclusion,
+           (array_agg(i.runner_id ORDER BY i.ord DESC)
+                FILTER (WHERE i.runner_id IS NOT NULL))[1] AS runner_id,
+           (array_agg(i.runner_name ORDER BY i.ord DESC)
+                FILTER (WHERE i.runner_name IS NOT NULL))[1] AS runner_name,
+           (array_agg(i.profile ORDER BY i.ord)
+                FILTER (WHERE i.profile IS NOT NULL))[1] AS profile,
+           (array_agg(i.match_error ORDER BY i.ord DESC))[1] AS last_match_error,
+           (array_agg(i.github_created_at ORDER BY i.ord)
+                FILTER (WHERE i.github_created_at IS NOT NULL))[1] AS github_created_at,
+           bool_or(i.status = 'waiting') AS waiting,
+           bool_or(i.status = 'queued') AS queued,
+           bool_or(i.status = 'in_progress') AS in_progress,
+           bool_or(i.status = 'completed') AS completed
+    FROM input i JOIN fresh f USING (delivery_id)
+    GROUP BY i.job_id
+),
+upserted AS (
+    INSERT INTO workflow_jobs AS j (
+        id, run_id, run_attempt, name, workflow_name, repository, owner, org,
+        installation_id, html_url, labels, status, conclusion, runner_id,
+        runner_name, profile, match_error, github_created_at,
+        waiting_at, queued_at, in_progress_at, completed_at)
+    SELECT f.id, s.run_id, f.run_attempt, s.name, s.workflow_name, s.repository, s.owner,
+           s.org, f.installation_id, f.html_url, s.labels, f.status, f.conclusion,
+           f.runner_id, f.runner_name, f.profile,
+           CASE WHEN f.profile IS NULL THEN f.last_match_error END,
+           f.github_created_at,
+           CASE WHEN f.waiting THEN now() END,
+           CASE WHEN f.queued THEN now() END,
+           CASE WHEN f.in_progress THEN now() END,
+           CASE WHEN f.completed THEN now() END
+    FROM folded f JOIN input s ON s.ord = f.first_ord
+    ORDER BY f.id
+    ON CONFLICT (id) DO UPDATE SET
+        status = CASE WHEN job_status_rank(EXCLUDED.status) > job_status_rank(j.status)
+                      THEN EXCLUDED.status ELSE j.status END,
+        run_attempt = GREATEST(j.run_attempt, EXCLUDED.run_attempt),
+        conclusion = COALESCE(EXCLUDED.conclusion, j.conclusion),
+        runner_id = COALESCE(EXCLUDED.runner_id, j.runner_id),
+        runner_name = COALESCE(EXCLUDED.runner_name, j.runner_name),
+        installation_id = COALESCE(EXCLUDED.installation_id, j.installation_id),
+        html_url = COALESCE(j.html_url, EXCLUDED.html_url),
+        profile = COALESCE(j.profile, EXCLUDED.profile),
+        match_error = CASE WHEN COALESCE(j.profile, EXCLUDED.profile) IS NULL
+                           THEN EXCLUDED.match_error END,
+        github_created_at = COALESCE(j.github_created_at, EXCLUDED.github_created_at),
+        waiting_at = COALESCE(j.waiting_at, EXCLUDED.waiting_at),
+        queued_at = COALESCE(j.queued_at, EXCLUDED.queued_at),
+        in_progress_at = COALESCE(j.in_progress_at, EXCLUDED.in_progress_at),
+        completed_at = COALESCE(j.completed_at, EXCLUDED.completed_at),
+        updated_at = now()
+    RETURNING 1
+)
+SELECT delivery_id FROM fresh
+"#;
+
 impl PgStore {
     pub(crate) async fn pg_record_deliveries(
         &self,
@@ -213,27 +299,69 @@ impl PgStore {
     }
 
     pub(crate) async fn pg_profile_rows(&self) -> Result<Vec<ProfileRow>, PgError> {
-        let rows = sqlx::query_as!(
-            ProfileRow,
+        use sqlx::Row;
+        // Read at run time, not with `query_as!`: several columns are added
+        // by separate migrations, and a row type checked at build time
+        // would have to change with every one of them.
+        let rows = sqlx::query(
             r#"SELECT name, labels, instance_types, image_id, subnet_ids, security_group_ids,
                       iam_instance_profile, market, on_demand_fallback, max_instances, min_idle,
                       idle_timeout_secs, boot_timeout_secs, max_lifetime_secs, runner_group_id,
-                      root_volume_gb, repositories, enabled, priority
-               FROM instance_profiles ORDER BY name"#
+                      root_volume_gb, repositories, enabled, priority,
+                      max_interruption_reruns, rerun_market, rerun_own_failures,
+                      spot_breaker_interruptions, spot_breaker_window_secs,
+                      spot_breaker_cooldown_secs, spot_max_job_minutes
+               FROM instance_profiles ORDER BY name"#,
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|r| {
+                Ok(ProfileRow {
+                    name: r.try_get("name")?,
+                    labels: r.try_get("labels")?,
+                    instance_types: r.try_get("instance_types")?,
+                    image_id: r.try_get("image_id")?,
+                    subnet_ids: r.try_get("subnet_ids")?,
+                    security_group_ids: r.try_get("security_group_ids")?,
+                    iam_instance_profile: r.try_get("iam_instance_profile")?,
+                    market: r.try_get("market")?,
+                    on_demand_fallback: r.try_get("on_demand_fallback")?,
+                    max_instances: r.try_get("max_instances")?,
+                    min_idle: r.try_get("min_idle")?,
+                    idle_timeout_secs: r.try_get("idle_timeout_secs")?,
+                    boot_timeout_secs: r.try_get("boot_timeout_secs")?,
+                    max_lifetime_secs: r.try_get("max_lifetime_secs")?,
+                    runner_group_id: r.try_get("runner_group_id")?,
+                    root_volume_gb: r.try_get("root_volume_gb")?,
+                    repositories: r.try_get("repositories")?,
+                    enabled: r.try_get("enabled")?,
+                    priority: r.try_get("priority")?,
+                    max_interruption_reruns: r.try_get("max_interruption_reruns")?,
+                    rerun_market: r.try_get("rerun_market")?,
+                    rerun_own_failures: r.try_get("rerun_own_failures")?,
+                    spot_breaker_interruptions: r.try_get("spot_breaker_interruptions")?,
+                    spot_breaker_window_secs: r.try_get("spot_breaker_window_secs")?,
+                    spot_breaker_cooldown_secs: r.try_get("spot_breaker_cooldown_secs")?,
+                    spot_max_job_minutes: r.try_get("spot_max_job_minutes")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(PgError::from)
     }
 
-    pub(crate) async fn pg_job_counts(
-        &self,
-        completed_within: Duration,
-    ) -> Result<Vec<JobCount>, PgError> {
+    pub(crate) async fn pg_job_counts(&self, completed_within: Duration) -> Result<Vec<JobCount>, PgError> {
+        // Two index ranges (open jobs, recent completions) instead of a
+        // filter over every job the ledger keeps.
         let rows = sqlx::query!(
-            r#"SELECT profile, status, count(*) AS "count!"
+            r#"SELECT profile, status AS "status!", count(*) AS "count!"
                FROM workflow_jobs
-               WHERE status <> 'completed' OR completed_at > now() - make_interval(secs => $1)
+               WHERE status IN ('waiting', 'queued', 'in_progress')
+               GROUP BY profile, status
+               UNION ALL
+               SELECT profile, status, count(*)
+               FROM workflow_jobs
+               WHERE completed_at > now() - make_interval(secs => $1) AND status = 'completed'
                GROUP BY profile, status"#,
             completed_within.as_secs_f64(),
         )
@@ -259,6 +387,47 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    pub(crate) async fn pg_prune_ledger(
+        &self,
+        controller_id: &str,
+        older_than: Duration,
+        batch: i64,
+    ) -> Result<Pruned, PgError> {
+        // Small batches in short statements: the rows go oldest first
+        // along an index, and nothing live waits on a long delete.
+        let jobs = sqlx::query!(
+            // `= ANY(ARRAY(…))`, not `IN (…)`: the batch is looked up by
+            // key, never by a join over the whole table.
+            r#"DELETE FROM workflow_jobs WHERE id = ANY(ARRAY(
+                   SELECT id FROM workflow_jobs
+                   WHERE completed_at < now() - make_interval(secs => $1) AND status = 'completed'
+                   ORDER BY completed_at
+                   LIMIT $2))"#,
+            older_than.as_secs_f64(),
+            batch,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let runners = sqlx::query!(
+            r#"DELETE FROM runners WHERE name = ANY(ARRAY(
+                   SELECT name FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                                   'interrupted', 'orphaned')
+                     AND updated_at < now() - make_interval(secs => $2)
+                   ORDER BY updated_at
+                   LIMIT $3))"#,
+            controller_id,
+            older_than.as_secs_f64(),
+            batch,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(Pruned { jobs, runners })
     }
 
     pub(crate) async fn pg_ping(&self) -> Result<(), PgError> {
@@ -350,11 +519,7 @@ impl PgStore {
         Ok(out)
     }
 
-    pub(crate) async fn pg_update_runner(
-        &self,
-        name: &str,
-        change: RunnerChange,
-    ) -> Result<(), PgError> {
+    pub(crate) async fn pg_update_runner(&self, name: &str, change: RunnerChange) -> Result<(), PgError> {
         let done = match change {
             RunnerChange::Registered { github_runner_id } => {
                 sqlx::query!(
@@ -457,15 +622,27 @@ impl PgStore {
     ) -> Result<Vec<RunnerRecord>, PgError> {
         let rows = sqlx::query_as!(
             RunnerRow,
-            r#"SELECT name, profile, state, org, repository, github_runner_id, instance_id,
-                      instance_type, subnet_id, market, job_id, launch_attempts,
-                      last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at
-               FROM runners
-               WHERE controller_id = $1
-                 AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))
+            // Live rows, then recently ended ones: one partial index each
+            // (see the ledger_retention migration), however many rows ended
+            // long ago.
+            r#"SELECT name AS "name!", profile AS "profile!", state AS "state!", org, repository,
+                      github_runner_id, instance_id, instance_type, subnet_id, market, job_id,
+                      launch_attempts AS "launch_attempts!", last_error_code, reason, demand_since,
+                      created_at AS "created_at!", launched_at, online_at, updated_at AS "updated_at!"
+               FROM (
+                   SELECT * FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                                   'done', 'terminating')
+                   UNION ALL
+                   SELECT * FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                                   'interrupted', 'orphaned')
+                     AND updated_at > now() - make_interval(secs => $2)
+               ) r
                ORDER BY created_at"#,
             controller_id,
-            &live_states(),
             ended_within.as_secs_f64()
         )
         .fetch_all(&self.pool)
@@ -479,11 +656,17 @@ impl PgStore {
         ended_within: Duration,
     ) -> Result<Vec<RunnerScope>, PgError> {
         let rows = sqlx::query!(
-            r#"SELECT DISTINCT org, repository FROM runners
+            r#"SELECT org, repository FROM runners
                WHERE controller_id = $1
-                 AND (state = ANY($2) OR updated_at > now() - make_interval(secs => $3))"#,
+                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                               'done', 'terminating')
+               UNION
+               SELECT org, repository FROM runners
+               WHERE controller_id = $1
+                 AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                               'interrupted', 'orphaned')
+                 AND updated_at > now() - make_interval(secs => $2)"#,
             controller_id,
-            &live_states(),
             ended_within.as_secs_f64()
         )
         .fetch_all(&self.pool)
@@ -519,11 +702,7 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub(crate) async fn pg_mark_online(
-        &self,
-        names: &[String],
-        at: DateTime<Utc>,
-    ) -> Result<u64, PgError> {
+    pub(crate) async fn pg_mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()
              WHERE name = ANY($1) AND state IN ('launching', 'booting')",
@@ -535,11 +714,7 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub(crate) async fn pg_mark_busy(
-        &self,
-        names: &[String],
-        at: DateTime<Utc>,
-    ) -> Result<u64, PgError> {
+    pub(crate) async fn pg_mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
                     busy_at = COALESCE(busy_at, $2), updated_at = now()
@@ -726,7 +901,8 @@ impl PgStore {
         .await?;
         row.map(|r| {
             Ok(JobRecord {
-                status: JobStatus::parse(&r.status).map_err(|e| PgError::Corrupt(e.to_string()))?,
+                status: JobStatus::parse(&r.status)
+                    .map_err(|e| PgError::Corrupt(e.to_string()))?,
                 id: r.id,
                 name: r.name,
                 workflow_name: r.workflow_name,
@@ -748,11 +924,120 @@ impl PgStore {
         .transpose()
     }
 
+    pub(crate) async fn pg_known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, PgError> {
+        let known: Vec<String> = sqlx::query_scalar(
+            "SELECT delivery_id FROM webhook_deliveries WHERE delivery_id = ANY($1)",
+        )
+        .bind(guids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(known.into_iter().collect())
+    }
+
     pub(crate) async fn pg_notify_wake(&self) -> Result<(), PgError> {
         sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    pub(crate) async fn pg_record_workflow_run(
+        &self,
+        delivery_id: &str,
+        run: &WorkflowRunEvent,
+    ) -> Result<DeliveryOutcome, PgError> {
+        survival::record_workflow_run(&self.pool, delivery_id, run).await
+    }
+
+    pub(crate) async fn pg_record_run_check(
+        &self,
+        run: &WorkflowRunEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), PgError> {
+        survival::record_run_check(&self.pool, run, at).await
+    }
+
+    pub(crate) async fn pg_mark_run_checked(
+        &self,
+        run_id: i64,
+        repository: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), PgError> {
+        survival::mark_run_checked(&self.pool, run_id, repository, at).await
+    }
+
+    pub(crate) async fn pg_record_interruption(&self, interruption: &Interruption) -> Result<bool, PgError> {
+        survival::record_interruption(&self.pool, interruption).await
+    }
+
+    pub(crate) async fn pg_job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, PgError> {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM workflow_jobs WHERE runner_name = $1 ORDER BY id DESC LIMIT 1",
+        )
+        .bind(runner_name)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    pub(crate) async fn pg_link_reruns(&self) -> Result<u64, PgError> {
+        survival::link_reruns(&self.pool).await
+    }
+
+    pub(crate) async fn pg_runs_awaiting_reruns(
+        &self,
+        now: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<RunAwaitingRerun>, PgError> {
+        survival::runs_awaiting_reruns(&self.pool, now, limit).await
+    }
+
+    pub(crate) async fn pg_run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, PgError> {
+        survival::run_jobs(&self.pool, run_id).await
+    }
+
+    pub(crate) async fn pg_set_rerun_outcome(
+        &self,
+        job_ids: &[i64],
+        outcome: &RerunOutcome,
+        at: DateTime<Utc>,
+    ) -> Result<(), PgError> {
+        survival::set_rerun_outcome(&self.pool, job_ids, outcome, at).await
+    }
+
+    pub(crate) async fn pg_rerun_attempts(&self, job_id: i64) -> Result<i32, PgError> {
+        survival::rerun_attempts(&self.pool, job_id).await
+    }
+
+    pub(crate) async fn pg_job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, PgError> {
+        survival::job_survival(&self.pool, job_id).await
+    }
+
+    pub(crate) async fn pg_choose_runner_market(
+        &self,
+        controller_id: &str,
+        runner_name: &str,
+        profile: &str,
+        interruptions_since: DateTime<Utc>,
+        decide: MarketFn,
+    ) -> Result<(Market, String), PgError> {
+        survival::choose_runner_market(
+            &self.pool,
+            controller_id,
+            runner_name,
+            profile,
+            interruptions_since,
+            decide,
+        )
+        .await
+    }
+
+    pub(crate) async fn pg_interruptions_since(
+        &self,
+        controller_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<(String, DateTime<Utc>)>, PgError> {
+        survival::interruptions_since(&self.pool, controller_id, since).await
     }
 }
 
@@ -811,21 +1096,10 @@ fn records(rows: Vec<RunnerRow>) -> Result<Vec<RunnerRecord>, PgError> {
     rows.into_iter().map(RunnerRecord::try_from).collect()
 }
 
-/// States that may still have (or get) an instance.
-const LIVE_STATES: &[&str] = &[
-    "requested",
-    "registered",
-    "launching",
-    "booting",
-    "idle",
-    "busy",
-    "done",
-    "terminating",
-];
-
-fn live_states() -> Vec<String> {
-    LIVE_STATES.iter().map(|s| (*s).to_owned()).collect()
-}
+// The live states ('requested' … 'terminating': those that may still have
+// or get an instance) and the ended ones are written out in each query, as
+// in the partial indexes of the ledger_retention migration, so the planner
+// can use those indexes; `live_states_match_the_domain` keeps the lists honest.
 
 impl PgStore {
     async fn plan_in_tx(
@@ -851,16 +1125,18 @@ impl PgStore {
         // every live runner.
         let runners = sqlx::query!(
             r#"SELECT profile, state, org, repository, count(*) AS "n!" FROM runners
-               WHERE controller_id = $1 AND state = ANY($2)
+               WHERE controller_id = $1
+                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                               'done', 'terminating')
                GROUP BY profile, state, org, repository"#,
             controller_id,
-            &live_states()
         )
         .fetch_all(&mut *tx)
         .await?;
         for r in runners {
             let count = RunnerCount {
-                state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
+                state: RunnerState::parse(&r.state)
+                    .map_err(|e| PgError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
             };
@@ -992,12 +1268,16 @@ async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>
             j.repository,
         ));
     }
-    // Warm pools register where the profile's latest job came from.
+    // Warm pools register where the profile's latest job came from: one
+    // index probe per profile, not a pass over a month of jobs.
     let latest = sqlx::query!(
-        r#"SELECT DISTINCT ON (profile) profile AS "profile!", org, repository
-               FROM workflow_jobs
-               WHERE profile IS NOT NULL AND first_seen_at > now() - interval '30 days'
-               ORDER BY profile, first_seen_at DESC"#
+        r#"SELECT p.name AS "profile!", j.org, j.repository AS "repository!"
+               FROM instance_profiles p
+               CROSS JOIN LATERAL (
+                   SELECT org, repository FROM workflow_jobs
+                   WHERE profile = p.name AND first_seen_at > now() - interval '30 days'
+                   ORDER BY first_seen_at DESC
+                   LIMIT 1) j"#
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -1006,4 +1286,39 @@ async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>
             Some(queued_job(chrono::Utc::now(), j.org, j.repository).scope);
     }
     Ok(demand)
+}
+
+#[cfg(test)]
+mod tests {
+    use spot_runners_domain::RunnerState;
+
+    #[test]
+    fn live_states_match_the_domain() {
+        let sql = include_str!("../../../migrations/20261201101000_ledger_retention.sql");
+        let live = "'requested', 'registered', 'launching', 'booting', 'idle', 'busy',\n                    'done', 'terminating'";
+        assert!(sql.contains(live));
+        for state in [
+            "requested",
+            "registered",
+            "launching",
+            "booting",
+            "idle",
+            "busy",
+            "done",
+            "terminating",
+            "terminated",
+            "launch_failed",
+            "boot_timeout",
+            "idle_timeout",
+            "interrupted",
+            "orphaned",
+        ] {
+            let parsed = RunnerState::parse(state).unwrap();
+            assert_eq!(
+                parsed.is_live(),
+                live.contains(&format!("'{state}'")),
+                "{state}"
+            );
+        }
+    }
 }

@@ -60,6 +60,7 @@ async fn admin_url() -> Result<String, PgError> {
         &dir,
         &EmbeddedOptions {
             unsafe_no_fsync: true,
+            ..EmbeddedOptions::default()
         },
     )
     .await;

@@ -1,28 +1,29 @@
 //! `RunInstances` along the profile's candidates: instance types, then
 //! subnets, then on-demand if the profile allows it.
 
-use secrecy::ExposeSecret;
-use spot_runners_domain::planner::launch_candidates;
-use spot_runners_domain::ports::{CloudError, CloudErrorKind, JitConfig, LaunchRequest};
+use spot_runners_domain::names::client_token;
+use spot_runners_domain::ports::{CloudError, CloudErrorKind, LaunchRequest};
 use spot_runners_domain::store::{RunnerChange, RunnerRecord};
 use spot_runners_domain::userdata::{render, UserDataValues};
-use spot_runners_domain::Profile;
+use spot_runners_domain::{Market, Profile};
 
 use super::Failure;
-use crate::retry::{MAX_RETRIES, MAX_THROTTLED_RETRIES};
+use crate::retry::{lock, MAX_RETRIES, MAX_THROTTLED_RETRIES};
 use crate::Reconciler;
 
 impl Reconciler {
+    /// The instance type × subnet × market walk, from `first_attempt` on;
+    /// each attempt sends its own `ClientToken`.
     pub(super) async fn launch(
         &self,
         runner: &RunnerRecord,
         profile: &Profile,
-        jit: &JitConfig,
+        candidates: &[(String, Option<String>, Market)],
+        first_attempt: usize,
     ) -> Result<(), Failure> {
         let user_data = render(&UserDataValues {
             controller_id: self.controller_id.as_str(),
             runner_name: &runner.name,
-            jit_config: jit.encoded.expose_secret(),
             profile,
         })
         .map_err(|e| Failure::End {
@@ -30,9 +31,15 @@ impl Reconciler {
             reason: e.to_string(),
         })?;
         let mut last: Option<CloudError> = None;
-        for (instance_type, subnet_id, market) in launch_candidates(profile) {
+        for (attempt, (instance_type, subnet_id, market)) in
+            candidates.iter().cloned().enumerate().skip(first_attempt)
+        {
             let request = LaunchRequest {
                 runner_name: runner.name.clone(),
+                client_token: client_token(
+                    &runner.name,
+                    u32::try_from(attempt).unwrap_or(u32::MAX),
+                ),
                 controller_id: self.controller_id.to_string(),
                 profile: profile.name.to_string(),
                 instance_type: instance_type.clone(),
@@ -69,6 +76,8 @@ impl Reconciler {
                             runner = %runner.name, instance = %instance.id, instance_type = %instance_type,
                             market = %market, "instance launched"
                         );
+                        lock(&self.backoffs).launched(profile.name.as_str());
+                        self.grant_jit_config(&runner.name, &instance).await?;
                         return self
                             .update(
                                 &runner.name,
@@ -99,6 +108,14 @@ impl Reconciler {
                         last = Some(e);
                         match kind {
                             CloudErrorKind::Capacity => break,
+                            // Used before by an attempt whose outcome we
+                            // never learned: its instance, if any, is ours.
+                            CloudErrorKind::TokenSpent => {
+                                if self.adopt(runner).await? {
+                                    return Ok(());
+                                }
+                                break;
+                            }
                             CloudErrorKind::Throttled if attempt <= MAX_THROTTLED_RETRIES => {
                                 tokio::time::sleep(self.backoff(attempt)).await;
                             }

@@ -14,10 +14,11 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
     match state.store.ping().await {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
         Err(e) => {
+            // The detail is for the log; callers learn only the verdict.
             tracing::warn!(error = %e, "readiness check failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("database unavailable: {e}\n"),
+                "database unavailable\n".into(),
             )
         }
     }

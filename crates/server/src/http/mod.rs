@@ -1,6 +1,8 @@
 //! The HTTP surface: `POST /webhook`, `GET /metrics`, `/healthz`, `/readyz`.
 
+mod budget;
 mod health;
+mod serve;
 mod webhook;
 
 use std::sync::Arc;
@@ -21,6 +23,8 @@ use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
 
+pub use budget::BodyBudget;
+pub use serve::{serve, IntakeLimits};
 pub use webhook::{MAX_BODY_BYTES, WEBHOOK_DEADLINE};
 
 /// Everything a handler may touch.
@@ -30,10 +34,17 @@ pub struct AppState {
     pub ingest: Ingest,
     pub profiles: ProfileCache,
     pub metrics: Arc<Metrics>,
-    /// `None` only under `--simulate`, where the simulator signs nothing.
-    pub secrets: Option<WebhookSecrets>,
+    /// Every delivery is verified against these: there is no "no secret"
+    /// mode (`--simulate` makes one up and signs with it).
+    pub secrets: WebhookSecrets,
+    /// Bytes of webhook bodies held at once, over all requests.
+    pub body_budget: BodyBudget,
+    /// How long a webhook body may take to arrive.
+    pub body_read_timeout: Duration,
     /// Wakes the reconciler after demand changed.
     pub wake: Arc<Notify>,
+    /// Scopes learned from verified deliveries, shared with the reconciler.
+    pub scopes: spot_runners_domain::scopes::KnownScopes,
 }
 
 /// Everything on one listener: webhooks, health and metrics.
@@ -88,6 +99,12 @@ pub enum ApiError {
     Malformed(String),
     #[error("body larger than {MAX_BODY_BYTES} bytes")]
     TooLarge,
+    #[error("webhook body not received within {0:?}")]
+    BodyTimeout(Duration),
+    /// Too many bodies are being read at once (the shared budget is spent).
+    #[error("too many deliveries in flight; retry later")]
+    Busy,
+    /// The detail is logged, never sent: it may be a database's error text.
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
 }
@@ -98,7 +115,18 @@ impl ApiError {
             ApiError::BadSignature => StatusCode::UNAUTHORIZED,
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Busy | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// What the caller is told: everything but internal detail.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::Unavailable(_) => {
+                "the ledger could not be written; the delivery was not recorded".into()
+            }
+            other => other.to_string(),
         }
     }
 
@@ -106,9 +134,9 @@ impl ApiError {
     pub fn outcome(&self) -> &'static str {
         match self {
             ApiError::BadSignature => "bad_signature",
-            ApiError::Malformed(_) => "malformed",
+            ApiError::Malformed(_) | ApiError::BodyTimeout(_) => "malformed",
             ApiError::TooLarge => "too_large",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Busy | ApiError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -117,10 +145,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut res = (
             self.status(),
-            Json(serde_json::json!({ "error": self.to_string() })),
+            Json(serde_json::json!({ "error": self.public_message() })),
         )
             .into_response();
-        if matches!(self, ApiError::Unavailable(_)) {
+        if matches!(self, ApiError::Unavailable(_) | ApiError::Busy) {
             // GitHub does not retry on its own, but an operator's tooling may.
             res.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

@@ -8,11 +8,16 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::BytesMut;
+use http_body_util::BodyExt;
 use spot_runners_domain::job::ParsedWorkflowJob;
+use spot_runners_domain::run::{ParsedWorkflowRun, WorkflowRunEvent};
+use spot_runners_domain::webhook::Signature;
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 use spot_runners_store::{DeliveryOutcome, IncomingDelivery};
 use tokio::time::Instant;
 
+use super::budget::Reservation;
 use super::{ApiError, AppState};
 use crate::ingest::IngestError;
 
@@ -21,6 +26,8 @@ pub const MAX_BODY_BYTES: usize = 25 * 1024 * 1024;
 /// A delivery that cannot be committed within this is answered 503 (GitHub
 /// waits 10 s).
 pub const WEBHOOK_DEADLINE: Duration = Duration::from_secs(5);
+/// Bodies larger than this are verified on a blocking thread.
+const VERIFY_INLINE_BYTES: usize = 256 * 1024;
 /// Longest `X-GitHub-Delivery` accepted (GitHub sends a 36-character GUID).
 const MAX_DELIVERY_ID: usize = 128;
 
@@ -86,6 +93,7 @@ impl Delivery {
     fn event_label(&self) -> &'static str {
         match self.event.as_str() {
             "workflow_job" => "workflow_job",
+            "workflow_run" => "workflow_run",
             "ping" => "ping",
             "" => "none",
             _ => "other",
@@ -136,25 +144,42 @@ pub async fn receive(State(state): State<AppState>, headers: HeaderMap, body: Bo
     }
 }
 
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return Err(ApiError::TooLarge);
+/// Reads the body within the shared budget and the body read timeout. The
+/// bytes stay reserved in `held` until the caller drops it.
+async fn read_body(
+    state: &AppState,
+    declared: Option<usize>,
+    body: Body,
+    held: &mut Reservation,
+) -> Result<Bytes, ApiError> {
+    let budget = &state.body_budget;
+    // A declared length is reserved whole before anything is read, so a
+    // full budget costs the sender nothing but this answer.
+    if !budget.grow(held, declared.unwrap_or(0)) {
+        return Err(ApiError::Busy);
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::TooLarge
-            } else {
-                ApiError::Malformed(format!("reading the body: {e}"))
+    let read = async {
+        let mut body = body;
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::Malformed(format!("reading the body: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = buf.len() + data.len();
+            if len > MAX_BODY_BYTES {
+                return Err(ApiError::TooLarge);
             }
-        })
+            if len > held.bytes() && !budget.grow(held, len - held.bytes()) {
+                return Err(ApiError::Busy);
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(state.body_read_timeout, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout(state.body_read_timeout))?
 }
 
 async fn handle(
@@ -164,38 +189,82 @@ async fn handle(
     delivery: &mut Delivery,
     deadline: Instant,
 ) -> Result<Accepted, ApiError> {
-    let body = read_body(headers, body).await?;
-    if let Some(secrets) = &state.secrets {
-        let signature = headers
-            .get("x-hub-signature-256")
-            .and_then(|v| v.to_str().ok());
-        if !secrets.verify(signature, &body) {
-            return Err(ApiError::BadSignature);
-        }
-    }
+    // Everything the head decides is decided before a byte of the body is
+    // read: a stranger's body costs memory only once it carries a
+    // well-formed signature for an event the service uses.
     match delivery.event.as_str() {
-        "ping" => return Ok(Accepted::Ping),
-        "workflow_job" => {}
+        "ping" | "workflow_job" | "workflow_run" => {}
         "" => return Err(ApiError::Malformed("missing X-GitHub-Event".into())),
         _ => return Ok(Accepted::Ignored),
     }
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
+    let signature = headers
+        .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok())
-        .is_none_or(|ct| ct.starts_with("application/json"));
-    if !is_json {
-        return Err(ApiError::Malformed(
-            "content type must be application/json (set it in the webhook's settings)".into(),
-        ));
-    }
-    let id = match delivery.id.as_deref().map(str::trim) {
-        Some(id) if !id.is_empty() && id.len() <= MAX_DELIVERY_ID => id.to_owned(),
-        _ => {
-            return Err(ApiError::Malformed(
-                "missing or oversized X-GitHub-Delivery".into(),
-            ))
-        }
+        .and_then(Signature::parse)
+        .ok_or(ApiError::BadSignature)?;
+    let declared = match headers.get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| ApiError::Malformed("bad Content-Length".into()))?,
+        ),
     };
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(ApiError::TooLarge);
+    }
+    let mut held = Reservation::default();
+    let body = read_body(state, declared, body, &mut held).await?;
+    let verified = if body.len() > VERIFY_INLINE_BYTES {
+        // Hashing 25 MiB takes a while; off the runtime's threads, so the
+        // deliveries beside it are not held up.
+        let (secrets, body) = (state.secrets.clone(), body.clone());
+        tokio::task::spawn_blocking(move || secrets.verify_signature(&signature, &body))
+            .await
+            .unwrap_or(false)
+    } else {
+        state.secrets.verify_signature(&signature, &body)
+    };
+    if !verified {
+        return Err(ApiError::BadSignature);
+    }
+    // Only a caller who proved it holds the secret learns more than 401.
+    // `workflow_job` and `workflow_run` are recorded by their delivery GUID.
+    let job_delivery_id = if delivery.event != "ping" {
+        let is_json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|ct| ct.starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::Malformed(
+                "content type must be application/json (set it in the webhook's settings)".into(),
+            ));
+        }
+        match delivery.id.as_deref().map(str::trim) {
+            Some(id) if !id.is_empty() && id.len() <= MAX_DELIVERY_ID => Some(id.to_owned()),
+            _ => {
+                return Err(ApiError::Malformed(
+                    "missing or oversized X-GitHub-Delivery".into(),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let Some(id) = job_delivery_id else {
+        // An org webhook's ping names the org: warm pools and orphan
+        // sweeps can start there before its first job.
+        if let Some(scope) = spot_runners_domain::scopes::scope_of_delivery(&body) {
+            if state.scopes.learn(scope.clone()) {
+                tracing::info!(%scope, "serving a scope named by a webhook ping");
+            }
+        }
+        return Ok(Accepted::Ping);
+    };
+    if delivery.event == "workflow_run" {
+        return record_run(state, &body, id, delivery, deadline).await;
+    }
     let job =
         match WorkflowJobEvent::parse(&body).map_err(|e| ApiError::Malformed(e.to_string()))? {
             ParsedWorkflowJob::Event(job) => *job,
@@ -204,8 +273,16 @@ async fn handle(
                 return Ok(Accepted::Ignored);
             }
         };
+    // The parsed job is all that is kept; the body's bytes go back to the
+    // budget before the (possibly slow) commit.
+    drop(body);
+    drop(held);
     delivery.action = job.status.as_str().to_owned();
     delivery.job_id = Some(job.job_id);
+    state.scopes.learn(match &job.org {
+        Some(org) => spot_runners_domain::ports::RunnerScope::Org(org.clone()),
+        None => spot_runners_domain::ports::RunnerScope::Repo(job.repository.clone()),
+    });
     let profile = state.profiles.match_job(&job.labels, &job.repository);
     let wait = match (job.status, &profile, job.created_at, job.started_at) {
         (JobStatus::InProgress, Ok(p), Some(created), Some(started)) => {
@@ -235,6 +312,39 @@ async fn handle(
                     .with_label_values(&[&profile])
                     .observe(ms.max(0) as f64 / 1000.0);
             }
+            state.wake.notify_one();
+            Ok(Accepted::Recorded)
+        }
+    }
+}
+
+/// A `workflow_run` delivery: `completed` tells the re-run worker that
+/// interrupted jobs of the run can be re-run now. Written straight to the
+/// ledger (not through the group-committing writer): there is one per run,
+/// not one per job.
+async fn record_run(
+    state: &AppState,
+    body: &[u8],
+    id: String,
+    delivery: &mut Delivery,
+    deadline: Instant,
+) -> Result<Accepted, ApiError> {
+    let run = match WorkflowRunEvent::parse(body).map_err(|e| ApiError::Malformed(e.to_string()))? {
+        ParsedWorkflowRun::Completed(run) => run,
+        ParsedWorkflowRun::IgnoredAction(action) => {
+            delivery.action = action;
+            return Ok(Accepted::Ignored);
+        }
+    };
+    delivery.action = "completed".to_owned();
+    let outcome = tokio::time::timeout_at(deadline, state.store.record_workflow_run(&id, &run))
+        .await
+        .map_err(|_| ApiError::Unavailable("the ledger could not be written in time".into()))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    tracing::debug!(run_id = run.run_id, repository = %run.repository, attempt = run.run_attempt, "workflow run completed");
+    match outcome {
+        DeliveryOutcome::Duplicate => Ok(Accepted::Duplicate),
+        DeliveryOutcome::Accepted => {
             state.wake.notify_one();
             Ok(Accepted::Recorded)
         }

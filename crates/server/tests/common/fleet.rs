@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners::metrics::Metrics;
-use spot_runners_domain::ControllerId;
+use spot_runners_domain::ports::LaunchRequest;
+use spot_runners_domain::{ControllerId, Market};
 use spot_runners_reconciler::ProfileCache;
 use spot_runners_reconciler::{Backends, Reconciler};
 use spot_runners_sim::cloud::CloudCall;
-use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
+use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock};
 use spot_runners_store::testing::{test_database, TestDatabase};
 use spot_runners_store::PgStore;
 
@@ -18,6 +19,7 @@ pub struct Harness {
     pub store: Arc<PgStore>,
     pub cloud: FakeCloud,
     pub github: FakeGitHub,
+    pub parameters: FakeParameterStore,
     pub profiles: ProfileCache,
     pub metrics: Arc<Metrics>,
     pub clock: ManualClock,
@@ -38,6 +40,7 @@ impl Harness {
             _db: db,
             cloud: FakeCloud::with_seed(1),
             github: FakeGitHub::with_seed(1),
+            parameters: FakeParameterStore::new(),
             profiles: ProfileCache::default(),
             metrics: Arc::new(Metrics::new().unwrap()),
             clock: ManualClock::new(),
@@ -57,6 +60,7 @@ impl Harness {
                 Backends {
                     cloud: Arc::new(self.cloud.clone()),
                     github: Arc::new(self.github.clone()),
+                    parameters: Arc::new(self.parameters.clone()),
                 },
                 self.profiles.clone(),
                 Arc::clone(&self.metrics) as _,
@@ -65,6 +69,27 @@ impl Harness {
             )
             .with_clock(Arc::new(self.clock.clone())),
         )
+    }
+
+    /// A reconciler on the harness's store, adjusted by `f` (scopes, …).
+    pub fn reconciler_with(
+        &self,
+        max_instances: u32,
+        f: impl FnOnce(Reconciler) -> Reconciler,
+    ) -> Arc<Reconciler> {
+        Arc::new(f(Reconciler::new(
+            self.store.clone(),
+            Backends {
+                cloud: Arc::new(self.cloud.clone()),
+                github: Arc::new(self.github.clone()),
+                parameters: Arc::new(self.parameters.clone()),
+            },
+            self.profiles.clone(),
+            Arc::clone(&self.metrics),
+            ControllerId::default(),
+            max_instances,
+        )
+        .with_clock(Arc::new(self.clock.clone()))))
     }
 
     pub async fn profile(&self, name: &str, sql_set: &str) {
@@ -129,7 +154,27 @@ pub fn terminations(cloud: &FakeCloud) -> Vec<Vec<String>> {
         .into_iter()
         .filter_map(|c| match c {
             CloudCall::Terminate { ids, .. } => Some(ids),
-            CloudCall::Launch { .. } => None,
+            CloudCall::Launch { .. } | CloudCall::Tag { .. } => None,
         })
         .collect()
+}
+
+/// A first-attempt `RunInstances` of profile `kani` for `runner`, as the
+/// reconciler would send it: for tests that put an instance in EC2 behind
+/// the ledger's back (a crash mid-launch, an orphan).
+pub fn launch_request(controller: &str, runner: &str) -> LaunchRequest {
+    LaunchRequest {
+        runner_name: runner.to_owned(),
+        client_token: runner.to_owned(),
+        controller_id: controller.to_owned(),
+        profile: "kani".to_owned(),
+        instance_type: "c6i.4xlarge".to_owned(),
+        subnet_id: None,
+        image_id: "ami-1".to_owned(),
+        security_group_ids: vec![],
+        iam_instance_profile: None,
+        market: Market::Spot,
+        root_volume_gb: 64,
+        user_data: "#!/bin/sh\n".to_owned(),
+    }
 }

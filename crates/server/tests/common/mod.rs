@@ -44,6 +44,10 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         reconcile_interval: Duration::from_secs(3600),
         max_instances: 100,
         delivery_retention: Duration::from_secs(7 * 86_400),
+        github_orgs: vec![],
+        retention: Duration::from_secs(30 * 86_400),
+        intake: Default::default(),
+        redeliver_from: None,
     }
 }
 
@@ -62,13 +66,28 @@ pub async fn spawn_app_with(
     tweak: impl FnOnce(&mut Settings),
     backends: Option<spot_runners_reconciler::Backends>,
 ) -> TestApp {
-    let metrics = Arc::new(spot_runners::metrics::Metrics::new().unwrap());
+    spawn_app_with_clock(
+        secrets,
+        tweak,
+        backends,
+        Arc::new(spot_runners_domain::clock::SystemClock),
+    )
+    .await
+}
+
+/// [`spawn_app_with`], the reconciler on `clock`.
+pub async fn spawn_app_with_clock(
+    secrets: &str,
+    tweak: impl FnOnce(&mut Settings),
+    backends: Option<spot_runners_reconciler::Backends>,
+    clock: Arc<dyn spot_runners_domain::clock::Clock>,
+) -> TestApp {
     spawn_app_on(
         secrets,
         tweak,
-        metrics,
+        Arc::new(spot_runners::metrics::Metrics::new().unwrap()),
         backends,
-        Arc::new(spot_runners_domain::clock::SystemClock),
+        clock,
     )
     .await
 }
@@ -166,12 +185,23 @@ impl TestApp {
     }
 
     /// Waits (bounded) until `f` holds.
-    pub async fn eventually<F, Fut>(&self, what: &str, mut f: F)
+    pub async fn eventually<F, Fut>(&self, what: &str, f: F)
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        self.eventually_within(what, Duration::from_secs(10), f)
+            .await;
+    }
+
+    /// Waits until `f` holds, at most `limit`: for what happens on the
+    /// sweep's real-time pace (every 10 s) rather than on the next pass.
+    pub async fn eventually_within<F, Fut>(&self, what: &str, limit: Duration, mut f: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + limit;
         while !f().await {
             assert!(
                 tokio::time::Instant::now() < deadline,

@@ -15,6 +15,10 @@ use spot_runners_domain::store::{
 };
 use spot_runners_domain::{ControllerId, JobStatus, RunnerName, RunnerState};
 
+mod survival;
+
+pub(crate) use survival::{JobSurvivalColumns, Run};
+
 /// Warm pools register where the profile's latest job (of this window) came from.
 const WARM_SCOPE_WINDOW_DAYS: i64 = 30;
 
@@ -22,6 +26,7 @@ const WARM_SCOPE_WINDOW_DAYS: i64 = 30;
 #[derive(Clone, Debug)]
 pub(crate) struct Job {
     pub id: i64,
+    pub run_id: i64,
     pub run_attempt: i32,
     pub name: String,
     pub workflow_name: Option<String>,
@@ -41,6 +46,7 @@ pub(crate) struct Job {
     pub in_progress_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub checked_at: Option<DateTime<Utc>>,
+    pub survival: JobSurvivalColumns,
 }
 
 impl Job {
@@ -83,6 +89,9 @@ pub(crate) struct Runner {
     pub seq: u64,
     pub lease_owner: Option<String>,
     pub lease_until: Option<DateTime<Utc>>,
+    /// `terminated_at`: when it first reached a final state.
+    pub ended_at: Option<DateTime<Utc>>,
+    pub market_reason: Option<String>,
 }
 
 impl Runner {
@@ -97,6 +106,7 @@ impl Runner {
 pub(crate) struct Ledger {
     pub deliveries: BTreeMap<String, DateTime<Utc>>,
     pub jobs: BTreeMap<i64, Job>,
+    pub runs: BTreeMap<i64, Run>,
     /// Jobs not completed.
     pub open: BTreeSet<i64>,
     /// The job naming each runner (`runner_name`).
@@ -117,6 +127,7 @@ impl Ledger {
         Self {
             deliveries: BTreeMap::new(),
             jobs: BTreeMap::new(),
+            runs: BTreeMap::new(),
             open: BTreeSet::new(),
             by_runner: BTreeMap::new(),
             latest: BTreeMap::new(),
@@ -151,6 +162,7 @@ impl Ledger {
             };
             let job = self.jobs.entry(ev.job_id).or_insert_with(|| Job {
                 id: ev.job_id,
+                run_id: ev.run_id,
                 run_attempt: ev.run_attempt,
                 name: ev.name.clone(),
                 workflow_name: ev.workflow_name.clone(),
@@ -170,6 +182,7 @@ impl Ledger {
                 in_progress_at: None,
                 completed_at: None,
                 checked_at: None,
+                survival: JobSurvivalColumns::default(),
             });
             job.status = job.status.max(ev.status);
             job.run_attempt = job.run_attempt.max(ev.run_attempt);
@@ -379,6 +392,8 @@ impl Ledger {
                         seq: self.next_seq,
                         lease_owner: None,
                         lease_until: None,
+                        ended_at: None,
+                        market_reason: None,
                     },
                 );
                 created.push(record);
@@ -417,6 +432,9 @@ impl Ledger {
     fn set_state(&mut self, name: &str, state: RunnerState) {
         if let Some(r) = self.runners.get_mut(name) {
             r.record.state = state;
+            if !state.is_live() {
+                r.ended_at.get_or_insert(r.record.updated_at);
+            }
         }
         if state.is_live() {
             self.live.insert(name.to_owned());

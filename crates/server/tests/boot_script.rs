@@ -1,0 +1,331 @@
+//! The boot script's secret path, run for real: the script the service
+//! renders, under bash, against fake metadata service, SSM, firewall and
+//! runner commands (`tests/fixtures/boot_script/fake.py`). The JIT config
+//! must reach the runner once, from SSM, be deleted there, never appear on
+//! a command line or in the log, and the runner user must be firewalled off
+//! the metadata service before any job can run.
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use spot_runners_domain::profile::{example_row, Profile};
+use spot_runners_domain::userdata::{render, UserDataValues};
+
+const CONTROLLER: &str = "spot-runners";
+const RUNNER: &str = "spot-runners-kani-medium-abcd1234";
+const PARAMETER: &str = "/spot-runners/spot-runners/jit/spot-runners-kani-medium-abcd1234";
+const INSTANCE_ARN: &str = "arn:aws:ec2:us-east-1:123456789012:instance/i-0123456789abcdef0";
+/// What the fake metadata service hands out as the role's credentials.
+const ROLE_SECRETS: [&str; 2] = ["fake-secret-access-key", "fake-session-token"];
+const FAKES: [&str; 9] = [
+    "curl",
+    "iptables",
+    "ip6tables",
+    "runuser",
+    "logger",
+    "shutdown",
+    "poweroff",
+    "getent",
+    "jq",
+];
+
+fn jit_config() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .encode(r#"{".runner":"eyJhZ2VudElkIjoxfQ==",".credentials":"eyJzY2hlbWUiOiJPQXV0aCJ9"}"#)
+}
+
+struct Instance {
+    dir: tempfile::TempDir,
+}
+
+struct Run {
+    status: std::process::ExitStatus,
+    calls: Vec<Value>,
+    aws: Value,
+    journal: String,
+    log_file: String,
+}
+
+impl Instance {
+    /// A fake instance whose parameter store holds `parameters`
+    /// (name → (value, instance ARN it is granted to)).
+    fn new(parameters: &Value, fast_clock: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["bin", "state", "state/home", "runner"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let fake = root.join("bin/fake.py");
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/boot_script/fake.py"),
+            &fake,
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut names = FAKES.to_vec();
+        if fast_clock {
+            // 36 retries: the real jq keeps the run short (its arguments
+            // are filters only; the runs without a fast clock record them).
+            names.retain(|n| *n != "jq");
+            names.push("sleep");
+        }
+        for name in names {
+            symlink("fake.py", root.join("bin").join(name)).unwrap();
+        }
+        std::fs::write(
+            root.join("state/aws.json"),
+            json!({"parameters": parameters, "log": []}).to_string(),
+        )
+        .unwrap();
+        // The runner: what it was given, and how.
+        let state = root.join("state");
+        let run_sh = root.join("runner/run.sh");
+        std::fs::write(
+            &run_sh,
+            format!(
+                "#!/bin/sh\nprintf '%s' \"$ACTIONS_RUNNER_INPUT_JITCONFIG\" >'{s}/runner-config'\n\
+                 printf '%s\\n' \"$#\" \"$*\" >'{s}/runner-args'\nenv >'{s}/runner-env'\n",
+                s = state.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&run_sh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn state(&self, file: &str) -> PathBuf {
+        self.root().join("state").join(file)
+    }
+
+    /// Renders the boot script as the service does and runs it to its end.
+    fn boot(&self, extra_env: &[(&str, &str)]) -> Run {
+        let profile = Profile::try_from(example_row(
+            "kani-medium",
+            &["linux", "x64", "spot", "kani"],
+        ))
+        .unwrap();
+        let script = render(&UserDataValues {
+            controller_id: CONTROLLER,
+            runner_name: RUNNER,
+            profile: &profile,
+        })
+        .unwrap();
+        let path = self.root().join("user-data.sh");
+        std::fs::write(&path, &script).unwrap();
+
+        let mut command = Command::new("bash");
+        command
+            .arg(&path)
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    self.root().join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("SPOT_RUNNERS_TEST_RUNNER_DIR", self.root().join("runner"))
+            .env("SPOT_RUNNERS_TEST_LOG_FILE", self.state("userdata.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its watchdogs run on in the background, as on an instance
+            // until the power goes: the whole group is ended afterwards.
+            .process_group(0);
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the boot script did not finish");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let read = |f: &str| std::fs::read_to_string(self.state(f)).unwrap_or_default();
+        // The log goes through a pipe (tee, then logger) that may still hold
+        // the script's last line: wait for it before ending the group.
+        let last = "powering off: boot script ended";
+        while !(read("userdata.log").contains(last) && read("journal").contains(last)) {
+            assert!(
+                Instant::now() < deadline,
+                "the boot script's log never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .status();
+
+        Run {
+            status,
+            calls: read("calls.jsonl")
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            aws: serde_json::from_str(&read("aws.json")).unwrap(),
+            journal: read("journal"),
+            log_file: read("userdata.log"),
+        }
+    }
+}
+
+impl Run {
+    fn position(&self, what: &str, test: impl Fn(&Value) -> bool) -> usize {
+        self.calls
+            .iter()
+            .position(test)
+            .unwrap_or_else(|| panic!("no call {what} in {:#?}", self.calls))
+    }
+
+    fn ssm_ops(&self) -> Vec<(String, Value)> {
+        self.aws["log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["op"].as_str().unwrap().to_owned(), e["request"].clone()))
+            .collect()
+    }
+
+    fn secrets_stay_off_command_lines(&self, secrets: &[&str]) {
+        for call in &self.calls {
+            let line = call["argv"].to_string();
+            for secret in secrets {
+                assert!(!line.contains(secret), "a secret on a command line: {call}");
+            }
+        }
+        for secret in secrets {
+            assert!(!self.journal.contains(secret), "a secret in the journal");
+            assert!(!self.log_file.contains(secret), "a secret in the log file");
+        }
+    }
+}
+
+fn granted(value: &str) -> Value {
+    json!({ PARAMETER: {"value": value, "tags": {"spot-runners:instance-arn": INSTANCE_ARN}} })
+}
+
+fn is_runner_start(c: &Value) -> bool {
+    c["cmd"] == "runuser" && c["argv"].to_string().contains("run.sh")
+}
+
+#[test]
+fn the_jit_config_is_read_once_deleted_and_given_to_the_runner_on_stdin() {
+    let jit = jit_config();
+    let instance = Instance::new(&granted(&jit), false);
+    let run = instance.boot(&[]);
+
+    // The runner ran, got the config from its environment and no argument.
+    let got = std::fs::read_to_string(instance.state("runner-config")).unwrap();
+    assert_eq!(got, jit);
+    let args = std::fs::read_to_string(instance.state("runner-args")).unwrap();
+    assert_eq!(args, "0\n\n", "run.sh takes no argument");
+    let env = std::fs::read_to_string(instance.state("runner-env")).unwrap();
+    assert!(env.contains("USER=runner") && !env.contains("SPOT_RUNNERS_TEST"));
+
+    // Read once, with decryption, then deleted; nothing else asked of SSM.
+    let ops = run.ssm_ops();
+    assert_eq!(
+        ops,
+        vec![
+            (
+                "AmazonSSM.GetParameter".to_owned(),
+                json!({"Name": PARAMETER, "WithDecryption": true})
+            ),
+            (
+                "AmazonSSM.DeleteParameter".to_owned(),
+                json!({"Name": PARAMETER})
+            ),
+        ]
+    );
+    assert_eq!(run.aws["parameters"], json!({}), "the parameter is gone");
+    // Every SSM call got the role's keys on stdin.
+    assert!(run
+        .calls
+        .iter()
+        .filter(|c| c["cmd"] == "curl" && c["argv"].to_string().contains("ssm.us-east-1"))
+        .all(|c| c["config_on_stdin"] == true));
+
+    // The firewall rule came first; the runner user was refused by it.
+    let firewall = run.position("iptables for IMDS", |c| {
+        c["cmd"] == "iptables" && {
+            let a = c["argv"].to_string();
+            a.contains("\"169.254.169.254/32\"")
+                && a.contains("\"--uid-owner\",\"runner\"")
+                && a.contains("\"REJECT\"")
+                && a.contains("\"OUTPUT\"")
+        }
+    });
+    let probe = run.position("IMDS probe as the runner user", |c| {
+        c["cmd"] == "curl" && c["user"] == "runner"
+    });
+    let fetch = run.position("SSM fetch", |c| {
+        c["cmd"] == "curl" && c["argv"].to_string().contains("AmazonSSM.GetParameter")
+    });
+    let start = run.position("runner start", is_runner_start);
+    assert!(firewall < probe && probe < fetch && fetch < start);
+    assert!(run.calls[start]["argv"].to_string().contains("env\",\"-i"));
+    assert!(run
+        .calls
+        .iter()
+        .filter(|c| c["user"] == "runner")
+        .all(|c| c["cmd"] != "curl" || c == &run.calls[probe]));
+
+    run.secrets_stay_off_command_lines(&[jit.as_str(), ROLE_SECRETS[0], ROLE_SECRETS[1]]);
+    assert!(run.log_file.contains("JIT config read from"));
+    assert!(run.log_file.contains("metadata service blocked for runner"));
+    // The runner exited: the instance powers off (and so terminates).
+    run.position("shutdown", |c| c["cmd"] == "shutdown");
+    assert!(run.status.success(), "the runner exited cleanly");
+}
+
+#[test]
+fn a_config_never_granted_to_this_instance_is_not_read_and_no_job_runs() {
+    let jit = jit_config();
+    let mut other = granted(&jit);
+    other[PARAMETER]["tags"]["spot-runners:instance-arn"] =
+        "arn:aws:ec2:us-east-1:123456789012:instance/i-0ffffffffffffffff".into();
+    let instance = Instance::new(&other, true);
+    let run = instance.boot(&[]);
+
+    assert!(
+        !instance.state("runner-config").exists(),
+        "no runner started"
+    );
+    assert!(!run.calls.iter().any(is_runner_start));
+    let ops = run.ssm_ops();
+    // Retried (the grant follows RunInstances), never deleted, then given up.
+    assert_eq!(ops.len(), 36, "{ops:?}");
+    assert!(ops.iter().all(|(op, _)| op == "AmazonSSM.GetParameter"));
+    assert!(run.aws["parameters"][PARAMETER].is_object());
+    assert!(run.log_file.contains("FATAL: could not read"));
+    assert!(!run.status.success());
+    run.position("shutdown", |c| c["cmd"] == "shutdown");
+    run.secrets_stay_off_command_lines(&[jit.as_str(), ROLE_SECRETS[0], ROLE_SECRETS[1]]);
+}
+
+#[test]
+fn an_ineffective_firewall_stops_the_boot_before_the_config_is_read() {
+    let jit = jit_config();
+    let instance = Instance::new(&granted(&jit), false);
+    let run = instance.boot(&[("FAKE_FIREWALL", "ignores-rules")]);
+
+    assert!(run.ssm_ops().is_empty(), "nothing read from SSM");
+    assert!(!run.calls.iter().any(is_runner_start));
+    assert!(run
+        .log_file
+        .contains("FATAL: the runner user still reaches the metadata service"));
+    assert!(!run.status.success());
+    run.position("shutdown", |c| c["cmd"] == "shutdown");
+}

@@ -19,7 +19,6 @@ use spot_runners_domain::ports::{Cloud, GitHubJob, JobReport};
 use spot_runners_reconciler::Backends;
 use spot_runners_domain::Market;
 use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
-use spot_runners_reconciler::Backends;
 use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
 
 const MINUTE: Duration = Duration::from_secs(60);

@@ -16,7 +16,6 @@ use spot_runners_domain::ports::{
 };
 use spot_runners_reconciler::Reconciler;
 use spot_runners_domain::Market;
-use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
 
@@ -489,7 +488,7 @@ async fn a_profile_that_cannot_launch_backs_off() {
     h.sql("UPDATE instance_profiles SET image_id = 'ami-0fixed' WHERE name = 'kani'")
         .await;
     h.profiles
-        .reload(h.store.as_ref(), &h.metrics)
+        .reload(h.store.as_ref(), h.metrics.as_ref())
         .await
         .unwrap();
     h.reconcile(&r).await;

@@ -67,7 +67,7 @@ async fn deliver(h: &Harness, events: Vec<WorkflowJobEvent>) {
     h.store
         .record_deliveries(
             &batch,
-            tokio::time::Instant::now() + Duration::from_secs(10),
+            std::time::Instant::now() + Duration::from_secs(10),
         )
         .await
         .unwrap();

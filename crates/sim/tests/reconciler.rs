@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use spot_runners_domain::profile::ProfileRow;
+use spot_runners_domain::profile::{example_row, ProfileRow};
 use spot_runners_domain::store::{IncomingDelivery, RunnerChange, Store};
 use spot_runners_domain::{ControllerId, JobStatus, Profile, RunnerState, WorkflowJobEvent};
 use spot_runners_reconciler::{Backends, NoMetrics, ProfileCache, Reconciler, SweepReport};
-use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock, MemoryStore};
+use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock, MemoryStore};
 
 struct Rig {
     store: MemoryStore,
@@ -21,25 +21,11 @@ struct Rig {
 
 fn profile(max_lifetime_secs: i32) -> Profile {
     Profile::try_from(ProfileRow {
-        name: "kani".into(),
-        labels: vec!["linux".into(), "kani".into()],
         instance_types: vec!["c6i.4xlarge".into()],
         image_id: "ami-1".into(),
         subnet_ids: vec!["subnet-a".into()],
-        security_group_ids: Vec::new(),
-        iam_instance_profile: None,
-        market: "spot".into(),
-        on_demand_fallback: true,
-        max_instances: 10,
-        min_idle: 0,
-        idle_timeout_secs: 300,
-        boot_timeout_secs: 600,
         max_lifetime_secs,
-        runner_group_id: 1,
-        root_volume_gb: 64,
-        repositories: None,
-        enabled: true,
-        priority: 0,
+        ..example_row("kani", &["linux", "kani"])
     })
     .unwrap()
 }
@@ -57,6 +43,7 @@ fn rig(max_lifetime_secs: i32) -> Rig {
             Backends {
                 cloud: Arc::new(cloud.clone()),
                 github: Arc::new(github.clone()),
+                parameters: Arc::new(FakeParameterStore::new()),
             },
             profiles,
             Arc::new(NoMetrics),

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use spot_runners_domain::clock::SystemClock;
 use spot_runners_domain::planner::{Launch, NewRunner};
 use spot_runners_domain::ports::RunnerScope;
-use spot_runners_domain::profile::ProfileRow;
+use spot_runners_domain::profile::{example_row, ProfileRow};
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, RunnerChange, Store, StoreError,
@@ -729,25 +729,10 @@ async fn profiles_and_liveness(t: &dyn Subject) {
     s.notify_wake().await.unwrap();
     assert!(s.profile_rows().await.unwrap().is_empty());
     let row = ProfileRow {
-        name: "kani".into(),
-        labels: vec!["linux".into(), "kani".into()],
         instance_types: vec!["c6i.4xlarge".into()],
         image_id: "ami-1".into(),
         subnet_ids: vec!["subnet-a".into()],
-        security_group_ids: Vec::new(),
-        iam_instance_profile: None,
-        market: "spot".into(),
-        on_demand_fallback: true,
-        max_instances: 10,
-        min_idle: 0,
-        idle_timeout_secs: 300,
-        boot_timeout_secs: 600,
-        max_lifetime_secs: 28_800,
-        runner_group_id: 1,
-        root_volume_gb: 64,
-        repositories: None,
-        enabled: true,
-        priority: 0,
+        ..example_row("kani", &["linux", "kani"])
     };
     t.add_profile(row.clone()).await;
     let rows = s.profile_rows().await.unwrap();

@@ -55,6 +55,7 @@ fn instance(id: &str, runner: &str, state: InstanceState, reason: Option<&str>) 
         state,
         state_reason: reason.map(str::to_owned),
         launched_at: None,
+        arn: None,
     }
 }
 

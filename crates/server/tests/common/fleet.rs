@@ -85,7 +85,7 @@ impl Harness {
                 parameters: Arc::new(self.parameters.clone()),
             },
             self.profiles.clone(),
-            Arc::clone(&self.metrics),
+            Arc::clone(&self.metrics) as _,
             ControllerId::default(),
             max_instances,
         )

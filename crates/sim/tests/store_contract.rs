@@ -310,6 +310,10 @@ async fn jobs_are_counted_matched_and_listed(t: &dyn Subject) {
     assert_eq!(unmatched[0].2, "acme/proofs");
     let demand = s.demand().await.unwrap();
     assert_eq!(demand["kani"].queued.len(), 1);
+    // Warm pools register only for profiles that exist.
+    assert_eq!(demand["kani"].warm_scope, None);
+    t.add_profile(example_row("kani", &["linux", "kani"])).await;
+    let demand = s.demand().await.unwrap();
     assert_eq!(demand["kani"].warm_scope, Some(org()));
     s.set_job_profile(2, Ok("kani")).await.unwrap();
     assert!(s.unmatched_open_jobs(10).await.unwrap().is_empty());

@@ -300,8 +300,9 @@ impl Ledger {
             }
         }
         let window = chrono::Duration::days(WARM_SCOPE_WINDOW_DAYS);
+        // As the SQL's join on `instance_profiles`: only rows that exist.
         for (p, (at, scope)) in &self.latest {
-            if *at > now - window {
+            if *at > now - window && self.profile_rows.iter().any(|r| &r.name == p) {
                 demand.entry(p.clone()).or_default().warm_scope = Some(scope.clone());
             }
         }

@@ -25,8 +25,8 @@ pub mod runner;
 pub mod scopes;
 pub mod stale;
 pub mod store;
-pub mod sweeps;
 pub mod survival;
+pub mod sweeps;
 pub mod userdata;
 pub mod webhook;
 

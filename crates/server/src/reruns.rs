@@ -18,8 +18,8 @@ use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::GitHub;
 use spot_runners_domain::survival::{breaker_state, judge_failure, plan_reruns, Verdict};
 use spot_runners_domain::Profile;
-use spot_runners_store::{RerunOutcome, RunAwaitingRerun, Store, StoreError};
 use spot_runners_reconciler::survival::breaker_horizon;
+use spot_runners_store::{RerunOutcome, RunAwaitingRerun, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;

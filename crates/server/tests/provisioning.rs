@@ -14,8 +14,8 @@ use spot_runners_domain::names::client_token;
 use spot_runners_domain::ports::{
     Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
 };
-use spot_runners_reconciler::Reconciler;
 use spot_runners_domain::Market;
+use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
 

@@ -18,23 +18,24 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use spot_runners_domain::planner::Demand;
 use secrecy::SecretString;
+use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::{
     Cloud, CloudError, GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation,
-    Instance, JitConfig, JitRequest, JobReport, LaunchRequest, ParameterStore, RunnerScope, StoredParameter, WebhookSource,
+    Instance, JitConfig, JitRequest, JobReport, LaunchRequest, ParameterStore, RunnerScope,
+    StoredParameter, WebhookSource,
 };
-use spot_runners_domain::run::WorkflowRunEvent;
-use spot_runners_domain::survival::{Interruption, RerunFailure, RunJob};
-use spot_runners_domain::Market;
 use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
     PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
     StaleJob, Store, StoreError,
 };
+use spot_runners_domain::survival::{Interruption, RerunFailure, RunJob};
+use spot_runners_domain::Market;
 use spot_runners_domain::RunnerState;
 
 /// When crashes happen: at the first IO call after a time drawn from an
@@ -332,7 +333,9 @@ impl<S: Store> Store for CrashingStore<S> {
         batch: i64,
     ) -> Result<Pruned, StoreError> {
         self.point.reached().await;
-        self.inner.prune_ledger(controller_id, older_than, batch).await
+        self.inner
+            .prune_ledger(controller_id, older_than, batch)
+            .await
     }
 
     async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
@@ -426,7 +429,15 @@ impl<S: Store> Store for CrashingStore<S> {
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         self.point.reached().await;
-        self.inner.choose_runner_market(controller_id, runner_name, profile, interruptions_since, decide).await
+        self.inner
+            .choose_runner_market(
+                controller_id,
+                runner_name,
+                profile,
+                interruptions_since,
+                decide,
+            )
+            .await
     }
 
     async fn interruptions_since(
@@ -584,4 +595,3 @@ impl<P: ParameterStore> ParameterStore for CrashingParameters<P> {
         self.inner.list(path).await
     }
 }
-

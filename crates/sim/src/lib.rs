@@ -38,8 +38,8 @@ pub mod world;
 pub use clock::ManualClock;
 pub use cloud::FakeCloud;
 pub use github::FakeGitHub;
-pub use store::MemoryStore;
 pub use parameters::FakeParameterStore;
+pub use store::MemoryStore;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;

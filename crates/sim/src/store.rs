@@ -23,8 +23,8 @@ use spot_runners_domain::clock::Clock;
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::ProfileRow;
-use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
     PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,

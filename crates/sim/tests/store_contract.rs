@@ -112,6 +112,8 @@ contract!(
     stale_jobs_are_due_by_the_rule_and_checks_move_status_forward,
     one_session_leads,
     profiles_and_liveness,
+    ledger_is_pruned_past_retention_and_guids_are_known,
+    interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them,
 );
 
 fn event(id: i64, status: JobStatus, runner: Option<&str>) -> WorkflowJobEvent {
@@ -743,4 +745,251 @@ async fn profiles_and_liveness(t: &dyn Subject) {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].name, row.name);
     assert_eq!(rows[0].labels, row.labels);
+}
+
+async fn ledger_is_pruned_past_retention_and_guids_are_known(t: &dyn Subject) {
+    let s = t.store();
+    let s = s.as_ref();
+    record(
+        s,
+        &[
+            delivery("a", event(1, JobStatus::Completed, None), Ok("kani")),
+            delivery("b", event(2, JobStatus::Completed, None), Ok("kani")),
+            delivery("c", event(3, JobStatus::Queued, None), Ok("kani")),
+        ],
+    )
+    .await;
+    let known = s
+        .known_deliveries(&["a".into(), "c".into(), "zz".into()])
+        .await
+        .unwrap();
+    assert_eq!(known.into_iter().collect::<Vec<_>>(), ["a", "c"]);
+    let names = plan(s, 2).await;
+    s.update_runner(
+        &names[0],
+        RunnerChange::Ended {
+            state: RunnerState::LaunchFailed,
+            code: None,
+            reason: "gave up".into(),
+        },
+    )
+    .await
+    .unwrap();
+    // Nothing is old enough yet.
+    let kept = s
+        .prune_ledger(CONTROLLER, Duration::from_secs(3600), 10)
+        .await
+        .unwrap();
+    assert_eq!((kept.jobs, kept.runners), (0, 0));
+    // In batches, and never an open job or a live runner.
+    let first = s.prune_ledger(CONTROLLER, Duration::ZERO, 1).await.unwrap();
+    assert_eq!((first.jobs, first.runners), (1, 1));
+    let rest = s
+        .prune_ledger(CONTROLLER, Duration::ZERO, 10)
+        .await
+        .unwrap();
+    assert_eq!((rest.jobs, rest.runners), (1, 0));
+    assert!(s.job(1).await.unwrap().is_none());
+    assert!(s.job(3).await.unwrap().is_some());
+    let left = s
+        .runners(CONTROLLER, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(
+        left.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        [names[1].as_str()]
+    );
+}
+
+fn run(attempt: i32, status: &str) -> spot_runners_domain::run::WorkflowRunEvent {
+    spot_runners_domain::run::WorkflowRunEvent {
+        run_id: 500,
+        run_attempt: attempt,
+        repository: "acme/proofs".into(),
+        status: status.into(),
+        conclusion: (status == "completed").then(|| "failure".into()),
+        updated_at: None,
+    }
+}
+
+async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dyn Subject) {
+    use spot_runners_domain::store::{MarketSnapshot, RerunOutcome};
+    use spot_runners_domain::survival::Interruption;
+    use spot_runners_domain::Market;
+    use std::sync::Mutex;
+
+    let s = t.store();
+    let s = s.as_ref();
+    t.add_profile(example_row("kani", &["linux", "kani"])).await;
+    let name = plan(s, 1).await.remove(0);
+    booting(s, &name, "i-1").await;
+    let mut failed = event(2, JobStatus::Completed, None);
+    failed.name = "proof 1 lint".into();
+    record(
+        s,
+        &[
+            delivery("q", event(1, JobStatus::Queued, None), Ok("kani")),
+            delivery(
+                "p",
+                event(1, JobStatus::InProgress, Some(&name)),
+                Ok("kani"),
+            ),
+            delivery("f", failed, Ok("kani")),
+        ],
+    )
+    .await;
+    s.settle_jobs(CONTROLLER).await.unwrap();
+    assert_eq!(state(s, &name).await, RunnerState::Busy);
+    assert_eq!(s.job_of_runner(&name).await.unwrap(), Some(1));
+    assert!(s
+        .end_runner_if(
+            &name,
+            RunnerState::Busy,
+            RunnerState::Interrupted,
+            "reclaimed"
+        )
+        .await
+        .unwrap());
+    let now = chrono::Utc::now();
+    let interruption = Interruption {
+        job_id: 1,
+        runner_name: name.clone(),
+        instance_type: Some("c6i.4xlarge".into()),
+        subnet_id: None,
+        market: Some(Market::Spot),
+        ran_secs: 600,
+        at: now,
+    };
+    assert!(s.record_interruption(&interruption).await.unwrap());
+    assert!(
+        !s.record_interruption(&interruption).await.unwrap(),
+        "marked once"
+    );
+    let survival = s.job_survival(1).await.unwrap().unwrap();
+    assert_eq!(
+        survival.interrupted_at.map(|t| t.timestamp()),
+        Some(now.timestamp())
+    );
+    assert_eq!(survival.interrupted_after_secs, Some(600));
+    assert_eq!(survival.rerun_state.as_deref(), Some("pending"));
+    let since = now - chrono::Duration::hours(1);
+    let reclaims = s.interruptions_since(CONTROLLER, since).await.unwrap();
+    assert_eq!(reclaims.len(), 1);
+    assert_eq!(reclaims[0].0, "kani");
+
+    // Due, but its run is not known to have completed yet.
+    let later = now + chrono::Duration::seconds(1);
+    let due = s.runs_awaiting_reruns(later, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!((due[0].run_id, due[0].completed()), (500, false));
+    s.mark_run_checked(500, "acme/proofs", now).await.unwrap();
+    assert_eq!(
+        s.runs_awaiting_reruns(later, 10).await.unwrap()[0]
+            .checked_at
+            .map(|t| t.timestamp()),
+        Some(now.timestamp())
+    );
+    assert_eq!(
+        s.record_workflow_run("w", &run(1, "completed"))
+            .await
+            .unwrap(),
+        DeliveryOutcome::Accepted
+    );
+    assert_eq!(
+        s.record_workflow_run("w", &run(1, "completed"))
+            .await
+            .unwrap(),
+        DeliveryOutcome::Duplicate
+    );
+    // A late `in_progress` of the same attempt changes nothing.
+    s.record_run_check(&run(1, "in_progress"), now)
+        .await
+        .unwrap();
+    assert!(s.runs_awaiting_reruns(later, 10).await.unwrap()[0].completed());
+
+    let jobs = s.run_jobs(500).await.unwrap();
+    assert_eq!(
+        jobs.iter()
+            .map(|j| (j.job_id, j.pending_rerun, j.lineage_reruns))
+            .collect::<Vec<_>>(),
+        [(1, true, 0), (2, false, 0)]
+    );
+    s.set_rerun_outcome(&[1], &RerunOutcome::Requested, later)
+        .await
+        .unwrap();
+    assert_eq!(s.rerun_attempts(1).await.unwrap(), 1);
+    assert!(s.runs_awaiting_reruns(later, 10).await.unwrap().is_empty());
+    // Only pending jobs move.
+    s.set_rerun_outcome(&[1], &RerunOutcome::Lost { reason: "x".into() }, later)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.job_survival(1)
+            .await
+            .unwrap()
+            .unwrap()
+            .rerun_state
+            .as_deref(),
+        Some("requested")
+    );
+
+    // The re-run arrives as a job of attempt 2 and is linked to job 1.
+    let mut rerun = event(3, JobStatus::Queued, None);
+    (rerun.name, rerun.run_attempt) = ("proof 1".into(), 2);
+    record(s, &[delivery("r", rerun, Ok("kani"))]).await;
+    assert_eq!(s.link_reruns().await.unwrap(), 1);
+    assert_eq!(s.link_reruns().await.unwrap(), 0);
+    let linked = s.job_survival(3).await.unwrap().unwrap();
+    assert_eq!((linked.rerun_of, linked.rerun_count), (Some(1), 1));
+    assert_eq!(
+        s.job_survival(1)
+            .await
+            .unwrap()
+            .unwrap()
+            .rerun_state
+            .as_deref(),
+        Some("rerun")
+    );
+
+    // The market choice sees the re-run demand and the reclaim, and its
+    // decision is recorded on the runner.
+    let seen: Arc<Mutex<Option<MarketSnapshot>>> = Arc::default();
+    let into = Arc::clone(&seen);
+    let next = plan(s, 1).await.remove(0);
+    let (market, reason) = s
+        .choose_runner_market(
+            CONTROLLER,
+            &next,
+            "kani",
+            since,
+            Box::new(move |facts| {
+                *into.lock().unwrap() = Some(facts.clone());
+                (Market::OnDemand, "re-run of an interrupted job".into())
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(market, Market::OnDemand);
+    let facts = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        facts
+            .queued
+            .iter()
+            .map(|q| (q.job_id, q.rerun_of_interrupted))
+            .collect::<Vec<_>>(),
+        [(3, true)]
+    );
+    assert_eq!(
+        (facts.on_demand_available, facts.interruptions.len()),
+        (0, 1)
+    );
+    let row = s
+        .runners(CONTROLLER, Duration::ZERO)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name == next)
+        .unwrap();
+    assert_eq!(row.market.as_deref(), Some("on-demand"));
+    let _ = reason;
 }

@@ -17,6 +17,6 @@ pub use postgres::PgStore;
 // name the domain's module.
 pub use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketSnapshot, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome,
-    RunAwaitingRerun, RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
+    MarketSnapshot, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
+    RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
 };

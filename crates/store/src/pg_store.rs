@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::ProfileRow;
-use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
     PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
@@ -200,7 +200,15 @@ impl Store for PgStore {
         interruptions_since: DateTime<Utc>,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
-        Ok(self.pg_choose_runner_market(controller_id, runner_name, profile, interruptions_since, decide).await?)
+        Ok(self
+            .pg_choose_runner_market(
+                controller_id,
+                runner_name,
+                profile,
+                interruptions_since,
+                decide,
+            )
+            .await?)
     }
 
     async fn interruptions_since(
@@ -242,7 +250,9 @@ impl Store for PgStore {
         older_than: Duration,
         batch: i64,
     ) -> Result<Pruned, StoreError> {
-        Ok(self.pg_prune_ledger(controller_id, older_than, batch).await?)
+        Ok(self
+            .pg_prune_ledger(controller_id, older_than, batch)
+            .await?)
     }
 
     async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError> {

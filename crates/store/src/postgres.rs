@@ -19,12 +19,12 @@ use tokio::time::Instant;
 use crate::runners::{queued_job, scope_columns, scope_of};
 use crate::survival::sql as survival;
 use crate::PgError;
+use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
     PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
     RunnerRecord, StaleJob,
 };
-use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::Market;
 
@@ -350,7 +350,10 @@ impl PgStore {
             .map_err(PgError::from)
     }
 
-    pub(crate) async fn pg_job_counts(&self, completed_within: Duration) -> Result<Vec<JobCount>, PgError> {
+    pub(crate) async fn pg_job_counts(
+        &self,
+        completed_within: Duration,
+    ) -> Result<Vec<JobCount>, PgError> {
         // Two index ranges (open jobs, recent completions) instead of a
         // filter over every job the ledger keeps.
         let rows = sqlx::query!(
@@ -519,7 +522,11 @@ impl PgStore {
         Ok(out)
     }
 
-    pub(crate) async fn pg_update_runner(&self, name: &str, change: RunnerChange) -> Result<(), PgError> {
+    pub(crate) async fn pg_update_runner(
+        &self,
+        name: &str,
+        change: RunnerChange,
+    ) -> Result<(), PgError> {
         let done = match change {
             RunnerChange::Registered { github_runner_id } => {
                 sqlx::query!(
@@ -702,7 +709,11 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub(crate) async fn pg_mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, PgError> {
+    pub(crate) async fn pg_mark_online(
+        &self,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()
              WHERE name = ANY($1) AND state IN ('launching', 'booting')",
@@ -714,7 +725,11 @@ impl PgStore {
         Ok(done.rows_affected())
     }
 
-    pub(crate) async fn pg_mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, PgError> {
+    pub(crate) async fn pg_mark_busy(
+        &self,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
                     busy_at = COALESCE(busy_at, $2), updated_at = now()
@@ -901,8 +916,7 @@ impl PgStore {
         .await?;
         row.map(|r| {
             Ok(JobRecord {
-                status: JobStatus::parse(&r.status)
-                    .map_err(|e| PgError::Corrupt(e.to_string()))?,
+                status: JobStatus::parse(&r.status).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 id: r.id,
                 name: r.name,
                 workflow_name: r.workflow_name,
@@ -924,7 +938,10 @@ impl PgStore {
         .transpose()
     }
 
-    pub(crate) async fn pg_known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, PgError> {
+    pub(crate) async fn pg_known_deliveries(
+        &self,
+        guids: &[String],
+    ) -> Result<BTreeSet<String>, PgError> {
         let known: Vec<String> = sqlx::query_scalar(
             "SELECT delivery_id FROM webhook_deliveries WHERE delivery_id = ANY($1)",
         )
@@ -966,7 +983,10 @@ impl PgStore {
         survival::mark_run_checked(&self.pool, run_id, repository, at).await
     }
 
-    pub(crate) async fn pg_record_interruption(&self, interruption: &Interruption) -> Result<bool, PgError> {
+    pub(crate) async fn pg_record_interruption(
+        &self,
+        interruption: &Interruption,
+    ) -> Result<bool, PgError> {
         survival::record_interruption(&self.pool, interruption).await
     }
 
@@ -1009,7 +1029,10 @@ impl PgStore {
         survival::rerun_attempts(&self.pool, job_id).await
     }
 
-    pub(crate) async fn pg_job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, PgError> {
+    pub(crate) async fn pg_job_survival(
+        &self,
+        job_id: i64,
+    ) -> Result<Option<JobSurvival>, PgError> {
         survival::job_survival(&self.pool, job_id).await
     }
 
@@ -1135,8 +1158,7 @@ impl PgStore {
         .await?;
         for r in runners {
             let count = RunnerCount {
-                state: RunnerState::parse(&r.state)
-                    .map_err(|e| PgError::Corrupt(e.to_string()))?,
+                state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
             };

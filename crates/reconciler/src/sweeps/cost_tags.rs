@@ -3,8 +3,8 @@
 //! Explorer can split spend by them.
 
 use spot_runners_domain::cost_tags::cost_tags;
-use spot_runners_domain::RunnerState;
 use spot_runners_domain::store::{RunnerRecord, StoreError};
+use spot_runners_domain::RunnerState;
 
 use crate::retry::lock;
 use crate::Reconciler;

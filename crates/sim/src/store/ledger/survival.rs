@@ -208,9 +208,11 @@ impl Ledger {
             if s.rerun_state != Some("pending") || s.rerun_next_at.is_some_and(|t| t > now) {
                 continue;
             }
-            let e = runs
-                .entry(j.run_id)
-                .or_insert((s.rerun_next_at, j.repository.clone(), j.profile.clone()));
+            let e = runs.entry(j.run_id).or_insert((
+                s.rerun_next_at,
+                j.repository.clone(),
+                j.profile.clone(),
+            ));
             // `min(rerun_next_at)` ignores NULLs; NULLS FIRST only when all are.
             e.0 = match (e.0, s.rerun_next_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -240,9 +242,7 @@ impl Ledger {
             .collect();
         out.sort_by(|a, b| {
             let key = |x: &Option<DateTime<Utc>>| (x.is_some(), *x);
-            key(&a.0)
-                .cmp(&key(&b.0))
-                .then(a.1.run_id.cmp(&b.1.run_id))
+            key(&a.0).cmp(&key(&b.0)).then(a.1.run_id.cmp(&b.1.run_id))
         });
         out.into_iter()
             .take(usize::try_from(limit).unwrap_or(0))
@@ -372,7 +372,12 @@ impl Ledger {
             .filter(|r| {
                 r.controller_id == controller_id && r.record.state == RunnerState::Interrupted
             })
-            .map(|r| (r.record.profile.clone(), r.ended_at.unwrap_or(r.record.updated_at)))
+            .map(|r| {
+                (
+                    r.record.profile.clone(),
+                    r.ended_at.unwrap_or(r.record.updated_at),
+                )
+            })
             .filter(|(_, at)| *at > since)
             .collect()
     }
@@ -467,6 +472,9 @@ impl Ledger {
             })
             .collect();
         done.sort_by(|a, b| b.0.cmp(&a.0));
-        done.into_iter().take(HISTORY_RUNS).map(|(_, m)| m).collect()
+        done.into_iter()
+            .take(HISTORY_RUNS)
+            .map(|(_, m)| m)
+            .collect()
     }
 }

@@ -39,6 +39,10 @@ pub(crate) struct JobSurvivalColumns {
     pub rerun_requested_at: Option<DateTime<Utc>>,
 }
 
+/// A run's earliest due re-run, with `min(repository)` and `min(profile)`
+/// of its pending jobs, as the SQL's `GROUP BY`.
+type RunDue = (Option<DateTime<Utc>>, String, Option<String>);
+
 impl Ledger {
     /// A run's status only moves forward within an attempt, and a later
     /// attempt replaces an earlier one (`upsert_run`).
@@ -198,11 +202,7 @@ impl Ledger {
         now: DateTime<Utc>,
         limit: i64,
     ) -> Vec<RunAwaitingRerun> {
-        // run id → (earliest next_at, min repository, min profile)
-        let mut runs: std::collections::BTreeMap<
-            i64,
-            (Option<DateTime<Utc>>, String, Option<String>),
-        > = std::collections::BTreeMap::new();
+        let mut runs: std::collections::BTreeMap<i64, RunDue> = std::collections::BTreeMap::new();
         for j in self.jobs.values() {
             let s = &j.survival;
             if s.rerun_state != Some("pending") || s.rerun_next_at.is_some_and(|t| t > now) {
@@ -471,7 +471,7 @@ impl Ledger {
                 Some((end, (end - start).num_milliseconds() as f64 / 60_000.0))
             })
             .collect();
-        done.sort_by(|a, b| b.0.cmp(&a.0));
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
         done.into_iter()
             .take(HISTORY_RUNS)
             .map(|(_, m)| m)

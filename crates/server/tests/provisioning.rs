@@ -15,7 +15,7 @@ use spot_runners_domain::names::client_token;
 use spot_runners_domain::ports::{
     Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
 };
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageSource, Market};
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
 
@@ -342,7 +342,8 @@ impl Harness {
             profile: "kani".into(),
             instance_type: "c6i.4xlarge".into(),
             subnet_id: Some(subnet.into()),
-            image_id: "ami-1".into(),
+            image: ImageSource::Id("ami-1".into()),
+            threads_per_core: None,
             security_group_ids: vec![],
             iam_instance_profile: None,
             market: Market::Spot,

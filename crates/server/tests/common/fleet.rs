@@ -8,7 +8,7 @@ use spot_runners::metrics::Metrics;
 use spot_runners::profiles::ProfileCache;
 use spot_runners::reconciler::{Backends, Reconciler};
 use spot_runners_domain::ports::LaunchRequest;
-use spot_runners_domain::{ControllerId, Market};
+use spot_runners_domain::{ControllerId, ImageSource, Market};
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock};
 use spot_runners_store::testing::{test_database, TestDatabase};
@@ -170,7 +170,8 @@ pub fn launch_request(controller: &str, runner: &str) -> LaunchRequest {
         profile: "kani".to_owned(),
         instance_type: "c6i.4xlarge".to_owned(),
         subnet_id: None,
-        image_id: "ami-1".to_owned(),
+        image: ImageSource::Id("ami-1".into()),
+        threads_per_core: None,
         security_group_ids: vec![],
         iam_instance_profile: None,
         market: Market::Spot,

@@ -22,11 +22,11 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, CpuOptionsRequest, EbsBlockDevice, Filter, Image, ImageState, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceInterruptionBehavior, InstanceLifecycleType, InstanceMarketOptionsRequest,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, InstanceType,
-    MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag,
-    TagSpecification, VolumeType,
+    BlockDeviceMapping, CpuOptionsRequest, EbsBlockDevice, Filter, HttpTokensState,
+    IamInstanceProfileSpecification, Image, ImageState, InstanceInterruptionBehavior,
+    InstanceLifecycleType, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, MarketType, ResourceType,
+    ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 use aws_sdk_ec2::Client;
 use base64::prelude::{Engine as _, BASE64_STANDARD};
@@ -177,7 +177,12 @@ impl Ec2Cloud {
             .client
             .describe_images()
             .owners(filter.owner())
-            .filters(Filter::builder().name("name").values(filter.name_pattern()).build())
+            .filters(
+                Filter::builder()
+                    .name("name")
+                    .values(filter.name_pattern())
+                    .build(),
+            )
             .filters(Filter::builder().name("state").values("available").build())
             .into_paginator()
             .send();
@@ -569,7 +574,9 @@ impl Cloud for Ec2Cloud {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn root_device_of(image: &Image) -> String {
@@ -893,10 +900,17 @@ mod tests {
         let images = [
             image("ami-old", "2026-11-01T12:00:00.000Z", ImageState::Available),
             image("ami-new", "2026-11-20T12:00:00.000Z", ImageState::Available),
-            image("ami-pending", "2026-11-30T12:00:00.000Z", ImageState::Pending),
+            image(
+                "ami-pending",
+                "2026-11-30T12:00:00.000Z",
+                ImageState::Pending,
+            ),
             image("ami-mid", "2026-11-10T12:00:00.000Z", ImageState::Available),
         ];
-        assert_eq!(newest_image(&images).and_then(Image::image_id), Some("ami-new"));
+        assert_eq!(
+            newest_image(&images).and_then(Image::image_id),
+            Some("ami-new")
+        );
         assert_eq!(newest_image(&[]), None);
     }
 

@@ -194,7 +194,9 @@ pub fn recorded_requests(action: &str) -> Vec<std::collections::BTreeMap<String,
                 body.to_owned()
             };
             let fields: std::collections::BTreeMap<String, String> =
-                form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+                form_urlencoded::parse(body.as_bytes())
+                    .into_owned()
+                    .collect();
             (fields.get("Action").map(String::as_str) == Some(action)).then_some(fields)
         })
         .collect()

@@ -537,8 +537,15 @@ async fn an_image_filter_launches_the_newest_match_and_is_cached() {
     let mut again = request(&controller, "f2", "unused", Market::OnDemand);
     again.image = req.image.clone();
     let second = cloud.launch(&again).await.unwrap();
-    assert_eq!(describe(&ec2, &second.id).await.image_id(), Some(newest.as_str()));
-    assert_eq!(image_lookups(&pattern), 1, "the second launch was served from the cache");
+    assert_eq!(
+        describe(&ec2, &second.id).await.image_id(),
+        Some(newest.as_str())
+    );
+    assert_eq!(
+        image_lookups(&pattern),
+        1,
+        "the second launch was served from the cache"
+    );
 
     // ...and once it has expired, the new AMI is launched without a row edit.
     let fresh = Ec2Cloud::from_env()
@@ -548,7 +555,10 @@ async fn an_image_filter_launches_the_newest_match_and_is_cached() {
     let mut third = request(&controller, "f3", "unused", Market::OnDemand);
     third.image = req.image.clone();
     let third = fresh.launch(&third).await.unwrap();
-    assert_eq!(describe(&ec2, &third.id).await.image_id(), Some(rebuilt.as_str()));
+    assert_eq!(
+        describe(&ec2, &third.id).await.image_id(),
+        Some(rebuilt.as_str())
+    );
     assert_eq!(image_lookups(&pattern), 2);
 
     // The filter really went to EC2 as Owners + name + state.
@@ -631,7 +641,9 @@ async fn threads_per_core_reaches_run_instances_with_the_types_core_count() {
     let err = cloud.launch(&metal).await.unwrap_err();
     assert_eq!(err.kind, CloudErrorKind::Invalid);
     assert!(err.message.contains("bare metal"), "{}", err.message);
-    assert!(!spot_runners_aws::testing::recorded_requests("RunInstances")
-        .iter()
-        .any(|f| f.get("ClientToken") == Some(&metal.client_token)));
+    assert!(
+        !spot_runners_aws::testing::recorded_requests("RunInstances")
+            .iter()
+            .any(|f| f.get("ClientToken") == Some(&metal.client_token))
+    );
 }

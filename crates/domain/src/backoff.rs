@@ -192,11 +192,11 @@ pub fn preflight(profile: &Profile) -> Result<(), String> {
     }
     // EC2 takes CPU options for every size but bare metal (its whole host).
     if let Some(threads) = profile.threads_per_core {
-        for t in profile
-            .instance_types
-            .iter()
-            .filter(|t| t.split('.').nth(1).is_some_and(|size| size.starts_with("metal")))
-        {
+        for t in profile.instance_types.iter().filter(|t| {
+            t.split('.')
+                .nth(1)
+                .is_some_and(|size| size.starts_with("metal"))
+        }) {
             problems.push(format!(
                 "instance type {t:?} is bare metal, which takes no CPU options (threads_per_core = {threads})"
             ));

@@ -11,10 +11,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
+use crate::profile::ImageSource;
 use crate::ratelimit::TokenBucket;
 use crate::run::WorkflowRunEvent;
 use crate::survival::RerunFailure;
-use crate::profile::ImageSource;
 use crate::Market;
 
 // ---------------------------------------------------------------- GitHub --

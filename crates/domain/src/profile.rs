@@ -81,8 +81,7 @@ impl ImageFilter {
             ));
         }
         // The characters EC2 allows in an AMI name, plus its two wildcards.
-        let name_char =
-            |c: char| c.is_ascii_alphanumeric() || "()[] ./-'@_*?".contains(c);
+        let name_char = |c: char| c.is_ascii_alphanumeric() || "()[] ./-'@_*?".contains(c);
         if pattern.is_empty()
             || pattern.len() > MAX_IMAGE_NAME
             || pattern.trim() != pattern

@@ -453,7 +453,10 @@ mod tests {
         row.threads_per_core = Some(1);
         row.benchmark_tuning = true;
         let line = launch_summary(&Profile::try_from(row).unwrap());
-        assert!(line.starts_with("the newest available AMI matching image_filter self/bench-runner-*"), "{line}");
+        assert!(
+            line.starts_with("the newest available AMI matching image_filter self/bench-runner-*"),
+            "{line}"
+        );
         assert!(line.contains("1 thread per core (SMT off)"), "{line}");
         assert!(line.contains("benchmark tuning at boot"), "{line}");
     }

@@ -40,8 +40,14 @@ const FAKES: [&str; 9] = [
 
 /// Kernel files as a fresh Ubuntu instance has them, relative to `/`.
 const KERNEL_DEFAULTS: [(&str, &str); 14] = [
-    ("sys/devices/system/cpu/cpu0/cpufreq/scaling_governor", "powersave"),
-    ("sys/devices/system/cpu/cpu1/cpufreq/scaling_governor", "powersave"),
+    (
+        "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor",
+        "powersave",
+    ),
+    (
+        "sys/devices/system/cpu/cpu1/cpufreq/scaling_governor",
+        "powersave",
+    ),
     ("sys/devices/system/cpu/intel_pstate/no_turbo", "0"),
     ("sys/devices/system/cpu/cpu0/cpuidle/state1/disable", "0"),
     ("sys/devices/system/cpu/cpu0/cpuidle/state2/disable", "0"),
@@ -49,7 +55,10 @@ const KERNEL_DEFAULTS: [(&str, &str); 14] = [
     ("sys/devices/system/cpu/cpu1/cpuidle/state3/disable", "0"),
     ("sys/devices/system/cpu/smt/active", "0"),
     ("sys/devices/system/cpu/online", "0-1"),
-    ("sys/kernel/mm/transparent_hugepage/enabled", "always [madvise] never"),
+    (
+        "sys/kernel/mm/transparent_hugepage/enabled",
+        "always [madvise] never",
+    ),
     ("sys/kernel/mm/transparent_hugepage/defrag", "madvise"),
     ("proc/sys/kernel/randomize_va_space", "2"),
     ("proc/sys/kernel/perf_event_paranoid", "4"),
@@ -395,7 +404,9 @@ fn benchmark_tuning_is_applied_only_where_the_profile_asks_and_reported() {
 
     for cpu in ["cpu0", "cpu1"] {
         assert_eq!(
-            tuned.kernel_file(&format!("sys/devices/system/cpu/{cpu}/cpufreq/scaling_governor")),
+            tuned.kernel_file(&format!(
+                "sys/devices/system/cpu/{cpu}/cpufreq/scaling_governor"
+            )),
             "performance"
         );
     }
@@ -405,9 +416,15 @@ fn benchmark_tuning_is_applied_only_where_the_profile_asks_and_reported() {
     assert_eq!(cpu("cpu0/cpuidle/state1/disable"), "0");
     assert_eq!(cpu("cpu0/cpuidle/state2/disable"), "1");
     assert_eq!(cpu("cpu1/cpuidle/state3/disable"), "1");
-    assert_eq!(tuned.kernel_file("sys/kernel/mm/transparent_hugepage/enabled"), "never");
+    assert_eq!(
+        tuned.kernel_file("sys/kernel/mm/transparent_hugepage/enabled"),
+        "never"
+    );
     assert_eq!(tuned.kernel_file("proc/sys/kernel/randomize_va_space"), "0");
-    assert_eq!(tuned.kernel_file("proc/sys/kernel/perf_event_paranoid"), "1");
+    assert_eq!(
+        tuned.kernel_file("proc/sys/kernel/perf_event_paranoid"),
+        "1"
+    );
 
     let state = std::fs::read_to_string(tuned.state("tuning")).unwrap();
     let lines: Vec<&str> = state.lines().collect();
@@ -427,7 +444,9 @@ fn benchmark_tuning_is_applied_only_where_the_profile_asks_and_reported() {
         assert!(lines.contains(&expected), "{expected} missing from {state}");
     }
     assert!(lines.iter().any(|l| l.starts_with("perf=")), "{state}");
-    assert!(run.log_file.contains("benchmark_tuning=on governor=performance"));
+    assert!(run
+        .log_file
+        .contains("benchmark_tuning=on governor=performance"));
     // Tuned before the runner could take a job.
     let tuning_logged = run.log_file.find("tuning (").unwrap();
     let jit_read = run.log_file.find("JIT config read from").unwrap();

@@ -684,7 +684,10 @@ async fn a_profile_with_an_image_filter_launches_the_newest_match() {
             .await
             .unwrap();
     assert_eq!(ended.len(), 1, "{ended:?}");
-    assert_eq!(ended[0].0, spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH);
+    assert_eq!(
+        ended[0].0,
+        spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH
+    );
     assert!(ended[0].1.contains("self/kani-runner-*"), "{ended:?}");
 
     // The AMI gets built (twice): after the backoff the newest one launches.
@@ -716,8 +719,11 @@ async fn a_profile_with_an_image_filter_launches_the_newest_match() {
 #[tokio::test]
 async fn the_table_wants_one_image_source() {
     let h = Harness::new().await;
-    h.profile("kani", "image_id = NULL, image_filter = 'amazon/al2023-ami-*'")
-        .await;
+    h.profile(
+        "kani",
+        "image_id = NULL, image_filter = 'amazon/al2023-ami-*'",
+    )
+    .await;
     for (set, constraint) in [
         ("image_id = 'ami-1'", "one_image_source"),
         ("image_filter = NULL", "one_image_source"),

@@ -1068,7 +1068,10 @@ mod tests {
         assert_eq!(cloud.instances()[1].image_id, middle);
         // The first token now resolves to another AMI: EC2 sees other
         // parameters under the same token.
-        let err = cloud.launch(&filtered("self/kani-runner-*")).await.unwrap_err();
+        let err = cloud
+            .launch(&filtered("self/kani-runner-*"))
+            .await
+            .unwrap_err();
         assert_eq!(err.code, "IdempotentParameterMismatch");
     }
 
@@ -1076,10 +1079,17 @@ mod tests {
     async fn an_image_filter_without_a_match_is_an_invalid_request() {
         let cloud = FakeCloud::new();
         cloud.register_image("210987654321", "kani-runner-1", Utc::now());
-        let err = cloud.launch(&filtered("self/kani-runner-*")).await.unwrap_err();
+        let err = cloud
+            .launch(&filtered("self/kani-runner-*"))
+            .await
+            .unwrap_err();
         assert_eq!(err.code, spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH);
         assert_eq!(err.kind, CloudErrorKind::Invalid);
-        assert!(err.message.contains("self/kani-runner-*"), "{}", err.message);
+        assert!(
+            err.message.contains("self/kani-runner-*"),
+            "{}",
+            err.message
+        );
         assert_eq!(cloud.live_count(None), 0);
         match &cloud.calls()[0] {
             CloudCall::Launch { outcome, .. } => {

@@ -19,6 +19,11 @@
 //!   immediately afterwards.
 //! - Its default hop limit is already 1, so only `HttpTokens` proves the
 //!   metadata options were sent.
+//! - `CpuOptions`: accepted, but neither modelled nor reported by
+//!   `DescribeInstances`; what reached `RunInstances` is read from moto's
+//!   request recorder (`testing::recorded_requests`). Images are stamped to
+//!   the second, so tests that need one newer than another wait for moto's
+//!   clock to pass it.
 
 use std::collections::HashMap;
 use std::net::TcpListener;

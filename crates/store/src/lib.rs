@@ -2,6 +2,7 @@
 //! against, its PostgreSQL implementation, and an embedded PostgreSQL for
 //! running without a database server of one's own.
 
+mod cost;
 pub mod embedded;
 mod error;
 mod jobs;
@@ -25,6 +26,7 @@ use spot_runners_domain::Market;
 use spot_runners_domain::{profile::ProfileRow, JobStatus, RunnerState, WorkflowJobEvent};
 use tokio::time::Instant;
 
+pub use cost::{PriceRow, SOURCE_EC2, SOURCE_OPERATOR};
 pub use error::StoreError;
 pub use jobs::{JobCheck, JobRecord, RecentRepository, StaleJob};
 pub use postgres::PgStore;
@@ -322,4 +324,21 @@ pub trait Store: Send + Sync + 'static {
         controller_id: &str,
         since: DateTime<Utc>,
     ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError>;
+    // ------------------------------------------------------------ cost --
+
+    /// Every `instance_prices` row.
+    async fn prices(&self) -> Result<Vec<PriceRow>, StoreError>;
+
+    /// Spot prices `(instance type, dollars per hour)` from EC2: inserted,
+    /// or updated unless an operator pinned the row. Returns rows written.
+    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError>;
+
+    /// Every runner of `controller_id` whose instance ran at some time in
+    /// `[from, to)`, with the job it ran and whether a reclaim interrupted it.
+    async fn usage(
+        &self,
+        controller_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<spot_runners_domain::cost::Usage>, StoreError>;
 }

@@ -1039,6 +1039,23 @@ impl Store for PgStore {
     ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
         survival::interruptions_since(&self.pool, controller_id, since).await
     }
+
+    async fn prices(&self) -> Result<Vec<crate::PriceRow>, StoreError> {
+        crate::cost::prices(&self.pool).await
+    }
+
+    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError> {
+        crate::cost::record_spot_prices(&self.pool, prices).await
+    }
+
+    async fn usage(
+        &self,
+        controller_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<spot_runners_domain::cost::Usage>, StoreError> {
+        crate::cost::usage(&self.pool, controller_id, from, to).await
+    }
 }
 
 /// A runner row as selected; converted into [`RunnerRecord`].

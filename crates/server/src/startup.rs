@@ -22,6 +22,7 @@ use crate::profiles::ProfileCache;
 use crate::reconciler::{Backends, Reconciler};
 use crate::redelivery::Redeliverer;
 use crate::reruns::RerunWorker;
+use crate::spend::{SpendGate, SpendWorker};
 use crate::Error;
 
 /// Completed jobs stay in the jobs gauge this long.
@@ -44,6 +45,7 @@ pub struct Application {
     /// Asks GitHub to resend failed deliveries (leader only).
     redeliverer: Option<Arc<Redeliverer>>,
     reruns: Option<Arc<RerunWorker>>,
+    spend: Arc<SpendWorker>,
 }
 
 impl Application {
@@ -128,7 +130,17 @@ impl Application {
             body_read_timeout: settings.intake.body_read_timeout,
             wake: Arc::new(Notify::new()),
             scopes: scopes.clone(),
+            spend_gate: SpendGate::new(settings.max_daily_spend),
         };
+        let spend = Arc::new(SpendWorker::new(
+            Arc::clone(&state.store),
+            backends.as_ref().map(|b| Arc::clone(&b.cloud)),
+            state.profiles.clone(),
+            Arc::clone(&state.metrics),
+            settings.controller_id.to_string(),
+            Arc::clone(&clock),
+            state.spend_gate.clone(),
+        ));
         let redeliverer = match (&backends, &settings.redeliver_from) {
             (Some(b), Some(source)) => Some(Arc::new(Redeliverer::new(
                 Arc::clone(&state.store),
@@ -169,6 +181,7 @@ impl Application {
             reconciler,
             redeliverer,
             reruns,
+            spend,
             listener,
             metrics_listener,
             addr,
@@ -208,6 +221,11 @@ impl Application {
         self.reruns.clone()
     }
 
+    /// The spend worker (tests drive its passes directly).
+    pub fn spend(&self) -> Arc<SpendWorker> {
+        Arc::clone(&self.spend)
+    }
+
     /// Serves until `shutdown` resolves, then drains: in-flight requests
     /// finish, every accepted delivery is committed, background loops stop,
     /// and an embedded database is shut down.
@@ -227,6 +245,7 @@ impl Application {
             reconciler,
             redeliverer,
             reruns,
+            spend,
         } = self;
         let mut background = vec![
             tokio::spawn(state.profiles.clone().watch(
@@ -247,6 +266,9 @@ impl Application {
                 stop.clone(),
             )),
         ];
+        background.push(tokio::spawn(
+            spend.run(settings.reconcile_interval, stop.clone()),
+        ));
         if let Some(w) = &reruns {
             background.push(tokio::spawn(
                 Arc::clone(w).run(settings.reconcile_interval, stop.clone()),

@@ -348,6 +348,47 @@ pub fn cap_reached(spent_today: f64, cap: Option<f64>) -> bool {
     cap.is_some_and(|cap| spent_today >= cap)
 }
 
+/// Whether provisioning may launch: closed while today's spend is at or
+/// past `SPOT_RUNNERS_MAX_DAILY_SPEND`. With a cap it starts closed until
+/// the first spend pass has read today's spend, so a restart past the cap
+/// launches nothing.
+#[derive(Clone, Debug)]
+pub struct SpendGate {
+    cap: Option<f64>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SpendGate {
+    pub fn new(cap: Option<f64>) -> Self {
+        Self {
+            cap,
+            closed: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(cap.is_some())),
+        }
+    }
+
+    /// No cap: always open.
+    pub fn unlimited() -> Self {
+        Self::new(None)
+    }
+
+    /// Whether a new instance may be launched now.
+    pub fn allows_launch(&self) -> bool {
+        !self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn cap(&self) -> Option<f64> {
+        self.cap
+    }
+
+    /// Sets the gate from today's spend; returns whether it changed.
+    pub fn record_spend_today(&self, spent_today: f64) -> bool {
+        let closed = cap_reached(spent_today, self.cap);
+        self.closed
+            .swap(closed, std::sync::atomic::Ordering::AcqRel)
+            != closed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

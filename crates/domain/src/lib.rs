@@ -25,7 +25,9 @@ pub mod run;
 pub mod runner;
 pub mod scopes;
 pub mod stale;
+pub mod store;
 pub mod survival;
+pub mod sweeps;
 pub mod userdata;
 pub mod webhook;
 

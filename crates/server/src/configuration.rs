@@ -520,7 +520,8 @@ mod tests {
             Some(250.0)
         );
         for bad in ["0", "-5", "ten", "NaN", "inf", "1e400", "5 dollars"] {
-            let err = with(&["--max-daily-spend", bad]).unwrap_err().to_string();
+            let arg = format!("--max-daily-spend={bad}");
+            let err = with(&[&arg]).unwrap_err().to_string();
             assert!(err.contains("SPOT_RUNNERS_MAX_DAILY_SPEND"), "{bad}: {err}");
         }
     }

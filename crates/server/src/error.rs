@@ -7,6 +7,8 @@ pub enum Error {
     Config(String),
     #[error(transparent)]
     Store(#[from] spot_runners_store::StoreError),
+    #[error(transparent)]
+    Database(#[from] spot_runners_store::PgError),
     #[error("{context}: {source}")]
     Io {
         context: String,

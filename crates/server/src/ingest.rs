@@ -146,7 +146,10 @@ async fn write_batch(store: &dyn Store, batch: Vec<Pending>) {
     };
     let (deliveries, replies): (Vec<_>, Vec<_>) =
         live.into_iter().map(|p| (p.delivery, p.reply)).unzip();
-    match store.record_deliveries(&deliveries, deadline).await {
+    match store
+        .record_deliveries(&deliveries, deadline.into_std())
+        .await
+    {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(outcome));

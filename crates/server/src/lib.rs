@@ -10,7 +10,7 @@ pub mod ingest;
 pub mod inspect;
 pub mod metrics;
 pub mod profiles;
-pub mod reconciler;
+mod reconciler_metrics;
 pub mod redelivery;
 pub mod reruns;
 pub mod simulation;

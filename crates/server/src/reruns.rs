@@ -7,22 +7,19 @@
 //! most every [`CHECK_EVERY`]. Only the sweep leader runs it, so two
 //! replicas never ask GitHub to re-run the same job.
 //!
-//! Beside the worker, this module holds the reconciler's hooks into spot
-//! survival (attribution, market choice, breaker gauges), so the reconciler
-//! itself only calls in.
+//! The reconciler's own hooks into spot survival (attribution, market
+//! choice) are in `spot_runners_reconciler::survival`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use spot_runners_domain::clock::Clock;
-use spot_runners_domain::ports::{GitHub, Instance};
-use spot_runners_domain::survival::{
-    attribute, breaker_state, choose_market, judge_failure, plan_reruns, Interruption,
-    MarketChoice, MarketInputs, RunnerEnd, Verdict,
-};
-use spot_runners_domain::{Market, Profile};
-use spot_runners_store::{RerunOutcome, RunAwaitingRerun, RunnerRecord, Store, StoreError};
+use spot_runners_domain::ports::GitHub;
+use spot_runners_domain::survival::{breaker_state, judge_failure, plan_reruns, Verdict};
+use spot_runners_domain::Profile;
+use spot_runners_reconciler::survival::breaker_horizon;
+use spot_runners_store::{RerunOutcome, RunAwaitingRerun, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -269,96 +266,6 @@ impl RerunWorker {
         }
         Ok(())
     }
-}
-
-/// How far back interruptions matter to a profile's breaker.
-fn breaker_horizon(p: &Profile) -> chrono::Duration {
-    chrono::Duration::seconds(
-        i64::from(p.survival.breaker_window_secs) + i64::from(p.survival.breaker_cooldown_secs),
-    )
-}
-
-// ------------------------------------------------ reconciler hooks --
-
-/// The reconciler's instance-gone sweep calls this for each runner whose
-/// instance is gone: a busy runner reclaimed by EC2 marks its job
-/// interrupted (counted once, however often it is called).
-pub async fn attribute_gone(
-    store: &dyn Store,
-    metrics: &Metrics,
-    runner: &RunnerRecord,
-    instance: Option<&Instance>,
-    now: DateTime<Utc>,
-) -> Result<Option<Interruption>, StoreError> {
-    let job_id = match runner.job_id {
-        Some(id) => Some(id),
-        None => store.job_of_runner(&runner.name).await?,
-    };
-    let Some(job_id) = job_id else {
-        return Ok(None);
-    };
-    let job = store.job(job_id).await?;
-    let end = RunnerEnd {
-        runner_name: &runner.name,
-        state: runner.state,
-        job_id: Some(job_id),
-        job_conclusion: job.as_ref().and_then(|j| j.conclusion.as_deref()),
-        job_started_at: job.as_ref().and_then(|j| j.in_progress_at),
-        instance_reason: instance.and_then(|i| i.state_reason.as_deref()),
-        instance_type: runner.instance_type.as_deref(),
-        subnet_id: runner.subnet_id.as_deref(),
-        market: runner.market.as_deref().and_then(|m| Market::parse(m).ok()),
-    };
-    let Some(interruption) = attribute(&end, now) else {
-        return Ok(None);
-    };
-    if store.record_interruption(&interruption).await? {
-        metrics
-            .interruptions_total
-            .with_label_values(&[&runner.profile])
-            .inc();
-        tracing::warn!(
-            job_id, runner = %runner.name, profile = %runner.profile,
-            instance_type = ?interruption.instance_type, subnet = ?interruption.subnet_id,
-            ran_secs = interruption.ran_secs,
-            "spot reclaim interrupted a job; it is re-run once its workflow run completes"
-        );
-    }
-    Ok(Some(interruption))
-}
-
-/// The reconciler calls this before launching a runner: the market to
-/// launch on (re-run demand, breaker, duration history), recorded on the
-/// runner row with its reason.
-pub async fn choose_runner_market(
-    store: &dyn Store,
-    controller_id: &str,
-    runner: &RunnerRecord,
-    profile: &Profile,
-    now: DateTime<Utc>,
-) -> Result<MarketChoice, StoreError> {
-    let p = profile.clone();
-    let (market, reason) = store
-        .choose_runner_market(
-            controller_id,
-            &runner.name,
-            profile.name.as_str(),
-            now - breaker_horizon(profile),
-            Box::new(move |facts| {
-                let breaker = breaker_state(&p.survival, &facts.interruptions, now);
-                let choice = choose_market(
-                    &p,
-                    &MarketInputs {
-                        queued: &facts.queued,
-                        on_demand_available: facts.on_demand_available,
-                        breaker,
-                    },
-                );
-                (choice.market, choice.reason)
-            }),
-        )
-        .await?;
-    Ok(MarketChoice { market, reason })
 }
 
 // ------------------------------------------------------ jobs explain --

@@ -30,9 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::configuration::Settings;
 use crate::metrics::Metrics;
-use crate::reconciler::Backends;
 use crate::startup::Application;
 use crate::Error;
+use spot_runners_reconciler::Backends;
 
 /// `serve --simulate`'s knobs: defaults that show the whole loop within a
 /// minute.
@@ -241,7 +241,7 @@ async fn seed_profiles(app: &Application) -> Result<(), Error> {
     }
     state
         .profiles
-        .reload(state.store.as_ref(), &state.metrics)
+        .reload(state.store.as_ref(), state.metrics.as_ref())
         .await?;
     Ok(())
 }

@@ -8,15 +8,14 @@
 //! instance once).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::cost::{
-    cap_reached, current_spot_prices, spend_rate, summarize, utc_day_start, LiveInstance, PriceKey,
-    PriceTable, ReportBy,
+    current_spot_prices, spend_rate, summarize, utc_day_start, LiveInstance, PriceKey, PriceTable,
+    ReportBy,
 };
 use spot_runners_domain::ports::Cloud;
 use spot_runners_domain::Market;
@@ -26,49 +25,12 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::profiles::ProfileCache;
 
+pub use spot_runners_domain::cost::SpendGate;
+
 /// Spot prices move slowly (hourly at most); EC2 is asked this often.
 pub const PRICE_REFRESH_EVERY: chrono::Duration = chrono::Duration::hours(1);
 /// After a failed refresh, the next try.
 const PRICE_RETRY_AFTER: chrono::Duration = chrono::Duration::minutes(5);
-
-/// Whether provisioning may launch: closed while today's spend is at or
-/// past `SPOT_RUNNERS_MAX_DAILY_SPEND`. With a cap it starts closed until
-/// the first spend pass has read today's spend, so a restart past the cap
-/// launches nothing.
-#[derive(Clone, Debug)]
-pub struct SpendGate {
-    cap: Option<f64>,
-    closed: Arc<AtomicBool>,
-}
-
-impl SpendGate {
-    pub fn new(cap: Option<f64>) -> Self {
-        Self {
-            cap,
-            closed: Arc::new(AtomicBool::new(cap.is_some())),
-        }
-    }
-
-    /// No cap: always open.
-    pub fn unlimited() -> Self {
-        Self::new(None)
-    }
-
-    /// Whether a new instance may be launched now.
-    pub fn allows_launch(&self) -> bool {
-        !self.closed.load(Ordering::Acquire)
-    }
-
-    pub fn cap(&self) -> Option<f64> {
-        self.cap
-    }
-
-    /// Sets the gate from today's spend; returns whether it changed.
-    fn update(&self, spent_today: f64) -> bool {
-        let closed = cap_reached(spent_today, self.cap);
-        self.closed.swap(closed, Ordering::AcqRel) != closed
-    }
-}
 
 /// What one pass saw.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -161,7 +123,7 @@ impl SpendWorker {
         report.spent_today = today.cost;
         report.missing_prices.extend(today.missing_prices);
         self.metrics.spend_today_dollars.set(today.cost);
-        if self.gate.update(today.cost) {
+        if self.gate.record_spend_today(today.cost) {
             let cap = self.gate.cap().unwrap_or(0.0);
             if self.gate.allows_launch() {
                 tracing::info!(
@@ -297,17 +259,20 @@ mod tests {
     fn the_gate_is_open_without_a_cap_and_follows_todays_spend_with_one() {
         let open = SpendGate::unlimited();
         assert!(open.allows_launch());
-        assert!(!open.update(1e9));
+        assert!(!open.record_spend_today(1e9));
         assert!(open.allows_launch());
 
         let gate = SpendGate::new(Some(50.0));
         assert!(!gate.allows_launch(), "closed until today's spend is known");
-        assert!(gate.update(10.0), "opening is a change");
+        assert!(gate.record_spend_today(10.0), "opening is a change");
         assert!(gate.allows_launch());
-        assert!(!gate.update(20.0));
-        assert!(gate.update(50.0));
+        assert!(!gate.record_spend_today(20.0));
+        assert!(gate.record_spend_today(50.0));
         assert!(!gate.allows_launch());
-        assert!(gate.clone().update(0.0), "clones share the gate");
+        assert!(
+            gate.clone().record_spend_today(0.0),
+            "clones share the gate"
+        );
         assert!(gate.allows_launch());
     }
 }

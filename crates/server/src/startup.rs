@@ -18,12 +18,12 @@ use crate::database::Database;
 use crate::http::{metrics_router, public_router, serve, AppState, BodyBudget};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::profiles::ProfileCache;
-use crate::reconciler::{Backends, Reconciler};
+use crate::profiles::{self, ProfileCache};
 use crate::redelivery::Redeliverer;
 use crate::reruns::RerunWorker;
 use crate::spend::{SpendGate, SpendWorker};
 use crate::Error;
+use spot_runners_reconciler::{Backends, Reconciler};
 
 /// Completed jobs stay in the jobs gauge this long.
 const COMPLETED_GAUGE_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -78,7 +78,7 @@ impl Application {
         let database = Database::open(&settings).await?;
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
-        profiles.reload(store.as_ref(), &metrics).await?;
+        profiles.reload(store.as_ref(), metrics.as_ref()).await?;
         if let Err(e) = check_warm_pool_scopes(&settings, &profiles) {
             database.close().await;
             return Err(e);
@@ -168,7 +168,7 @@ impl Application {
                     Arc::clone(&state.store),
                     b,
                     state.profiles.clone(),
-                    Arc::clone(&state.metrics),
+                    Arc::clone(&state.metrics) as Arc<dyn spot_runners_reconciler::MetricsSink>,
                     settings.controller_id.clone(),
                     settings.max_instances,
                 )
@@ -248,7 +248,8 @@ impl Application {
             spend,
         } = self;
         let mut background = vec![
-            tokio::spawn(state.profiles.clone().watch(
+            tokio::spawn(profiles::watch(
+                state.profiles.clone(),
                 database.store.clone(),
                 Arc::clone(&state.metrics),
                 settings.reconcile_interval,

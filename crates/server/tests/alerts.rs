@@ -15,10 +15,10 @@ use std::time::Duration;
 use common::{job_payload, spawn_app, spawn_app_on, TestApp, SECRET};
 use secrecy::SecretString;
 use spot_runners::metrics::Metrics;
-use spot_runners::reconciler::Backends;
 use spot_runners_domain::ports::{Cloud, GitHubJob, JobReport};
 use spot_runners_domain::Market;
 use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
+use spot_runners_reconciler::Backends;
 use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
 
 const MINUTE: Duration = Duration::from_secs(60);

@@ -17,8 +17,8 @@ use aws_sdk_ec2::types::Filter;
 use base64::Engine;
 use common::{job_payload, spawn_app_with, SECRET};
 use secrecy::SecretString;
-use spot_runners::reconciler::Backends;
 use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
+use spot_runners_reconciler::Backends;
 use wiremock::matchers::{body_partial_json, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 

@@ -18,9 +18,9 @@ use common::fleet::Harness;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::ports::{GitHubJob, JobReport};
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
+use spot_runners_reconciler::Reconciler;
 use spot_runners_store::{IncomingDelivery, PgStore, Store};
 
 const REPO: &str = "acme/proofs";
@@ -108,7 +108,10 @@ async fn deliver(h: &Harness, rng: &mut StdRng, step: &str, events: Vec<Workflow
     out.shuffle(rng);
     for d in out {
         h.store
-            .record_deliveries(&[d], tokio::time::Instant::now() + Duration::from_secs(10))
+            .record_deliveries(
+                &[d],
+                (tokio::time::Instant::now() + Duration::from_secs(10)).into_std(),
+            )
             .await
             .unwrap();
     }

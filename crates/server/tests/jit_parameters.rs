@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use common::fleet::Harness;
 use secrecy::SecretString;
-use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::parameters::{jit_parameter_name, TAG_INSTANCE_ARN};
 use spot_runners_domain::ports::{Cloud, GitHub, JitRequest, ParameterStore, RunnerScope};
+use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::{CloudCall, FAKE_ARN_PREFIX};
 use spot_runners_sim::FakeGitHub;
 

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{terminations, Harness};
-use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::names::client_token;
 use spot_runners_domain::ports::{
     Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
 };
 use spot_runners_domain::Market;
+use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
 
@@ -488,7 +488,7 @@ async fn a_profile_that_cannot_launch_backs_off() {
     h.sql("UPDATE instance_profiles SET image_id = 'ami-0fixed' WHERE name = 'kani'")
         .await;
     h.profiles
-        .reload(h.store.as_ref(), &h.metrics)
+        .reload(h.store.as_ref(), h.metrics.as_ref())
         .await
         .unwrap();
     h.reconcile(&r).await;

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::{launch_request, terminations, Harness};
-use spot_runners::reconciler::Reconciler;
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{Cloud, GitHub, GitHubJob, JitRequest, JobReport, RunnerScope};
+use spot_runners_reconciler::Reconciler;
 use spot_runners_store::PgStore;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -45,7 +45,7 @@ async fn one_booting_runner(h: &Harness, r: &Arc<Reconciler>) -> (String, String
     (name, instance.unwrap())
 }
 
-async fn sweep(r: &Reconciler) -> spot_runners::reconciler::SweepReport {
+async fn sweep(r: &Reconciler) -> spot_runners_reconciler::SweepReport {
     r.sweep().await.unwrap().expect("the only replica leads")
 }
 
@@ -200,6 +200,11 @@ async fn a_runner_github_lists_busy_is_taken_not_idle() {
     assert!(terminations(&h.cloud).is_empty());
 
     h.github.deregister(&name);
+    // One listing is not proof (offset paging can skip a runner): missing
+    // from two a sweep apart, it is gone.
+    sweep(&r).await;
+    assert_eq!(runners(&h).await[0].1, "busy");
+    h.clock.advance(Duration::from_secs(10));
     sweep(&r).await;
     assert_eq!(runners(&h).await[0].1, "terminated");
     assert_eq!(terminations(&h.cloud), [vec![instance]]);
@@ -506,6 +511,9 @@ async fn a_busy_runner_gone_from_github_has_its_job_checked_and_its_instance_ter
             runner_name: Some(name.clone()),
         },
     );
+    // Missing from one listing proves nothing; from the next sweep's, it does.
+    assert_eq!(sweep(&r).await.stale_checked, 0);
+    h.clock.advance(Duration::from_secs(10));
     let report = sweep(&r).await;
     assert_eq!((report.stale_checked, report.stale_closed), (1, 1));
     assert_eq!(r.pass().await.unwrap().terminated, 1);

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fleet::Harness;
-use spot_runners::reconciler::Reconciler;
 use spot_runners::reruns::RerunWorker;
 use spot_runners_domain::ports::{GitHubError, JobReport};
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::survival::Interruption;
 use spot_runners_domain::{JobStatus, Market, WorkflowJobEvent};
+use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::github::GitHubCall;
 use spot_runners_store::{IncomingDelivery, Store};
@@ -65,10 +65,7 @@ async fn deliver(h: &Harness, events: Vec<WorkflowJobEvent>) {
         })
         .collect();
     h.store
-        .record_deliveries(
-            &batch,
-            tokio::time::Instant::now() + Duration::from_secs(10),
-        )
+        .record_deliveries(&batch, std::time::Instant::now() + Duration::from_secs(10))
         .await
         .unwrap();
 }

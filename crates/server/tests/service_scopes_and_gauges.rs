@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{job_payload, spawn_app_with_clock, TestApp, SECRET};
 use serde_json::json;
-use spot_runners::reconciler::Backends;
 use spot_runners_domain::Market;
+use spot_runners_reconciler::Backends;
 use spot_runners_sim::{FakeCloud, FakeGitHub, ManualClock};
 
 struct World {

@@ -637,6 +637,16 @@ impl GitHub for FakeGitHub {
             runner_id,
             at: now,
         })?;
+        // GitHub refuses to delete a runner that is running a job (422).
+        if state
+            .runners
+            .iter()
+            .any(|r| r.id == runner_id && &r.scope == scope && r.busy)
+        {
+            return Err(GitHubError::Refused(
+                "Bad request - Runner \"is still running a job\"".into(),
+            ));
+        }
         state
             .runners
             .retain(|r| !(r.id == runner_id && &r.scope == scope));

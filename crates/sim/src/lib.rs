@@ -13,14 +13,16 @@
 //! - [`world`]: jobs arriving on GitHub, runners taking them, webhooks
 //!   (through [`faults`]) — driven by `serve --simulate` in real time and by
 //!   [`simulate`] in virtual time.
-//! - [`controller`]: the model of the reconciler's IO that `simulate` runs
-//!   the production planner, reaper and matching in.
+//! - [`store`]: the ledger in memory, behind the production `Store` trait.
+//! - [`counters`], [`crash`]: the reconciler's metrics as report counters,
+//!   and crash points between its IO calls.
 //! - [`scenario`], [`report`], [`simulate`]: `spot-runners simulate`.
 
 pub mod arrivals;
 pub mod clock;
 pub mod cloud;
-pub mod controller;
+pub mod counters;
+pub mod crash;
 pub mod duration;
 pub mod faults;
 pub mod github;
@@ -30,12 +32,14 @@ pub mod report;
 pub mod scenario;
 pub mod sim_clock;
 pub mod simulate;
+pub mod store;
 pub mod world;
 
 pub use clock::ManualClock;
 pub use cloud::FakeCloud;
 pub use github::FakeGitHub;
 pub use parameters::FakeParameterStore;
+pub use store::MemoryStore;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use spot_runners_domain::{match_profile, Market, Profile};
 
-use crate::controller::ControllerStats;
+use crate::counters::ServiceStats;
 use crate::duration;
 use crate::faults::FaultCounts;
 use crate::scenario::Price;
@@ -21,9 +21,9 @@ use crate::FakeCloud;
 /// A job queued this long with nothing on its way is stranded.
 pub const STRANDED_AFTER: Duration = Duration::from_secs(300);
 
-pub const NOTE: &str = "simulate runs the production matching, planner and reaper \
-(match_profile, plan_launches, plan_reaps) and webhook parser with a model of the \
-reconciler's IO; `serve --simulate` runs the whole production service";
+pub const NOTE: &str = "simulate runs the production reconciler and webhook parser on \
+simulated EC2 and GitHub and an in-memory ledger, in virtual time; `serve --simulate` \
+runs the whole production service with HTTP and PostgreSQL";
 
 /// Jobs that match no profile are reported under this name.
 pub const UNMATCHED: &str = "(unmatched)";
@@ -62,7 +62,10 @@ pub struct Report {
     pub simulated_secs: u64,
     pub profiles: BTreeMap<String, ProfileReport>,
     pub total: ProfileReport,
-    pub service: ControllerStats,
+    pub service: ServiceStats,
+    /// Times the reconciler crashed inside a pass, sweep or launch and
+    /// restarted on the same ledger (`crashes_per_hour`).
+    pub reconciler_crashes: u64,
     pub world: WorldStats,
     pub webhooks: FaultCounts,
     /// `RunInstances`/`TerminateInstances` calls EC2 refused as throttled.
@@ -78,7 +81,8 @@ pub struct Inputs<'a> {
     pub cloud: &'a FakeCloud,
     pub profiles: &'a [Profile],
     pub prices: &'a BTreeMap<String, Price>,
-    pub service: &'a ControllerStats,
+    pub service: &'a ServiceStats,
+    pub crashes: u64,
     pub stranded: &'a BTreeSet<i64>,
     pub end: Instant,
 }
@@ -201,6 +205,7 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         profiles,
         total,
         service: inputs.service.clone(),
+        reconciler_crashes: inputs.crashes,
         world: inputs.world.stats(),
         webhooks: inputs.world.fault_counts(),
         throttled_calls: inputs.cloud.throttled_count(),
@@ -294,6 +299,13 @@ impl Report {
              {} runners ended with their registration gone",
             s.stale_checks, s.stale_healed, s.discovered, s.registrations_gone
         );
+        if self.reconciler_crashes > 0 {
+            let _ = writeln!(
+                out,
+                "          {} reconciler crashes inside a pass, sweep or launch, each restarted on the same ledger",
+                self.reconciler_crashes
+            );
+        }
         let w = &self.world;
         let _ = writeln!(
             out,

@@ -175,6 +175,10 @@ pub struct Scenario {
     pub github: GitHubModel,
     #[serde(default = "FaultRates::none")]
     pub webhooks: FaultRates,
+    /// The reconciler crashes this often, at a random IO call inside a
+    /// pass, sweep or launch, and restarts on the same ledger.
+    #[serde(default)]
+    pub crashes_per_hour: f64,
 }
 
 fn one() -> u64 {
@@ -282,6 +286,9 @@ impl Scenario {
         }
         if self.reconcile_interval.0 < Duration::from_secs(1) {
             return Err("reconcile_interval must be at least 1s".into());
+        }
+        if !(self.crashes_per_hour.is_finite() && self.crashes_per_hour >= 0.0) {
+            return Err("crashes_per_hour must be a number of at least 0".into());
         }
         if self.profiles.is_empty() {
             return Err("profiles: at least one profile is needed".into());

@@ -73,3 +73,15 @@ fn a_matrix_burst_is_served_within_the_caps_and_ec2s_rate_limit() {
     );
     assert_eq!(report.total.stranded, 0, "{json}");
 }
+
+#[test]
+fn a_reconciler_crashing_inside_passes_strands_nothing_and_replays() {
+    let mut s = example("first-users-day.json");
+    s.crashes_per_hour = 4.0;
+    let report = run(&s, &mut |_| {}).unwrap();
+    let json = report.to_json();
+    assert!(report.reconciler_crashes > 20, "{json}");
+    assert_eq!(report.total.stranded, 0, "{json}");
+    assert_eq!(report.total.unfinished, 0, "{json}");
+    assert_eq!(json, run(&s, &mut |_| {}).unwrap().to_json());
+}

@@ -7,21 +7,17 @@ use spot_runners_domain::cost::{RerunFate, Usage};
 use spot_runners_domain::Market;
 use sqlx::PgPool;
 
-use crate::StoreError;
+use spot_runners_domain::store::{PriceRow, PRICE_SOURCE_EC2, PRICE_SOURCE_OPERATOR};
 
-/// `source` of the spot rows refreshed from `DescribeSpotPriceHistory`.
-pub const SOURCE_EC2: &str = "ec2";
-/// `source` of a row an operator pinned: never overwritten by a refresh.
-pub const SOURCE_OPERATOR: &str = "operator";
+use crate::PgError;
 
-/// An `instance_prices` row.
-#[derive(Clone, Debug, PartialEq, sqlx::FromRow)]
-pub struct PriceRow {
-    pub instance_type: String,
-    pub market: String,
-    pub dollars_per_hour: f64,
-    pub source: String,
-    pub updated_at: DateTime<Utc>,
+#[derive(sqlx::FromRow)]
+struct PriceRecord {
+    instance_type: String,
+    market: String,
+    dollars_per_hour: f64,
+    source: String,
+    updated_at: DateTime<Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -37,19 +33,29 @@ struct UsageRow {
     rerun_state: Option<String>,
 }
 
-pub(crate) async fn prices(pool: &PgPool) -> Result<Vec<PriceRow>, StoreError> {
-    Ok(sqlx::query_as(
+pub(crate) async fn prices(pool: &PgPool) -> Result<Vec<PriceRow>, PgError> {
+    let rows: Vec<PriceRecord> = sqlx::query_as(
         "SELECT instance_type, market, dollars_per_hour, source, updated_at
          FROM instance_prices ORDER BY instance_type, market",
     )
     .fetch_all(pool)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| PriceRow {
+            instance_type: r.instance_type,
+            market: r.market,
+            dollars_per_hour: r.dollars_per_hour,
+            source: r.source,
+            updated_at: r.updated_at,
+        })
+        .collect())
 }
 
 pub(crate) async fn record_spot_prices(
     pool: &PgPool,
     prices: &[(String, f64)],
-) -> Result<u64, StoreError> {
+) -> Result<u64, PgError> {
     let (types, values): (Vec<String>, Vec<f64>) = prices
         .iter()
         .filter(|(_, p)| p.is_finite() && *p >= 0.0)
@@ -64,8 +70,8 @@ pub(crate) async fn record_spot_prices(
     )
     .bind(&types)
     .bind(&values)
-    .bind(SOURCE_EC2)
-    .bind(SOURCE_OPERATOR)
+    .bind(PRICE_SOURCE_EC2)
+    .bind(PRICE_SOURCE_OPERATOR)
     .execute(pool)
     .await?;
     Ok(done.rows_affected())
@@ -78,7 +84,7 @@ pub(crate) async fn usage(
     controller_id: &str,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
-) -> Result<Vec<Usage>, StoreError> {
+) -> Result<Vec<Usage>, PgError> {
     // An ended runner's instance stopped costing when it was terminated;
     // rows that ended without that stamp ended at their last transition.
     let rows: Vec<UsageRow> = sqlx::query_as(
@@ -111,7 +117,7 @@ pub(crate) async fn usage(
                 .as_deref()
                 .map(Market::parse)
                 .transpose()
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                .map_err(|e| PgError::Corrupt(e.to_string()))?;
             Ok(Usage {
                 profile: r.profile,
                 repository: r.repository,

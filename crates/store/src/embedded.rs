@@ -14,7 +14,7 @@ use std::process::Stdio;
 use nix::unistd::{Gid, Uid, User};
 use tokio::process::Command;
 
-use crate::StoreError;
+use crate::PgError;
 
 const DATABASE: &str = "spot_runners";
 const ROLE: &str = "spot_runners";
@@ -52,14 +52,14 @@ impl std::fmt::Debug for EmbeddedPostgres {
     }
 }
 
-fn err(msg: impl Into<String>) -> StoreError {
-    StoreError::Embedded(msg.into())
+fn err(msg: impl Into<String>) -> PgError {
+    PgError::Embedded(msg.into())
 }
 
 /// Finds a directory holding `initdb` and `pg_ctl`: `SPOT_RUNNERS_PG_BIN`,
 /// then Debian's `/usr/lib/postgresql/<version>/bin` (newest first), then
 /// `PATH`.
-pub fn find_binaries() -> Result<PathBuf, StoreError> {
+pub fn find_binaries() -> Result<PathBuf, PgError> {
     let has_both = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
     if let Some(dir) = std::env::var_os("SPOT_RUNNERS_PG_BIN") {
         let dir = PathBuf::from(dir);
@@ -100,10 +100,10 @@ pub fn find_binaries() -> Result<PathBuf, StoreError> {
         })
 }
 
-fn free_port() -> Result<u16, StoreError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(StoreError::io("finding a free port"))?;
+fn free_port() -> Result<u16, PgError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(PgError::io("finding a free port"))?;
     Ok(l.local_addr()
-        .map_err(StoreError::io("finding a free port"))?
+        .map_err(PgError::io("finding a free port"))?
         .port())
 }
 
@@ -121,12 +121,12 @@ fn random_password() -> String {
 impl EmbeddedPostgres {
     /// Starts (initialising on first use) the cluster under `root`, or adopts
     /// one already running there.
-    pub async fn start(root: &Path, options: &EmbeddedOptions) -> Result<Self, StoreError> {
+    pub async fn start(root: &Path, options: &EmbeddedOptions) -> Result<Self, PgError> {
         let bin = find_binaries()?;
         std::fs::create_dir_all(root)
-            .map_err(StoreError::io(format!("creating {}", root.display())))?;
+            .map_err(PgError::io(format!("creating {}", root.display())))?;
         let root = std::fs::canonicalize(root)
-            .map_err(StoreError::io(format!("resolving {}", root.display())))?;
+            .map_err(PgError::io(format!("resolving {}", root.display())))?;
         let run_as = if Uid::effective().is_root() {
             let nobody = User::from_name("nobody").ok().flatten().ok_or_else(|| {
                 err("running as root, and there is no `nobody` user to run PostgreSQL as")
@@ -210,7 +210,7 @@ impl EmbeddedPostgres {
         cmd
     }
 
-    fn chown(&self, path: &Path) -> Result<(), StoreError> {
+    fn chown(&self, path: &Path) -> Result<(), PgError> {
         if let Some((uid, gid)) = self.run_as {
             nix::unistd::chown(path, Some(uid), Some(gid))
                 .map_err(|e| err(format!("chown {}: {e}", path.display())))?;
@@ -218,11 +218,11 @@ impl EmbeddedPostgres {
         Ok(())
     }
 
-    async fn run(&self, mut cmd: Command, what: &str) -> Result<(), StoreError> {
+    async fn run(&self, mut cmd: Command, what: &str) -> Result<(), PgError> {
         let out = cmd
             .output()
             .await
-            .map_err(StoreError::io(format!("running {what}")))?;
+            .map_err(PgError::io(format!("running {what}")))?;
         if out.status.success() {
             Ok(())
         } else {
@@ -236,15 +236,12 @@ impl EmbeddedPostgres {
 
     /// Runs `initdb` when the cluster does not exist yet; returns the role's
     /// password.
-    async fn ensure_initialised(&self, root: &Path) -> Result<String, StoreError> {
+    async fn ensure_initialised(&self, root: &Path) -> Result<String, PgError> {
         let password_file = root.join("password");
         if self.pgdata.join("PG_VERSION").is_file() {
             return std::fs::read_to_string(&password_file)
                 .map(|s| s.trim().to_owned())
-                .map_err(StoreError::io(format!(
-                    "reading {}",
-                    password_file.display()
-                )));
+                .map_err(PgError::io(format!("reading {}", password_file.display())));
         }
         if let Some((uid, _)) = self.run_as {
             if !reachable_by_others(root) {
@@ -259,10 +256,8 @@ impl EmbeddedPostgres {
         let password = random_password();
         write_private(&password_file, &password)?;
         let _ = std::fs::remove_dir_all(&self.pgdata);
-        std::fs::create_dir_all(&self.pgdata).map_err(StoreError::io(format!(
-            "creating {}",
-            self.pgdata.display()
-        )))?;
+        std::fs::create_dir_all(&self.pgdata)
+            .map_err(PgError::io(format!("creating {}", self.pgdata.display())))?;
         self.chown(&self.pgdata)?;
         // initdb reads the superuser password from a file it can open.
         let pwfile = self.pgdata.with_extension("pwfile");
@@ -303,13 +298,13 @@ impl EmbeddedPostgres {
         root: &Path,
         port: u16,
         options: &EmbeddedOptions,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         let log = root.join("postgres.log");
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
-            .map_err(StoreError::io(format!("creating {}", log.display())))?;
+            .map_err(PgError::io(format!("creating {}", log.display())))?;
         self.chown(&log)?;
         let mut server_opts = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' -c max_connections=200"
@@ -331,7 +326,7 @@ impl EmbeddedPostgres {
         let admin = format!(
             "postgres://{ROLE}:{}@127.0.0.1:{port}/postgres",
             std::fs::read_to_string(root.join("password"))
-                .map_err(StoreError::io("reading the password file"))?
+                .map_err(PgError::io("reading the password file"))?
                 .trim()
         );
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
@@ -350,7 +345,7 @@ impl EmbeddedPostgres {
     }
 
     /// Stops the cluster if this process started it.
-    pub async fn stop(self) -> Result<(), StoreError> {
+    pub async fn stop(self) -> Result<(), PgError> {
         if !self.owned {
             return Ok(());
         }
@@ -371,7 +366,7 @@ impl EmbeddedPostgres {
     }
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), StoreError> {
+fn write_private(path: &Path, contents: &str) -> Result<(), PgError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -380,16 +375,16 @@ fn write_private(path: &Path, contents: &str) -> Result<(), StoreError> {
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .map_err(StoreError::io(format!("writing {}", path.display())))?;
+        .map_err(PgError::io(format!("writing {}", path.display())))?;
     f.write_all(contents.as_bytes())
-        .map_err(StoreError::io(format!("writing {}", path.display())))
+        .map_err(PgError::io(format!("writing {}", path.display())))
 }
 
 /// A home for the cluster of `requested` that other users can reach: under
 /// the first fallback root that can be made reachable, named after the
 /// requested path (its last component, for people, and a digest of the
 /// whole, so two checkouts never share a cluster).
-fn reachable_home(requested: &Path, options: &EmbeddedOptions) -> Result<PathBuf, StoreError> {
+fn reachable_home(requested: &Path, options: &EmbeddedOptions) -> Result<PathBuf, PgError> {
     use sha2::Digest;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;

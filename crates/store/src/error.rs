@@ -1,7 +1,7 @@
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-pub enum StoreError {
+pub enum PgError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("migrations: {0}")]
@@ -20,9 +20,20 @@ pub enum StoreError {
     },
 }
 
-impl StoreError {
+impl PgError {
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
-        move |source| StoreError::Io { context, source }
+        move |source| PgError::Io { context, source }
+    }
+}
+
+impl From<PgError> for spot_runners_domain::store::StoreError {
+    fn from(e: PgError) -> Self {
+        use spot_runners_domain::store::StoreError;
+        match e {
+            PgError::Timeout => StoreError::Timeout,
+            PgError::Corrupt(m) => StoreError::Corrupt(m),
+            other => StoreError::Backend(Box::new(other)),
+        }
     }
 }

@@ -1,10 +1,10 @@
-//! The PostgreSQL implementation of [`Store`].
+//! The queries behind [`PgStore`]'s [`Store`](spot_runners_domain::store::Store)
+//! implementation (`pg_store.rs`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rand::SeedableRng;
 use spot_runners_domain::planner::Demand;
@@ -18,12 +18,13 @@ use tokio::time::Instant;
 
 use crate::runners::{queued_job, scope_columns, scope_of};
 use crate::survival::sql as survival;
-use crate::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, PlanFn, PlanSnapshot, Pruned,
-    RecentRepository, RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
-};
-use crate::{JobSurvival, MarketFn, RerunOutcome, RunAwaitingRerun};
+use crate::PgError;
 use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::store::{
+    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
+    PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
+    RunnerRecord, StaleJob,
+};
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::Market;
 
@@ -46,7 +47,7 @@ pub struct PgStore {
 impl PgStore {
     /// Connects a pool. Connection attempts and pool waits are bounded so a
     /// database outage turns into quick errors, not hung requests.
-    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str) -> Result<Self, PgError> {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()?
             .application_name("spot-runners");
@@ -72,20 +73,20 @@ impl PgStore {
 
     /// Applies pending migrations. Idempotent; safe from several replicas at
     /// once (sqlx takes an advisory lock).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
+    pub async fn migrate(&self) -> Result<(), PgError> {
         sqlx::migrate!("../../migrations").run(&self.pool).await?;
         Ok(())
     }
 
     /// A listener subscribed to wake-ups from any replica.
-    pub async fn wake_listener(&self) -> Result<PgListener, StoreError> {
+    pub async fn wake_listener(&self) -> Result<PgListener, PgError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(WAKE_CHANNEL).await?;
         Ok(listener)
     }
 
     /// A listener subscribed to profile changes.
-    pub async fn profile_listener(&self) -> Result<PgListener, StoreError> {
+    pub async fn profile_listener(&self) -> Result<PgListener, PgError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(PROFILES_CHANNEL).await?;
         Ok(listener)
@@ -99,7 +100,7 @@ impl PgStore {
         &self,
         batch: &[IncomingDelivery],
         deadline: Instant,
-    ) -> Result<Vec<DeliveryOutcome>, StoreError> {
+    ) -> Result<Vec<DeliveryOutcome>, PgError> {
         // A GUID twice in one batch is a duplicate of its first occurrence;
         // only first occurrences go to the database.
         let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
@@ -140,7 +141,7 @@ impl PgStore {
             .collect();
         if Instant::now() + MIN_BATCH_TIME / 5 >= deadline {
             // Dropping the transaction rolls it back.
-            return Err(StoreError::Timeout);
+            return Err(PgError::Timeout);
         }
         if !fresh.is_empty() {
             // Delivered on commit, to every replica's reconciler.
@@ -280,25 +281,24 @@ upserted AS (
 SELECT delivery_id FROM fresh
 "#;
 
-#[async_trait]
-impl Store for PgStore {
-    async fn record_deliveries(
+impl PgStore {
+    pub(crate) async fn pg_record_deliveries(
         &self,
         batch: &[IncomingDelivery],
         deadline: Instant,
-    ) -> Result<Vec<DeliveryOutcome>, StoreError> {
+    ) -> Result<Vec<DeliveryOutcome>, PgError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         if deadline.saturating_duration_since(Instant::now()) < MIN_BATCH_TIME {
-            return Err(StoreError::Timeout);
+            return Err(PgError::Timeout);
         }
         tokio::time::timeout_at(deadline, self.record_batch(batch, deadline))
             .await
-            .map_err(|_| StoreError::Timeout)?
+            .map_err(|_| PgError::Timeout)?
     }
 
-    async fn profile_rows(&self) -> Result<Vec<ProfileRow>, StoreError> {
+    pub(crate) async fn pg_profile_rows(&self) -> Result<Vec<ProfileRow>, PgError> {
         use sqlx::Row;
         // Read at run time, not with `query_as!`: several columns are added
         // by separate migrations, and a row type checked at build time
@@ -347,10 +347,13 @@ impl Store for PgStore {
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
+            .map_err(PgError::from)
     }
 
-    async fn job_counts(&self, completed_within: Duration) -> Result<Vec<JobCount>, StoreError> {
+    pub(crate) async fn pg_job_counts(
+        &self,
+        completed_within: Duration,
+    ) -> Result<Vec<JobCount>, PgError> {
         // Two index ranges (open jobs, recent completions) instead of a
         // filter over every job the ledger keeps.
         let rows = sqlx::query!(
@@ -371,7 +374,7 @@ impl Store for PgStore {
             .map(|r| {
                 Ok(JobCount {
                     status: JobStatus::parse(&r.status)
-                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        .map_err(|e| PgError::Corrupt(e.to_string()))?,
                     profile: r.profile,
                     count: r.count,
                 })
@@ -379,7 +382,7 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn prune_deliveries(&self, retention: Duration) -> Result<u64, StoreError> {
+    pub(crate) async fn pg_prune_deliveries(&self, retention: Duration) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "DELETE FROM webhook_deliveries WHERE received_at < now() - make_interval(secs => $1)",
             retention.as_secs_f64(),
@@ -389,12 +392,12 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn prune_ledger(
+    pub(crate) async fn pg_prune_ledger(
         &self,
         controller_id: &str,
         older_than: Duration,
         batch: i64,
-    ) -> Result<Pruned, StoreError> {
+    ) -> Result<Pruned, PgError> {
         // Small batches in short statements: the rows go oldest first
         // along an index, and nothing live waits on a long delete.
         let jobs = sqlx::query!(
@@ -430,20 +433,20 @@ impl Store for PgStore {
         Ok(Pruned { jobs, runners })
     }
 
-    async fn ping(&self) -> Result<(), StoreError> {
+    pub(crate) async fn pg_ping(&self) -> Result<(), PgError> {
         tokio::time::timeout(
             Duration::from_secs(2),
             sqlx::query("SELECT 1").execute(&self.pool),
         )
         .await
-        .map_err(|_| StoreError::Timeout)??;
+        .map_err(|_| PgError::Timeout)??;
         Ok(())
     }
 
-    async fn unmatched_open_jobs(
+    pub(crate) async fn pg_unmatched_open_jobs(
         &self,
         limit: i64,
-    ) -> Result<Vec<(i64, Vec<String>, String)>, StoreError> {
+    ) -> Result<Vec<(i64, Vec<String>, String)>, PgError> {
         let rows = sqlx::query!(
             r#"SELECT id, labels, repository FROM workflow_jobs
                WHERE status IN ('waiting', 'queued') AND profile IS NULL
@@ -458,11 +461,11 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn set_job_profile(
+    pub(crate) async fn pg_set_job_profile(
         &self,
         job_id: i64,
         profile: Result<&str, &str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         let (p, e) = match profile {
             Ok(p) => (Some(p), None),
             Err(e) => (None, Some(e)),
@@ -478,21 +481,21 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn plan_runners(
+    pub(crate) async fn pg_plan_runners(
         &self,
         controller_id: &str,
         plan: PlanFn,
-    ) -> Result<Vec<RunnerRecord>, StoreError> {
+    ) -> Result<Vec<RunnerRecord>, PgError> {
         self.plan_in_tx(controller_id, plan).await
     }
 
-    async fn claim_provisioning(
+    pub(crate) async fn pg_claim_provisioning(
         &self,
         controller_id: &str,
         owner: &str,
         lease: Duration,
         limit: i64,
-    ) -> Result<Vec<RunnerRecord>, StoreError> {
+    ) -> Result<Vec<RunnerRecord>, PgError> {
         let rows = sqlx::query_as!(
             RunnerRow,
             r#"UPDATE runners SET lease_owner = $2, lease_until = now() + make_interval(secs => $3), updated_at = now()
@@ -519,7 +522,11 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError> {
+    pub(crate) async fn pg_update_runner(
+        &self,
+        name: &str,
+        change: RunnerChange,
+    ) -> Result<(), PgError> {
         let done = match change {
             RunnerChange::Registered { github_runner_id } => {
                 sqlx::query!(
@@ -610,16 +617,16 @@ impl Store for PgStore {
             }
         };
         if done.rows_affected() == 0 {
-            return Err(StoreError::Corrupt(format!("no runner named {name}")));
+            return Err(PgError::Corrupt(format!("no runner named {name}")));
         }
         Ok(())
     }
 
-    async fn runners(
+    pub(crate) async fn pg_runners(
         &self,
         controller_id: &str,
         ended_within: Duration,
-    ) -> Result<Vec<RunnerRecord>, StoreError> {
+    ) -> Result<Vec<RunnerRecord>, PgError> {
         let rows = sqlx::query_as!(
             RunnerRow,
             // Live rows, then recently ended ones: one partial index each
@@ -650,11 +657,11 @@ impl Store for PgStore {
         records(rows)
     }
 
-    async fn runner_scopes(
+    pub(crate) async fn pg_runner_scopes(
         &self,
         controller_id: &str,
         ended_within: Duration,
-    ) -> Result<Vec<RunnerScope>, StoreError> {
+    ) -> Result<Vec<RunnerScope>, PgError> {
         let rows = sqlx::query!(
             r#"SELECT org, repository FROM runners
                WHERE controller_id = $1
@@ -677,19 +684,19 @@ impl Store for PgStore {
             .collect())
     }
 
-    async fn settle_jobs(
+    pub(crate) async fn pg_settle_jobs(
         &self,
         controller_id: &str,
-    ) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, StoreError> {
+    ) -> Result<Vec<(RunnerRecord, Option<DateTime<Utc>>)>, PgError> {
         self.settle_jobs_tx(controller_id).await
     }
 
-    async fn renew_leases(
+    pub(crate) async fn pg_renew_leases(
         &self,
         names: &[String],
         owner: &str,
         lease: Duration,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET lease_until = now() + make_interval(secs => $3)
              WHERE name = ANY($1) AND lease_owner = $2 AND state IN ('requested', 'registered', 'launching')",
@@ -702,7 +709,11 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+    pub(crate) async fn pg_mark_online(
+        &self,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()
              WHERE name = ANY($1) AND state IN ('launching', 'booting')",
@@ -714,7 +725,11 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+    pub(crate) async fn pg_mark_busy(
+        &self,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
                     busy_at = COALESCE(busy_at, $2), updated_at = now()
@@ -727,13 +742,13 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
-    async fn end_runner_if(
+    pub(crate) async fn pg_end_runner_if(
         &self,
         name: &str,
         expected: RunnerState,
         state: RunnerState,
         reason: &str,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = $3, reason = $4, terminated_at = COALESCE(terminated_at, now()),
                     lease_owner = NULL, lease_until = NULL, updated_at = now()
@@ -748,11 +763,11 @@ impl Store for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn runner_states(
+    pub(crate) async fn pg_runner_states(
         &self,
         controller_id: &str,
         names: &[String],
-    ) -> Result<BTreeMap<String, RunnerState>, StoreError> {
+    ) -> Result<BTreeMap<String, RunnerState>, PgError> {
         let rows = sqlx::query!(
             "SELECT name, state FROM runners WHERE controller_id = $1 AND name = ANY($2)",
             controller_id,
@@ -763,23 +778,23 @@ impl Store for PgStore {
         rows.into_iter()
             .map(|r| {
                 let state =
-                    RunnerState::parse(&r.state).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?;
                 Ok((r.name, state))
             })
             .collect()
     }
 
-    async fn demand(&self) -> Result<BTreeMap<String, Demand>, StoreError> {
+    pub(crate) async fn pg_demand(&self) -> Result<BTreeMap<String, Demand>, PgError> {
         let mut conn = self.pool.acquire().await?;
         load_demand(&mut conn).await
     }
 
-    async fn stale_jobs(
+    pub(crate) async fn pg_stale_jobs(
         &self,
         cutoffs: &StaleCutoffs,
         idle_profiles: &[String],
         limit: i64,
-    ) -> Result<Vec<StaleJob>, StoreError> {
+    ) -> Result<Vec<StaleJob>, PgError> {
         // StaleCutoffs::due, as SQL.
         let rows = sqlx::query_as!(
             StaleJob,
@@ -802,12 +817,12 @@ impl Store for PgStore {
         Ok(rows)
     }
 
-    async fn record_job_check(
+    pub(crate) async fn pg_record_job_check(
         &self,
         job_id: i64,
         check: &JobCheck,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         let (status, conclusion, runner_name) = match check {
             JobCheck::Queued => (JobStatus::Queued, None, None),
             JobCheck::Started { runner_name } => (JobStatus::InProgress, None, runner_name.clone()),
@@ -843,7 +858,7 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn try_lead(&self, controller_id: &str) -> Result<bool, StoreError> {
+    pub(crate) async fn pg_try_lead(&self, controller_id: &str) -> Result<bool, PgError> {
         let mut held = self.leader.lock().await;
         if let Some(conn) = held.as_mut() {
             // The lock lives as long as this session does.
@@ -866,10 +881,10 @@ impl Store for PgStore {
         Ok(locked)
     }
 
-    async fn recent_repositories(
+    pub(crate) async fn pg_recent_repositories(
         &self,
         since: DateTime<Utc>,
-    ) -> Result<Vec<RecentRepository>, StoreError> {
+    ) -> Result<Vec<RecentRepository>, PgError> {
         let rows = sqlx::query_as!(
             RecentRepository,
             r#"SELECT DISTINCT ON (repository) repository, owner, org, installation_id
@@ -882,14 +897,14 @@ impl Store for PgStore {
         Ok(rows)
     }
 
-    async fn known_jobs(&self, ids: &[i64]) -> Result<BTreeSet<i64>, StoreError> {
+    pub(crate) async fn pg_known_jobs(&self, ids: &[i64]) -> Result<BTreeSet<i64>, PgError> {
         let rows = sqlx::query_scalar!("SELECT id FROM workflow_jobs WHERE id = ANY($1)", ids)
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.into_iter().collect())
     }
 
-    async fn job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError> {
+    pub(crate) async fn pg_job(&self, job_id: i64) -> Result<Option<JobRecord>, PgError> {
         let row = sqlx::query!(
             r#"SELECT id, name, workflow_name, repository, org, labels, status, conclusion, runner_name,
                       profile, match_error, html_url, first_seen_at, queued_at, in_progress_at,
@@ -901,8 +916,7 @@ impl Store for PgStore {
         .await?;
         row.map(|r| {
             Ok(JobRecord {
-                status: JobStatus::parse(&r.status)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                status: JobStatus::parse(&r.status).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 id: r.id,
                 name: r.name,
                 workflow_name: r.workflow_name,
@@ -924,7 +938,10 @@ impl Store for PgStore {
         .transpose()
     }
 
-    async fn known_deliveries(&self, guids: &[String]) -> Result<BTreeSet<String>, StoreError> {
+    pub(crate) async fn pg_known_deliveries(
+        &self,
+        guids: &[String],
+    ) -> Result<BTreeSet<String>, PgError> {
         let known: Vec<String> = sqlx::query_scalar(
             "SELECT delivery_id FROM webhook_deliveries WHERE delivery_id = ANY($1)",
         )
@@ -934,43 +951,46 @@ impl Store for PgStore {
         Ok(known.into_iter().collect())
     }
 
-    async fn notify_wake(&self) -> Result<(), StoreError> {
+    pub(crate) async fn pg_notify_wake(&self) -> Result<(), PgError> {
         sqlx::query!("SELECT pg_notify($1, '')", WAKE_CHANNEL)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    async fn record_workflow_run(
+    pub(crate) async fn pg_record_workflow_run(
         &self,
         delivery_id: &str,
         run: &WorkflowRunEvent,
-    ) -> Result<DeliveryOutcome, StoreError> {
+    ) -> Result<DeliveryOutcome, PgError> {
         survival::record_workflow_run(&self.pool, delivery_id, run).await
     }
 
-    async fn record_run_check(
+    pub(crate) async fn pg_record_run_check(
         &self,
         run: &WorkflowRunEvent,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         survival::record_run_check(&self.pool, run, at).await
     }
 
-    async fn mark_run_checked(
+    pub(crate) async fn pg_mark_run_checked(
         &self,
         run_id: i64,
         repository: &str,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         survival::mark_run_checked(&self.pool, run_id, repository, at).await
     }
 
-    async fn record_interruption(&self, interruption: &Interruption) -> Result<bool, StoreError> {
+    pub(crate) async fn pg_record_interruption(
+        &self,
+        interruption: &Interruption,
+    ) -> Result<bool, PgError> {
         survival::record_interruption(&self.pool, interruption).await
     }
 
-    async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
+    pub(crate) async fn pg_job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, PgError> {
         let id: Option<i64> = sqlx::query_scalar(
             "SELECT id FROM workflow_jobs WHERE runner_name = $1 ORDER BY id DESC LIMIT 1",
         )
@@ -980,47 +1000,50 @@ impl Store for PgStore {
         Ok(id)
     }
 
-    async fn link_reruns(&self) -> Result<u64, StoreError> {
+    pub(crate) async fn pg_link_reruns(&self) -> Result<u64, PgError> {
         survival::link_reruns(&self.pool).await
     }
 
-    async fn runs_awaiting_reruns(
+    pub(crate) async fn pg_runs_awaiting_reruns(
         &self,
         now: DateTime<Utc>,
         limit: i64,
-    ) -> Result<Vec<RunAwaitingRerun>, StoreError> {
+    ) -> Result<Vec<RunAwaitingRerun>, PgError> {
         survival::runs_awaiting_reruns(&self.pool, now, limit).await
     }
 
-    async fn run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, StoreError> {
+    pub(crate) async fn pg_run_jobs(&self, run_id: i64) -> Result<Vec<RunJob>, PgError> {
         survival::run_jobs(&self.pool, run_id).await
     }
 
-    async fn set_rerun_outcome(
+    pub(crate) async fn pg_set_rerun_outcome(
         &self,
         job_ids: &[i64],
         outcome: &RerunOutcome,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         survival::set_rerun_outcome(&self.pool, job_ids, outcome, at).await
     }
 
-    async fn rerun_attempts(&self, job_id: i64) -> Result<i32, StoreError> {
+    pub(crate) async fn pg_rerun_attempts(&self, job_id: i64) -> Result<i32, PgError> {
         survival::rerun_attempts(&self.pool, job_id).await
     }
 
-    async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError> {
+    pub(crate) async fn pg_job_survival(
+        &self,
+        job_id: i64,
+    ) -> Result<Option<JobSurvival>, PgError> {
         survival::job_survival(&self.pool, job_id).await
     }
 
-    async fn choose_runner_market(
+    pub(crate) async fn pg_choose_runner_market(
         &self,
         controller_id: &str,
         runner_name: &str,
         profile: &str,
         interruptions_since: DateTime<Utc>,
         decide: MarketFn,
-    ) -> Result<(Market, String), StoreError> {
+    ) -> Result<(Market, String), PgError> {
         survival::choose_runner_market(
             &self.pool,
             controller_id,
@@ -1032,29 +1055,12 @@ impl Store for PgStore {
         .await
     }
 
-    async fn interruptions_since(
+    pub(crate) async fn pg_interruptions_since(
         &self,
         controller_id: &str,
         since: DateTime<Utc>,
-    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+    ) -> Result<Vec<(String, DateTime<Utc>)>, PgError> {
         survival::interruptions_since(&self.pool, controller_id, since).await
-    }
-
-    async fn prices(&self) -> Result<Vec<crate::PriceRow>, StoreError> {
-        crate::cost::prices(&self.pool).await
-    }
-
-    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError> {
-        crate::cost::record_spot_prices(&self.pool, prices).await
-    }
-
-    async fn usage(
-        &self,
-        controller_id: &str,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-    ) -> Result<Vec<spot_runners_domain::cost::Usage>, StoreError> {
-        crate::cost::usage(&self.pool, controller_id, from, to).await
     }
 }
 
@@ -1082,13 +1088,13 @@ struct RunnerRow {
 }
 
 impl TryFrom<RunnerRow> for RunnerRecord {
-    type Error = StoreError;
+    type Error = PgError;
 
-    fn try_from(r: RunnerRow) -> Result<Self, StoreError> {
+    fn try_from(r: RunnerRow) -> Result<Self, PgError> {
         Ok(RunnerRecord {
-            state: RunnerState::parse(&r.state).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
             scope: scope_of(r.org, r.repository)
-                .ok_or_else(|| StoreError::Corrupt(format!("runner {} has no scope", r.name)))?,
+                .ok_or_else(|| PgError::Corrupt(format!("runner {} has no scope", r.name)))?,
             name: r.name,
             profile: r.profile,
             github_runner_id: r.github_runner_id,
@@ -1109,7 +1115,7 @@ impl TryFrom<RunnerRow> for RunnerRecord {
     }
 }
 
-fn records(rows: Vec<RunnerRow>) -> Result<Vec<RunnerRecord>, StoreError> {
+fn records(rows: Vec<RunnerRow>) -> Result<Vec<RunnerRecord>, PgError> {
     rows.into_iter().map(RunnerRecord::try_from).collect()
 }
 
@@ -1123,7 +1129,7 @@ impl PgStore {
         &self,
         controller_id: &str,
         plan: PlanFn,
-    ) -> Result<Vec<RunnerRecord>, StoreError> {
+    ) -> Result<Vec<RunnerRecord>, PgError> {
         let mut tx = self.pool.begin().await?;
         let locked = sqlx::query_scalar!(
             r#"SELECT pg_try_advisory_xact_lock(hashtext('spot-runners:plan:' || $1)) AS "locked!""#,
@@ -1152,8 +1158,7 @@ impl PgStore {
         .await?;
         for r in runners {
             let count = RunnerCount {
-                state: RunnerState::parse(&r.state)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
             };
@@ -1166,7 +1171,7 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let controller =
-            ControllerId::parse(controller_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            ControllerId::parse(controller_id).map_err(|e| PgError::Corrupt(e.to_string()))?;
         let (mut names, mut profiles, mut orgs, mut repos, mut since) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut rng = rand::rngs::StdRng::from_entropy();
@@ -1214,7 +1219,7 @@ impl PgStore {
     async fn settle_jobs_tx(
         &self,
         controller_id: &str,
-    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, StoreError> {
+    ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, PgError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query!(
             r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, now()),
@@ -1268,7 +1273,7 @@ impl PgStore {
 
 /// Queued jobs per profile (oldest first), and where each profile's warm
 /// pool registers: the scope of its latest job.
-async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>, StoreError> {
+async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>, PgError> {
     let mut demand: BTreeMap<String, Demand> = BTreeMap::new();
     let queued = sqlx::query!(
         r#"SELECT profile AS "profile!", first_seen_at, org, repository

@@ -6,76 +6,15 @@
 
 use chrono::{DateTime, Utc};
 use spot_runners_domain::run::WorkflowRunEvent;
+use spot_runners_domain::store::{JobSurvival, MarketSnapshot, RerunOutcome, RunAwaitingRerun};
 use spot_runners_domain::survival::{Interruption, QueuedJobFacts, RunJob};
 use spot_runners_domain::Market;
-
-/// A workflow run with an interrupted job whose re-run is due.
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct RunAwaitingRerun {
-    pub run_id: i64,
-    pub repository: String,
-    pub profile: Option<String>,
-    /// What the ledger knows of the run: `None` when nothing yet.
-    pub status: Option<String>,
-    pub checked_at: Option<DateTime<Utc>>,
-}
-
-impl RunAwaitingRerun {
-    pub fn completed(&self) -> bool {
-        self.status.as_deref() == Some("completed")
-    }
-}
-
-/// What became of a re-run request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RerunOutcome {
-    /// GitHub accepted it: a new attempt of the run is starting.
-    Requested,
-    /// Not now; due again at `at`. The reason is what `jobs explain` says.
-    RetryAt { at: DateTime<Utc>, reason: String },
-    /// Given up: the job is lost.
-    Lost { reason: String },
-    /// Left for a later completion of the run (another job's re-run goes first).
-    Waiting { reason: String },
-}
-
-/// The market decision's view of one profile, read under a per-profile lock.
-#[derive(Clone, Debug, Default)]
-pub struct MarketSnapshot {
-    pub queued: Vec<QueuedJobFacts>,
-    pub on_demand_available: usize,
-    /// When the profile's instances were reclaimed lately.
-    pub interruptions: Vec<DateTime<Utc>>,
-}
-
-/// Decides a runner's market inside the store's lock.
-pub type MarketFn = Box<dyn FnOnce(&MarketSnapshot) -> (Market, String) + Send>;
-
-/// The spot-survival part of a job, for `jobs explain`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, sqlx::FromRow)]
-pub struct JobSurvival {
-    pub interrupted_at: Option<DateTime<Utc>>,
-    pub interrupted_runner: Option<String>,
-    pub interrupted_instance_type: Option<String>,
-    pub interrupted_subnet_id: Option<String>,
-    pub interrupted_market: Option<String>,
-    pub interrupted_after_secs: Option<i32>,
-    pub rerun_of: Option<i64>,
-    pub rerun_count: i32,
-    pub rerun_state: Option<String>,
-    pub rerun_reason: Option<String>,
-    pub rerun_attempts: i32,
-    pub rerun_next_at: Option<DateTime<Utc>>,
-    /// The market the runner that took it ran on, and why.
-    pub runner_market: Option<String>,
-    pub runner_market_reason: Option<String>,
-}
 
 pub(crate) mod sql {
     use super::*;
     use sqlx::{PgPool, Row};
 
-    use crate::{DeliveryOutcome, StoreError};
+    use crate::{DeliveryOutcome, MarketFn, PgError};
 
     /// A run's status only moves forward within an attempt, and a later
     /// attempt replaces an earlier one; a late delivery of an older attempt
@@ -84,7 +23,7 @@ pub(crate) mod sql {
         conn: &mut sqlx::PgConnection,
         run: &WorkflowRunEvent,
         checked_at: Option<DateTime<Utc>>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         sqlx::query(
             r#"INSERT INTO workflow_runs AS r (id, repository, run_attempt, status, conclusion, completed_at, checked_at)
                VALUES ($1, $2, $3, $4, $5, CASE WHEN $4 = 'completed' THEN now() END, $6)
@@ -119,7 +58,7 @@ pub(crate) mod sql {
         pool: &PgPool,
         delivery_id: &str,
         run: &WorkflowRunEvent,
-    ) -> Result<DeliveryOutcome, StoreError> {
+    ) -> Result<DeliveryOutcome, PgError> {
         let mut tx = pool.begin().await?;
         let fresh = sqlx::query(
             r#"INSERT INTO webhook_deliveries (delivery_id, event, action)
@@ -142,7 +81,7 @@ pub(crate) mod sql {
         pool: &PgPool,
         run: &WorkflowRunEvent,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         let mut conn = pool.acquire().await?;
         upsert_run(&mut conn, run, Some(at)).await
     }
@@ -152,7 +91,7 @@ pub(crate) mod sql {
         run_id: i64,
         repository: &str,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         sqlx::query(
             r#"INSERT INTO workflow_runs (id, repository, status, checked_at) VALUES ($1, $2, 'unknown', $3)
                ON CONFLICT (id) DO UPDATE SET checked_at = $3, updated_at = now()"#,
@@ -168,7 +107,7 @@ pub(crate) mod sql {
     pub(crate) async fn record_interruption(
         pool: &PgPool,
         i: &Interruption,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, PgError> {
         let done = sqlx::query(
             r#"UPDATE workflow_jobs SET
                    interrupted_at = $2, interrupted_runner = $3, interrupted_instance_type = $4,
@@ -194,7 +133,7 @@ pub(crate) mod sql {
     /// latest earlier one that was interrupted: link them, and count the
     /// lineage's re-runs. A pending predecessor that someone re-ran by hand
     /// is no longer pending.
-    pub(crate) async fn link_reruns(pool: &PgPool) -> Result<u64, StoreError> {
+    pub(crate) async fn link_reruns(pool: &PgPool) -> Result<u64, PgError> {
         let done = sqlx::query(
             r#"WITH pairs AS (
                    SELECT DISTINCT ON (n.id) n.id AS new_id, p.id AS old_id, p.rerun_count AS old_count
@@ -223,8 +162,8 @@ pub(crate) mod sql {
         pool: &PgPool,
         now: DateTime<Utc>,
         limit: i64,
-    ) -> Result<Vec<RunAwaitingRerun>, StoreError> {
-        let rows = sqlx::query_as::<_, RunAwaitingRerun>(
+    ) -> Result<Vec<RunAwaitingRerun>, PgError> {
+        let rows = sqlx::query(
             r#"SELECT j.run_id, min(j.repository) AS repository, min(j.profile) AS profile,
                       min(r.status) AS status, min(r.checked_at) AS checked_at
                FROM workflow_jobs j LEFT JOIN workflow_runs r ON r.id = j.run_id
@@ -237,10 +176,20 @@ pub(crate) mod sql {
         .bind(limit)
         .fetch_all(pool)
         .await?;
-        Ok(rows)
+        rows.iter()
+            .map(|r| {
+                Ok(RunAwaitingRerun {
+                    run_id: r.try_get("run_id")?,
+                    repository: r.try_get("repository")?,
+                    profile: r.try_get("profile")?,
+                    status: r.try_get("status")?,
+                    checked_at: r.try_get("checked_at")?,
+                })
+            })
+            .collect()
     }
 
-    pub(crate) async fn run_jobs(pool: &PgPool, run_id: i64) -> Result<Vec<RunJob>, StoreError> {
+    pub(crate) async fn run_jobs(pool: &PgPool, run_id: i64) -> Result<Vec<RunJob>, PgError> {
         let rows = sqlx::query(
             r#"SELECT DISTINCT ON (j.name) j.id, j.name, j.conclusion, j.rerun_state = 'pending' AS pending,
                       (SELECT count(*) FROM workflow_jobs p
@@ -273,7 +222,7 @@ pub(crate) mod sql {
         job_ids: &[i64],
         outcome: &RerunOutcome,
         at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), PgError> {
         let (state, reason, next): (&str, String, Option<DateTime<Utc>>) = match outcome {
             RerunOutcome::Requested => {
                 ("requested", "re-run requested from GitHub".to_owned(), None)
@@ -319,7 +268,7 @@ pub(crate) mod sql {
         Ok(())
     }
 
-    pub(crate) async fn rerun_attempts(pool: &PgPool, job_id: i64) -> Result<i32, StoreError> {
+    pub(crate) async fn rerun_attempts(pool: &PgPool, job_id: i64) -> Result<i32, PgError> {
         let n: Option<i32> =
             sqlx::query_scalar("SELECT rerun_attempts FROM workflow_jobs WHERE id = $1")
                 .bind(job_id)
@@ -331,8 +280,8 @@ pub(crate) mod sql {
     pub(crate) async fn job_survival(
         pool: &PgPool,
         job_id: i64,
-    ) -> Result<Option<JobSurvival>, StoreError> {
-        let row = sqlx::query_as::<_, JobSurvival>(
+    ) -> Result<Option<JobSurvival>, PgError> {
+        let row = sqlx::query(
             r#"SELECT j.interrupted_at, j.interrupted_runner, j.interrupted_instance_type,
                       j.interrupted_subnet_id, j.interrupted_market, j.interrupted_after_secs,
                       j.rerun_of, j.rerun_count, j.rerun_state, j.rerun_reason, j.rerun_attempts,
@@ -343,7 +292,23 @@ pub(crate) mod sql {
         .bind(job_id)
         .fetch_optional(pool)
         .await?;
-        Ok(row)
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(JobSurvival {
+            interrupted_at: r.try_get("interrupted_at")?,
+            interrupted_runner: r.try_get("interrupted_runner")?,
+            interrupted_instance_type: r.try_get("interrupted_instance_type")?,
+            interrupted_subnet_id: r.try_get("interrupted_subnet_id")?,
+            interrupted_market: r.try_get("interrupted_market")?,
+            interrupted_after_secs: r.try_get("interrupted_after_secs")?,
+            rerun_of: r.try_get("rerun_of")?,
+            rerun_count: r.try_get("rerun_count")?,
+            rerun_state: r.try_get("rerun_state")?,
+            rerun_reason: r.try_get("rerun_reason")?,
+            rerun_attempts: r.try_get("rerun_attempts")?,
+            rerun_next_at: r.try_get("rerun_next_at")?,
+            runner_market: r.try_get("runner_market")?,
+            runner_market_reason: r.try_get("runner_market_reason")?,
+        }))
     }
 
     /// Reads the profile's market facts and records the decision on the
@@ -356,7 +321,7 @@ pub(crate) mod sql {
         profile: &str,
         since: DateTime<Utc>,
         decide: MarketFn,
-    ) -> Result<(Market, String), StoreError> {
+    ) -> Result<(Market, String), PgError> {
         let mut tx = pool.begin().await?;
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtext('spot-runners:market:' || $1 || ':' || $2))",
@@ -437,7 +402,7 @@ pub(crate) mod sql {
         pool: &PgPool,
         controller_id: &str,
         since: DateTime<Utc>,
-    ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+    ) -> Result<Vec<(String, DateTime<Utc>)>, PgError> {
         let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
             r#"SELECT profile, COALESCE(terminated_at, updated_at) FROM runners
                WHERE controller_id = $1 AND state = 'interrupted'

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use sqlx::Connection;
 
 use crate::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use crate::{PgStore, StoreError};
+use crate::{PgError, PgStore};
 
 /// A database made for one test.
 pub struct TestDatabase {
@@ -31,7 +31,7 @@ pub fn shared_cluster_dir() -> PathBuf {
     ))
 }
 
-async fn admin_url() -> Result<String, StoreError> {
+async fn admin_url() -> Result<String, PgError> {
     for var in ["SPOT_RUNNERS_TEST_DATABASE_URL", "DATABASE_URL"] {
         if let Ok(url) = std::env::var(var) {
             if !url.trim().is_empty() {
@@ -40,7 +40,7 @@ async fn admin_url() -> Result<String, StoreError> {
         }
     }
     let dir = shared_cluster_dir();
-    std::fs::create_dir_all(&dir).map_err(StoreError::io(format!("creating {}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(PgError::io(format!("creating {}", dir.display())))?;
     // Only one process may initialise or start the cluster; the rest wait and
     // then adopt it.
     let lock_path = dir.join("lock");
@@ -49,13 +49,13 @@ async fn admin_url() -> Result<String, StoreError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(StoreError::io(format!("opening {}", lock_path.display())))?;
+        .map_err(PgError::io(format!("opening {}", lock_path.display())))?;
     let lock = tokio::task::spawn_blocking(move || {
         nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| StoreError::Embedded(format!("locking the test cluster: {e}")))
+            .map_err(|(_, e)| PgError::Embedded(format!("locking the test cluster: {e}")))
     })
     .await
-    .map_err(|e| StoreError::Embedded(e.to_string()))??;
+    .map_err(|e| PgError::Embedded(e.to_string()))??;
     let pg = EmbeddedPostgres::start(
         &dir,
         &EmbeddedOptions {
@@ -69,7 +69,7 @@ async fn admin_url() -> Result<String, StoreError> {
 }
 
 /// A new empty database with every migration applied.
-pub async fn test_database() -> Result<TestDatabase, StoreError> {
+pub async fn test_database() -> Result<TestDatabase, PgError> {
     let admin_url = admin_url().await?;
     let name = format!(
         "test_{}_{:x}",
@@ -113,6 +113,42 @@ pub fn replace_database(url: &str, database: &str) -> String {
         Some(q) => format!("{base}/{database}?{q}"),
         None => format!("{base}/{database}"),
     }
+}
+
+/// Writes an `instance_profiles` row as an operator would.
+pub async fn insert_profile(
+    store: &PgStore,
+    row: &spot_runners_domain::profile::ProfileRow,
+) -> Result<(), PgError> {
+    sqlx::query(
+        "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids,
+             security_group_ids, iam_instance_profile, market, on_demand_fallback, max_instances,
+             min_idle, idle_timeout_secs, boot_timeout_secs, max_lifetime_secs, runner_group_id,
+             root_volume_gb, repositories, enabled, priority)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+    )
+    .bind(&row.name)
+    .bind(&row.labels)
+    .bind(&row.instance_types)
+    .bind(&row.image_id)
+    .bind(&row.subnet_ids)
+    .bind(&row.security_group_ids)
+    .bind(&row.iam_instance_profile)
+    .bind(&row.market)
+    .bind(row.on_demand_fallback)
+    .bind(row.max_instances)
+    .bind(row.min_idle)
+    .bind(row.idle_timeout_secs)
+    .bind(row.boot_timeout_secs)
+    .bind(row.max_lifetime_secs)
+    .bind(row.runner_group_id)
+    .bind(row.root_volume_gb)
+    .bind(&row.repositories)
+    .bind(row.enabled)
+    .bind(row.priority)
+    .execute(store.pool())
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 use spot_runners_store::testing::test_database;
 use spot_runners_store::{DeliveryOutcome, IncomingDelivery, PgStore, Store};
-use tokio::time::Instant;
+use std::time::Instant;
 
 fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(10)

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners::metrics::Metrics;
-use spot_runners::profiles::ProfileCache;
-use spot_runners::reconciler::{Backends, Reconciler};
 use spot_runners_domain::ports::LaunchRequest;
 use spot_runners_domain::{ControllerId, Market};
+use spot_runners_reconciler::ProfileCache;
+use spot_runners_reconciler::{Backends, Reconciler};
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock};
 use spot_runners_store::testing::{test_database, TestDatabase};
@@ -63,7 +63,7 @@ impl Harness {
                     parameters: Arc::new(self.parameters.clone()),
                 },
                 self.profiles.clone(),
-                Arc::clone(&self.metrics),
+                Arc::clone(&self.metrics) as _,
                 ControllerId::default(),
                 max_instances,
             )
@@ -85,7 +85,7 @@ impl Harness {
                 parameters: Arc::new(self.parameters.clone()),
             },
             self.profiles.clone(),
-            Arc::clone(&self.metrics),
+            Arc::clone(&self.metrics) as _,
             ControllerId::default(),
             max_instances,
         )
@@ -109,7 +109,7 @@ impl Harness {
         .await
         .unwrap_or_else(|e| panic!("profile {name}: {e}"));
         self.profiles
-            .reload(self.store.as_ref(), &self.metrics)
+            .reload(self.store.as_ref(), self.metrics.as_ref())
             .await
             .unwrap();
     }

@@ -65,7 +65,7 @@ pub async fn spawn_app_with_secrets(secrets: &str) -> TestApp {
 pub async fn spawn_app_with(
     secrets: &str,
     tweak: impl FnOnce(&mut Settings),
-    backends: Option<spot_runners::reconciler::Backends>,
+    backends: Option<spot_runners_reconciler::Backends>,
 ) -> TestApp {
     spawn_app_with_clock(
         secrets,
@@ -80,7 +80,7 @@ pub async fn spawn_app_with(
 pub async fn spawn_app_with_clock(
     secrets: &str,
     tweak: impl FnOnce(&mut Settings),
-    backends: Option<spot_runners::reconciler::Backends>,
+    backends: Option<spot_runners_reconciler::Backends>,
     clock: Arc<dyn spot_runners_domain::clock::Clock>,
 ) -> TestApp {
     spawn_app_on(
@@ -99,7 +99,7 @@ pub async fn spawn_app_on(
     secrets: &str,
     tweak: impl FnOnce(&mut Settings),
     metrics: Arc<spot_runners::metrics::Metrics>,
-    backends: Option<spot_runners::reconciler::Backends>,
+    backends: Option<spot_runners_reconciler::Backends>,
     clock: Arc<dyn spot_runners_domain::clock::Clock>,
 ) -> TestApp {
     spot_runners::telemetry::init();

@@ -1,0 +1,128 @@
+//! The jobs side of a sweep: stale queued jobs asked about, lost queued
+//! jobs found by polling.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use spot_runners_domain::ports::GitHubError;
+use spot_runners_domain::stale::{self, StaleCutoffs};
+use spot_runners_domain::store::{IncomingDelivery, JobCheck, StaleJob, StoreError};
+use spot_runners_domain::sweeps as decide;
+use spot_runners_domain::{JobStatus, WorkflowJobEvent};
+
+use crate::Reconciler;
+
+/// One repository is asked for its queued jobs this often, in turn.
+pub const POLL_EVERY: Duration = Duration::from_secs(60);
+/// Repositories with jobs this recent are polled.
+const POLL_REPOSITORIES_SEEN_WITHIN_DAYS: i64 = 7;
+/// Time a polled batch may take to commit.
+const POLL_COMMIT_BUDGET: Duration = Duration::from_secs(10);
+
+impl Reconciler {
+    /// Asks GitHub about jobs queued suspiciously long ([`stale`] says
+    /// which), a few per sweep so the rate limit is never spent on it: a
+    /// lost `completed` or `in_progress` would otherwise keep demand (and
+    /// instances) alive.
+    pub(super) async fn check_stale_jobs(
+        &self,
+        suspects: Vec<StaleJob>,
+        idle_profiles: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut due = suspects;
+        due.truncate(stale::CHECKS_PER_SWEEP);
+        let room = (stale::CHECKS_PER_SWEEP - due.len()) as i64;
+        if room > 0 {
+            due.extend(
+                self.store
+                    .stale_jobs(&StaleCutoffs::at(now), idle_profiles, room)
+                    .await?,
+            );
+        }
+        let (mut checked, mut closed) = (0, 0);
+        for job in due {
+            let check = match self.backends.github.job(&job.repository, job.id).await {
+                Ok(report) => decide::job_check(&report),
+                Err(GitHubError::NotFound) => JobCheck::Gone,
+                Err(e) => {
+                    tracing::warn!(job_id = job.id, repository = %job.repository, error = %e, "checking a stale job failed; stale checks stop for this sweep");
+                    break;
+                }
+            };
+            checked += 1;
+            self.store.record_job_check(job.id, &check, now).await?;
+            self.metrics.stale_jobs(check.as_str(), 1);
+            if check != JobCheck::Queued {
+                closed += 1;
+                tracing::warn!(job_id = job.id, repository = %job.repository, outcome = check.as_str(), "stale job repaired from GitHub's jobs API (a webhook was lost)");
+            }
+        }
+        Ok((checked, closed))
+    }
+
+    /// GitHub does not resend a lost `queued` delivery, and without it a
+    /// job is never covered (unless some other job's runner takes it). So,
+    /// one repository a minute in turn, GitHub is asked for its queued jobs
+    /// and those the ledger has never seen are recorded as if delivered.
+    pub(super) async fn poll_queued_jobs(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
+        if !self.polls.due(now) {
+            return Ok(0);
+        }
+        let turn = self.poll_turn.fetch_add(1, Ordering::Relaxed);
+        let repositories = self
+            .store
+            .recent_repositories(now - chrono::Duration::days(POLL_REPOSITORIES_SEEN_WITHIN_DAYS))
+            .await?;
+        let Some(repo) = repositories.get(turn % repositories.len().max(1)) else {
+            return Ok(0);
+        };
+        let listed = match self.backends.github.queued_jobs(&repo.repository).await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(repository = %repo.repository, error = %e, "listing queued jobs failed");
+                return Ok(0);
+            }
+        };
+        let ids: Vec<i64> = listed.iter().map(|j| j.id).collect();
+        let known = self.store.known_jobs(&ids).await?;
+        let batch: Vec<IncomingDelivery> = decide::lost_queued_jobs(listed, &known, now)
+            .into_iter()
+            .map(|j| IncomingDelivery {
+                delivery_id: format!("poll-{}", j.id),
+                profile: self.profiles.match_job(&j.labels, &repo.repository),
+                job: WorkflowJobEvent {
+                    job_id: j.id,
+                    run_id: j.run_id,
+                    run_attempt: j.run_attempt,
+                    status: JobStatus::Queued,
+                    name: j.name,
+                    workflow_name: j.workflow_name,
+                    labels: j.labels,
+                    conclusion: None,
+                    runner_id: None,
+                    runner_name: None,
+                    repository: repo.repository.clone(),
+                    owner: repo.owner.clone(),
+                    org: repo.org.clone(),
+                    installation_id: repo.installation_id,
+                    html_url: j.html_url,
+                    created_at: j.created_at,
+                    started_at: None,
+                    completed_at: None,
+                },
+            })
+            .collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let deadline = tokio::time::Instant::now().into_std() + POLL_COMMIT_BUDGET;
+        self.store.record_deliveries(&batch, deadline).await?;
+        for d in &batch {
+            tracing::warn!(job_id = d.job.job_id, repository = %d.job.repository, profile = ?d.profile.as_ref().ok(), "found a queued job no webhook told us about; recorded it");
+        }
+        self.metrics.stale_jobs("discovered", batch.len() as u64);
+        Ok(batch.len())
+    }
+}

@@ -6,7 +6,10 @@
 -- rows, if you want your changes to survive the next load.
 --
 -- BEFORE LOADING, replace every REPLACE_ME value:
---   image_id            the AMI built from packer/kani-runner-ami.pkr.hcl
+--   image_id            the AMI built from packer/kani-runner-ami.pkr.hcl, or
+--                       set it to NULL and image_filter to 'self/kani-runner-*'
+--                       (the newest build of this account wins; a rebuild
+--                       then needs no edit here)
 --   subnet_ids          one subnet per availability zone, tried in turn on
 --                       capacity errors ('{}' = the region's default subnet)
 --   security_group_ids  egress to GitHub and your registries; no ingress needed
@@ -38,7 +41,8 @@ INSERT INTO instance_profiles (
     name, labels, instance_types, image_id, subnet_ids, security_group_ids,
     iam_instance_profile, market, on_demand_fallback, max_instances, min_idle,
     idle_timeout_secs, boot_timeout_secs, max_lifetime_secs, runner_group_id,
-    root_volume_gb, repositories, enabled, priority
+    root_volume_gb, repositories, enabled, priority,
+    image_filter, threads_per_core, benchmark_tuning
 ) VALUES
     -- Kani proofs of ~20-40 min, and any plain `kani` job.
     -- c6i.4xlarge (16 vCPU, 32 GiB) first; c6a/m6i of the same size when spot
@@ -58,7 +62,9 @@ INSERT INTO instance_profiles (
      64,
      NULL,            -- every repository of the org; or e.g. '{my-org/verified-*}'
      true,
-     10),             -- above kani-slow: plain `kani` jobs land here
+     10,              -- above kani-slow: plain `kani` jobs land here
+     NULL, NULL,      -- image_filter (image_id above), the types' default SMT
+     false),          -- no benchmark tuning: Kani runs on the kernel defaults
     -- Kani proofs of 1-2 h, asked for with the kani-slow label.
     ('kani-slow',
      '{linux,x64,spot,kani,kani-slow}',
@@ -75,7 +81,8 @@ INSERT INTO instance_profiles (
      100,
      NULL,
      true,
-     0),
+     0,
+     NULL, NULL, false),
     -- Benchmarks of 2-3 h. One instance type only: results from different
     -- hardware are not comparable, so no c6a/m6i fallback. On-demand when
     -- spot capacity runs out; set market = 'on-demand' to also rule out spot
@@ -95,7 +102,11 @@ INSERT INTO instance_profiles (
      100,
      NULL,
      true,
-     0)
+     0,
+     NULL,
+     1,               -- SMT off: 16 cores, one thread each, no sibling noise
+     true)            -- governor, turbo, C-states, THP, ASLR, perf at boot;
+                      -- jobs print /run/spot-runners/tuning (docs/operations.md)
 ON CONFLICT (name) DO UPDATE SET
     labels               = EXCLUDED.labels,
     instance_types       = EXCLUDED.instance_types,
@@ -114,4 +125,7 @@ ON CONFLICT (name) DO UPDATE SET
     root_volume_gb       = EXCLUDED.root_volume_gb,
     repositories         = EXCLUDED.repositories,
     enabled              = EXCLUDED.enabled,
-    priority             = EXCLUDED.priority;
+    priority             = EXCLUDED.priority,
+    image_filter         = EXCLUDED.image_filter,
+    threads_per_core     = EXCLUDED.threads_per_core,
+    benchmark_tuning     = EXCLUDED.benchmark_tuning;

@@ -6,7 +6,8 @@
 #   packer init packer/kani-runner-ami.pkr.hcl
 #   packer build -var region=eu-west-1 packer/kani-runner-ami.pkr.hcl
 #
-# Put the resulting AMI id in instance_profiles.image_id (docs/operations.md).
+# Put the resulting AMI id in instance_profiles.image_id, or let profiles find
+# the newest build by name: image_filter = 'self/kani-runner-*' (docs/operations.md).
 
 packer {
   required_version = ">= 1.9.0"
@@ -154,7 +155,7 @@ build {
 
   # With a trailing slash on its source the file provisioner uploads the
   # directory's contents into the destination, which must already exist:
-  # without this step both files land on one path and 40-benchmark-tuning.sh
+  # without this step the files land on one path and 40-benchmark-tuning.sh
   # fails far into the build.
   provisioner "shell" {
     inline = ["install -d -m 0755 /tmp/spot-runners-files"]

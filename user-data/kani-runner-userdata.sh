@@ -26,6 +26,8 @@ RUNNER_NAME='@@RUNNER_NAME@@'
 # which the instance goes whatever it is doing.
 IDLE_LIMIT_SECS='@@IDLE_LIMIT_SECS@@'
 MAX_LIFETIME_SECS='@@MAX_LIFETIME_SECS@@'
+# 1: the profile asks for benchmark tuning (benchmark_tuning); 0: defaults.
+BENCHMARK_TUNING='@@BENCHMARK_TUNING@@'
 
 # Used only when the AMI lacks the runner. Keep in step with the defaults in
 # packer/kani-runner-ami.pkr.hcl (scripts/check-assets compares them).
@@ -37,6 +39,9 @@ RUNNER_SHA256='048024cd2c848eb6f14d5646d56c13a4def2ae7ee3ad12122bee960c56f3d271'
 # cloud-init runs it with neither set.
 RUNNER_DIR=${SPOT_RUNNERS_TEST_RUNNER_DIR:-/opt/actions-runner}
 LOG_FILE=${SPOT_RUNNERS_TEST_LOG_FILE:-/var/log/spot-runners-userdata.log}
+TUNING_SCRIPT=${SPOT_RUNNERS_TEST_TUNING_SCRIPT:-/usr/local/sbin/spot-runners-benchmark-tuning}
+# What tuning this instance got, key=value lines, for a job to print.
+TUNING_FILE=${SPOT_RUNNERS_TEST_TUNING_FILE:-/run/spot-runners/tuning}
 RUNNER_USER=runner
 IMDS_IP=169.254.169.254
 IMDS=http://$IMDS_IP/latest
@@ -74,6 +79,7 @@ trap 'power_off "boot script ended (status $?)"' EXIT
 [[ $RUNNER_NAME =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "no runner name in the user data"
 [[ $IDLE_LIMIT_SECS =~ ^[1-9][0-9]*$ ]] || die "idle limit is not a number of seconds"
 [[ $MAX_LIFETIME_SECS =~ ^[1-9][0-9]*$ ]] || die "lifetime is not a number of seconds"
+[[ $BENCHMARK_TUNING =~ ^[01]$ ]] || die "benchmark tuning flag is not 0 or 1"
 
 imds_token() {
   curl -fsS --max-time 5 --retry 3 --retry-connrefused -X PUT \
@@ -225,6 +231,22 @@ interruption_watch() {
 }
 # ---- end of spot interruption and rebalance -------------------------------
 
+# The image's benchmark tuning, only where the profile asks for it. An image
+# without the tuning script still runs the job, and the state file says so.
+apply_tuning() {
+  mkdir -p "${TUNING_FILE%/*}"
+  if [[ $BENCHMARK_TUNING != 1 ]]; then
+    echo benchmark_tuning=off >"$TUNING_FILE"
+  elif [[ -x $TUNING_SCRIPT ]]; then
+    "$TUNING_SCRIPT" "$TUNING_FILE" || log "benchmark tuning ended with status $?"
+  else
+    echo "benchmark_tuning=unavailable (the image has no $TUNING_SCRIPT)" >"$TUNING_FILE"
+  fi
+  [[ -s $TUNING_FILE ]] || echo 'benchmark_tuning=failed (no state written)' >"$TUNING_FILE"
+  chmod 0644 "$TUNING_FILE"
+  log "tuning ($TUNING_FILE): $(paste -sd ' ' "$TUNING_FILE")"
+}
+
 # Slow path for an AMI without the runner: a pinned release, checked against
 # its published digest before anything in it runs.
 install_runner() {
@@ -250,6 +272,7 @@ log "runner $RUNNER_NAME, profile $PROFILE, controller $CONTROLLER_ID," \
 
 [[ -x $RUNNER_DIR/run.sh ]] || install_runner
 block_metadata_for_runner
+apply_tuning
 
 watchdog &
 interruption_watch &

@@ -1,27 +1,17 @@
 #!/bin/bash
-# What benchmarks need: perf usable by the runner user, and the CPU frequency
-# governor pinned (where the instance type lets the guest choose one).
+# What benchmarks need, installed but not applied: the tuning script that the
+# boot script runs only on instances of profiles with benchmark_tuning (Kani
+# runners keep the kernel's defaults), and perf for the kernel instances boot.
 set -euo pipefail
 : "${FILES_DIR:?}"
 
-install -m 0755 "$FILES_DIR/cpu-performance.sh" /usr/local/sbin/spot-runners-cpu-performance
-install -m 0644 "$FILES_DIR/spot-runners-cpu-performance.service" /etc/systemd/system/
-systemctl daemon-reload
-systemctl enable spot-runners-cpu-performance.service
-
-# Ubuntu's default (4) denies perf to unprivileged users, and jobs never run
-# as root. 1 allows profiling one's own processes, kernel included; the
-# instance is single-use and single-tenant, so exposing kernel addresses to
-# the job is an accepted cost of usable kernel symbols in profiles.
-cat >/etc/sysctl.d/60-spot-runners-perf.conf <<'CONF'
-kernel.perf_event_paranoid = 1
-kernel.kptr_restrict = 0
-CONF
+install -m 0755 "$FILES_DIR/benchmark-tuning.sh" /usr/local/sbin/spot-runners-benchmark-tuning
 
 # Ubuntu's perf is a wrapper that runs the perf built for the running
 # kernel. The build instance still runs the kernel it booted with, while
 # 10-base.sh's upgrades may have installed a newer one, which is what every
-# instance boots: perf must exist for that one.
+# instance boots: perf must exist for that one. (The tuning script records
+# in its state file whether perf matches the kernel an instance runs.)
 boot_kernel=$(linux-version list | linux-version sort | tail -n 1)
 apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "linux-tools-$boot_kernel"
 "/usr/lib/linux-tools/$boot_kernel/perf" --version

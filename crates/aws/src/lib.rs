@@ -14,7 +14,7 @@ pub use ssm::SsmParameterStore;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_config::timeout::TimeoutConfig;
@@ -22,11 +22,11 @@ use aws_config::BehaviorVersion;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceInterruptionBehavior, InstanceLifecycleType, InstanceMarketOptionsRequest,
-    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest, InstanceStateName, InstanceType,
-    MarketType, ResourceType, ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag,
-    TagSpecification, VolumeType,
+    BlockDeviceMapping, CpuOptionsRequest, EbsBlockDevice, Filter, HttpTokensState,
+    IamInstanceProfileSpecification, Image, ImageState, InstanceInterruptionBehavior,
+    InstanceLifecycleType, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, MarketType, ResourceType,
+    ShutdownBehavior, SpotInstanceType, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 use aws_sdk_ec2::Client;
 use base64::prelude::{Engine as _, BASE64_STANDARD};
@@ -36,7 +36,7 @@ use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, Instance, InstanceState, LaunchRequest, TAG_CONTROLLER,
     TAG_NAME, TAG_PROFILE, TAG_RUNNER,
 };
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageFilter, ImageSource, Market};
 
 /// EC2 accepts at most this many ids in one `TerminateInstances`.
 const TERMINATE_BATCH: usize = 1000;
@@ -47,6 +47,27 @@ const MAX_PAGE: i32 = 1000;
 /// default of EBS-backed images.
 const FALLBACK_ROOT_DEVICE: &str = "/dev/sda1";
 const NOT_FOUND: &str = "InvalidInstanceID.NotFound";
+/// How long an image filter's answer is reused: launches in a burst share
+/// one `DescribeImages`, and a newly built AMI is picked up within minutes.
+pub const IMAGE_FILTER_TTL: Duration = Duration::from_secs(300);
+/// What EC2 answers for CPU options an instance type does not take.
+const CPU_OPTIONS_REFUSED: &str = "InvalidParameterCombination";
+
+/// An AMI as a launch needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ResolvedImage {
+    id: String,
+    root_device: String,
+}
+
+/// What `DescribeInstanceTypes` says about a type's CPU options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct CpuInfo {
+    bare_metal: bool,
+    default_cores: Option<i32>,
+    default_threads_per_core: Option<i32>,
+    valid_threads_per_core: Vec<i32>,
+}
 
 /// Why [`Ec2Cloud::from_env`] could not build a client.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +84,11 @@ pub struct Ec2Cloud {
     /// AMI id → root device name. Images are immutable, so an entry never
     /// goes stale; the map only grows by the handful of AMIs profiles use.
     root_devices: Mutex<HashMap<String, String>>,
+    /// Image filter → its newest match and when it was looked up.
+    filters: Mutex<HashMap<ImageFilter, (Instant, ResolvedImage)>>,
+    filter_ttl: Duration,
+    /// Instance type → its CPU facts; a type's defaults never change.
+    cpu_infos: Mutex<HashMap<String, CpuInfo>>,
     page_size: i32,
 }
 
@@ -111,8 +137,126 @@ impl Ec2Cloud {
         Self {
             client,
             root_devices: Mutex::new(HashMap::new()),
+            filters: Mutex::new(HashMap::new()),
+            filter_ttl: IMAGE_FILTER_TTL,
+            cpu_infos: Mutex::new(HashMap::new()),
             page_size: MAX_PAGE,
         }
+    }
+
+    /// How long an image filter's answer is reused ([`IMAGE_FILTER_TTL`]
+    /// by default); tests shorten it to see a new AMI at once.
+    pub fn with_image_filter_ttl(mut self, ttl: Duration) -> Self {
+        self.filter_ttl = ttl;
+        self
+    }
+
+    /// The AMI a launch runs and its root device.
+    async fn image(&self, source: &ImageSource) -> Result<ResolvedImage, CloudError> {
+        match source {
+            ImageSource::Id(id) => Ok(ResolvedImage {
+                id: id.clone(),
+                root_device: self.root_device_name(id).await?,
+            }),
+            ImageSource::Filter(filter) => self.resolve_filter(filter).await,
+        }
+    }
+
+    /// The newest available AMI of the filter's owner whose name matches:
+    /// what an operator means by "the current kani-runner image". Cached
+    /// for [`IMAGE_FILTER_TTL`]; a filter with no match is asked again on
+    /// the next launch (which the profile's backoff spaces out).
+    async fn resolve_filter(&self, filter: &ImageFilter) -> Result<ResolvedImage, CloudError> {
+        let cached = lock(&self.filters)
+            .get(filter)
+            .filter(|(at, _)| at.elapsed() < self.filter_ttl)
+            .map(|(_, image)| image.clone());
+        if let Some(image) = cached {
+            return Ok(image);
+        }
+        let mut pages = self
+            .client
+            .describe_images()
+            .owners(filter.owner())
+            .filters(
+                Filter::builder()
+                    .name("name")
+                    .values(filter.name_pattern())
+                    .build(),
+            )
+            .filters(Filter::builder().name("state").values("available").build())
+            .into_paginator()
+            .send();
+        let mut images = Vec::new();
+        while let Some(page) = pages.next().await {
+            images.extend(page.map_err(|e| cloud_error(&e))?.images().iter().cloned());
+        }
+        let newest = newest_image(&images).ok_or_else(|| CloudError::no_image_match(filter))?;
+        let resolved = ResolvedImage {
+            id: newest.image_id().unwrap_or_default().to_owned(),
+            root_device: root_device_of(newest),
+        };
+        tracing::info!(
+            image_filter = %filter,
+            image_id = %resolved.id,
+            name = newest.name().unwrap_or_default(),
+            created = newest.creation_date().unwrap_or_default(),
+            candidates = images.len(),
+            "image filter resolved"
+        );
+        lock(&self.root_devices).insert(resolved.id.clone(), resolved.root_device.clone());
+        lock(&self.filters).insert(filter.clone(), (Instant::now(), resolved.clone()));
+        Ok(resolved)
+    }
+
+    /// The `CpuOptions` that give an instance of this type `threads` threads
+    /// per core. EC2 wants the core count beside the threads; the type's
+    /// default count keeps every physical core.
+    async fn cpu_options(
+        &self,
+        instance_type: &str,
+        threads: u32,
+    ) -> Result<Option<CpuOptionsRequest>, CloudError> {
+        let cached = lock(&self.cpu_infos).get(instance_type).cloned();
+        let info = match cached {
+            Some(info) => info,
+            None => {
+                let out = self
+                    .client
+                    .describe_instance_types()
+                    .instance_types(InstanceType::from(instance_type))
+                    .send()
+                    .await
+                    .map_err(|e| cloud_error(&e))?;
+                let raw = out.instance_types().first().ok_or_else(|| {
+                    CloudError::from_code(
+                        "InvalidInstanceType",
+                        format!("DescribeInstanceTypes knows no {instance_type}"),
+                    )
+                })?;
+                let vcpu = raw.v_cpu_info();
+                let info = CpuInfo {
+                    bare_metal: raw.bare_metal().unwrap_or(false),
+                    default_cores: vcpu.and_then(|v| v.default_cores()),
+                    default_threads_per_core: vcpu.and_then(|v| v.default_threads_per_core()),
+                    valid_threads_per_core: vcpu
+                        .map(|v| v.valid_threads_per_core().to_vec())
+                        .unwrap_or_default(),
+                };
+                lock(&self.cpu_infos).insert(instance_type.to_owned(), info.clone());
+                info
+            }
+        };
+        cpu_options_for(instance_type, &info, threads)
+            .map(|o| {
+                o.map(|(cores, threads)| {
+                    CpuOptionsRequest::builder()
+                        .core_count(cores)
+                        .threads_per_core(threads)
+                        .build()
+                })
+            })
+            .map_err(|reason| CloudError::from_code(CPU_OPTIONS_REFUSED, reason))
     }
 
     /// Instances per `DescribeInstances` page (clamped to EC2's 5..=1000).
@@ -147,15 +291,8 @@ impl Ec2Cloud {
                     format!("image {image_id} is not visible to this account"),
                 )
             })?;
-        let name = image
-            .root_device_name()
-            .filter(|name| !name.is_empty())
-            .unwrap_or(FALLBACK_ROOT_DEVICE)
-            .to_owned();
-        self.root_devices
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(image_id.to_owned(), name.clone());
+        let name = root_device_of(image);
+        lock(&self.root_devices).insert(image_id.to_owned(), name.clone());
         Ok(name)
     }
 
@@ -175,11 +312,7 @@ impl Ec2Cloud {
     }
 
     fn cached_root_device(&self, image_id: &str) -> Option<String> {
-        self.root_devices
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(image_id)
-            .cloned()
+        lock(&self.root_devices).get(image_id).cloned()
     }
 
     /// One `TerminateInstances` batch. EC2 rejects the whole batch when any
@@ -238,7 +371,11 @@ impl Ec2Cloud {
 #[async_trait]
 impl Cloud for Ec2Cloud {
     async fn launch(&self, request: &LaunchRequest) -> Result<Instance, CloudError> {
-        let root_device = self.root_device_name(&request.image_id).await?;
+        let image = self.image(&request.image).await?;
+        let cpu_options = match request.threads_per_core {
+            Some(threads) => self.cpu_options(&request.instance_type, threads).await?,
+            None => None,
+        };
         let volume_size = i32::try_from(request.root_volume_gb).map_err(|_| {
             CloudError::new(
                 CloudErrorKind::Invalid,
@@ -267,7 +404,8 @@ impl Cloud for Ec2Cloud {
             // EC2 returns the original instance for a repeated token, so a
             // retry after a lost response cannot start a second machine.
             .client_token(&request.client_token)
-            .image_id(&request.image_id)
+            .image_id(&image.id)
+            .set_cpu_options(cpu_options)
             .instance_type(InstanceType::from(request.instance_type.as_str()))
             .set_subnet_id(non_empty(request.subnet_id.as_deref()).map(str::to_owned))
             .set_security_group_ids((!security_groups.is_empty()).then_some(security_groups))
@@ -287,7 +425,7 @@ impl Cloud for Ec2Cloud {
             )
             .block_device_mappings(
                 BlockDeviceMapping::builder()
-                    .device_name(root_device)
+                    .device_name(image.root_device)
                     .ebs(
                         EbsBlockDevice::builder()
                             .volume_size(volume_size)
@@ -364,6 +502,8 @@ impl Cloud for Ec2Cloud {
             instance_id = %instance.id,
             instance_type = %instance.instance_type,
             market = instance.market.as_str(),
+            image_id = %image.id,
+            threads_per_core = ?request.threads_per_core,
             "launched"
         );
         Ok(instance)
@@ -480,6 +620,57 @@ impl Cloud for Ec2Cloud {
             |call, (key, value)| call.tags(Tag::builder().key(*key).value(value).build()),
         );
         call.send().await.map(|_| ()).map_err(|e| cloud_error(&e))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn root_device_of(image: &Image) -> String {
+    image
+        .root_device_name()
+        .filter(|name| !name.is_empty())
+        .unwrap_or(FALLBACK_ROOT_DEVICE)
+        .to_owned()
+}
+
+/// The newest available image by `CreationDate` (ISO 8601, so text order is
+/// time order); the image id breaks ties so the choice is stable.
+fn newest_image(images: &[Image]) -> Option<&Image> {
+    images
+        .iter()
+        .filter(|i| i.image_id().is_some_and(|id| !id.is_empty()))
+        .filter(|i| i.state().is_none_or(|s| *s == ImageState::Available))
+        .max_by_key(|i| (i.creation_date().unwrap_or_default(), i.image_id()))
+}
+
+/// EC2's rules for `CpuOptions`: none on bare metal; the threads per core
+/// must be one the type lists as valid, and the core count must come with
+/// them. `Ok(None)`: the type already runs that many threads per core, so
+/// nothing is sent (Graviton and other one-thread types need no options).
+fn cpu_options_for(
+    instance_type: &str,
+    info: &CpuInfo,
+    threads: u32,
+) -> Result<Option<(i32, i32)>, String> {
+    let threads = i32::try_from(threads).map_err(|_| format!("{threads} threads per core"))?;
+    if info.default_threads_per_core == Some(threads) {
+        return Ok(None);
+    }
+    if info.bare_metal {
+        return Err(format!(
+            "{instance_type} is bare metal, which takes no CPU options (threads_per_core = {threads})"
+        ));
+    }
+    match info.default_cores {
+        Some(cores) if info.valid_threads_per_core.contains(&threads) => Ok(Some((cores, threads))),
+        _ => Err(format!(
+            "{instance_type} does not take {threads} thread(s) per core (valid: {:?})",
+            info.valid_threads_per_core
+        )),
     }
 }
 
@@ -744,6 +935,59 @@ mod tests {
         let one = instance_ids_in("The instance ID 'i-551726e057d275be8' does not exist");
         assert_eq!(one, HashSet::from(["i-551726e057d275be8"]));
         assert!(instance_ids_in("Invalid id: \"i-\" or i-xyz").is_empty());
+    }
+
+    fn image(id: &str, created: &str, state: ImageState) -> Image {
+        Image::builder()
+            .image_id(id)
+            .creation_date(created)
+            .state(state)
+            .build()
+    }
+
+    #[test]
+    fn the_newest_available_image_wins() {
+        let images = [
+            image("ami-old", "2026-11-01T12:00:00.000Z", ImageState::Available),
+            image("ami-new", "2026-11-20T12:00:00.000Z", ImageState::Available),
+            image(
+                "ami-pending",
+                "2026-11-30T12:00:00.000Z",
+                ImageState::Pending,
+            ),
+            image("ami-mid", "2026-11-10T12:00:00.000Z", ImageState::Available),
+        ];
+        assert_eq!(
+            newest_image(&images).and_then(Image::image_id),
+            Some("ami-new")
+        );
+        assert_eq!(newest_image(&[]), None);
+    }
+
+    #[test]
+    fn cpu_options_follow_ec2s_rules() {
+        let c6i = CpuInfo {
+            bare_metal: false,
+            default_cores: Some(16),
+            default_threads_per_core: Some(2),
+            valid_threads_per_core: vec![1, 2],
+        };
+        assert_eq!(cpu_options_for("c6i.8xlarge", &c6i, 1), Ok(Some((16, 1))));
+        assert_eq!(cpu_options_for("c6i.8xlarge", &c6i, 2), Ok(None));
+        let graviton = CpuInfo {
+            default_threads_per_core: Some(1),
+            valid_threads_per_core: vec![1],
+            ..c6i.clone()
+        };
+        assert_eq!(cpu_options_for("c7g.8xlarge", &graviton, 1), Ok(None));
+        assert!(cpu_options_for("c7g.8xlarge", &graviton, 2).is_err());
+        let metal = CpuInfo {
+            bare_metal: true,
+            valid_threads_per_core: vec![],
+            ..c6i
+        };
+        let err = cpu_options_for("c6i.metal", &metal, 1).unwrap_err();
+        assert!(err.contains("bare metal"), "{err}");
     }
 
     #[test]

@@ -17,6 +17,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// see [`spawn`].
 pub struct Moto {
     pub endpoint: String,
+    /// Every request moto received, one JSON object a line (moto's
+    /// recorder): what the SDK really sent, for what moto does not model.
+    recording: PathBuf,
     _child: Mutex<Child>,
     _lifeline: Mutex<ChildStdin>,
 }
@@ -85,11 +88,15 @@ fn start_moto() -> Result<Moto, String> {
             .map_err(|e| format!("no free loopback port: {e}"))?
             .port();
         let log = std::env::temp_dir().join(format!("spot-runners-moto-{port}.log"));
-        let (mut child, lifeline) = spawn(&binary, port, &log)?;
+        let recording =
+            std::env::temp_dir().join(format!("spot-runners-moto-{port}.requests.jsonl"));
+        let _ = std::fs::remove_file(&recording);
+        let (mut child, lifeline) = spawn(&binary, port, &log, &recording)?;
         match wait_until_ready(&mut child, port) {
             Ok(()) => {
                 return Ok(Moto {
                     endpoint: format!("http://127.0.0.1:{port}"),
+                    recording,
                     _child: Mutex::new(child),
                     _lifeline: Mutex::new(lifeline),
                 })
@@ -113,7 +120,12 @@ fn start_moto() -> Result<Moto, String> {
 /// Runs moto under a small shell that kills it once our end of its stdin
 /// pipe closes, which happens however this process ends (even SIGKILL).
 /// The shell itself exits with moto, so an early death is visible.
-fn spawn(binary: &Path, port: u16, log: &Path) -> Result<(Child, ChildStdin), String> {
+fn spawn(
+    binary: &Path,
+    port: u16,
+    log: &Path,
+    recording: &Path,
+) -> Result<(Child, ChildStdin), String> {
     let script = r#"exec 3<&0 </dev/null
 "$0" -H 127.0.0.1 -p "$1" >"$2" 2>&1 &
 pid=$!
@@ -125,6 +137,8 @@ wait "$pid""#;
         .arg(binary)
         .arg(port.to_string())
         .arg(log)
+        .env("MOTO_ENABLE_RECORDING", "true")
+        .env("MOTO_RECORDER_FILEPATH", recording)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -163,6 +177,29 @@ fn answers_as_moto(port: u16) -> bool {
     }
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+/// The form fields of every EC2 query-protocol request moto has received
+/// for `action` (e.g. `RunInstances`), in arrival order, decoded.
+pub fn recorded_requests(action: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    use base64::prelude::{Engine as _, BASE64_STANDARD};
+    let text = std::fs::read_to_string(&moto().recording).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|entry| {
+            let body = entry["body"].as_str()?;
+            let body = if entry["body_encoded"] == true {
+                String::from_utf8(BASE64_STANDARD.decode(body).ok()?).ok()?
+            } else {
+                body.to_owned()
+            };
+            let fields: std::collections::BTreeMap<String, String> =
+                form_urlencoded::parse(body.as_bytes())
+                    .into_owned()
+                    .collect();
+            (fields.get("Action").map(String::as_str) == Some(action)).then_some(fields)
+        })
+        .collect()
 }
 
 /// A parameter as moto holds it, read behind the adapter's back (tests of

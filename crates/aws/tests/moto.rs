@@ -19,6 +19,11 @@
 //!   immediately afterwards.
 //! - Its default hop limit is already 1, so only `HttpTokens` proves the
 //!   metadata options were sent.
+//! - `CpuOptions`: accepted, but neither modelled nor reported by
+//!   `DescribeInstances`; what reached `RunInstances` is read from moto's
+//!   request recorder (`testing::recorded_requests`). Images are stamped to
+//!   the second, so tests that need one newer than another wait for moto's
+//!   clock to pass it.
 
 use std::collections::HashMap;
 use std::net::TcpListener;
@@ -36,7 +41,7 @@ use spot_runners_domain::ports::{
     Cloud, CloudErrorKind, Instance, InstanceState, LaunchRequest, TAG_CONTROLLER, TAG_NAME,
     TAG_PROFILE, TAG_RUNNER,
 };
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageFilter, ImageSource, Market};
 
 // ------------------------------------------------------------- helpers --
 
@@ -130,7 +135,8 @@ fn request(controller: &str, id: &str, image_id: &str, market: Market) -> Launch
         profile: "linux".to_owned(),
         instance_type: "m5.large".to_owned(),
         subnet_id: None,
-        image_id: image_id.to_owned(),
+        image: ImageSource::Id(image_id.to_owned()),
+        threads_per_core: None,
         security_group_ids: Vec::new(),
         iam_instance_profile: None,
         market,
@@ -471,4 +477,199 @@ async fn spot_prices_come_per_az_for_the_types_asked() {
         prices.iter().map(|p| p.availability_zone.clone()).collect();
     assert_eq!(azs.len(), prices.len(), "one sample per AZ");
     assert!(cloud.spot_prices(&[]).await.unwrap().is_empty());
+}
+
+// ------------------------------------------------ image filters, CPU --
+
+/// Registers an AMI in this account whose `CreationDate` is later than
+/// `after` (moto stamps images to the second, so one registered in the
+/// same second as `after` is dropped and registered again).
+async fn register_image_after(ec2: &Client, name: &str, after: &str) -> (String, String) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let id = ec2
+            .register_image()
+            .name(name)
+            .send()
+            .await
+            .expect("RegisterImage")
+            .image_id()
+            .expect("an image id")
+            .to_owned();
+        let described = ec2
+            .describe_images()
+            .image_ids(&id)
+            .send()
+            .await
+            .expect("DescribeImages");
+        let created = described.images()[0]
+            .creation_date()
+            .expect("a creation date")
+            .to_owned();
+        if created.as_str() > after {
+            return (id, created);
+        }
+        ec2.deregister_image()
+            .image_id(&id)
+            .send()
+            .await
+            .expect("DeregisterImage");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "moto's clock did not move past {after}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn filter(text: &str) -> ImageSource {
+    ImageSource::Filter(ImageFilter::parse(text).unwrap())
+}
+
+/// `DescribeImages` calls moto received for this name pattern.
+fn image_lookups(pattern: &str) -> usize {
+    spot_runners_aws::testing::recorded_requests("DescribeImages")
+        .iter()
+        .filter(|fields| fields.values().any(|v| v == pattern))
+        .count()
+}
+
+#[tokio::test]
+async fn an_image_filter_launches_the_newest_match_and_is_cached() {
+    let (cloud, ec2) = clients().await;
+    let controller = controller_id("filter");
+    // Unique per test run, so other tests' images never match.
+    let prefix = format!("kani-runner-{controller}");
+    let (old, old_at) = register_image_after(&ec2, &format!("{prefix}-1"), "").await;
+    let (newest, newest_at) = register_image_after(&ec2, &format!("{prefix}-2"), &old_at).await;
+    // Newer still, but not matching the pattern, or not available.
+    let (_other, other_at) =
+        register_image_after(&ec2, &format!("bench-{controller}-3"), &newest_at).await;
+    let (gone, _) = register_image_after(&ec2, &format!("{prefix}-4"), &other_at).await;
+    ec2.deregister_image().image_id(&gone).send().await.unwrap();
+
+    let pattern = format!("{prefix}-*");
+    let mut req = request(&controller, "f1", "unused", Market::OnDemand);
+    req.image = filter(&format!("self/{pattern}"));
+    let launched = cloud.launch(&req).await.expect("launch by filter");
+    let raw = describe(&ec2, &launched.id).await;
+    assert_eq!(raw.image_id(), Some(newest.as_str()));
+    assert_ne!(raw.image_id(), Some(old.as_str()));
+    assert_eq!(image_lookups(&pattern), 1);
+
+    // A newer build appears: within the TTL the cached answer is used (no
+    // second DescribeImages)...
+    let (rebuilt, _) = register_image_after(&ec2, &format!("{prefix}-5"), &other_at).await;
+    let mut again = request(&controller, "f2", "unused", Market::OnDemand);
+    again.image = req.image.clone();
+    let second = cloud.launch(&again).await.unwrap();
+    assert_eq!(
+        describe(&ec2, &second.id).await.image_id(),
+        Some(newest.as_str())
+    );
+    assert_eq!(
+        image_lookups(&pattern),
+        1,
+        "the second launch was served from the cache"
+    );
+
+    // ...and once it has expired, the new AMI is launched without a row edit.
+    let fresh = Ec2Cloud::from_env()
+        .await
+        .unwrap()
+        .with_image_filter_ttl(std::time::Duration::ZERO);
+    let mut third = request(&controller, "f3", "unused", Market::OnDemand);
+    third.image = req.image.clone();
+    let third = fresh.launch(&third).await.unwrap();
+    assert_eq!(
+        describe(&ec2, &third.id).await.image_id(),
+        Some(rebuilt.as_str())
+    );
+    assert_eq!(image_lookups(&pattern), 2);
+
+    // The filter really went to EC2 as Owners + name + state.
+    let lookup = spot_runners_aws::testing::recorded_requests("DescribeImages")
+        .into_iter()
+        .find(|fields| fields.values().any(|v| *v == pattern))
+        .unwrap();
+    assert_eq!(lookup.get("Owner.1").map(String::as_str), Some("self"));
+    assert!(lookup.values().any(|v| v == "available"), "{lookup:?}");
+}
+
+#[tokio::test]
+async fn an_image_filter_without_a_match_is_an_invalid_request() {
+    let (cloud, _ec2) = clients().await;
+    let controller = controller_id("nomatch");
+    let mut req = request(&controller, "n1", "unused", Market::Spot);
+    req.image = filter(&format!("self/no-such-image-{controller}-*"));
+    let err = cloud.launch(&req).await.unwrap_err();
+    assert_eq!(err.code, spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH);
+    assert_eq!(err.kind, CloudErrorKind::Invalid);
+    assert!(spot_runners_domain::backoff::backs_off(&err.code));
+    assert!(err.message.contains("no-such-image"), "{}", err.message);
+    let sent = spot_runners_aws::testing::recorded_requests("RunInstances");
+    assert!(
+        !sent
+            .iter()
+            .any(|f| f.get("ClientToken") == Some(&req.client_token)),
+        "nothing was launched"
+    );
+}
+
+/// moto accepts `CpuOptions` but neither models nor reports them
+/// (`DescribeInstances` has no `CpuOptions`), so what reached its
+/// `RunInstances` is read from its request recorder.
+#[tokio::test]
+async fn threads_per_core_reaches_run_instances_with_the_types_core_count() {
+    let (cloud, ec2) = clients().await;
+    let image = xvda_image(&ec2).await;
+    let controller = controller_id("cpu");
+    let sent = |token: &str| {
+        spot_runners_aws::testing::recorded_requests("RunInstances")
+            .into_iter()
+            .find(|f| f.get("ClientToken").map(String::as_str) == Some(token))
+            .unwrap_or_else(|| panic!("no RunInstances with token {token}"))
+    };
+    let cpu = |fields: &std::collections::BTreeMap<String, String>| {
+        (
+            fields.get("CpuOptions.CoreCount").cloned(),
+            fields.get("CpuOptions.ThreadsPerCore").cloned(),
+        )
+    };
+
+    // SMT off on c6i.8xlarge (16 cores × 2 threads): all 16 cores, 1 thread.
+    let mut smt_off = request(&controller, "c1", &image, Market::OnDemand);
+    smt_off.instance_type = "c6i.8xlarge".into();
+    smt_off.threads_per_core = Some(1);
+    cloud.launch(&smt_off).await.expect("launch with SMT off");
+    assert_eq!(
+        cpu(&sent(&smt_off.client_token)),
+        (Some("16".into()), Some("1".into()))
+    );
+
+    // No preference: no CpuOptions at all.
+    let mut plain = request(&controller, "c2", &image, Market::OnDemand);
+    plain.instance_type = "c6i.8xlarge".into();
+    cloud.launch(&plain).await.unwrap();
+    assert_eq!(cpu(&sent(&plain.client_token)), (None, None));
+
+    // A type that already runs one thread per core needs no options.
+    let mut graviton = request(&controller, "c3", &image, Market::OnDemand);
+    graviton.instance_type = "m7a.large".into();
+    graviton.threads_per_core = Some(1);
+    cloud.launch(&graviton).await.unwrap();
+    assert_eq!(cpu(&sent(&graviton.client_token)), (None, None));
+
+    // Bare metal takes none: refused before RunInstances, as invalid.
+    let mut metal = request(&controller, "c4", &image, Market::OnDemand);
+    metal.instance_type = "c6i.metal".into();
+    metal.threads_per_core = Some(1);
+    let err = cloud.launch(&metal).await.unwrap_err();
+    assert_eq!(err.kind, CloudErrorKind::Invalid);
+    assert!(err.message.contains("bare metal"), "{}", err.message);
+    assert!(
+        !spot_runners_aws::testing::recorded_requests("RunInstances")
+            .iter()
+            .any(|f| f.get("ClientToken") == Some(&metal.client_token))
+    );
 }

@@ -15,7 +15,7 @@ use spot_runners_domain::parameters::{jit_parameter_name, jit_parameter_path, TA
 use spot_runners_domain::ports::{
     Cloud, LaunchRequest, ParameterStore, PARAMETER_ALREADY_EXISTS, TAG_CONTROLLER,
 };
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageSource, Market};
 
 async fn clients() -> (SsmParameterStore, aws_sdk_ssm::Client) {
     spot_runners_aws::testing::moto();
@@ -167,7 +167,8 @@ async fn cost_tags_land_on_the_instance_and_its_arn_names_the_account() {
             profile: "linux".to_owned(),
             instance_type: "m5.large".to_owned(),
             subnet_id: None,
-            image_id: image,
+            image: ImageSource::Id(image),
+            threads_per_core: None,
             security_group_ids: Vec::new(),
             iam_instance_profile: None,
             market: Market::OnDemand,

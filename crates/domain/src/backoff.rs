@@ -21,6 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::ports::CloudError;
+use crate::profile::ImageSource;
 use crate::Profile;
 
 /// The first backoff; each further failure doubles it, up to [`MAX_DELAY`].
@@ -60,8 +61,9 @@ pub fn backs_off(code: &str) -> bool {
 /// changes any of it may have fixed the problem, so the backoff restarts.
 pub fn fingerprint(profile: &Profile) -> String {
     format!(
-        "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{}",
-        profile.image_id,
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{}",
+        profile.image,
+        profile.threads_per_core,
         profile.instance_types,
         profile.subnet_ids,
         profile.security_group_ids,
@@ -181,11 +183,24 @@ pub fn preflight(profile: &Profile) -> Result<(), String> {
         })
     }
     let mut problems = Vec::new();
-    if !id_like(&profile.image_id, "ami-") {
-        problems.push(format!(
-            "image_id {:?} is not an AMI id (ami-…)",
-            profile.image_id
-        ));
+    // A filter was checked when the row was parsed; what it finds, only
+    // EC2 can say.
+    if let ImageSource::Id(id) = &profile.image {
+        if !id_like(id, "ami-") {
+            problems.push(format!("image_id {id:?} is not an AMI id (ami-…)"));
+        }
+    }
+    // EC2 takes CPU options for every size but bare metal (its whole host).
+    if let Some(threads) = profile.threads_per_core {
+        for t in profile.instance_types.iter().filter(|t| {
+            t.split('.')
+                .nth(1)
+                .is_some_and(|size| size.starts_with("metal"))
+        }) {
+            problems.push(format!(
+                "instance type {t:?} is bare metal, which takes no CPU options (threads_per_core = {threads})"
+            ));
+        }
     }
     for s in profile.subnet_ids.iter().filter(|s| !id_like(s, "subnet-")) {
         problems.push(format!("subnet {s:?} is not a subnet id (subnet-…)"));
@@ -227,7 +242,7 @@ mod tests {
 
     fn profile(image: &str) -> Profile {
         let mut row = example_row("kani", &["kani"]);
-        row.image_id = image.into();
+        row.image_id = Some(image.into());
         Profile::try_from(row).unwrap()
     }
 
@@ -306,10 +321,14 @@ mod tests {
         );
         // Labels or caps do not change what is launched.
         let mut row = example_row("kani", &["kani", "x64"]);
-        row.image_id = "ami-0good".into();
+        row.image_id = Some("ami-0good".into());
         row.max_instances = 3;
-        let relabelled = Profile::try_from(row).unwrap();
+        let relabelled = Profile::try_from(row.clone()).unwrap();
         assert!(b.blocking(&relabelled, t(32)).is_some());
+        // Switching SMT off changes what is launched.
+        row.threads_per_core = Some(1);
+        let smt_off = Profile::try_from(row).unwrap();
+        assert!(b.blocking(&smt_off, t(32)).is_none());
     }
 
     #[test]
@@ -350,5 +369,16 @@ mod tests {
         assert!(!err.contains("subnet-0abc"), "{err}");
         assert!(err.contains("security group \"default\""), "{err}");
         assert!(err.contains("instance type \"big\""), "{err}");
+
+        // A filter is not an id; CPU options do not fit bare metal.
+        let mut row = example_row("bench", &["bench"]);
+        row.image_id = None;
+        row.image_filter = Some("self/bench-*".into());
+        assert!(preflight(&Profile::try_from(row.clone()).unwrap()).is_ok());
+        row.threads_per_core = Some(1);
+        row.instance_types = vec!["c6i.8xlarge".into(), "c6i.metal".into()];
+        let err = preflight(&Profile::try_from(row).unwrap()).unwrap_err();
+        assert!(err.contains("\"c6i.metal\" is bare metal"), "{err}");
+        assert!(!err.contains("c6i.8xlarge"), "{err}");
     }
 }

@@ -35,5 +35,5 @@ pub use error::DomainError;
 pub use job::{JobStatus, WorkflowJobEvent};
 pub use matching::{match_profile, NoMatch};
 pub use names::{ControllerId, ProfileName, RunnerName};
-pub use profile::{Market, Profile};
+pub use profile::{ImageFilter, ImageSource, Market, Profile};
 pub use runner::RunnerState;

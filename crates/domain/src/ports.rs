@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use secrecy::SecretString;
 
+use crate::profile::ImageSource;
 use crate::ratelimit::TokenBucket;
 use crate::run::WorkflowRunEvent;
 use crate::survival::RerunFailure;
@@ -280,7 +281,15 @@ pub struct LaunchRequest {
     pub instance_type: String,
     /// `None`: the region's default subnet.
     pub subnet_id: Option<String>,
-    pub image_id: String,
+    /// An AMI id, or a filter the cloud resolves to its newest match at
+    /// launch (an operator who rebuilds the AMI edits no row). Resolved by
+    /// the adapter, not the caller: it looks the image up anyway (root
+    /// device name) and caches the answer.
+    pub image: ImageSource,
+    /// `CpuOptions.ThreadsPerCore` (1 = SMT off); `None` = the type's
+    /// default. EC2 wants the core count beside it; the adapter sends the
+    /// type's default core count, so SMT off keeps every physical core.
+    pub threads_per_core: Option<u32>,
     pub security_group_ids: Vec<String>,
     pub iam_instance_profile: Option<String>,
     pub market: Market,
@@ -299,6 +308,8 @@ impl fmt::Debug for LaunchRequest {
             .field("profile", &self.profile)
             .field("instance_type", &self.instance_type)
             .field("subnet_id", &self.subnet_id)
+            .field("image", &self.image)
+            .field("threads_per_core", &self.threads_per_core)
             .field("market", &self.market)
             .field(
                 "user_data",
@@ -378,6 +389,11 @@ impl CloudErrorKind {
     }
 }
 
+/// The service's error code for an image filter that no available AMI
+/// matches: an invalid request (the profile backs off until an AMI appears
+/// or the row is fixed).
+pub const IMAGE_FILTER_NO_MATCH: &str = "ImageFilterNoMatch";
+
 /// The role EC2 needs for spot, created once per account.
 const SPOT_SERVICE_LINKED_ROLE_HELP: &str = "the account has no spot service-linked role \
      (AWSServiceRoleForEC2Spot) and this principal may not create it: run \
@@ -400,6 +416,19 @@ impl CloudError {
             code: code.into(),
             message: message.into(),
         }
+    }
+
+    /// No available AMI matches the filter.
+    pub fn no_image_match(filter: &crate::profile::ImageFilter) -> Self {
+        Self::new(
+            CloudErrorKind::Invalid,
+            IMAGE_FILTER_NO_MATCH,
+            format!(
+                "no available AMI of owner {} is named like {:?} (image_filter {filter})",
+                filter.owner(),
+                filter.name_pattern()
+            ),
+        )
     }
 
     /// Classifies an EC2 error code.
@@ -516,6 +545,15 @@ pub trait ParameterStore: Send + Sync + 'static {
 #[cfg(test)]
 mod cloud_error_tests {
     use super::*;
+
+    #[test]
+    fn an_unmatched_image_filter_is_an_invalid_request() {
+        let filter = crate::profile::ImageFilter::parse("self/kani-runner-*").unwrap();
+        let e = CloudError::no_image_match(&filter);
+        assert!(e.kind.is_invalid_request());
+        assert!(crate::backoff::backs_off(&e.code));
+        assert!(e.message.contains("self/kani-runner-*"), "{}", e.message);
+    }
 
     #[test]
     fn a_missing_spot_service_linked_role_says_what_to_do() {

@@ -36,13 +36,111 @@ impl fmt::Display for Market {
     }
 }
 
+/// Where a profile's AMI comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ImageSource {
+    /// `image_id`: one AMI.
+    Id(String),
+    /// `image_filter`: the newest available AMI of an owner whose name
+    /// matches, looked up at launch, so a rebuilt AMI needs no row edit.
+    Filter(ImageFilter),
+}
+
+impl fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSource::Id(id) => f.write_str(id),
+            ImageSource::Filter(filter) => write!(f, "newest of {filter}"),
+        }
+    }
+}
+
+/// `owner/name-pattern`, as `DescribeImages` takes it: `Owners=[owner]`,
+/// `Filters=[name=<pattern>]`. The owner is an account id or one of EC2's
+/// aliases; the pattern uses EC2's wildcards (`*`, `?`) and may itself hold
+/// slashes (Canonical's names do), so the text splits at the first one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageFilter {
+    owner: String,
+    name_pattern: String,
+}
+
+/// AMI names are 3 to 128 characters; a pattern may be shorter (`k*`).
+const MAX_IMAGE_NAME: usize = 128;
+
+impl ImageFilter {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (owner, pattern) = text
+            .split_once('/')
+            .ok_or_else(|| format!("image_filter {text:?} is not owner/name-pattern"))?;
+        let owner_ok = matches!(owner, "self" | "amazon" | "aws-marketplace")
+            || (owner.len() == 12 && owner.chars().all(|c| c.is_ascii_digit()));
+        if !owner_ok {
+            return Err(format!(
+                "image_filter owner {owner:?} is not an account id (12 digits), self, amazon or aws-marketplace"
+            ));
+        }
+        // The characters EC2 allows in an AMI name, plus its two wildcards.
+        let name_char = |c: char| c.is_ascii_alphanumeric() || "()[] ./-'@_*?".contains(c);
+        if pattern.is_empty()
+            || pattern.len() > MAX_IMAGE_NAME
+            || pattern.trim() != pattern
+            || !pattern.chars().all(name_char)
+        {
+            return Err(format!(
+                "image_filter name pattern {pattern:?} is not an AMI name pattern \
+                 (1-{MAX_IMAGE_NAME} of letters, digits, ()[] ./-'@_ and the wildcards * ?)"
+            ));
+        }
+        Ok(Self {
+            owner: owner.to_owned(),
+            name_pattern: pattern.to_owned(),
+        })
+    }
+
+    /// `DescribeImages`' `Owners` value.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// `DescribeImages`' `name` filter value.
+    pub fn name_pattern(&self) -> &str {
+        &self.name_pattern
+    }
+
+    /// Whether an AMI name matches the pattern as EC2 matches it: `*` any
+    /// run of characters (slashes too), `?` one, everything else literal.
+    pub fn matches(&self, name: &str) -> bool {
+        let glob: String = self
+            .name_pattern
+            .chars()
+            .map(|c| match c {
+                '*' | '?' => c.to_string(),
+                other => globset::escape(&other.to_string()),
+            })
+            .collect();
+        globset::GlobBuilder::new(&glob)
+            .literal_separator(false)
+            .build()
+            .is_ok_and(|g| g.compile_matcher().is_match(name))
+    }
+}
+
+impl fmt::Display for ImageFilter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.owner, self.name_pattern)
+    }
+}
+
 /// An `instance_profiles` row as stored, before validation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProfileRow {
     pub name: String,
     pub labels: Vec<String>,
     pub instance_types: Vec<String>,
-    pub image_id: String,
+    /// Exactly one of `image_id` and `image_filter` is set.
+    pub image_id: Option<String>,
+    pub image_filter: Option<String>,
     pub subnet_ids: Vec<String>,
     pub security_group_ids: Vec<String>,
     pub iam_instance_profile: Option<String>,
@@ -65,6 +163,8 @@ pub struct ProfileRow {
     pub spot_breaker_window_secs: i32,
     pub spot_breaker_cooldown_secs: i32,
     pub spot_max_job_minutes: Option<i32>,
+    pub threads_per_core: Option<i32>,
+    pub benchmark_tuning: bool,
 }
 
 /// A validated profile. Labels are lower-case; limits are positive.
@@ -73,7 +173,7 @@ pub struct Profile {
     pub name: ProfileName,
     pub labels: Vec<String>,
     pub instance_types: Vec<String>,
-    pub image_id: String,
+    pub image: ImageSource,
     pub subnet_ids: Vec<String>,
     pub security_group_ids: Vec<String>,
     pub iam_instance_profile: Option<String>,
@@ -90,6 +190,12 @@ pub struct Profile {
     pub enabled: bool,
     pub priority: i32,
     pub survival: SurvivalPolicy,
+    /// `CpuOptions.ThreadsPerCore` at launch (1 = SMT off); `None` keeps
+    /// each instance type's default.
+    pub threads_per_core: Option<u32>,
+    /// The boot script applies the benchmark tuning (governor, turbo,
+    /// C-states, THP, ASLR, perf) on this profile's instances.
+    pub benchmark_tuning: bool,
 }
 
 /// How a profile survives spot reclaims: re-runs of interrupted jobs, the
@@ -214,6 +320,28 @@ fn positive(profile: &str, field: &str, v: i32) -> Result<u32, DomainError> {
         .ok_or_else(|| invalid(profile, format!("{field} must be positive, got {v}")))
 }
 
+fn image_source(
+    profile: &str,
+    image_id: Option<&str>,
+    image_filter: Option<&str>,
+) -> Result<ImageSource, DomainError> {
+    match (image_id, image_filter) {
+        (Some(id), None) if !id.trim().is_empty() => Ok(ImageSource::Id(id.to_owned())),
+        (Some(_), None) => Err(invalid(profile, "image_id must not be empty".into())),
+        (None, Some(filter)) => ImageFilter::parse(filter)
+            .map(ImageSource::Filter)
+            .map_err(|e| invalid(profile, e)),
+        (Some(_), Some(_)) => Err(invalid(
+            profile,
+            "set image_id or image_filter, not both".into(),
+        )),
+        (None, None) => Err(invalid(
+            profile,
+            "no image: set image_id or image_filter".into(),
+        )),
+    }
+}
+
 fn invalid(profile: &str, reason: String) -> DomainError {
     DomainError::InvalidProfile {
         profile: profile.to_owned(),
@@ -249,9 +377,17 @@ impl TryFrom<ProfileRow> for Profile {
         if instance_types.is_empty() {
             return Err(invalid(n, "instance_types must not be empty".into()));
         }
-        if row.image_id.trim().is_empty() {
-            return Err(invalid(n, "image_id must not be empty".into()));
-        }
+        let image = image_source(n, row.image_id.as_deref(), row.image_filter.as_deref())?;
+        let threads_per_core = row
+            .threads_per_core
+            .map(|t| match t {
+                1 | 2 => Ok(t.unsigned_abs()),
+                other => Err(invalid(
+                    n,
+                    format!("threads_per_core must be 1 (SMT off) or 2, got {other}"),
+                )),
+            })
+            .transpose()?;
         let max_instances = positive(n, "max_instances", row.max_instances)?;
         let min_idle = u32::try_from(row.min_idle).map_err(|_| {
             invalid(
@@ -284,7 +420,9 @@ impl TryFrom<ProfileRow> for Profile {
             name,
             labels,
             instance_types,
-            image_id: row.image_id,
+            image,
+            threads_per_core,
+            benchmark_tuning: row.benchmark_tuning,
             subnet_ids: row.subnet_ids,
             security_group_ids: row.security_group_ids,
             iam_instance_profile: row.iam_instance_profile.filter(|s| !s.is_empty()),
@@ -328,7 +466,8 @@ pub fn example_row(name: &str, labels: &[&str]) -> ProfileRow {
         name: name.to_owned(),
         labels: labels.iter().map(|s| (*s).to_owned()).collect(),
         instance_types: vec!["c6i.4xlarge".into(), "c6a.4xlarge".into()],
-        image_id: "ami-0123456789abcdef0".into(),
+        image_id: Some("ami-0123456789abcdef0".into()),
+        image_filter: None,
         subnet_ids: vec!["subnet-a".into(), "subnet-b".into()],
         security_group_ids: vec![],
         iam_instance_profile: None,
@@ -351,6 +490,8 @@ pub fn example_row(name: &str, labels: &[&str]) -> ProfileRow {
         spot_breaker_window_secs: 900,
         spot_breaker_cooldown_secs: 1800,
         spot_max_job_minutes: None,
+        threads_per_core: None,
+        benchmark_tuning: false,
     }
 }
 
@@ -379,20 +520,30 @@ mod tests {
             name in text(),
             labels in proptest::collection::vec(text(), 0..4),
             instance_types in proptest::collection::vec(text(), 0..3),
-            image_id in text(),
+            images in (
+                proptest::option::of(text()),
+                proptest::option::of(prop_oneof![
+                    Just("self/kani-runner-*".to_owned()),
+                    "(self|amazon|[0-9]{11,13})/[a-z*?/. -]{0,8}",
+                    text(),
+                ]),
+            ),
             market in prop_oneof![Just("spot".to_owned()), Just("on-demand".to_owned()), text()],
             limits in proptest::array::uniform6(int()),
             runner_group_id in prop_oneof![Just(0i64), Just(-3i64), 1..5i64],
             repositories in proptest::option::of(proptest::collection::vec(text(), 0..3)),
-            flags in proptest::array::uniform2(any::<bool>()),
+            flags in proptest::array::uniform4(any::<bool>()),
             priority in any::<i32>(),
             survival in proptest::array::uniform4(int()),
             rerun_market in prop_oneof![Just("spot".to_owned()), Just("on-demand".to_owned()), text()],
-            rerun_own_failures in any::<bool>(),
-            spot_max_job_minutes in proptest::option::of(int()),
+            optional in proptest::array::uniform2(proptest::option::of(int())),
         ) -> ProfileRow {
             ProfileRow {
-                name, labels, instance_types, image_id,
+                name, labels, instance_types,
+                image_id: images.0,
+                image_filter: images.1,
+                threads_per_core: optional[0],
+                benchmark_tuning: flags[2],
                 subnet_ids: vec![],
                 security_group_ids: vec![],
                 iam_instance_profile: None,
@@ -410,11 +561,11 @@ mod tests {
                 priority,
                 max_interruption_reruns: survival[0],
                 rerun_market,
-                rerun_own_failures,
+                rerun_own_failures: flags[3],
                 spot_breaker_interruptions: survival[1],
                 spot_breaker_window_secs: survival[2],
                 spot_breaker_cooldown_secs: survival[3],
-                spot_max_job_minutes,
+                spot_max_job_minutes: optional[1],
             }
         }
     }
@@ -433,6 +584,12 @@ mod tests {
                     prop_assert!(p.min_idle <= p.max_instances && p.max_instances > 0);
                     prop_assert!(p.idle_timeout_secs > 0 && p.boot_timeout_secs > 0);
                     prop_assert!(p.instance_idle_limit_secs() <= p.max_lifetime_secs);
+                    prop_assert!(matches!(p.threads_per_core, None | Some(1 | 2)));
+                    prop_assert_eq!(
+                        row.image_id.is_some(),
+                        matches!(p.image, ImageSource::Id(_)),
+                        "exactly one image source, the one the row names"
+                    );
                     let _ = p.repositories.as_ref().map(|r| r.allows("acme/proofs"));
                 }
                 Err(e) => {
@@ -461,7 +618,42 @@ mod tests {
             ("empty labels", Box::new(|r| r.labels.clear())),
             ("blank labels", Box::new(|r| r.labels = vec![" ".into()])),
             ("no instance types", Box::new(|r| r.instance_types.clear())),
-            ("no image", Box::new(|r| r.image_id.clear())),
+            ("blank image", Box::new(|r| r.image_id = Some(" ".into()))),
+            ("no image", Box::new(|r| r.image_id = None)),
+            (
+                "both images",
+                Box::new(|r| r.image_filter = Some("self/kani-*".into())),
+            ),
+            (
+                "filter without owner",
+                Box::new(|r| {
+                    r.image_id = None;
+                    r.image_filter = Some("kani-runner-*".into());
+                }),
+            ),
+            (
+                "filter with a bad owner",
+                Box::new(|r| {
+                    r.image_id = None;
+                    r.image_filter = Some("canonical/ubuntu-*".into());
+                }),
+            ),
+            (
+                "filter with an empty pattern",
+                Box::new(|r| {
+                    r.image_id = None;
+                    r.image_filter = Some("self/".into());
+                }),
+            ),
+            (
+                "filter with a quote breaker",
+                Box::new(|r| {
+                    r.image_id = None;
+                    r.image_filter = Some("self/kani\"*".into());
+                }),
+            ),
+            ("threads 0", Box::new(|r| r.threads_per_core = Some(0))),
+            ("threads 3", Box::new(|r| r.threads_per_core = Some(3))),
             ("market", Box::new(|r| r.market = "reserved".into())),
             ("max 0", Box::new(|r| r.max_instances = 0)),
             ("min_idle < 0", Box::new(|r| r.min_idle = -1)),
@@ -525,6 +717,56 @@ mod tests {
                 spot_max_job_minutes: Some(90),
             }
         );
+    }
+
+    #[test]
+    fn an_image_filter_parses_into_owner_and_pattern() {
+        let mut row = example_row("bench", &["bench"]);
+        row.image_id = None;
+        row.image_filter =
+            Some("099720109477/ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*".into());
+        row.threads_per_core = Some(1);
+        row.benchmark_tuning = true;
+        let p = parse(row).unwrap();
+        let ImageSource::Filter(filter) = &p.image else {
+            panic!("expected a filter, got {:?}", p.image);
+        };
+        assert_eq!(filter.owner(), "099720109477");
+        assert_eq!(
+            filter.name_pattern(),
+            "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"
+        );
+        assert_eq!(
+            filter.to_string(),
+            "099720109477/ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"
+        );
+        assert_eq!((p.threads_per_core, p.benchmark_tuning), (Some(1), true));
+
+        let defaults = parse(example_row("kani", &["kani"])).unwrap();
+        assert_eq!(
+            defaults.image,
+            ImageSource::Id("ami-0123456789abcdef0".into())
+        );
+        assert_eq!(
+            (defaults.threads_per_core, defaults.benchmark_tuning),
+            (None, false)
+        );
+    }
+
+    #[test]
+    fn image_filters_match_names_as_ec2_does() {
+        let f = ImageFilter::parse("self/kani-runner-2.334.0-*").unwrap();
+        assert!(f.matches("kani-runner-2.334.0-20261201-120000"));
+        assert!(f.matches("kani-runner-2.334.0-"));
+        assert!(!f.matches("kani-runner-2.333.0-20261201-120000"));
+        assert!(!f.matches("xkani-runner-2.334.0-1"));
+        let q = ImageFilter::parse("amazon/al202?-ami-*").unwrap();
+        assert!(q.matches("al2023-ami-2023.6/x86_64"), "* crosses slashes");
+        assert!(!q.matches("al20234-ami-1"));
+        // Brackets are literal in EC2 names, not character classes.
+        let b = ImageFilter::parse("self/bench [smt-off]*").unwrap();
+        assert!(b.matches("bench [smt-off] 2"));
+        assert!(!b.matches("bench s 2"));
     }
 
     #[test]

@@ -40,7 +40,9 @@ pub fn render(v: &UserDataValues<'_>) -> Result<String, DomainError> {
 pub fn render_template(template: &str, v: &UserDataValues<'_>) -> Result<String, DomainError> {
     let idle = v.profile.instance_idle_limit_secs().to_string();
     let life = v.profile.max_lifetime_secs.to_string();
+    let tuning = if v.profile.benchmark_tuning { "1" } else { "0" };
     let pairs = [
+        ("@@BENCHMARK_TUNING@@", "benchmark tuning", tuning),
         ("@@CONTROLLER_ID@@", "controller id", v.controller_id),
         ("@@PROFILE@@", "profile", v.profile.name.as_str()),
         ("@@RUNNER_NAME@@", "runner name", v.runner_name),
@@ -111,6 +113,24 @@ mod tests {
         assert!(render_template("email@@example and @@ alone", &v).is_ok());
         let huge = "A".repeat(MAX_USER_DATA_BYTES + 1);
         assert!(render_template(&huge, &v).is_err());
+    }
+
+    #[test]
+    fn the_benchmark_tuning_flag_follows_the_profile() {
+        let plain = profile();
+        let mut row = example_row("bench", &["bench"]);
+        row.benchmark_tuning = true;
+        let bench = Profile::try_from(row).unwrap();
+        let script = |p: &Profile| {
+            render(&UserDataValues {
+                controller_id: "spot-runners",
+                runner_name: "spot-runners-bench-abcd1234",
+                profile: p,
+            })
+            .unwrap()
+        };
+        assert!(script(&bench).contains("\nBENCHMARK_TUNING='1'\n"));
+        assert!(script(&plain).contains("\nBENCHMARK_TUNING='0'\n"));
     }
 
     /// The JIT config waits in the parameter store; nothing in the template

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use spot_runners_domain::backoff::{self, PastLaunch};
 use spot_runners_domain::planner::Demand;
-use spot_runners_domain::{JobStatus, Profile, RunnerState};
+use spot_runners_domain::{ImageSource, JobStatus, Profile, RunnerState};
 use spot_runners_store::{JobRecord, RunnerRecord, Store};
 
 use crate::configuration::Settings;
@@ -188,6 +188,7 @@ fn explain_queued(c: &JobContext, out: &mut String) {
         profile.max_instances,
         c.max_instances
     );
+    let _ = writeln!(out, "   launches: {}", launch_summary(profile));
     let history: Vec<PastLaunch> = mine
         .iter()
         .filter(|r| {
@@ -229,6 +230,12 @@ fn explain_queued(c: &JobContext, out: &mut String) {
             ago(*until, c.now),
             backoff::MAX_DELAY.as_secs() / 60
         );
+        if code == spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH {
+            let _ = writeln!(
+                out,
+                "   No available AMI matches the profile's image_filter: build the image (packer/) or fix the filter."
+            );
+        }
     } else {
         let _ = writeln!(
             out,
@@ -249,6 +256,29 @@ fn explain_queued(c: &JobContext, out: &mut String) {
             list.join(", ")
         );
     }
+}
+
+/// What an instance of the profile is launched from and with.
+fn launch_summary(profile: &Profile) -> String {
+    let image = match &profile.image {
+        ImageSource::Id(id) => format!("image {id}"),
+        ImageSource::Filter(filter) => format!(
+            "the newest available AMI matching image_filter {filter} (looked up at launch, cached {} min; \
+             the service logs `image filter resolved` with the AMI id)",
+            spot_runners_aws::IMAGE_FILTER_TTL.as_secs() / 60
+        ),
+    };
+    let smt = match profile.threads_per_core {
+        Some(1) => ", 1 thread per core (SMT off)".to_owned(),
+        Some(n) => format!(", {n} threads per core"),
+        None => String::new(),
+    };
+    let tuning = if profile.benchmark_tuning {
+        ", benchmark tuning at boot (/run/spot-runners/tuning)"
+    } else {
+        ""
+    };
+    format!("{image}{smt}{tuning}")
 }
 
 fn explain_taken(c: &JobContext, out: &mut String) {
@@ -411,6 +441,24 @@ mod tests {
             text.contains("profile gpu is invalid and ignored: image_id is empty"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_launch_line_names_the_image_source_and_cpu_settings() {
+        let plain = Profile::try_from(example_row("kani", &["kani"])).unwrap();
+        assert_eq!(launch_summary(&plain), "image ami-0123456789abcdef0");
+        let mut row = example_row("bench", &["bench"]);
+        row.image_id = None;
+        row.image_filter = Some("self/bench-runner-*".into());
+        row.threads_per_core = Some(1);
+        row.benchmark_tuning = true;
+        let line = launch_summary(&Profile::try_from(row).unwrap());
+        assert!(
+            line.starts_with("the newest available AMI matching image_filter self/bench-runner-*"),
+            "{line}"
+        );
+        assert!(line.contains("1 thread per core (SMT off)"), "{line}");
+        assert!(line.contains("benchmark tuning at boot"), "{line}");
     }
 
     #[test]

@@ -418,6 +418,7 @@ fn the_service_policy_grants_exactly_the_ec2_calls_the_adapter_makes() {
         "describe_instances",
         "describe_images",
         "describe_spot_price_history",
+        "describe_instance_types",
     ] {
         if adapter.contains(&format!(".{call}()")) {
             assert!(

@@ -4,6 +4,11 @@
 //! must reach the runner once, from SSM, be deleted there, never appear on
 //! a command line or in the log, and the runner user must be firewalled off
 //! the metadata service before any job can run.
+//!
+//! The benchmark tuning runs here too: the image's tuning script
+//! (`packer/files/benchmark-tuning.sh`) against a fake `/sys` and `/proc`,
+//! only for a profile with `benchmark_tuning`, and the state file a job
+//! prints.
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -12,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use spot_runners_domain::profile::{example_row, Profile};
+use spot_runners_domain::profile::{example_row, Profile, ProfileRow};
 use spot_runners_domain::userdata::{render, UserDataValues};
 
 const CONTROLLER: &str = "spot-runners";
@@ -31,6 +36,33 @@ const FAKES: [&str; 9] = [
     "poweroff",
     "getent",
     "jq",
+];
+
+/// Kernel files as a fresh Ubuntu instance has them, relative to `/`.
+const KERNEL_DEFAULTS: [(&str, &str); 14] = [
+    (
+        "sys/devices/system/cpu/cpu0/cpufreq/scaling_governor",
+        "powersave",
+    ),
+    (
+        "sys/devices/system/cpu/cpu1/cpufreq/scaling_governor",
+        "powersave",
+    ),
+    ("sys/devices/system/cpu/intel_pstate/no_turbo", "0"),
+    ("sys/devices/system/cpu/cpu0/cpuidle/state1/disable", "0"),
+    ("sys/devices/system/cpu/cpu0/cpuidle/state2/disable", "0"),
+    ("sys/devices/system/cpu/cpu1/cpuidle/state1/disable", "0"),
+    ("sys/devices/system/cpu/cpu1/cpuidle/state3/disable", "0"),
+    ("sys/devices/system/cpu/smt/active", "0"),
+    ("sys/devices/system/cpu/online", "0-1"),
+    (
+        "sys/kernel/mm/transparent_hugepage/enabled",
+        "always [madvise] never",
+    ),
+    ("sys/kernel/mm/transparent_hugepage/defrag", "madvise"),
+    ("proc/sys/kernel/randomize_va_space", "2"),
+    ("proc/sys/kernel/perf_event_paranoid", "4"),
+    ("proc/sys/kernel/kptr_restrict", "1"),
 ];
 
 fn jit_config() -> String {
@@ -59,6 +91,18 @@ impl Instance {
         let root = dir.path();
         for d in ["bin", "state", "state/home", "runner"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        // The image's tuning script, and the kernel files it tunes, as an
+        // instance of a type that gives the guest P-state and C-state control.
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packer/files/benchmark-tuning.sh"),
+            root.join("bin/spot-runners-benchmark-tuning"),
+        )
+        .unwrap();
+        for (file, value) in KERNEL_DEFAULTS {
+            let path = root.join("fs").join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, format!("{value}\n")).unwrap();
         }
         let fake = root.join("bin/fake.py");
         std::fs::copy(
@@ -98,6 +142,14 @@ impl Instance {
         Self { dir }
     }
 
+    /// A fake kernel file's content, trimmed.
+    fn kernel_file(&self, file: &str) -> String {
+        std::fs::read_to_string(self.root().join("fs").join(file))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
     fn root(&self) -> &Path {
         self.dir.path()
     }
@@ -106,13 +158,17 @@ impl Instance {
         self.root().join("state").join(file)
     }
 
-    /// Renders the boot script as the service does and runs it to its end.
+    /// Renders the boot script as the service does for the kani-medium
+    /// profile and runs it to its end.
     fn boot(&self, extra_env: &[(&str, &str)]) -> Run {
-        let profile = Profile::try_from(example_row(
-            "kani-medium",
-            &["linux", "x64", "spot", "kani"],
-        ))
-        .unwrap();
+        self.boot_profile(
+            example_row("kani-medium", &["linux", "x64", "spot", "kani"]),
+            extra_env,
+        )
+    }
+
+    fn boot_profile(&self, row: ProfileRow, extra_env: &[(&str, &str)]) -> Run {
+        let profile = Profile::try_from(row).unwrap();
         let script = render(&UserDataValues {
             controller_id: CONTROLLER,
             runner_name: RUNNER,
@@ -135,6 +191,12 @@ impl Instance {
             )
             .env("SPOT_RUNNERS_TEST_RUNNER_DIR", self.root().join("runner"))
             .env("SPOT_RUNNERS_TEST_LOG_FILE", self.state("userdata.log"))
+            .env("SPOT_RUNNERS_TEST_TUNING_FILE", self.state("tuning"))
+            .env(
+                "SPOT_RUNNERS_TEST_TUNING_SCRIPT",
+                self.root().join("bin/spot-runners-benchmark-tuning"),
+            )
+            .env("SPOT_RUNNERS_TEST_ROOT", self.root().join("fs"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -328,4 +390,89 @@ fn an_ineffective_firewall_stops_the_boot_before_the_config_is_read() {
         .contains("FATAL: the runner user still reaches the metadata service"));
     assert!(!run.status.success());
     run.position("shutdown", |c| c["cmd"] == "shutdown");
+}
+
+#[test]
+fn benchmark_tuning_is_applied_only_where_the_profile_asks_and_reported() {
+    let jit = jit_config();
+    let mut bench = example_row("bench", &["linux", "x64", "bench"]);
+    bench.benchmark_tuning = true;
+    bench.threads_per_core = Some(1);
+    let tuned = Instance::new(&granted(&jit), false);
+    let run = tuned.boot_profile(bench.clone(), &[]);
+    assert!(run.status.success(), "{}", run.log_file);
+
+    for cpu in ["cpu0", "cpu1"] {
+        assert_eq!(
+            tuned.kernel_file(&format!(
+                "sys/devices/system/cpu/{cpu}/cpufreq/scaling_governor"
+            )),
+            "performance"
+        );
+    }
+    let cpu = |f: &str| tuned.kernel_file(&format!("sys/devices/system/cpu/{f}"));
+    assert_eq!(cpu("intel_pstate/no_turbo"), "1");
+    // C1 stays; deeper states are off.
+    assert_eq!(cpu("cpu0/cpuidle/state1/disable"), "0");
+    assert_eq!(cpu("cpu0/cpuidle/state2/disable"), "1");
+    assert_eq!(cpu("cpu1/cpuidle/state3/disable"), "1");
+    assert_eq!(
+        tuned.kernel_file("sys/kernel/mm/transparent_hugepage/enabled"),
+        "never"
+    );
+    assert_eq!(tuned.kernel_file("proc/sys/kernel/randomize_va_space"), "0");
+    assert_eq!(
+        tuned.kernel_file("proc/sys/kernel/perf_event_paranoid"),
+        "1"
+    );
+
+    let state = std::fs::read_to_string(tuned.state("tuning")).unwrap();
+    let lines: Vec<&str> = state.lines().collect();
+    for expected in [
+        "benchmark_tuning=on",
+        "governor=performance",
+        "intel_pstate_no_turbo=1",
+        // This fake instance type has no acpi-cpufreq boost switch.
+        "cpufreq_boost=unavailable",
+        "deep_cstates_disabled=1",
+        "transparent_hugepage=never",
+        "randomize_va_space=0",
+        "perf_event_paranoid=1",
+        "smt_active=0",
+        "online_cpus=0-1",
+    ] {
+        assert!(lines.contains(&expected), "{expected} missing from {state}");
+    }
+    assert!(lines.iter().any(|l| l.starts_with("perf=")), "{state}");
+    assert!(run
+        .log_file
+        .contains("benchmark_tuning=on governor=performance"));
+    // Tuned before the runner could take a job.
+    let tuning_logged = run.log_file.find("tuning (").unwrap();
+    let jit_read = run.log_file.find("JIT config read from").unwrap();
+    assert!(tuning_logged < jit_read);
+
+    // A Kani profile: the kernel keeps its defaults, and the file says so.
+    let plain = Instance::new(&granted(&jit), false);
+    let run = plain.boot(&[]);
+    assert!(run.status.success());
+    for (file, value) in KERNEL_DEFAULTS {
+        assert_eq!(plain.kernel_file(file), value, "{file} was changed");
+    }
+    assert_eq!(
+        std::fs::read_to_string(plain.state("tuning")).unwrap(),
+        "benchmark_tuning=off\n"
+    );
+
+    // An image without the tuning script still runs the job, and says why
+    // it is untuned.
+    let bare = Instance::new(&granted(&jit), false);
+    std::fs::remove_file(bare.root().join("bin/spot-runners-benchmark-tuning")).unwrap();
+    let run = bare.boot_profile(bench, &[]);
+    assert!(run.status.success());
+    assert!(bare.state("runner-config").exists(), "the job ran");
+    assert!(std::fs::read_to_string(bare.state("tuning"))
+        .unwrap()
+        .starts_with("benchmark_tuning=unavailable (the image has no "));
+    assert_eq!(bare.kernel_file("proc/sys/kernel/randomize_va_space"), "2");
 }

@@ -14,7 +14,7 @@ use spot_runners_domain::names::client_token;
 use spot_runners_domain::ports::{
     Cloud, GitHub, JitRequest, LaunchRequest, ParameterStore, RunnerScope,
 };
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageSource, Market};
 use spot_runners_reconciler::Reconciler;
 use spot_runners_sim::cloud::CloudCall;
 use spot_runners_sim::FakeCloud;
@@ -342,7 +342,8 @@ impl Harness {
             profile: "kani".into(),
             instance_type: "c6i.4xlarge".into(),
             subnet_id: Some(subnet.into()),
-            image_id: "ami-1".into(),
+            image: ImageSource::Id("ami-1".into()),
+            threads_per_core: None,
             security_group_ids: vec![],
             iam_instance_profile: None,
             market: Market::Spot,
@@ -654,4 +655,92 @@ async fn a_reclaimed_instance_is_replaced_while_its_job_is_still_queued() {
         .metrics
         .render()
         .contains(r#"spot_runners_orphans_total{kind="ledger_runner"} 1"#));
+}
+
+/// A profile that names its AMI by filter: while no image matches, the
+/// profile backs off with a reason that names the filter; once an AMI is
+/// built, the newest match launches, with the profile's CPU options and the
+/// benchmark tuning flag in its user data.
+#[tokio::test]
+async fn a_profile_with_an_image_filter_launches_the_newest_match() {
+    let h = Harness::new().await;
+    h.profile(
+        "kani",
+        "max_instances = 5, image_id = NULL, image_filter = 'self/kani-runner-*', \
+         threads_per_core = 1, benchmark_tuning = true",
+    )
+    .await;
+    h.queue("kani", 0..1).await;
+    let r = h.reconciler(100);
+    for _ in 0..5 {
+        h.reconcile(&r).await;
+        h.clock.advance(Duration::from_secs(2));
+    }
+    assert_eq!(h.github.jit_calls(), 1, "backed off after the first miss");
+    assert_eq!(h.cloud.live_count(None), 0);
+    let ended: Vec<(String, String)> =
+        sqlx::query_as("SELECT last_error_code, reason FROM runners ORDER BY created_at")
+            .fetch_all(h.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(
+        ended[0].0,
+        spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH
+    );
+    assert!(ended[0].1.contains("self/kani-runner-*"), "{ended:?}");
+
+    // The AMI gets built (twice): after the backoff the newest one launches.
+    let built = chrono::Utc::now();
+    h.cloud.register_image(
+        spot_runners_sim::cloud::FAKE_ACCOUNT,
+        "kani-runner-2.334.0-1",
+        built - chrono::Duration::days(1),
+    );
+    let newest = h.cloud.register_image(
+        spot_runners_sim::cloud::FAKE_ACCOUNT,
+        "kani-runner-2.334.0-2",
+        built,
+    );
+    h.clock.advance(Duration::from_secs(30));
+    h.reconcile(&r).await;
+    assert_eq!(h.cloud.live_count(None), 1);
+    let launched = &h.cloud.instances()[0];
+    assert_eq!(launched.image_id, newest);
+    assert_eq!(launched.request.threads_per_core, Some(1));
+    assert!(launched
+        .request
+        .user_data
+        .contains("\nBENCHMARK_TUNING='1'\n"));
+}
+
+/// The table accepts exactly one image source, and only filters of EC2's
+/// `owner/name-pattern` shape.
+#[tokio::test]
+async fn the_table_wants_one_image_source() {
+    let h = Harness::new().await;
+    h.profile(
+        "kani",
+        "image_id = NULL, image_filter = 'amazon/al2023-ami-*'",
+    )
+    .await;
+    for (set, constraint) in [
+        ("image_id = 'ami-1'", "one_image_source"),
+        ("image_filter = NULL", "one_image_source"),
+        ("image_filter = 'al2023-ami-*'", "image_filter_format"),
+        ("threads_per_core = 4", "threads_per_core_known"),
+    ] {
+        let err = sqlx::query(&format!(
+            "UPDATE instance_profiles SET {set} WHERE name = 'kani'"
+        ))
+        .execute(h.store.pool())
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains(constraint), "{set}: {err}");
+    }
+    // Rows that name an AMI, as every row before this column did, still work.
+    h.profile("plain", "max_instances = 2").await;
+    let profiles = h.profiles.get();
+    let names: Vec<&str> = profiles.profiles.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["kani", "plain"]);
 }

@@ -12,6 +12,14 @@
 //! instance it started, or `IdempotentInstanceTerminated` once that instance
 //! is terminated; after a capacity refusal it is simply tried again.
 //! Throttled calls never reach that far and are not remembered.
+//!
+//! Images: a launch names an AMI id or an image filter. Filters resolve, as
+//! the EC2 adapter resolves them with `DescribeImages`, to the newest
+//! available registered image of the owner whose name matches
+//! ([`FakeCloud::register_image`]); the token remembers the AMI it resolved
+//! to, because that is what `RunInstances` receives. CPU options follow
+//! EC2's one rule the fake can know without a type catalogue: bare metal
+//! takes none.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,7 +33,7 @@ use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, Instance, InstanceState, LaunchRequest,
 };
 use spot_runners_domain::ratelimit::TokenBucket;
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageSource, Market};
 
 /// EC2's state reason codes, as `DescribeInstances` reports them.
 pub const REASON_USER_TERMINATED: &str = "Client.UserInitiatedShutdown";
@@ -37,6 +45,9 @@ const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 
 /// The account and region the fake's instance ARNs name.
 pub const FAKE_ARN_PREFIX: &str = "arn:aws:ec2:us-east-1:123456789012:instance/";
+
+/// The fake's account, which `self` names in an image filter.
+pub const FAKE_ACCOUNT: &str = "123456789012";
 
 const DEFAULT_BOOT_TIME: Duration = Duration::from_secs(30);
 /// EC2 keeps reporting terminated instances for about an hour.
@@ -73,6 +84,8 @@ pub struct FakeInstance {
     pub instance: Instance,
     /// The request that created it (controller id, user data, …).
     pub request: LaunchRequest,
+    /// The AMI it runs: the request's id, or what its filter resolved to.
+    pub image_id: String,
     pub launched_at: Instant,
     pub terminated_at: Option<Instant>,
 }
@@ -97,17 +110,20 @@ type CapacityKey = (String, Option<String>, Market);
 struct TokenUse {
     /// The request that first used it (only the fields EC2 compares matter).
     request: LaunchRequest,
+    /// The AMI that request resolved to.
+    image_id: String,
     /// The instance it started, as an index into `records`.
     instance: Option<usize>,
 }
 
 impl TokenUse {
-    fn same_parameters(&self, other: &LaunchRequest) -> bool {
+    fn same_parameters(&self, other: &LaunchRequest, image_id: &str) -> bool {
         let first = &self.request;
         first.instance_type == other.instance_type
             && first.subnet_id == other.subnet_id
             && first.market == other.market
-            && first.image_id == other.image_id
+            && self.image_id == image_id
+            && first.threads_per_core == other.threads_per_core
             && first.user_data == other.user_data
     }
 }
@@ -115,6 +131,7 @@ impl TokenUse {
 struct Record {
     id: String,
     request: LaunchRequest,
+    image_id: String,
     launched_at: Instant,
     running_at: Instant,
     ended: Option<(Instant, Option<String>)>,
@@ -154,6 +171,8 @@ struct State {
     fail_launch: VecDeque<String>,
     /// AMIs that do not exist: launching one is refused, every time.
     missing_images: std::collections::HashSet<String>,
+    /// Images an image filter can find, in registration order.
+    images: Vec<FakeImage>,
     fail_terminate: VecDeque<String>,
     fail_list: VecDeque<String>,
     /// `DescribeSpotPriceHistory`: dollars per hour by instance type, the
@@ -173,7 +192,41 @@ struct State {
     epoch: (Instant, DateTime<Utc>),
 }
 
+/// A registered AMI, as `DescribeImages` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FakeImage {
+    pub id: String,
+    pub owner: String,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    /// `available`; a deregistered or still pending image is not.
+    pub available: bool,
+}
+
 impl State {
+    /// The AMI a launch runs, as the EC2 adapter resolves it.
+    fn resolve_image(&self, image: &ImageSource) -> Result<String, CloudError> {
+        match image {
+            ImageSource::Id(id) if self.missing_images.contains(id) => Err(CloudError::from_code(
+                "InvalidAMIID.NotFound",
+                format!("The image id '[{id}]' does not exist"),
+            )),
+            ImageSource::Id(id) => Ok(id.clone()),
+            ImageSource::Filter(filter) => {
+                let owner = match filter.owner() {
+                    "self" => FAKE_ACCOUNT,
+                    other => other,
+                };
+                self.images
+                    .iter()
+                    .filter(|i| i.available && i.owner == owner && filter.matches(&i.name))
+                    .max_by_key(|i| i.created_at)
+                    .map(|i| i.id.clone())
+                    .ok_or_else(|| CloudError::no_image_match(filter))
+            }
+        }
+    }
+
     fn wall_time(&self, at: Instant) -> DateTime<Utc> {
         let (base, base_utc) = self.epoch;
         let delta = |d: Duration| TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
@@ -215,6 +268,9 @@ impl State {
         request: &LaunchRequest,
         now: Instant,
     ) -> Result<Instance, CloudError> {
+        // Before RunInstances, as the adapter's DescribeImages: neither
+        // throttled by its bucket nor remembered with a token.
+        let image_id = self.resolve_image(&request.image)?;
         if self.run_bucket.try_take(now).is_err() {
             self.throttled += 1;
             return Err(CloudError::from_code(
@@ -224,7 +280,7 @@ impl State {
         }
 
         if let Some(used) = self.by_token.get(&request.client_token) {
-            if !used.same_parameters(request) {
+            if !used.same_parameters(request, &image_id) {
                 return Err(CloudError::from_code(
                     "IdempotentParameterMismatch",
                     format!(
@@ -253,15 +309,23 @@ impl State {
         if let Some(code) = self.fail_launch.pop_front() {
             let error = CloudError::from_code(&code, "injected by the fake cloud");
             if error.kind == CloudErrorKind::Capacity {
-                self.remember_token(request, None);
+                self.remember_token(request, &image_id, None);
             }
             return Err(error);
         }
 
-        if self.missing_images.contains(&request.image_id) {
+        let bare_metal = request
+            .instance_type
+            .split('.')
+            .nth(1)
+            .is_some_and(|size| size.starts_with("metal"));
+        if request.threads_per_core.is_some() && bare_metal {
             return Err(CloudError::from_code(
-                "InvalidAMIID.NotFound",
-                format!("The image id '[{}]' does not exist", request.image_id),
+                "InvalidParameterCombination",
+                format!(
+                    "CPU options are not supported for instance type {}",
+                    request.instance_type
+                ),
             ));
         }
 
@@ -279,7 +343,7 @@ impl State {
         );
         if let Some(left) = self.capacity.get_mut(&key) {
             if *left == 0 {
-                self.remember_token(request, None);
+                self.remember_token(request, &image_id, None);
                 return Err(CloudError::from_code(
                     "InsufficientInstanceCapacity",
                     format!(
@@ -298,7 +362,7 @@ impl State {
             .copied()
             .unwrap_or(0.0);
         if rate > 0.0 && self.rng.gen_bool(rate.min(1.0)) {
-            self.remember_token(request, None);
+            self.remember_token(request, &image_id, None);
             return Err(CloudError::from_code(
                 "InsufficientInstanceCapacity",
                 format!(
@@ -312,13 +376,14 @@ impl State {
         let record = Record {
             id,
             request: request.clone(),
+            image_id: image_id.clone(),
             launched_at: now,
             running_at: now + self.boot_time,
             ended: None,
             tags: BTreeMap::new(),
         };
         let instance = self.view(&record, now);
-        self.remember_token(request, Some(self.records.len()));
+        self.remember_token(request, &image_id, Some(self.records.len()));
         self.records.push(record);
 
         let live = self.live.entry(request.profile.clone()).or_default();
@@ -331,11 +396,12 @@ impl State {
         Ok(instance)
     }
 
-    fn remember_token(&mut self, request: &LaunchRequest, instance: Option<usize>) {
+    fn remember_token(&mut self, request: &LaunchRequest, image_id: &str, instance: Option<usize>) {
         self.by_token.insert(
             request.client_token.clone(),
             TokenUse {
                 request: request.clone(),
+                image_id: image_id.to_owned(),
                 instance,
             },
         );
@@ -407,6 +473,7 @@ impl FakeCloud {
             capacity_error_rates: HashMap::new(),
             fail_launch: VecDeque::new(),
             missing_images: std::collections::HashSet::new(),
+            images: Vec::new(),
             fail_terminate: VecDeque::new(),
             fail_list: VecDeque::new(),
             spot_prices: crate::scenario::default_prices()
@@ -476,6 +543,31 @@ impl FakeCloud {
     /// deregistered or mistyped image does.
     pub fn remove_image(&self, image_id: &str) {
         self.lock().missing_images.insert(image_id.to_owned());
+    }
+
+    /// Registers an available AMI that image filters can find; returns its
+    /// id. `owner` is an account id ([`FAKE_ACCOUNT`] is `self`) or an alias
+    /// such as `amazon`.
+    pub fn register_image(&self, owner: &str, name: &str, created_at: DateTime<Utc>) -> String {
+        let mut state = self.lock();
+        let id = format!("ami-{:017x}", state.rng.gen::<u64>());
+        state.images.push(FakeImage {
+            id: id.clone(),
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            created_at,
+            available: true,
+        });
+        id
+    }
+
+    /// The image is no longer `available` (deregistered): filters skip it.
+    pub fn deregister_image(&self, image_id: &str) {
+        let mut state = self.lock();
+        for image in state.images.iter_mut().filter(|i| i.id == image_id) {
+            image.available = false;
+        }
+        state.missing_images.insert(image_id.to_owned());
     }
 
     /// Like [`fail_next`](Self::fail_next), for the next accepted `terminate`.
@@ -618,6 +710,7 @@ impl FakeCloud {
             .map(|r| FakeInstance {
                 instance: state.view(r, now),
                 request: r.request.clone(),
+                image_id: r.image_id.clone(),
                 launched_at: r.launched_at,
                 terminated_at: r.ended.as_ref().map(|(at, _)| *at),
             })
@@ -783,6 +876,7 @@ impl Cloud for FakeCloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::TimeZone;
     use spot_runners_domain::ports::CloudErrorKind;
 
     fn request(name: &str) -> LaunchRequest {
@@ -793,7 +887,8 @@ mod tests {
             profile: "linux".to_owned(),
             instance_type: "c6i.large".to_owned(),
             subnet_id: Some("subnet-a".to_owned()),
-            image_id: "ami-1".to_owned(),
+            image: ImageSource::Id("ami-1".into()),
+            threads_per_core: None,
             security_group_ids: vec!["sg-1".to_owned()],
             iam_instance_profile: None,
             market: Market::Spot,
@@ -844,11 +939,12 @@ mod tests {
         assert_eq!(cloud.live_count(None), 1);
 
         type Change = fn(&mut LaunchRequest);
-        let changes: [Change; 5] = [
+        let changes: [Change; 6] = [
             |r| r.instance_type = "c6a.large".to_owned(),
             |r| r.subnet_id = Some("subnet-b".to_owned()),
             |r| r.market = Market::OnDemand,
-            |r| r.image_id = "ami-2".to_owned(),
+            |r| r.image = ImageSource::Id("ami-2".to_owned()),
+            |r| r.threads_per_core = Some(1),
             |r| r.user_data.push('\n'),
         ];
         for change in changes {
@@ -984,6 +1080,87 @@ mod tests {
         let err = cloud.launch(&request("r-1")).await.unwrap_err();
         assert_eq!(err.kind, CloudErrorKind::Invalid);
         cloud.launch(&request("r-1")).await.unwrap();
+    }
+
+    fn filtered(pattern: &str) -> LaunchRequest {
+        let mut r = request("r-1");
+        r.image = ImageSource::Filter(spot_runners_domain::ImageFilter::parse(pattern).unwrap());
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_filter_launches_the_newest_available_match() {
+        let cloud = FakeCloud::new();
+        let day = |d: u32| Utc.with_ymd_and_hms(2026, 11, d, 12, 0, 0).unwrap();
+        let old = cloud.register_image(FAKE_ACCOUNT, "kani-runner-2.334.0-20261101", day(1));
+        let newest = cloud.register_image(FAKE_ACCOUNT, "kani-runner-2.334.0-20261120", day(20));
+        let middle = cloud.register_image(FAKE_ACCOUNT, "kani-runner-2.334.0-20261110", day(10));
+        // Newer, but another owner's or another name's.
+        cloud.register_image("210987654321", "kani-runner-2.334.0-20261125", day(25));
+        cloud.register_image(FAKE_ACCOUNT, "bench-runner-20261126", day(26));
+
+        let launched = cloud.launch(&filtered("self/kani-runner-*")).await.unwrap();
+        let fake = &cloud.instances()[0];
+        assert_eq!(fake.instance.id, launched.id);
+        assert_eq!(fake.image_id, newest);
+        assert_ne!(fake.image_id, old);
+
+        // The newest one is deregistered: the next-newest wins.
+        cloud.deregister_image(&newest);
+        let mut next = filtered("self/kani-runner-*");
+        next.client_token = "r-2".into();
+        next.runner_name = "r-2".into();
+        cloud.launch(&next).await.unwrap();
+        assert_eq!(cloud.instances()[1].image_id, middle);
+        // The first token now resolves to another AMI: EC2 sees other
+        // parameters under the same token.
+        let err = cloud
+            .launch(&filtered("self/kani-runner-*"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, "IdempotentParameterMismatch");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_image_filter_without_a_match_is_an_invalid_request() {
+        let cloud = FakeCloud::new();
+        cloud.register_image("210987654321", "kani-runner-1", Utc::now());
+        let err = cloud
+            .launch(&filtered("self/kani-runner-*"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, spot_runners_domain::ports::IMAGE_FILTER_NO_MATCH);
+        assert_eq!(err.kind, CloudErrorKind::Invalid);
+        assert!(
+            err.message.contains("self/kani-runner-*"),
+            "{}",
+            err.message
+        );
+        assert_eq!(cloud.live_count(None), 0);
+        match &cloud.calls()[0] {
+            CloudCall::Launch { outcome, .. } => {
+                assert_eq!(outcome, &Err("ImageFilterNoMatch".to_owned()));
+            }
+            other => panic!("unexpected call {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn threads_per_core_reaches_the_instance_and_bare_metal_refuses_it() {
+        let cloud = FakeCloud::new();
+        let mut smt_off = request("r-1");
+        smt_off.threads_per_core = Some(1);
+        cloud.launch(&smt_off).await.unwrap();
+        assert_eq!(cloud.instances()[0].request.threads_per_core, Some(1));
+
+        let mut metal = request("r-2");
+        metal.instance_type = "c6i.metal".into();
+        cloud.launch(&metal).await.unwrap();
+        metal.threads_per_core = Some(1);
+        metal.client_token = "r-2.1".into();
+        let err = cloud.launch(&metal).await.unwrap_err();
+        assert_eq!(err.code, "InvalidParameterCombination");
+        assert!(err.kind.is_invalid_request());
     }
 
     #[tokio::test(start_paused = true)]

@@ -117,7 +117,8 @@ impl ScenarioProfile {
             name: self.name.clone(),
             labels: self.labels.clone(),
             instance_types: self.instance_types.clone(),
-            image_id: "ami-0123456789abcdef0".into(),
+            image_id: Some("ami-0123456789abcdef0".into()),
+            image_filter: None,
             subnet_ids: self.subnet_ids.clone(),
             security_group_ids: vec![],
             iam_instance_profile: None,
@@ -140,6 +141,8 @@ impl ScenarioProfile {
             spot_breaker_window_secs: 900,
             spot_breaker_cooldown_secs: 1800,
             spot_max_job_minutes: None,
+            threads_per_core: None,
+            benchmark_tuning: false,
         }
     }
 }

@@ -22,7 +22,7 @@ struct Rig {
 fn profile(max_lifetime_secs: i32) -> Profile {
     Profile::try_from(ProfileRow {
         instance_types: vec!["c6i.4xlarge".into()],
-        image_id: "ami-1".into(),
+        image_id: Some("ami-1".into()),
         subnet_ids: vec!["subnet-a".into()],
         max_lifetime_secs,
         ..example_row("kani", &["linux", "kani"])

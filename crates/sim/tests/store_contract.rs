@@ -736,7 +736,7 @@ async fn profiles_and_liveness(t: &dyn Subject) {
     assert!(s.profile_rows().await.unwrap().is_empty());
     let row = ProfileRow {
         instance_types: vec!["c6i.4xlarge".into()],
-        image_id: "ami-1".into(),
+        image_id: Some("ami-1".into()),
         subnet_ids: vec!["subnet-a".into()],
         ..example_row("kani", &["linux", "kani"])
     };

@@ -9,7 +9,7 @@ use serde_json::Value;
 use spot_runners_domain::ports::{
     Cloud, GitHub, JitRequest, JobReport, LaunchRequest, RunnerScope,
 };
-use spot_runners_domain::Market;
+use spot_runners_domain::{ImageSource, Market};
 use spot_runners_sim::arrivals::{Arrivals, JobSpec};
 use spot_runners_sim::cloud::REASON_SHUTDOWN_FROM_INSIDE;
 use spot_runners_sim::payload::Delivery;
@@ -82,7 +82,8 @@ impl Sim {
                 profile: "kani".into(),
                 instance_type: "c6i.4xlarge".into(),
                 subnet_id: None,
-                image_id: "ami-1".into(),
+                image: ImageSource::Id("ami-1".into()),
+                threads_per_core: None,
                 security_group_ids: vec![],
                 iam_instance_profile: None,
                 market: Market::Spot,

@@ -310,7 +310,8 @@ impl PgStore {
                       root_volume_gb, repositories, enabled, priority,
                       max_interruption_reruns, rerun_market, rerun_own_failures,
                       spot_breaker_interruptions, spot_breaker_window_secs,
-                      spot_breaker_cooldown_secs, spot_max_job_minutes
+                      spot_breaker_cooldown_secs, spot_max_job_minutes,
+                      image_filter, threads_per_core, benchmark_tuning
                FROM instance_profiles ORDER BY name"#,
         )
         .fetch_all(&self.pool)
@@ -322,6 +323,9 @@ impl PgStore {
                     labels: r.try_get("labels")?,
                     instance_types: r.try_get("instance_types")?,
                     image_id: r.try_get("image_id")?,
+                    image_filter: r.try_get("image_filter")?,
+                    threads_per_core: r.try_get("threads_per_core")?,
+                    benchmark_tuning: r.try_get("benchmark_tuning")?,
                     subnet_ids: r.try_get("subnet_ids")?,
                     security_group_ids: r.try_get("security_group_ids")?,
                     iam_instance_profile: r.try_get("iam_instance_profile")?,

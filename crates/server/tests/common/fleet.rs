@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use spot_runners::metrics::Metrics;
 use spot_runners_domain::ports::LaunchRequest;
-use spot_runners_domain::{ControllerId, Market};
+use spot_runners_domain::{ControllerId, ImageSource, Market};
 use spot_runners_reconciler::ProfileCache;
 use spot_runners_reconciler::{Backends, Reconciler};
 use spot_runners_sim::cloud::CloudCall;
@@ -170,7 +170,8 @@ pub fn launch_request(controller: &str, runner: &str) -> LaunchRequest {
         profile: "kani".to_owned(),
         instance_type: "c6i.4xlarge".to_owned(),
         subnet_id: None,
-        image_id: "ami-1".to_owned(),
+        image: ImageSource::Id("ami-1".into()),
+        threads_per_core: None,
         security_group_ids: vec![],
         iam_instance_profile: None,
         market: Market::Spot,

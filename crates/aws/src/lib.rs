@@ -31,6 +31,7 @@ use aws_sdk_ec2::types::{
 use aws_sdk_ec2::Client;
 use base64::prelude::{Engine as _, BASE64_STANDARD};
 use chrono::{DateTime, Utc};
+use spot_runners_domain::cost::SpotPrice;
 use spot_runners_domain::ports::{
     Cloud, CloudError, CloudErrorKind, Instance, InstanceState, LaunchRequest, TAG_CONTROLLER,
     TAG_NAME, TAG_PROFILE, TAG_RUNNER,
@@ -555,6 +556,55 @@ impl Cloud for Ec2Cloud {
             }
         }
         Ok(owned)
+    }
+
+    async fn spot_prices(&self, instance_types: &[String]) -> Result<Vec<SpotPrice>, CloudError> {
+        if instance_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Start and end now: EC2 answers with the price in effect now in
+        // each AZ (the last change before the start time).
+        let now = aws_sdk_ec2::primitives::DateTime::from_secs(Utc::now().timestamp());
+        let call = instance_types.iter().fold(
+            self.client
+                .describe_spot_price_history()
+                .start_time(now)
+                .end_time(now)
+                .product_descriptions("Linux/UNIX")
+                .product_descriptions("Linux/UNIX (Amazon VPC)"),
+            |call, t| call.instance_types(InstanceType::from(t.as_str())),
+        );
+        let mut pages = call.into_paginator().items().send();
+        // (type, AZ) → (timestamp, price): the latest sample wins.
+        let mut latest: HashMap<(String, Option<String>), (i64, f64)> = HashMap::new();
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(|e| cloud_error(&e))?;
+            let (Some(instance_type), Some(price)) = (
+                item.instance_type(),
+                item.spot_price().and_then(|p| p.trim().parse::<f64>().ok()),
+            ) else {
+                continue;
+            };
+            let at = item.timestamp().map_or(0, |t| t.secs());
+            let key = (
+                instance_type.as_str().to_owned(),
+                item.availability_zone().map(str::to_owned),
+            );
+            let entry = latest.entry(key).or_insert((at, price));
+            if (at, price) > *entry {
+                *entry = (at, price);
+            }
+        }
+        Ok(latest
+            .into_iter()
+            .map(
+                |((instance_type, availability_zone), (_, dollars_per_hour))| SpotPrice {
+                    instance_type,
+                    availability_zone,
+                    dollars_per_hour,
+                },
+            )
+            .collect())
     }
 
     async fn tag_instance(

@@ -458,6 +458,27 @@ fn ids(instances: &[Instance]) -> Vec<&str> {
     instances.iter().map(|i| i.id.as_str()).collect()
 }
 
+/// moto answers `DescribeSpotPriceHistory` for the region's offered types,
+/// one sample per AZ; a type EC2 does not offer gets no price (it is then
+/// reported unknown, never 0).
+#[tokio::test]
+async fn spot_prices_come_per_az_for_the_types_asked() {
+    let (cloud, _) = clients().await;
+    let prices = cloud
+        .spot_prices(&["c6i.4xlarge".to_owned(), "x9z.notatype".to_owned()])
+        .await
+        .unwrap();
+    assert!(!prices.is_empty(), "moto offers c6i.4xlarge in the region");
+    assert!(prices.iter().all(|p| p.instance_type == "c6i.4xlarge"));
+    assert!(prices
+        .iter()
+        .all(|p| p.dollars_per_hour.is_finite() && p.dollars_per_hour >= 0.0));
+    let azs: std::collections::BTreeSet<_> =
+        prices.iter().map(|p| p.availability_zone.clone()).collect();
+    assert_eq!(azs.len(), prices.len(), "one sample per AZ");
+    assert!(cloud.spot_prices(&[]).await.unwrap().is_empty());
+}
+
 // ------------------------------------------------ image filters, CPU --
 
 /// Registers an AMI in this account whose `CreationDate` is later than

@@ -21,4 +21,6 @@ pub enum DomainError {
     MalformedPayload(String),
     #[error("user data: {0}")]
     UserData(String),
+    #[error("{0}")]
+    InvalidReportOption(String),
 }

@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod clock;
+pub mod cost;
 pub mod cost_tags;
 mod error;
 pub mod job;

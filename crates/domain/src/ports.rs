@@ -490,6 +490,18 @@ pub trait Cloud: Send + Sync + 'static {
         tags: &[(&str, String)],
     ) -> Result<(), CloudError>;
 
+    /// `DescribeSpotPriceHistory`: the Linux spot price in effect now for
+    /// each of these instance types, one sample per AZ; types EC2 has no
+    /// price for are missing from the answer. A cloud that cannot tell
+    /// answers nothing, and prices stay as the price table has them.
+    async fn spot_prices(
+        &self,
+        instance_types: &[String],
+    ) -> Result<Vec<crate::cost::SpotPrice>, CloudError> {
+        let _ = instance_types;
+        Ok(Vec::new())
+    }
+
     /// The `RunInstances` bucket this cloud enforces; callers pace themselves by it.
     fn launch_limit(&self) -> TokenBucket {
         TokenBucket::ec2_run_instances()

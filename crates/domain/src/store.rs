@@ -406,6 +406,39 @@ pub trait Store: Send + Sync + 'static {
         controller_id: &str,
         since: DateTime<Utc>,
     ) -> Result<Vec<(String, DateTime<Utc>)>, StoreError>;
+    // ------------------------------------------------------------ cost --
+
+    /// Every `instance_prices` row.
+    async fn prices(&self) -> Result<Vec<PriceRow>, StoreError>;
+
+    /// Spot prices `(instance type, dollars per hour)` from EC2: inserted,
+    /// or updated unless an operator pinned the row
+    /// ([`PRICE_SOURCE_OPERATOR`]). Returns rows written.
+    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError>;
+
+    /// Every runner of `controller_id` whose instance ran at some time in
+    /// `[from, to)`, with the job it ran and whether a reclaim interrupted it.
+    async fn usage(
+        &self,
+        controller_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::cost::Usage>, StoreError>;
+}
+
+/// `source` of the spot prices refreshed from `DescribeSpotPriceHistory`.
+pub const PRICE_SOURCE_EC2: &str = "ec2";
+/// `source` of a price an operator pinned: a refresh never overwrites it.
+pub const PRICE_SOURCE_OPERATOR: &str = "operator";
+
+/// An `instance_prices` row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PriceRow {
+    pub instance_type: String,
+    pub market: String,
+    pub dollars_per_hour: f64,
+    pub source: String,
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A job queued long enough that a lost webhook is worth ruling out.

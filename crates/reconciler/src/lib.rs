@@ -35,6 +35,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use spot_runners_domain::backoff::Backoffs;
 use spot_runners_domain::clock::{Clock, SystemClock};
+use spot_runners_domain::cost::SpendGate;
 use spot_runners_domain::ports::{Cloud, GitHub, ParameterStore};
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::scopes::KnownScopes;
@@ -89,6 +90,8 @@ pub struct Reconciler {
     retention: Duration,
     /// Busy runners whose instance carries its job's cost tags already.
     cost_tagged: Mutex<BTreeSet<String>>,
+    /// `SPOT_RUNNERS_MAX_DAILY_SPEND`: closed, nothing new is launched.
+    spend_gate: SpendGate,
     /// Which recent repository is polled next.
     poll_turn: AtomicUsize,
     /// Runners missing from GitHub's last listings, and since when (one
@@ -125,6 +128,7 @@ impl Reconciler {
             backoffs: Mutex::default(),
             retention: Duration::from_secs(30 * 86_400),
             cost_tagged: Mutex::default(),
+            spend_gate: SpendGate::unlimited(),
             poll_turn: AtomicUsize::new(0),
             missing: Mutex::default(),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
@@ -147,6 +151,13 @@ impl Reconciler {
     #[must_use]
     pub fn with_retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// Launches only while `gate` allows (the daily spend cap).
+    #[must_use]
+    pub fn with_spend_gate(mut self, gate: SpendGate) -> Self {
+        self.spend_gate = gate;
         self
     }
 

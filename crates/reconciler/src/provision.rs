@@ -39,6 +39,12 @@ impl Reconciler {
     /// Claims a batch of rows that need provisioning and drives each to
     /// `booting` or a final state. Returns how many were claimed.
     pub async fn provision_batch(self: &Arc<Self>) -> Result<usize, StoreError> {
+        // Past the daily spend cap planned rows wait in `requested`: no
+        // registration, no RunInstances, until the gate opens (the spend
+        // worker logs and counts when it closes).
+        if !self.spend_gate.allows_launch() {
+            return Ok(0);
+        }
         let claimed = self
             .store
             .claim_provisioning(

@@ -88,6 +88,9 @@ pub struct RawSettings {
     /// deliveries are redelivered. Unset with App auth: the App's webhook.
     #[arg(long, env = "SPOT_RUNNERS_GITHUB_HOOK_ID")]
     pub github_hook_id: Option<String>,
+    /// Dollars per UTC day; past it nothing new is launched. Unset: no cap.
+    #[arg(long, env = "SPOT_RUNNERS_MAX_DAILY_SPEND")]
+    pub max_daily_spend: Option<String>,
 }
 
 /// How the service authenticates to GitHub.
@@ -137,6 +140,8 @@ pub struct Settings {
     pub intake: IntakeLimits,
     /// Whose failed deliveries are redelivered; `None`: nobody's.
     pub redeliver_from: Option<WebhookSource>,
+    /// `SPOT_RUNNERS_MAX_DAILY_SPEND`: dollars per UTC day; `None`: no cap.
+    pub max_daily_spend: Option<f64>,
 }
 
 fn non_blank(v: Option<String>) -> Option<String> {
@@ -223,7 +228,11 @@ impl RawSettings {
             Some(hook) => Some(parse_org_hook(&hook)?),
             None => matches!(github_auth, GitHubAuth::App { .. }).then_some(WebhookSource::App),
         };
+        let max_daily_spend = non_blank(self.max_daily_spend)
+            .map(|v| parse_daily_spend(&v))
+            .transpose()?;
         Ok(Settings {
+            max_daily_spend,
             github_orgs,
             redeliver_from,
             database_url: non_blank(self.database_url).map(SecretString::from),
@@ -282,6 +291,22 @@ fn refuse_example_secrets(raw: &RawSettings) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Dollars, e.g. `250` or `99.50`: a positive, finite amount.
+fn parse_daily_spend(value: &str) -> Result<f64, Error> {
+    let v = value.trim();
+    let bad = || {
+        Error::Config(format!(
+            "SPOT_RUNNERS_MAX_DAILY_SPEND={v:?} is not an amount of dollars per UTC day above 0 \
+             (e.g. 250 or 99.50; unset it for no cap)"
+        ))
+    };
+    let dollars: f64 = v.trim_start_matches('$').parse().map_err(|_| bad())?;
+    if !dollars.is_finite() || dollars <= 0.0 {
+        return Err(bad());
+    }
+    Ok(dollars)
 }
 
 /// `ORG/HOOK_ID`, e.g. `acme/123456789`.
@@ -467,6 +492,37 @@ mod tests {
         for bad in ["42", "acme/x", "/42", "acme/-1", "a/b/42", "../1"] {
             let err = with(&["--github-hook-id", bad]).unwrap_err().to_string();
             assert!(err.contains("SPOT_RUNNERS_GITHUB_HOOK_ID"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_daily_spend_cap_is_optional_and_validated() {
+        let with = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.extend(["--webhook-secret", "s"]);
+            raw(&all).parse(false)
+        };
+        assert_eq!(with(&[]).unwrap().max_daily_spend, None);
+        assert_eq!(
+            with(&["--max-daily-spend", " "]).unwrap().max_daily_spend,
+            None
+        );
+        assert_eq!(
+            with(&["--max-daily-spend", "99.50"])
+                .unwrap()
+                .max_daily_spend,
+            Some(99.5)
+        );
+        assert_eq!(
+            with(&["--max-daily-spend", "$250"])
+                .unwrap()
+                .max_daily_spend,
+            Some(250.0)
+        );
+        for bad in ["0", "-5", "ten", "NaN", "inf", "1e400", "5 dollars"] {
+            let arg = format!("--max-daily-spend={bad}");
+            let err = with(&[&arg]).unwrap_err().to_string();
+            assert!(err.contains("SPOT_RUNNERS_MAX_DAILY_SPEND"), "{bad}: {err}");
         }
     }
 

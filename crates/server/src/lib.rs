@@ -2,6 +2,7 @@
 //! ledger writer and the background loops, wired together by [`startup`].
 
 pub mod configuration;
+pub mod cost_report;
 pub mod database;
 mod error;
 pub mod http;
@@ -13,6 +14,7 @@ mod reconciler_metrics;
 pub mod redelivery;
 pub mod reruns;
 pub mod simulation;
+pub mod spend;
 pub mod startup;
 pub mod telemetry;
 

@@ -11,6 +11,7 @@ use spot_runners::inspect;
 use spot_runners::simulation::{self, SimServeArgs, SimulateArgs, SimulatedService};
 use spot_runners::startup::{shutdown_signal, Application};
 use spot_runners::telemetry;
+use spot_runners_domain::cost::ReportBy;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +55,18 @@ enum Command {
         #[command(subcommand)]
         command: RunnersCommand,
     },
+    /// Cost, spot savings, savings lost to interruptions and re-runs, from
+    /// the ledger and the instance_prices table.
+    Report {
+        /// How far back: a count and h, d or w (e.g. 36h, 7d, 2w).
+        #[arg(long, default_value = "7d", value_parser = parse_since)]
+        since: chrono::Duration,
+        /// One line per repository, workflow or profile.
+        #[arg(long, default_value = "profile", value_parser = parse_by)]
+        by: ReportBy,
+        #[command(flatten)]
+        settings: RawSettings,
+    },
     /// Exit 0 when the service on SPOT_RUNNERS_LISTEN answers /healthz (for container health checks).
     Healthcheck {
         #[arg(long, env = "SPOT_RUNNERS_LISTEN", default_value = "0.0.0.0:8080")]
@@ -82,6 +95,15 @@ enum RunnersCommand {
         #[command(flatten)]
         settings: RawSettings,
     },
+}
+
+fn parse_since(v: &str) -> Result<chrono::Duration, String> {
+    spot_runners_domain::cost::parse_since(v).map_err(|e| e.to_string())
+}
+
+fn parse_by(v: &str) -> Result<ReportBy, String> {
+    v.parse()
+        .map_err(|e: spot_runners_domain::DomainError| e.to_string())
 }
 
 /// Opens the database for a one-off command, runs `f` and closes it.
@@ -154,6 +176,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let text = with_database(settings, |s, store| async move {
                 inspect::list_runners(&store, &s, all).await
+            })
+            .await?;
+            print!("{text}");
+        }
+        Command::Report {
+            since,
+            by,
+            settings,
+        } => {
+            let text = with_database(settings, |s, store| async move {
+                spot_runners::cost_report::report(&store, &s, since, by, chrono::Utc::now()).await
             })
             .await?;
             print!("{text}");

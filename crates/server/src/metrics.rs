@@ -16,6 +16,10 @@ pub struct Metrics {
     pub runners: IntGaugeVec,
     pub instances: IntGaugeVec,
     pub estimated_spend: prometheus::GaugeVec,
+    pub spend_today_dollars: prometheus::Gauge,
+    pub daily_spend_cap_dollars: prometheus::Gauge,
+    pub spend_cap_reached: IntGauge,
+    pub unpriced_instances: IntGauge,
     pub launches_total: IntCounterVec,
     pub launch_errors_total: IntCounterVec,
     pub job_wait_seconds: HistogramVec,
@@ -101,6 +105,22 @@ impl Metrics {
                 opts("estimated_spend_dollars_per_hour", "Estimated spend of live instances, dollars per hour."),
                 &["profile", "market"]
             )?),
+            spend_today_dollars: reg!(prometheus::Gauge::with_opts(opts(
+                "spend_today_dollars",
+                "Estimated spend of this controller's instances since 00:00 UTC, dollars (priced hours only)."
+            ))?),
+            daily_spend_cap_dollars: reg!(prometheus::Gauge::with_opts(opts(
+                "daily_spend_cap_dollars",
+                "SPOT_RUNNERS_MAX_DAILY_SPEND (0 when unset: no cap)."
+            ))?),
+            spend_cap_reached: reg!(IntGauge::with_opts(opts(
+                "spend_cap_reached",
+                "1 while today's spend is at or past SPOT_RUNNERS_MAX_DAILY_SPEND: nothing new is launched."
+            ))?),
+            unpriced_instances: reg!(IntGauge::with_opts(opts(
+                "unpriced_instances",
+                "Live instances whose type and market have no row in instance_prices (left out of the spend)."
+            ))?),
             launches_total: reg!(IntCounterVec::new(
                 opts("launches_total", "RunInstances attempts by profile, market and outcome."),
                 &["profile", "market", "outcome"]
@@ -252,6 +272,10 @@ impl Metrics {
             &self.runners,
             &self.instances,
             &self.estimated_spend,
+            &self.spend_today_dollars,
+            &self.daily_spend_cap_dollars,
+            &self.spend_cap_reached,
+            &self.unpriced_instances,
             &self.launches_total,
             &self.launch_errors_total,
             &self.job_wait_seconds,

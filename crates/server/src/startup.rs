@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::profiles::{self, ProfileCache};
 use crate::redelivery::Redeliverer;
 use crate::reruns::RerunWorker;
+use crate::spend::{SpendGate, SpendWorker};
 use crate::Error;
 use spot_runners_reconciler::{Backends, Reconciler};
 
@@ -44,6 +45,7 @@ pub struct Application {
     /// Asks GitHub to resend failed deliveries (leader only).
     redeliverer: Option<Arc<Redeliverer>>,
     reruns: Option<Arc<RerunWorker>>,
+    spend: Arc<SpendWorker>,
 }
 
 impl Application {
@@ -130,7 +132,17 @@ impl Application {
             body_read_timeout: settings.intake.body_read_timeout,
             wake: Arc::new(Notify::new()),
             scopes: scopes.clone(),
+            spend_gate: SpendGate::new(settings.max_daily_spend),
         };
+        let spend = Arc::new(SpendWorker::new(
+            Arc::clone(&state.store),
+            backends.as_ref().map(|b| Arc::clone(&b.cloud)),
+            state.profiles.clone(),
+            Arc::clone(&state.metrics),
+            settings.controller_id.to_string(),
+            Arc::clone(&clock),
+            state.spend_gate.clone(),
+        ));
         let redeliverer = match (&backends, &settings.redeliver_from) {
             (Some(b), Some(source)) => Some(Arc::new(Redeliverer::new(
                 Arc::clone(&state.store),
@@ -163,6 +175,7 @@ impl Application {
                     settings.max_instances,
                 )
                 .with_clock(clock)
+                .with_spend_gate(state.spend_gate.clone())
                 .with_scopes(scopes)
                 .with_retention(settings.retention),
             )
@@ -171,6 +184,7 @@ impl Application {
             reconciler,
             redeliverer,
             reruns,
+            spend,
             listener,
             metrics_listener,
             addr,
@@ -210,6 +224,11 @@ impl Application {
         self.reruns.clone()
     }
 
+    /// The spend worker (tests drive its passes directly).
+    pub fn spend(&self) -> Arc<SpendWorker> {
+        Arc::clone(&self.spend)
+    }
+
     /// Serves until `shutdown` resolves, then drains: in-flight requests
     /// finish, every accepted delivery is committed, background loops stop,
     /// and an embedded database is shut down.
@@ -229,6 +248,7 @@ impl Application {
             reconciler,
             redeliverer,
             reruns,
+            spend,
         } = self;
         let mut background = vec![
             tokio::spawn(profiles::watch(
@@ -250,6 +270,9 @@ impl Application {
                 stop.clone(),
             )),
         ];
+        background.push(tokio::spawn(
+            spend.run(settings.reconcile_interval, stop.clone()),
+        ));
         if let Some(w) = &reruns {
             background.push(tokio::spawn(
                 Arc::clone(w).run(settings.reconcile_interval, stop.clone()),

@@ -78,6 +78,11 @@ const ALERT_TESTS: &[(&str, &str)] = &[
         "alerts.rs::github_rate_limit_low",
     ),
     ("SpotRunnersGithubErrors", "alerts.rs::github_errors"),
+    ("SpotRunnersSpendHigh", "alerts.rs::spend_high"),
+    (
+        "SpotRunnersDailySpendCapReached",
+        "alerts.rs::daily_spend_cap_reached",
+    ),
     (
         "SpotRunnersJobLost",
         "reruns.rs::refusals_are_retried_later_or_given_up_with_a_reason_never_in_a_loop",
@@ -86,10 +91,7 @@ const ALERT_TESTS: &[(&str, &str)] = &[
 
 /// Alerts on a metric the service does not set yet, and why. Each one here
 /// is an alert that cannot fire: the list must shrink, never grow quietly.
-const ALERTS_ON_UNSET_METRICS: &[(&str, &str)] = &[(
-    "SpotRunnersSpendHigh",
-    "spot_runners_estimated_spend_dollars_per_hour is registered but nothing sets it yet (the cost issue)",
-)];
+const ALERTS_ON_UNSET_METRICS: &[(&str, &str)] = &[];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -266,12 +268,19 @@ struct Fleet {
 }
 
 async fn fleet() -> Fleet {
+    fleet_with(|_| {}).await
+}
+
+async fn fleet_with(tweak: impl FnOnce(&mut spot_runners::configuration::Settings)) -> Fleet {
     let cloud = FakeCloud::with_seed(1);
     let github = FakeGitHub::with_seed(1);
     let clock = ManualClock::new();
     let app = spawn_app_on(
         SECRET,
-        |s| s.reconcile_interval = Duration::from_millis(50),
+        |s| {
+            s.reconcile_interval = Duration::from_millis(50);
+            tweak(s);
+        },
         Arc::new(Metrics::new().unwrap()),
         Some(Backends {
             cloud: Arc::new(cloud.clone()),
@@ -870,4 +879,62 @@ async fn metrics_on_their_own_listener_when_configured() {
     );
     assert_eq!(app.get("/healthz").await.status(), 200);
     app.stop().await;
+}
+
+// ---------------------------------------------------------------- cost ----
+
+/// Pins both markets of the profile's type at `dollars` an hour.
+async fn pin_price(app: &TestApp, dollars: f64) {
+    sqlx::query(
+        "INSERT INTO instance_prices (instance_type, market, dollars_per_hour, source)
+         VALUES ('c6i.4xlarge', 'spot', $1, 'operator'), ('c6i.4xlarge', 'on-demand', $1, 'operator')
+         ON CONFLICT (instance_type, market) DO UPDATE
+             SET dollars_per_hour = EXCLUDED.dollars_per_hour, source = 'operator'",
+    )
+    .bind(dollars)
+    .execute(app.db.store.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn spend_high() {
+    let f = fleet().await;
+    profile(&f.app, "max_instances = 5").await;
+    let gauge = "spot_runners_estimated_spend_dollars_per_hour";
+    pin_price(&f.app, 45.0).await;
+    assert_eq!(sample(&scrape(&f.app).await, gauge, &[]), 0.0);
+    queue(&f, 301).await;
+    booting(&f.app).await;
+    // One live instance at $45/h: the fleet's rate is past the $40/h rule.
+    until(&f.app, gauge, &[("profile", "kani")], |v| v > 40.0).await;
+    f.app.stop().await;
+}
+
+#[tokio::test]
+async fn daily_spend_cap_reached() {
+    let f = fleet_with(|s| s.max_daily_spend = Some(5.0)).await;
+    profile(&f.app, "max_instances = 5").await;
+    pin_price(&f.app, 60.0).await;
+    until(&f.app, "spot_runners_daily_spend_cap_dollars", &[], |v| {
+        v == 5.0
+    })
+    .await;
+    queue(&f, 302).await;
+    booting(&f.app).await;
+    let reached = "spot_runners_spend_cap_reached";
+    assert_eq!(sample(&scrape(&f.app).await, reached, &[]), 0.0);
+    assert!(f.app.state.spend_gate.allows_launch());
+    // Six minutes at $60/h is $6 of today's $5.
+    f.clock.advance(6 * MINUTE);
+    until(&f.app, reached, &[], |v| v == 1.0).await;
+    assert!(!f.app.state.spend_gate.allows_launch());
+    assert!(
+        sample(
+            &scrape(&f.app).await,
+            "spot_runners_spend_today_dollars",
+            &[]
+        ) >= 5.0
+    );
+    f.app.stop().await;
 }

@@ -417,6 +417,7 @@ fn the_service_policy_grants_exactly_the_ec2_calls_the_adapter_makes() {
         "terminate_instances",
         "describe_instances",
         "describe_images",
+        "describe_spot_price_history",
         "describe_instance_types",
     ] {
         if adapter.contains(&format!(".{call}()")) {

@@ -175,6 +175,10 @@ struct State {
     images: Vec<FakeImage>,
     fail_terminate: VecDeque<String>,
     fail_list: VecDeque<String>,
+    /// `DescribeSpotPriceHistory`: dollars per hour by instance type, the
+    /// same in every AZ.
+    spot_prices: HashMap<String, f64>,
+    spot_price_calls: u64,
     live: HashMap<String, u32>,
     peak: HashMap<String, u32>,
     live_total: u32,
@@ -472,6 +476,11 @@ impl FakeCloud {
             images: Vec::new(),
             fail_terminate: VecDeque::new(),
             fail_list: VecDeque::new(),
+            spot_prices: crate::scenario::default_prices()
+                .into_iter()
+                .map(|(t, p)| (t, p.spot))
+                .collect(),
+            spot_price_calls: 0,
             live: HashMap::new(),
             peak: HashMap::new(),
             live_total: 0,
@@ -499,6 +508,21 @@ impl FakeCloud {
     }
 
     // ------------------------------------------------------- controls --
+
+    /// The spot price `DescribeSpotPriceHistory` reports for a type (the
+    /// defaults are [`crate::scenario::default_prices`]); `None`: no price.
+    pub fn set_spot_price(&self, instance_type: &str, dollars_per_hour: Option<f64>) {
+        let mut state = self.lock();
+        match dollars_per_hour {
+            Some(p) => state.spot_prices.insert(instance_type.to_owned(), p),
+            None => state.spot_prices.remove(instance_type),
+        };
+    }
+
+    /// `DescribeSpotPriceHistory` calls so far.
+    pub fn spot_price_calls(&self) -> u64 {
+        self.lock().spot_price_calls
+    }
 
     /// Replaces EC2's documented buckets, e.g. with
     /// [`TokenBucket::unlimited`] to measure the service without throttling.
@@ -797,6 +821,28 @@ impl Cloud for FakeCloud {
                 None => true,
             })
             .map(|r| state.view(r, now))
+            .collect())
+    }
+
+    async fn spot_prices(
+        &self,
+        instance_types: &[String],
+    ) -> Result<Vec<spot_runners_domain::cost::SpotPrice>, CloudError> {
+        self.delay().await;
+        let mut state = self.lock();
+        state.spot_price_calls += 1;
+        let azs = ["us-east-1a", "us-east-1b"];
+        Ok(instance_types
+            .iter()
+            .filter_map(|t| state.spot_prices.get(t).map(|p| (t, *p)))
+            .flat_map(|(t, p)| {
+                azs.iter()
+                    .map(move |az| spot_runners_domain::cost::SpotPrice {
+                        instance_type: t.clone(),
+                        availability_zone: Some((*az).to_owned()),
+                        dollars_per_hour: p,
+                    })
+            })
             .collect())
     }
 

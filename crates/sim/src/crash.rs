@@ -463,6 +463,26 @@ impl<S: Store> Store for CrashingStore<S> {
         self.point.reached().await;
         self.inner.interruptions_since(controller_id, since).await
     }
+
+    async fn prices(&self) -> Result<Vec<spot_runners_domain::store::PriceRow>, StoreError> {
+        self.point.reached().await;
+        self.inner.prices().await
+    }
+
+    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError> {
+        self.point.reached().await;
+        self.inner.record_spot_prices(prices).await
+    }
+
+    async fn usage(
+        &self,
+        controller_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<spot_runners_domain::cost::Usage>, StoreError> {
+        self.point.reached().await;
+        self.inner.usage(controller_id, from, to).await
+    }
 }
 
 /// EC2 of one incarnation.

@@ -102,6 +102,93 @@ impl MemoryStore {
 
 #[async_trait]
 impl Store for MemoryStore {
+    async fn prices(&self) -> Result<Vec<spot_runners_domain::store::PriceRow>, StoreError> {
+        Ok(self.lock().prices.values().cloned().collect())
+    }
+
+    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError> {
+        use spot_runners_domain::store::{PriceRow, PRICE_SOURCE_EC2, PRICE_SOURCE_OPERATOR};
+        let now = self.now();
+        let mut ledger = self.lock();
+        let mut written = 0;
+        for (instance_type, dollars) in prices {
+            if !dollars.is_finite() || *dollars < 0.0 {
+                continue;
+            }
+            let key = (instance_type.clone(), Market::Spot.as_str().to_owned());
+            if ledger
+                .prices
+                .get(&key)
+                .is_some_and(|r| r.source == PRICE_SOURCE_OPERATOR)
+            {
+                continue;
+            }
+            ledger.prices.insert(
+                key,
+                PriceRow {
+                    instance_type: instance_type.clone(),
+                    market: Market::Spot.as_str().to_owned(),
+                    dollars_per_hour: *dollars,
+                    source: PRICE_SOURCE_EC2.to_owned(),
+                    updated_at: now,
+                },
+            );
+            written += 1;
+        }
+        Ok(written)
+    }
+
+    async fn usage(
+        &self,
+        controller_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<spot_runners_domain::cost::Usage>, StoreError> {
+        use spot_runners_domain::cost::{RerunFate, Usage};
+        let ledger = self.lock();
+        let mut out = Vec::new();
+        for r in ledger.runners.values() {
+            let rec = &r.record;
+            let Some(started_at) = rec.launched_at else {
+                continue;
+            };
+            if r.controller_id != controller_id || started_at >= to {
+                continue;
+            }
+            let ended_at = rec
+                .state
+                .is_final()
+                .then(|| r.ended_at.unwrap_or(rec.updated_at));
+            if ended_at.is_some_and(|e| e <= from) {
+                continue;
+            }
+            let job = rec.job_id.and_then(|id| ledger.jobs.get(&id));
+            let interrupted = ledger.jobs.values().find(|j| {
+                j.survival
+                    .interruption
+                    .as_ref()
+                    .is_some_and(|i| i.runner_name == rec.name)
+            });
+            let market = rec
+                .market
+                .as_deref()
+                .map(Market::parse)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.push(Usage {
+                profile: rec.profile.clone(),
+                repository: job.or(interrupted).map(|j| j.repository.clone()),
+                workflow: job.or(interrupted).and_then(|j| j.workflow_name.clone()),
+                instance_type: rec.instance_type.clone(),
+                market,
+                started_at,
+                ended_at,
+                interrupted: interrupted.map(|j| RerunFate::from_state(j.survival.rerun_state)),
+            });
+        }
+        Ok(out)
+    }
+
     async fn record_deliveries(
         &self,
         batch: &[IncomingDelivery],

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use spot_runners_domain::cost::SpendGate;
 use spot_runners_domain::profile::{example_row, ProfileRow};
 use spot_runners_domain::store::{IncomingDelivery, RunnerChange, Store};
 use spot_runners_domain::{ControllerId, JobStatus, Profile, RunnerState, WorkflowJobEvent};
@@ -31,6 +32,10 @@ fn profile(max_lifetime_secs: i32) -> Profile {
 }
 
 fn rig(max_lifetime_secs: i32) -> Rig {
+    rig_with(max_lifetime_secs, SpendGate::unlimited())
+}
+
+fn rig_with(max_lifetime_secs: i32, gate: SpendGate) -> Rig {
     let clock = ManualClock::new();
     let store = MemoryStore::new(Arc::new(clock.clone()), 3);
     let cloud = FakeCloud::with_seed(3);
@@ -51,6 +56,7 @@ fn rig(max_lifetime_secs: i32) -> Rig {
             100,
         )
         .with_clock(Arc::new(clock.clone()))
+        .with_spend_gate(gate)
         .with_seed(3),
     );
     Rig {
@@ -255,4 +261,26 @@ async fn a_slow_github_listing_does_not_hold_up_planning() {
     );
     stop.cancel();
     running.abort();
+}
+
+#[tokio::test]
+async fn past_the_daily_spend_cap_nothing_new_is_registered_or_launched() {
+    let gate = SpendGate::new(Some(100.0));
+    gate.record_spend_today(120.0);
+    let r = rig_with(28_800, gate.clone());
+    r.deliver(event(1, JobStatus::Queued, None)).await;
+    r.reconciler.pass().await.unwrap();
+    assert_eq!(r.reconciler.provision_batch().await.unwrap(), 0);
+    assert_eq!(r.cloud.live_count(None), 0, "no instance past the cap");
+    let rows = r.store.runners("spot-runners", Duration::ZERO).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].state, rows[0].github_runner_id),
+        (RunnerState::Requested, None),
+        "the planned runner waits, unregistered"
+    );
+    // A new UTC day: the spend worker opens the gate and the runner launches.
+    gate.record_spend_today(0.0);
+    assert_eq!(r.reconciler.provision_batch().await.unwrap(), 1);
+    assert_eq!(r.cloud.live_count(None), 1);
 }

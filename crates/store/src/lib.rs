@@ -2,6 +2,7 @@
 //! domain's [`Store`] port, and an embedded PostgreSQL serves those who run
 //! without a database server of their own.
 
+mod cost;
 pub mod embedded;
 mod error;
 mod pg_store;
@@ -17,6 +18,7 @@ pub use postgres::PgStore;
 // name the domain's module.
 pub use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketSnapshot, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
-    RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
+    MarketSnapshot, PlanFn, PlanSnapshot, PriceRow, Pruned, RecentRepository, RerunOutcome,
+    RunAwaitingRerun, RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
+    PRICE_SOURCE_EC2, PRICE_SOURCE_OPERATOR,
 };

@@ -234,6 +234,23 @@ impl Store for PgStore {
         Ok(self.pg_interruptions_since(controller_id, since).await?)
     }
 
+    async fn prices(&self) -> Result<Vec<spot_runners_domain::store::PriceRow>, StoreError> {
+        Ok(crate::cost::prices(self.pool()).await?)
+    }
+
+    async fn record_spot_prices(&self, prices: &[(String, f64)]) -> Result<u64, StoreError> {
+        Ok(crate::cost::record_spot_prices(self.pool(), prices).await?)
+    }
+
+    async fn usage(
+        &self,
+        controller_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<spot_runners_domain::cost::Usage>, StoreError> {
+        Ok(crate::cost::usage(self.pool(), controller_id, from, to).await?)
+    }
+
     async fn job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, StoreError> {
         Ok(self.pg_job_of_runner(runner_name).await?)
     }

@@ -45,6 +45,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// Scopes learned from verified deliveries, shared with the reconciler.
     pub scopes: spot_runners_domain::scopes::KnownScopes,
+    /// Closed past the daily spend cap: provisioning launches nothing new.
+    pub spend_gate: crate::spend::SpendGate,
 }
 
 /// Everything on one listener: webhooks, health and metrics.

@@ -48,6 +48,7 @@ pub fn settings(db: &TestDatabase, secrets: &str) -> Settings {
         retention: Duration::from_secs(30 * 86_400),
         intake: Default::default(),
         redeliver_from: None,
+        max_daily_spend: None,
     }
 }
 

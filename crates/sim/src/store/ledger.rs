@@ -118,6 +118,9 @@ pub(crate) struct Ledger {
     pub live: BTreeSet<String>,
     pub leaders: BTreeMap<String, u64>,
     pub profile_rows: Vec<ProfileRow>,
+    /// `instance_prices` by (instance type, market); empty at first (the
+    /// migration's seed rows are PostgreSQL's).
+    pub prices: BTreeMap<(String, String), spot_runners_domain::store::PriceRow>,
     rng: StdRng,
     next_seq: u64,
 }
@@ -135,6 +138,7 @@ impl Ledger {
             live: BTreeSet::new(),
             leaders: BTreeMap::new(),
             profile_rows: Vec::new(),
+            prices: BTreeMap::new(),
             rng: StdRng::seed_from_u64(seed ^ 0x5107_e000),
             next_seq: 0,
         }

@@ -75,7 +75,7 @@ fn worker(h: &Harness) -> RerunWorker {
         h.store.clone(),
         Arc::new(h.github.clone()),
         h.profiles.clone(),
-        Arc::clone(&h.metrics),
+        h.metrics.clone(),
         "spot-runners".into(),
         Arc::new(h.clock.clone()),
     )

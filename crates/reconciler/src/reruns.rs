@@ -20,9 +20,13 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::GitHub;
-use spot_runners_domain::store::{JobSurvival, RerunOutcome, RunAwaitingRerun, Store, StoreError};
-use spot_runners_domain::survival::{breaker_state, judge_failure, plan_reruns, Verdict};
-use spot_runners_domain::Profile;
+use spot_runners_domain::store::{
+    JobSurvival, RerunOutcome, RunAwaitingRerun, RunnerRecord, Store, StoreError,
+};
+use spot_runners_domain::survival::{
+    breaker_state, judge_failure, plan_reruns, Interruption, Verdict,
+};
+use spot_runners_domain::{JobStatus, Market, Profile, RunnerState};
 use tokio_util::sync::CancellationToken;
 
 use crate::retry::lock;
@@ -36,11 +40,17 @@ const CHECKS_PER_PASS: usize = 10;
 /// …and about one run at most this often.
 const CHECK_EVERY: chrono::Duration = chrono::Duration::seconds(30);
 
+/// Runners a spot reclaim ended are looked at this long for a job GitHub
+/// names only later (see [`RerunWorker::attribute_late`]).
+const LATE_ATTRIBUTION: Duration = Duration::from_secs(3600);
+
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RerunReport {
     /// Re-runs linked to the interrupted job they re-run.
     pub linked: u64,
+    /// Interrupted jobs learned after their runner had ended.
+    pub attributed_late: usize,
     /// Runs GitHub was asked about.
     pub checked: usize,
     /// Jobs whose re-run GitHub accepted.
@@ -102,8 +112,10 @@ impl RerunWorker {
             return Ok(None);
         }
         let now = self.clock.now();
+        let attributed_late = self.attribute_late().await?;
         let mut report = RerunReport {
             linked: self.store.link_reruns().await?,
+            attributed_late,
             ..RerunReport::default()
         };
         self.refresh_breakers(now).await?;
@@ -114,6 +126,77 @@ impl RerunWorker {
             }
         }
         Ok(Some(report))
+    }
+
+    /// A runner whose instance a spot reclaim took while the ledger had it
+    /// idle (its `in_progress` delivery lost or not yet in) interrupted no
+    /// job as far as the sweep knew. When GitHub later names it in the
+    /// job's failed `completed` (or a stale check does), that job was
+    /// interrupted all the same: it is marked now, so its re-run is not
+    /// lost with the delivery. Marking is idempotent.
+    async fn attribute_late(&self) -> Result<usize, StoreError> {
+        let runners = self
+            .store
+            .runners(&self.controller_id, LATE_ATTRIBUTION)
+            .await?;
+        let mut marked = 0;
+        for r in runners
+            .iter()
+            .filter(|r| r.state == RunnerState::Interrupted)
+        {
+            let Some(interruption) = self.late_interruption(r).await? else {
+                continue;
+            };
+            if self.store.record_interruption(&interruption).await? {
+                marked += 1;
+                self.metrics.interrupted(&r.profile);
+                tracing::warn!(
+                    job_id = interruption.job_id, runner = %r.name, profile = %r.profile,
+                    "spot reclaim interrupted a job GitHub named after its runner had ended; it is re-run once its workflow run completes"
+                );
+            }
+        }
+        Ok(marked)
+    }
+
+    async fn late_interruption(
+        &self,
+        r: &RunnerRecord,
+    ) -> Result<Option<Interruption>, StoreError> {
+        let job_id = match r.job_id {
+            Some(id) => id,
+            None => match self.store.job_of_runner(&r.name).await? {
+                Some(id) => id,
+                None => return Ok(None),
+            },
+        };
+        let Some(job) = self.store.job(job_id).await? else {
+            return Ok(None);
+        };
+        let finished_well = matches!(
+            job.conclusion.as_deref(),
+            Some("success" | "skipped" | "neutral")
+        );
+        if job.status != JobStatus::Completed || finished_well {
+            return Ok(None);
+        }
+        let ran_secs = job
+            .in_progress_at
+            .map(|t| {
+                (r.updated_at - t)
+                    .num_seconds()
+                    .clamp(0, i64::from(u32::MAX)) as u32
+            })
+            .unwrap_or(0);
+        Ok(Some(Interruption {
+            job_id,
+            runner_name: r.name.clone(),
+            instance_type: r.instance_type.clone(),
+            subnet_id: r.subnet_id.clone(),
+            market: r.market.as_deref().and_then(|m| Market::parse(m).ok()),
+            ran_secs,
+            at: r.updated_at,
+        }))
     }
 
     /// Asks GitHub whether the run completed, within the pass's budget.
@@ -157,7 +240,45 @@ impl RerunWorker {
             .find(|p| p.name.as_str() == profile_name)
             .map(|p| p.survival.clone())
             .unwrap_or_default();
-        let jobs = self.store.run_jobs(run.run_id).await?;
+        let mut jobs = self.store.run_jobs(run.run_id).await?;
+        // The ledger may not know yet how an interrupted job ended (its
+        // `completed` late or lost): GitHub does, once the run completed.
+        for j in jobs
+            .iter_mut()
+            .filter(|j| j.pending_rerun && j.conclusion.is_none())
+        {
+            match self.github.job(&run.repository, j.job_id).await {
+                Ok(answer) => j.conclusion = answer.conclusion,
+                Err(e) => {
+                    tracing::info!(job_id = j.job_id, error = %e, "could not ask GitHub how an interrupted job ended");
+                }
+            }
+        }
+        // Marked interrupted while the ledger had not yet heard that the
+        // job had finished well (its `completed` late or lost): the reclaim
+        // came after the job, there is nothing to re-run and nothing lost.
+        let finished: Vec<i64> = jobs
+            .iter()
+            .filter(|j| {
+                j.pending_rerun
+                    && matches!(
+                        j.conclusion.as_deref(),
+                        Some("success" | "skipped" | "neutral")
+                    )
+            })
+            .map(|j| j.job_id)
+            .collect();
+        if !finished.is_empty() {
+            let reason =
+                "not re-run: GitHub reports the job finished well; the reclaim came after it"
+                    .to_owned();
+            tracing::info!(jobs = ?finished, profile = %profile_name, "interrupted jobs turned out to have finished; no re-run");
+            self.store
+                .set_rerun_outcome(&finished, &RerunOutcome::Lost { reason }, now)
+                .await?;
+            self.count(&profile_name, "not_needed", finished.len());
+            jobs.retain(|j| !finished.contains(&j.job_id));
+        }
         let plan = plan_reruns(&policy, &jobs);
         for (job_id, reason) in &plan.lost {
             self.lose(&profile_name, &[*job_id], reason.clone(), now, report)

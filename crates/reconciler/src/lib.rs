@@ -21,6 +21,7 @@ mod metrics;
 pub mod pass;
 mod profiles;
 pub mod provision;
+pub mod reruns;
 pub mod retry;
 pub mod survival;
 pub mod sweeps;
@@ -47,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::{Fleet, MetricsSink, NoMetrics};
 pub use pass::PassReport;
 pub use profiles::{ProfileCache, ProfileSet};
+pub use reruns::{RerunReport, RerunWorker};
 pub use sweeps::SweepReport;
 
 use crate::retry::Every;

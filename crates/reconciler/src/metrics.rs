@@ -39,6 +39,13 @@ pub trait MetricsSink: Send + Sync + 'static {
     fn instance_lost(&self, _profile: &str, _was: RunnerState, _state: RunnerState) {}
     /// A spot reclaim interrupted a job of `profile`.
     fn interrupted(&self, _profile: &str) {}
+    /// Re-runs of interrupted jobs by outcome (`requested`, `retry`,
+    /// `waiting`, `lost`), `count` jobs at once.
+    fn reruns(&self, _profile: &str, _outcome: &str, _count: u64) {}
+    /// Interrupted jobs given up on: they will not be re-run.
+    fn jobs_lost(&self, _profile: &str, _count: u64) {}
+    /// The profile's spot breaker as of the re-run worker's last pass.
+    fn spot_breaker(&self, _profile: &str, _open: bool) {}
     /// Orphans found and removed, by kind (`instance`, `github_runner`).
     fn orphans(&self, _kind: &str, _count: u64) {}
     /// Stale or lost jobs by outcome (`still_queued`, `started`,

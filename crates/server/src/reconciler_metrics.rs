@@ -57,6 +57,24 @@ impl MetricsSink for Metrics {
         self.interruptions_total.with_label_values(&[profile]).inc();
     }
 
+    fn reruns(&self, profile: &str, outcome: &str, count: u64) {
+        self.reruns_total
+            .with_label_values(&[profile, outcome])
+            .inc_by(count);
+    }
+
+    fn jobs_lost(&self, profile: &str, count: u64) {
+        self.jobs_lost_total
+            .with_label_values(&[profile])
+            .inc_by(count);
+    }
+
+    fn spot_breaker(&self, profile: &str, open: bool) {
+        self.spot_breaker_open
+            .with_label_values(&[profile])
+            .set(i64::from(open));
+    }
+
     fn orphans(&self, kind: &str, count: u64) {
         self.orphans_total.with_label_values(&[kind]).inc_by(count);
     }

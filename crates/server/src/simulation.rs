@@ -148,6 +148,7 @@ impl SimulatedService {
                 failure_report_delay: Duration::from_secs(30),
                 interruptions_per_hour: [("default".to_owned(), args.sim_interruptions_per_hour)]
                     .into(),
+                storms: Vec::new(),
                 faults: FaultRates {
                     lost: args.sim_webhook_loss,
                     duplicated: args.sim_webhook_duplicates,
@@ -262,6 +263,7 @@ fn job_source(args: &SimServeArgs, seed: u64) -> Arrivals {
         arrivals: vec![Pattern::Steady {
             per_hour: per_hour * share,
         }],
+        matrix: 1,
     };
     let mut proofs = kind("proofs", "kani", 0.75);
     if per_hour > 0.0 {

@@ -159,7 +159,7 @@ impl Application {
                 Arc::clone(&state.store),
                 Arc::clone(&b.github),
                 state.profiles.clone(),
-                Arc::clone(&state.metrics),
+                Arc::clone(&state.metrics) as Arc<dyn spot_runners_reconciler::MetricsSink>,
                 settings.controller_id.to_string(),
                 Arc::clone(&clock),
             ))

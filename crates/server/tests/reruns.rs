@@ -75,7 +75,7 @@ fn worker(h: &Harness) -> RerunWorker {
         h.store.clone(),
         Arc::new(h.github.clone()),
         h.profiles.clone(),
-        Arc::clone(&h.metrics),
+        h.metrics.clone(),
         "spot-runners".into(),
         Arc::new(h.clock.clone()),
     )
@@ -554,4 +554,64 @@ async fn at_most_max_interruption_reruns_per_job() {
         h.metrics.jobs_lost_total.with_label_values(&["kani"]).get(),
         1
     );
+}
+
+#[tokio::test]
+async fn a_reclaimed_job_whose_in_progress_was_lost_is_marked_once_github_names_its_runner() {
+    let h = Harness::new().await;
+    h.profile("kani", "spot_breaker_interruptions = 10").await;
+    let r = h.reconciler(100);
+    h.github.add_run(REPO, 800, &[(1, "proof")]);
+    deliver(
+        &h,
+        vec![event(1, 800, 1, "proof", JobStatus::Queued, None, None)],
+    )
+    .await;
+    step(&h, &r).await;
+    let instance = h.cloud.live_instances().remove(0);
+    h.github.set_online(&instance.runner_name, true);
+    step(&h, &r).await;
+    // The runner took job 1, but its in_progress never reached the ledger:
+    // when EC2 reclaims the instance, the sweep sees no job to interrupt.
+    assert!(h.cloud.interrupt(&instance.id));
+    for _ in 0..3 {
+        step(&h, &r).await;
+    }
+    assert_eq!(
+        h.store
+            .job_survival(1)
+            .await
+            .unwrap()
+            .unwrap()
+            .interrupted_at,
+        None
+    );
+    // GitHub fails the job, naming the runner.
+    h.github.set_job(REPO, 1, done("failure"));
+    deliver(
+        &h,
+        vec![event(
+            1,
+            800,
+            1,
+            "proof",
+            JobStatus::Completed,
+            Some(&instance.runner_name),
+            Some("failure"),
+        )],
+    )
+    .await;
+    step(&h, &r).await;
+    let w = worker(&h);
+    let report = w.pass().await.unwrap().unwrap();
+    assert_eq!(report.attributed_late, 1);
+    assert_eq!(report.requested, 1, "{report:?}");
+    let s = h.store.job_survival(1).await.unwrap().unwrap();
+    assert_eq!(
+        s.interrupted_runner.as_deref(),
+        Some(instance.runner_name.as_str())
+    );
+    assert_eq!(job_state(&h, 1).await.0.as_deref(), Some("requested"));
+    // Marked once, however often the worker passes.
+    assert_eq!(w.pass().await.unwrap().unwrap().attributed_late, 0);
 }

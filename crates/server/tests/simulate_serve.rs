@@ -45,6 +45,7 @@ async fn a_simulated_job_is_launched_for_run_and_its_instance_terminated() {
             .map(str::to_owned)
             .to_vec(),
         duration: Duration::from_secs(2),
+        matrix: None,
     });
     let cloud = service.cloud().clone();
     let metrics = std::sync::Arc::clone(&service.app().state().metrics);

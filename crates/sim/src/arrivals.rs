@@ -26,6 +26,15 @@ pub struct JobKind {
     /// Uniform between the two.
     pub duration: [Dur; 2],
     pub arrivals: Vec<Pattern>,
+    /// Jobs per workflow run (a matrix): each arrival is one run of this
+    /// many jobs, named `<name> (1)`, `<name> (2)`, …, each with its own
+    /// duration. Default 1.
+    #[serde(default = "one_job")]
+    pub matrix: u32,
+}
+
+fn one_job() -> u32 {
+    1
 }
 
 /// How a kind of job arrives.
@@ -78,6 +87,19 @@ pub struct JobSpec {
     pub repository: String,
     pub labels: Vec<String>,
     pub duration: Duration,
+    /// In a matrix run: the arrival it belongs to (shared by the run's
+    /// jobs) and its place in the matrix. `None`: a run of its own.
+    pub matrix: Option<(u64, u32)>,
+}
+
+impl JobSpec {
+    /// The job's name on GitHub: matrix jobs are told apart by their place.
+    pub fn name(&self) -> String {
+        match self.matrix {
+            Some((_, i)) => format!("{} ({})", self.kind, i + 1),
+            None => self.kind.clone(),
+        }
+    }
 }
 
 struct Stream {
@@ -178,6 +200,8 @@ pub struct Arrivals {
     org: String,
     streams: Vec<Stream>,
     stopped: bool,
+    /// Matrix arrivals so far: the key of the next one.
+    runs: u64,
 }
 
 impl Arrivals {
@@ -188,6 +212,7 @@ impl Arrivals {
             org: String::new(),
             streams: Vec::new(),
             stopped: true,
+            runs: 0,
         }
     }
 
@@ -212,6 +237,7 @@ impl Arrivals {
             org: org.to_owned(),
             streams,
             stopped: false,
+            runs: 0,
         }
     }
 
@@ -247,16 +273,34 @@ impl Arrivals {
                             .repository
                             .clone()
                             .unwrap_or_else(|| format!("{}/{}", self.org, kind.name));
-                        due.push((
-                            t,
-                            i,
-                            JobSpec {
-                                kind: kind.name.clone(),
-                                repository,
-                                labels: kind.labels.clone(),
-                                duration: Duration::from_secs(duration.as_secs().max(1)),
-                            },
-                        ));
+                        let mut spec = JobSpec {
+                            kind: kind.name.clone(),
+                            repository,
+                            labels: kind.labels.clone(),
+                            duration: Duration::from_secs(duration.as_secs().max(1)),
+                            matrix: None,
+                        };
+                        if kind.matrix > 1 {
+                            let run = self.runs;
+                            self.runs += 1;
+                            spec.matrix = Some((run, 0));
+                            due.push((t, i, spec.clone()));
+                            for m in 1..kind.matrix {
+                                let d =
+                                    lo.0 + Duration::from_secs_f64(stream.rng.gen::<f64>() * span);
+                                due.push((
+                                    t,
+                                    i,
+                                    JobSpec {
+                                        duration: Duration::from_secs(d.as_secs().max(1)),
+                                        matrix: Some((run, m)),
+                                        ..spec.clone()
+                                    },
+                                ));
+                            }
+                        } else {
+                            due.push((t, i, spec));
+                        }
                     }
                     _ => break,
                 }
@@ -278,6 +322,7 @@ mod tests {
             repository: None,
             duration: [Dur::secs(60), Dur::secs(120)],
             arrivals,
+            matrix: 1,
         }
     }
 

@@ -98,6 +98,8 @@ pub struct LiveInstance {
     pub runner_name: String,
     pub profile: String,
     pub instance_type: String,
+    /// `None`: the region's default subnet.
+    pub subnet_id: Option<String>,
     pub market: Market,
     /// Past its boot time (EC2's `running`).
     pub running: bool,
@@ -683,6 +685,7 @@ impl FakeCloud {
                 runner_name: r.request.runner_name.clone(),
                 profile: r.request.profile.clone(),
                 instance_type: r.request.instance_type.clone(),
+                subnet_id: r.request.subnet_id.clone(),
                 market: r.request.market,
                 running: now >= r.running_at,
                 launched_at: r.launched_at,

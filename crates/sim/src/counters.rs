@@ -37,11 +37,22 @@ pub struct ServiceStats {
     pub discovered: u64,
     /// Runners ended because their GitHub registration was gone.
     pub registrations_gone: u64,
+    /// Jobs the service marked interrupted by a spot reclaim.
+    pub interrupted: u64,
+    /// Re-runs of interrupted jobs by outcome (`requested`, `retry`,
+    /// `waiting`, `lost`), counted per job.
+    pub reruns: BTreeMap<String, u64>,
+    /// Interrupted jobs the re-run worker gave up on.
+    pub jobs_lost: u64,
+    /// Times a profile's spot breaker opened.
+    pub breaker_opened: u64,
 }
 
 #[derive(Debug, Default)]
 pub struct Counters {
     stats: Mutex<ServiceStats>,
+    /// Each profile's breaker as last reported, to count openings.
+    breakers: Mutex<BTreeMap<String, bool>>,
 }
 
 impl Counters {
@@ -91,6 +102,25 @@ impl MetricsSink for Counters {
         let replaced = state == RunnerState::Interrupted
             && matches!(was, RunnerState::Booting | RunnerState::Idle);
         self.add(|s| s.relaunches += u64::from(replaced));
+    }
+
+    fn interrupted(&self, _profile: &str) {
+        self.add(|s| s.interrupted += 1);
+    }
+
+    fn reruns(&self, _profile: &str, outcome: &str, count: u64) {
+        self.add(|s| *s.reruns.entry(outcome.to_owned()).or_default() += count);
+    }
+
+    fn jobs_lost(&self, _profile: &str, count: u64) {
+        self.add(|s| s.jobs_lost += count);
+    }
+
+    fn spot_breaker(&self, profile: &str, open: bool) {
+        let was = crate::lock(&self.breakers).insert(profile.to_owned(), open);
+        if open && was != Some(true) {
+            self.add(|s| s.breaker_opened += 1);
+        }
     }
 
     fn stale_jobs(&self, outcome: &str, count: u64) {

@@ -38,6 +38,19 @@ pub struct FakeRun {
     pub jobs: Vec<(i64, String, i32)>,
 }
 
+/// A job a re-run created: GitHub queues it under a new id in the run's
+/// next attempt, with the same name as the job it re-runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RerunJob {
+    pub repository: String,
+    pub run_id: i64,
+    pub attempt: i32,
+    /// The job of the previous attempt it re-runs.
+    pub of: i64,
+    pub id: i64,
+    pub name: String,
+}
+
 /// A registered runner with what the list API does not show.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FakeRunner {
@@ -167,6 +180,8 @@ struct State {
     /// Keyed by lower-cased `owner/repo` and run id.
     runs: HashMap<(String, i64), FakeRun>,
     next_rerun_job_id: i64,
+    /// Jobs re-runs created, not yet taken by [`FakeGitHub::take_reruns`].
+    rerun_jobs: Vec<RerunJob>,
     calls: Vec<GitHubCall>,
     jit_calls: u64,
     /// What `GET /app/installations` answers.
@@ -255,6 +270,25 @@ impl State {
                         runner_name: None,
                     },
                 );
+                // The queued-jobs listing shows the new attempt's job.
+                if let Some(old) = self.job_details.get(&(repo.to_owned(), id)).cloned() {
+                    self.job_details.insert(
+                        (repo.to_owned(), new_id),
+                        GitHubJob {
+                            id: new_id,
+                            run_attempt: attempt,
+                            ..old
+                        },
+                    );
+                }
+                self.rerun_jobs.push(RerunJob {
+                    repository: repo.to_owned(),
+                    run_id,
+                    attempt,
+                    of: id,
+                    id: new_id,
+                    name: name.clone(),
+                });
                 jobs.push((new_id, name, attempt));
                 new_ids.push(new_id);
             } else {
@@ -366,6 +400,7 @@ impl FakeGitHub {
             hook_log: Vec::new(),
             runs: HashMap::new(),
             next_rerun_job_id: FIRST_RERUN_JOB_ID,
+            rerun_jobs: Vec::new(),
             calls: Vec::new(),
             jit_calls: 0,
             installations: Vec::new(),
@@ -513,6 +548,31 @@ impl FakeGitHub {
         );
     }
 
+    /// Adds a job to the first attempt of a run of `repository` (a matrix
+    /// grows one job at a time); the job is queued unless already set.
+    pub fn add_run_job(&self, repository: &str, run_id: i64, job_id: i64, name: &str) {
+        let repo = repository.to_ascii_lowercase();
+        let mut state = self.lock();
+        state
+            .jobs
+            .entry((repo.clone(), job_id))
+            .or_insert_with(|| JobReport {
+                status: "queued".into(),
+                conclusion: None,
+                runner_name: None,
+            });
+        state
+            .runs
+            .entry((repo, run_id))
+            .or_insert_with(|| FakeRun {
+                attempt: 1,
+                reruns: 0,
+                jobs: Vec::new(),
+            })
+            .jobs
+            .push((job_id, name.to_owned(), 1));
+    }
+
     // ----------------------------------------------------- inspection --
 
     /// The ids of the delivery attempts the service asked to redeliver, in
@@ -526,6 +586,12 @@ impl FakeGitHub {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The jobs re-runs created since the last call, in order (the
+    /// simulated world queues them).
+    pub fn take_reruns(&self) -> Vec<RerunJob> {
+        std::mem::take(&mut self.lock().rerun_jobs)
     }
 
     /// A run as this fake holds it.

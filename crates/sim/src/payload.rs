@@ -1,6 +1,6 @@
-//! `workflow_job` webhook bodies of GitHub's shape (see the official
-//! examples in `crates/server/tests/fixtures/workflow_job/`), built from a
-//! simulated job, and the delivery that carries them.
+//! `workflow_job` and `workflow_run` webhook bodies of GitHub's shape (see
+//! the official examples in `crates/server/tests/fixtures/`), built from a
+//! simulated job or run, and the delivery that carries them.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rand::Rng;
@@ -15,6 +15,7 @@ pub struct Delivery {
     pub guid: String,
     /// The payload's `action` (`queued`, `in_progress`, `completed`).
     pub action: &'static str,
+    /// The job's id (`workflow_job`) or the run's (`workflow_run`).
     pub job_id: i64,
     /// The JSON body.
     pub body: String,
@@ -24,6 +25,7 @@ pub struct Delivery {
 pub struct JobSnapshot<'a> {
     pub id: i64,
     pub run_id: i64,
+    pub run_attempt: i32,
     pub name: &'a str,
     pub workflow_name: &'a str,
     pub repository: &'a str,
@@ -55,7 +57,7 @@ pub fn workflow_job(action: &'static str, job: &JobSnapshot<'_>) -> String {
         "workflow_job": {
             "id": job.id,
             "run_id": job.run_id,
-            "run_attempt": 1,
+            "run_attempt": job.run_attempt,
             "run_url": format!("{api}/actions/runs/{}", job.run_id),
             "url": format!("{api}/actions/jobs/{}", job.id),
             "html_url": format!("{html}/actions/runs/{}/job/{}", job.run_id, job.id),
@@ -91,6 +93,61 @@ pub fn workflow_job(action: &'static str, job: &JobSnapshot<'_>) -> String {
     body.to_string()
 }
 
+/// What a `workflow_run` payload says about a run when it completes.
+pub struct RunSnapshot<'a> {
+    pub id: i64,
+    pub run_attempt: i32,
+    pub workflow_name: &'a str,
+    pub repository: &'a str,
+    pub org: &'a str,
+    pub conclusion: &'a str,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The body of a `workflow_run` `completed` delivery.
+pub fn workflow_run_completed(run: &RunSnapshot<'_>) -> String {
+    let (owner, repo) = run
+        .repository
+        .split_once('/')
+        .unwrap_or((run.org, run.repository));
+    let api = format!("https://api.github.com/repos/{}", run.repository);
+    let repository = json!({
+        "id": 4_200_000 + i64::from(repo.len() as u32),
+        "name": repo,
+        "full_name": run.repository,
+        "private": true,
+        "owner": { "login": owner, "type": "Organization" },
+    });
+    let body: Value = json!({
+        "action": "completed",
+        "workflow_run": {
+            "id": run.id,
+            "name": run.workflow_name,
+            "run_attempt": run.run_attempt,
+            "run_number": run.id % 10_000,
+            "event": "push",
+            "status": "completed",
+            "conclusion": run.conclusion,
+            "head_branch": "main",
+            "head_sha": format!("{:040x}", run.id),
+            "url": format!("{api}/actions/runs/{}", run.id),
+            "html_url": format!("https://github.com/{}/actions/runs/{}", run.repository, run.id),
+            "jobs_url": format!("{api}/actions/runs/{}/jobs", run.id),
+            "rerun_url": format!("{api}/actions/runs/{}/rerun", run.id),
+            "created_at": ts(run.created_at),
+            "updated_at": ts(run.updated_at),
+            "run_started_at": ts(run.created_at),
+            "repository": repository.clone(),
+        },
+        "repository": repository,
+        "organization": { "login": run.org },
+        "installation": { "id": 42 },
+        "sender": { "login": "simulated-developer", "type": "User" },
+    });
+    body.to_string()
+}
+
 /// A delivery GUID of GitHub's form, from the simulation's generator.
 pub fn guid<R: Rng + ?Sized>(rng: &mut R) -> String {
     format!(
@@ -116,6 +173,7 @@ mod tests {
         let job = JobSnapshot {
             id: 7,
             run_id: 70,
+            run_attempt: 2,
             name: "proof",
             workflow_name: "Kani",
             repository: "acme/proofs",
@@ -143,5 +201,31 @@ mod tests {
         assert_eq!(ev.runner_id, Some(3));
         assert_eq!(ev.labels, labels);
         assert_eq!(ev.created_at, Some(t));
+        assert_eq!(ev.run_attempt, 2);
+    }
+
+    #[test]
+    fn the_services_parser_reads_a_completed_run() {
+        use spot_runners_domain::run::{ParsedWorkflowRun, WorkflowRunEvent};
+        let t = DateTime::<Utc>::from_timestamp(1_767_571_200, 0).unwrap();
+        let body = workflow_run_completed(&RunSnapshot {
+            id: 70,
+            run_attempt: 2,
+            workflow_name: "Kani",
+            repository: "acme/proofs",
+            org: "acme",
+            conclusion: "failure",
+            created_at: t,
+            updated_at: t,
+        });
+        let ParsedWorkflowRun::Completed(run) = WorkflowRunEvent::parse(body.as_bytes()).unwrap()
+        else {
+            panic!("ignored");
+        };
+        assert_eq!(run.run_id, 70);
+        assert_eq!(run.run_attempt, 2);
+        assert_eq!(run.repository, "acme/proofs");
+        assert!(run.is_completed());
+        assert_eq!(run.conclusion.as_deref(), Some("failure"));
     }
 }

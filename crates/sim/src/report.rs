@@ -49,6 +49,24 @@ pub struct ProfileReport {
     /// Instances running with no job.
     pub idle_instance_secs: u64,
     pub interruptions: u64,
+    /// Jobs running when a spot reclaim took their instance.
+    pub jobs_interrupted: u64,
+    /// Of those, re-run (GitHub queued a new attempt of the job).
+    pub jobs_rerun: u64,
+    /// Interrupted and never re-run.
+    pub jobs_lost: u64,
+    /// The most re-runs one job had (a re-run can be interrupted too).
+    pub max_reruns_per_job: u64,
+    /// Re-run jobs that started, and those of them whose runner was
+    /// on-demand: demand is counted, not bound, so GitHub may hand a re-run
+    /// to an idle spot runner.
+    pub reruns_started: u64,
+    pub reruns_on_demand: u64,
+    /// What the instances that ran re-runs cost.
+    pub rerun_cost_dollars: f64,
+    /// The same instance-hours priced all at spot, and all at on-demand.
+    pub cost_all_spot_dollars: f64,
+    pub cost_all_on_demand_dollars: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -130,6 +148,8 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         r.wait_p95_secs = round2(percentile(&w, 95.0));
         r.wait_max_secs = round2(w.last().copied().unwrap_or(0.0));
     }
+    // What each runner's instance cost, and on which market.
+    let mut by_runner: BTreeMap<String, (Market, f64)> = BTreeMap::new();
     for inst in inputs.cloud.instances() {
         let r = profiles.entry(inst.request.profile.clone()).or_default();
         let until = inst.terminated_at.unwrap_or(inputs.end);
@@ -146,17 +166,25 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
                 on_demand: 0.0,
             });
         r.instances += 1;
-        match inst.request.market {
+        r.cost_all_spot_dollars += hours * price.spot;
+        r.cost_all_on_demand_dollars += hours * price.on_demand;
+        let cost = match inst.request.market {
             Market::Spot => {
                 r.spot_instance_hours += hours;
-                r.cost_dollars += hours * price.spot;
+                hours * price.spot
             }
             Market::OnDemand => {
                 r.on_demand_instance_hours += hours;
-                r.cost_dollars += hours * price.on_demand;
+                hours * price.on_demand
             }
-        }
+        };
+        r.cost_dollars += cost;
+        by_runner.insert(
+            inst.request.runner_name.clone(),
+            (inst.request.market, cost),
+        );
     }
+    survival(inputs, &by_runner, &mut profiles);
     for life in inputs.world.instances() {
         let r = profiles.entry(life.profile.clone()).or_default();
         r.idle_instance_secs += life.idle(inputs.end).as_secs();
@@ -174,6 +202,18 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         r.spot_instance_hours = round2(r.spot_instance_hours);
         r.on_demand_instance_hours = round2(r.on_demand_instance_hours);
         r.cost_dollars = round2(r.cost_dollars);
+        r.rerun_cost_dollars = round2(r.rerun_cost_dollars);
+        r.cost_all_spot_dollars = round2(r.cost_all_spot_dollars);
+        r.cost_all_on_demand_dollars = round2(r.cost_all_on_demand_dollars);
+        total.jobs_interrupted += r.jobs_interrupted;
+        total.jobs_rerun += r.jobs_rerun;
+        total.jobs_lost += r.jobs_lost;
+        total.max_reruns_per_job = total.max_reruns_per_job.max(r.max_reruns_per_job);
+        total.reruns_started += r.reruns_started;
+        total.reruns_on_demand += r.reruns_on_demand;
+        total.rerun_cost_dollars += r.rerun_cost_dollars;
+        total.cost_all_spot_dollars += r.cost_all_spot_dollars;
+        total.cost_all_on_demand_dollars += r.cost_all_on_demand_dollars;
         total.jobs += r.jobs;
         total.succeeded += r.succeeded;
         total.failed += r.failed;
@@ -189,6 +229,9 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
     total.spot_instance_hours = round2(total.spot_instance_hours);
     total.on_demand_instance_hours = round2(total.on_demand_instance_hours);
     total.cost_dollars = round2(total.cost_dollars);
+    total.rerun_cost_dollars = round2(total.rerun_cost_dollars);
+    total.cost_all_spot_dollars = round2(total.cost_all_spot_dollars);
+    total.cost_all_on_demand_dollars = round2(total.cost_all_on_demand_dollars);
     total.wait_p50_secs = round2(percentile(&all_waits, 50.0));
     total.wait_p95_secs = round2(percentile(&all_waits, 95.0));
     total.wait_max_secs = round2(all_waits.last().copied().unwrap_or(0.0));
@@ -209,6 +252,47 @@ pub fn build(inputs: &Inputs<'_>) -> Report {
         world: inputs.world.stats(),
         webhooks: inputs.world.fault_counts(),
         throttled_calls: inputs.cloud.throttled_count(),
+    }
+}
+
+/// Interruptions and re-runs as the world saw them (GitHub's truth, not
+/// the ledger's), per profile of the job.
+fn survival(
+    inputs: &Inputs<'_>,
+    by_runner: &BTreeMap<String, (Market, f64)>,
+    profiles: &mut BTreeMap<String, ProfileReport>,
+) {
+    let world = inputs.world;
+    let rerun: BTreeSet<i64> = world.jobs().filter_map(|j| j.rerun_of).collect();
+    for job in world.jobs() {
+        let name = match_profile(inputs.profiles, &job.spec.labels, &job.spec.repository)
+            .map(|p| p.name.to_string())
+            .unwrap_or_else(|_| UNMATCHED.to_owned());
+        let r = profiles.entry(name).or_default();
+        if job.interrupted {
+            r.jobs_interrupted += 1;
+            if rerun.contains(&job.id) {
+                r.jobs_rerun += 1;
+            } else {
+                r.jobs_lost += 1;
+            }
+        }
+        if job.rerun_of.is_none() {
+            continue;
+        }
+        let mut depth = 0;
+        let mut at = Some(job);
+        while let Some(j) = at.and_then(|j| j.rerun_of).and_then(|id| world.job(id)) {
+            depth += 1;
+            at = Some(j);
+        }
+        r.max_reruns_per_job = r.max_reruns_per_job.max(depth);
+        let Some((market, cost)) = job.runner.as_ref().and_then(|(n, _)| by_runner.get(n)) else {
+            continue;
+        };
+        r.reruns_started += 1;
+        r.reruns_on_demand += u64::from(*market == Market::OnDemand);
+        r.rerun_cost_dollars += cost;
     }
 }
 
@@ -268,6 +352,41 @@ impl Report {
                 r.interruptions
             );
         }
+        let _ = writeln!(
+            out,
+            "\n{:<14} {:>7} {:>6} {:>5} {:>7} {:>12} {:>9} {:>8} {:>10} {:>12}",
+            "spot survival",
+            "interr.",
+            "re-run",
+            "lost",
+            "max/job",
+            "re-runs od",
+            "re-run $",
+            "cost $",
+            "all-spot $",
+            "all-on-dem $"
+        );
+        let rows = self
+            .profiles
+            .iter()
+            .map(|(n, r)| (n.as_str(), r))
+            .chain(std::iter::once(("total", &self.total)));
+        for (name, r) in rows {
+            let _ = writeln!(
+                out,
+                "{:<14} {:>7} {:>6} {:>5} {:>7} {:>12} {:>9.2} {:>8.2} {:>10.2} {:>12.2}",
+                name,
+                r.jobs_interrupted,
+                r.jobs_rerun,
+                r.jobs_lost,
+                r.max_reruns_per_job,
+                format!("{}/{}", r.reruns_on_demand, r.reruns_started),
+                r.rerun_cost_dollars,
+                r.cost_dollars,
+                r.cost_all_spot_dollars,
+                r.cost_all_on_demand_dollars
+            );
+        }
         let s = &self.service;
         let reaps: Vec<String> = s.reaps.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(
@@ -299,6 +418,19 @@ impl Report {
              {} runners ended with their registration gone",
             s.stale_checks, s.stale_healed, s.discovered, s.registrations_gone
         );
+        let reruns: Vec<String> = s.reruns.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(
+            out,
+            "          {} jobs marked interrupted; re-runs: {}; {} jobs lost; spot breaker opened {} times",
+            s.interrupted,
+            if reruns.is_empty() {
+                "none".to_owned()
+            } else {
+                reruns.join(", ")
+            },
+            s.jobs_lost,
+            s.breaker_opened
+        );
         if self.reconciler_crashes > 0 {
             let _ = writeln!(
                 out,
@@ -309,9 +441,14 @@ impl Report {
         let w = &self.world;
         let _ = writeln!(
             out,
-            "world:    {} jobs; {} spot interruptions; {} jobs failed with their instance; \
-             {} instances powered off by their watchdog",
-            w.jobs, w.spot_interruptions, w.jobs_killed, w.watchdog_shutdowns
+            "world:    {} jobs in {} workflow runs ({} of them queued by re-runs); {} spot interruptions; \
+             {} jobs failed with their instance; {} instances powered off by their watchdog",
+            w.jobs,
+            w.workflow_runs,
+            w.rerun_jobs,
+            w.spot_interruptions,
+            w.jobs_killed,
+            w.watchdog_shutdowns
         );
         let h = &self.webhooks;
         let _ = writeln!(

@@ -59,6 +59,24 @@ pub struct CloudModel {
     /// Added to, or replacing, [`default_prices`].
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// Interruption storms: for a while, one pool's spot instances are
+    /// reclaimed at a rate of their own.
+    #[serde(default)]
+    pub storms: Vec<Storm>,
+}
+
+/// A spot interruption storm in one pool (an instance type, in one subnet
+/// or in all): from `at` (since the start) for `lasts`, its running spot
+/// instances are reclaimed at `per_hour` instead of the usual rate.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Storm {
+    pub instance_type: String,
+    #[serde(default)]
+    pub subnet_id: Option<String>,
+    pub at: Dur,
+    pub lasts: Dur,
+    pub per_hour: f64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -109,6 +127,18 @@ pub struct ScenarioProfile {
     pub repositories: Option<Vec<String>>,
     #[serde(default)]
     pub priority: i32,
+    /// Re-runs of a job a spot reclaim killed; 0 turns re-runs off.
+    #[serde(default = "default_reruns")]
+    pub max_interruption_reruns: i32,
+    #[serde(default = "default_rerun_market")]
+    pub rerun_market: String,
+}
+
+fn default_reruns() -> i32 {
+    2
+}
+fn default_rerun_market() -> String {
+    "on-demand".into()
 }
 
 impl ScenarioProfile {
@@ -134,8 +164,8 @@ impl ScenarioProfile {
             repositories: self.repositories.clone(),
             enabled: true,
             priority: self.priority,
-            max_interruption_reruns: 2,
-            rerun_market: "on-demand".into(),
+            max_interruption_reruns: self.max_interruption_reruns,
+            rerun_market: self.rerun_market.clone(),
             rerun_own_failures: false,
             spot_breaker_interruptions: 2,
             spot_breaker_window_secs: 900,
@@ -344,6 +374,17 @@ impl Scenario {
                 return Err(format!(
                     "cloud.interruptions_per_hour.{t} = {rate} must be a rate ≥ 0"
                 ));
+            }
+        }
+        for (k, storm) in self.cloud.storms.iter().enumerate() {
+            if !(storm.per_hour.is_finite() && storm.per_hour >= 0.0) {
+                return Err(format!(
+                    "cloud.storms[{k}].per_hour = {} must be a rate ≥ 0",
+                    storm.per_hour
+                ));
+            }
+            if storm.lasts.0.is_zero() {
+                return Err(format!("cloud.storms[{k}].lasts must be longer than 0s"));
             }
         }
         self.webhooks.validate()?;

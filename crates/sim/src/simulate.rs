@@ -1,7 +1,8 @@
 //! `spot-runners simulate`: a scenario in virtual time, deterministic.
 //!
 //! The production reconciler ([`Reconciler`]: passes, sweeps and
-//! provisioning, as `serve` runs them) runs against the simulated EC2 and
+//! provisioning, as `serve` runs them) and the production re-run worker
+//! ([`RerunWorker`], which re-runs jobs a spot reclaim killed) run against the simulated EC2 and
 //! GitHub and an in-memory ledger ([`MemoryStore`]), on a current-thread
 //! tokio runtime whose clock is paused, so a simulated day passes in
 //! seconds. The [`World`]'s webhook deliveries go through the production
@@ -20,9 +21,10 @@ use std::time::Duration;
 
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::job::ParsedWorkflowJob;
+use spot_runners_domain::run::{ParsedWorkflowRun, WorkflowRunEvent};
 use spot_runners_domain::store::{DeliveryOutcome, IncomingDelivery, Store};
 use spot_runners_domain::{ControllerId, Market, WorkflowJobEvent};
-use spot_runners_reconciler::{Backends, ProfileCache, Reconciler};
+use spot_runners_reconciler::{Backends, ProfileCache, Reconciler, RerunWorker};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -95,7 +97,7 @@ struct Service {
     max_instances: u32,
     seed: u64,
     stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Service {
@@ -121,6 +123,16 @@ impl Service {
                 point,
             }),
         };
+        // Beside the reconciler, on the same session, as `serve` runs it:
+        // it acts only while this incarnation leads.
+        let reruns = RerunWorker::new(
+            Arc::clone(&store),
+            Arc::clone(&backends.github),
+            self.profiles.clone(),
+            Arc::clone(&self.counters) as _,
+            ControllerId::default().to_string(),
+            Arc::new(self.clock),
+        );
         let reconciler = Reconciler::new(
             store,
             backends,
@@ -132,11 +144,14 @@ impl Service {
         .with_clock(Arc::new(self.clock))
         .with_seed(self.seed ^ incarnation.wrapping_mul(0x9e37_79b9));
         self.stop = CancellationToken::new();
-        self.task = Some(tokio::spawn(Arc::new(reconciler).run(
-            Arc::clone(&self.wake),
-            self.interval,
-            self.stop.clone(),
-        )));
+        self.tasks = vec![
+            tokio::spawn(Arc::new(reconciler).run(
+                Arc::clone(&self.wake),
+                self.interval,
+                self.stop.clone(),
+            )),
+            tokio::spawn(Arc::new(reruns).run(self.interval, self.stop.clone())),
+        ];
     }
 
     /// After a crash: the dead incarnation's session ends (its leadership
@@ -147,7 +162,7 @@ impl Service {
         }
         self.stop.cancel();
         // Its tasks are frozen at an IO call for good; they are not awaited.
-        self.task = None;
+        self.tasks.clear();
         self.session.end_session();
         let n = self.crashes.restart();
         tracing::debug!(incarnation = n, "the reconciler restarts");
@@ -159,7 +174,11 @@ impl Service {
     /// anything was accepted.
     async fn deliver(&self, deliveries: &[Delivery]) {
         let mut batch = Vec::new();
-        for d in deliveries {
+        let mut duplicates = 0;
+        for d in deliveries.iter().filter(|d| d.event == "workflow_run") {
+            duplicates += u64::from(self.record_run(d).await == Some(DeliveryOutcome::Duplicate));
+        }
+        for d in deliveries.iter().filter(|d| d.event == "workflow_job") {
             let Ok(ParsedWorkflowJob::Event(ev)) = WorkflowJobEvent::parse(d.body.as_bytes())
             else {
                 continue;
@@ -180,7 +199,7 @@ impl Service {
                 return;
             }
         };
-        let duplicates = outcomes
+        duplicates += outcomes
             .iter()
             .filter(|o| **o == DeliveryOutcome::Duplicate)
             .count() as u64;
@@ -190,9 +209,29 @@ impl Service {
         }
     }
 
+    /// A `workflow_run` delivery, parsed by the production parser and
+    /// recorded as the HTTP intake records it (the re-run worker reads it).
+    async fn record_run(&self, d: &Delivery) -> Option<DeliveryOutcome> {
+        let run = match WorkflowRunEvent::parse(d.body.as_bytes()) {
+            Ok(ParsedWorkflowRun::Completed(run)) => run,
+            Ok(ParsedWorkflowRun::IgnoredAction(_)) => return None,
+            Err(e) => {
+                tracing::warn!(error = %e, "simulated workflow_run delivery malformed");
+                return None;
+            }
+        };
+        match self.ledger.record_workflow_run(&d.guid, &run).await {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::warn!(error = %e, "recording a workflow run failed");
+                None
+            }
+        }
+    }
+
     async fn stop(mut self) {
         self.stop.cancel();
-        if let Some(task) = self.task.take() {
+        for task in self.tasks.drain(..) {
             let _ = task.await;
         }
     }
@@ -203,6 +242,16 @@ impl Service {
 pub async fn run_in_paused_time(
     scenario: &Scenario,
     progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, String> {
+    run_scripted(scenario, progress, &mut |_| {}).await
+}
+
+/// [`run_in_paused_time`] with `script` acting on the world before each
+/// step (tests reclaim chosen instances, fail chosen jobs).
+pub async fn run_scripted(
+    scenario: &Scenario,
+    progress: &mut dyn FnMut(&Progress),
+    script: &mut dyn FnMut(&mut World),
 ) -> Result<Report, String> {
     let validated = scenario.validate()?;
     let seed = scenario.seed;
@@ -219,6 +268,7 @@ pub async fn run_in_paused_time(
             runner_exit_delay: scenario.github.runner_exit_delay.0,
             failure_report_delay: scenario.github.failure_report_delay.0,
             interruptions_per_hour: scenario.cloud.interruptions_per_hour.clone(),
+            storms: scenario.cloud.storms.clone(),
             faults: scenario.webhooks.clone(),
             seed,
         },
@@ -243,7 +293,7 @@ pub async fn run_in_paused_time(
         max_instances: scenario.max_instances,
         seed,
         stop: CancellationToken::new(),
-        task: None,
+        tasks: Vec::new(),
     };
     service.start(0);
     let arrivals_end = scenario.duration.0;
@@ -258,6 +308,7 @@ pub async fn run_in_paused_time(
         if elapsed >= arrivals_end {
             world.stop_arrivals();
         }
+        script(&mut world);
         let deliveries = world.step();
         if !deliveries.is_empty() {
             service.deliver(&deliveries).await;
@@ -342,11 +393,11 @@ fn is_stranded(world: &World, ledger: &MemoryStore, job: &SimJob) -> bool {
         && !world.runner_on_the_way(job)
 }
 
-/// Nothing left that will ever finish: every job done, or only stranded
-/// jobs left queued with nothing running.
+/// Nothing left that will ever finish: every job done and no re-run still
+/// due, or only stranded jobs left queued with nothing running.
 fn settled(world: &World, ledger: &MemoryStore) -> bool {
     if world.is_quiet() {
-        return true;
+        return ledger.reruns_pending() == 0;
     }
     let running = world
         .jobs()

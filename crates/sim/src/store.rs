@@ -86,6 +86,15 @@ impl MemoryStore {
             .is_some_and(|j| j.status == JobStatus::Queued && j.profile.is_some())
     }
 
+    /// Interrupted jobs whose re-run is still to be asked for.
+    pub fn reruns_pending(&self) -> usize {
+        self.lock()
+            .jobs
+            .values()
+            .filter(|j| j.survival.rerun_state == Some("pending"))
+            .count()
+    }
+
     /// Runners in a live state.
     pub fn live_runners(&self) -> usize {
         self.lock().live.len()

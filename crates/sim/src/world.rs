@@ -4,8 +4,8 @@
 //!
 //! One world model, two drivers: `spot-runners serve --simulate` steps it in
 //! real time and POSTs its deliveries, signed, to the running service;
-//! `spot-runners simulate` steps it in virtual time against a model of the
-//! reconciler (see [`crate::controller`]). Either way the world owns handles
+//! `spot-runners simulate` steps it in virtual time against the production
+//! reconciler. Either way the world owns handles
 //! to the same [`FakeCloud`] and [`FakeGitHub`] the service calls through the
 //! production traits, and reads tokio's clock, so paused-time tests move it.
 //!
@@ -24,7 +24,12 @@
 //! - a job that has run its duration completes (`completed`, success): GitHub
 //!   removes the one-job runner and the instance powers off soon after;
 //! - a job whose instance died under it fails: GitHub reports `completed`
-//!   with `failure` after a delay.
+//!   with `failure` after a delay;
+//! - a workflow run (one job, or a matrix of several) whose latest attempt
+//!   has every job completed sends `workflow_run` `completed`;
+//! - a re-run the service asked the [`FakeGitHub`] for (which keeps
+//!   GitHub's rules: only a completed run, a new job id in attempt + 1, at
+//!   most 50 re-runs) queues its new job here, with a `queued` delivery.
 //!
 //! Deliveries pass through the [`FaultLayer`] (lost, duplicated, reordered,
 //! late) before they are returned.
@@ -42,6 +47,7 @@ use crate::arrivals::{Arrivals, JobSpec};
 use crate::cloud::{LiveInstance, REASON_SPOT_RECLAIMED};
 use crate::faults::{FaultCounts, FaultLayer, FaultRates};
 use crate::payload::{self, Delivery, JobSnapshot};
+use crate::scenario::Storm;
 use crate::sim_clock::SimClock;
 use crate::{FakeCloud, FakeGitHub};
 
@@ -57,6 +63,8 @@ pub struct WorldConfig {
     /// Spot reclaims per running instance-hour, by instance type; the key
     /// `default` covers the rest.
     pub interruptions_per_hour: BTreeMap<String, f64>,
+    /// Pools reclaimed at a rate of their own for a while.
+    pub storms: Vec<Storm>,
     pub faults: FaultRates,
     pub seed: u64,
 }
@@ -68,6 +76,7 @@ impl Default for WorldConfig {
             runner_exit_delay: Duration::from_secs(15),
             failure_report_delay: Duration::from_secs(120),
             interruptions_per_hour: BTreeMap::new(),
+            storms: Vec::new(),
             faults: FaultRates::none(),
             seed: 1,
         }
@@ -79,7 +88,16 @@ impl Default for WorldConfig {
 pub struct SimJob {
     pub id: i64,
     pub run_id: i64,
+    pub run_attempt: i32,
+    /// Its name on GitHub (a matrix job's carries its place).
+    pub name: String,
     pub spec: JobSpec,
+    /// The job of an earlier attempt this one re-runs.
+    pub rerun_of: Option<i64>,
+    /// Its instance was reclaimed by EC2 while it ran.
+    pub interrupted: bool,
+    /// Ends in `failure` of its own (a failing test), not `success`.
+    pub fails_on_its_own: bool,
     pub queued_at: Instant,
     pub started_at: Option<Instant>,
     pub completed_at: Option<Instant>,
@@ -131,6 +149,7 @@ pub struct InstanceLife {
     pub runner_name: String,
     pub profile: String,
     pub instance_type: String,
+    pub subnet_id: Option<String>,
     pub market: Market,
     pub launched_at: Instant,
     /// When the world first saw it running.
@@ -189,6 +208,16 @@ pub fn fits(runner_labels: &[String], scope: &RunnerScope, job: &SimJob, org: &s
             .all(|l| runner_labels.iter().any(|r| r.eq_ignore_ascii_case(l)))
 }
 
+/// A workflow run as the world follows it.
+#[derive(Clone, Debug)]
+struct SimRun {
+    repository: String,
+    workflow: String,
+    created_at: Instant,
+    /// The latest attempt whose `completed` went out.
+    announced: i32,
+}
+
 /// What happened in the world, for reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct WorldStats {
@@ -198,6 +227,9 @@ pub struct WorldStats {
     pub jobs_killed: u64,
     /// Instances whose watchdog powered them off with no job taken.
     pub watchdog_shutdowns: u64,
+    pub workflow_runs: u64,
+    /// Jobs queued by re-runs the service requested.
+    pub rerun_jobs: u64,
 }
 
 pub struct World {
@@ -209,6 +241,11 @@ pub struct World {
     rng: StdRng,
     faults: FaultLayer,
     jobs: BTreeMap<i64, SimJob>,
+    runs: BTreeMap<i64, SimRun>,
+    /// The run of each matrix arrival, by its key.
+    matrix_runs: BTreeMap<u64, i64>,
+    /// Runs with a job completed since the last step.
+    touched_runs: BTreeSet<i64>,
     /// Queued job ids; job ids grow with arrival, so this is GitHub's FIFO.
     queue: BTreeSet<i64>,
     next_job_id: i64,
@@ -243,6 +280,9 @@ impl World {
             rng,
             faults,
             jobs: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            matrix_runs: BTreeMap::new(),
+            touched_runs: BTreeSet::new(),
             queue: BTreeSet::new(),
             next_job_id: 4_000_000_001,
             pending_queued: Vec::new(),
@@ -317,10 +357,30 @@ impl World {
         let id = self.next_job_id;
         self.next_job_id += 1;
         let now = self.clock.now();
+        let run_id = match spec.matrix {
+            Some((key, _)) => *self.matrix_runs.entry(key).or_insert(9_000_000_000 + id),
+            None => 9_000_000_000 + id,
+        };
+        let name = spec.name();
+        let run = self.runs.entry(run_id).or_insert_with(|| SimRun {
+            repository: spec.repository.clone(),
+            workflow: spec.kind.clone(),
+            created_at: now,
+            announced: 0,
+        });
+        let repository = run.repository.clone();
+        if self.github.run(&repository, run_id).is_none() {
+            self.stats.workflow_runs += 1;
+        }
         let job = SimJob {
             id,
-            run_id: 9_000_000_000 + id,
+            run_id,
+            run_attempt: 1,
+            name: name.clone(),
             spec,
+            rerun_of: None,
+            interrupted: false,
+            fails_on_its_own: false,
             queued_at: now,
             started_at: None,
             completed_at: None,
@@ -335,19 +395,42 @@ impl World {
                 id,
                 run_id: job.run_id,
                 run_attempt: 1,
-                name: job.spec.kind.clone(),
+                name: name.clone(),
                 workflow_name: Some(job.spec.kind.clone()),
                 labels: job.spec.labels.clone(),
                 html_url: None,
                 created_at: Some(self.clock.now_utc()),
             },
         );
+        self.github.add_run_job(&repository, run_id, id, &name);
         tracing::info!(job_id = id, kind = %job.spec.kind, labels = ?job.spec.labels, "simulated job queued");
         self.jobs.insert(id, job);
         self.queue.insert(id);
         self.stats.jobs += 1;
         self.pending_queued.push(id);
         id
+    }
+
+    /// The job will end in `failure` of its own when its duration is up.
+    pub fn fail_on_its_own(&mut self, job_id: i64) {
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            j.fails_on_its_own = true;
+        }
+    }
+
+    /// EC2 reclaims the spot instance running this job now; `false` if no
+    /// live spot instance runs it.
+    pub fn reclaim_instance_of(&mut self, job_id: i64) -> bool {
+        let Some(&i) = self
+            .live
+            .iter()
+            .find(|&&i| self.instances[i].phase == RunnerPhase::Busy { job: job_id })
+        else {
+            return false;
+        };
+        let reclaimed = self.cloud.interrupt(&self.instances[i].id);
+        self.stats.spot_interruptions += u64::from(reclaimed);
+        reclaimed
     }
 
     /// Advances the world to tokio's now; returns what reaches the service.
@@ -359,6 +442,7 @@ impl World {
         for spec in self.arrivals.due(self.clock.elapsed()) {
             self.submit(spec);
         }
+        self.queue_reruns(now);
         for id in std::mem::take(&mut self.pending_queued) {
             self.emit(&mut out, "queued", id);
         }
@@ -368,22 +452,130 @@ impl World {
         self.finish_jobs(now, &mut out);
         self.assign_jobs(now, &mut out);
         self.report_failures(now, &mut out);
+        self.announce_completed_runs(now, &mut out);
         self.faults.apply(now, out)
+    }
+
+    /// The jobs GitHub created for re-runs the service asked for: queued,
+    /// as the job they re-run (labels, and the same work to do).
+    fn queue_reruns(&mut self, now: Instant) {
+        for r in self.github.take_reruns() {
+            let Some(old) = self.jobs.get(&r.of) else {
+                tracing::warn!(job_id = r.of, "re-run of a job the world never had");
+                continue;
+            };
+            let job = SimJob {
+                id: r.id,
+                run_id: r.run_id,
+                run_attempt: r.attempt,
+                name: r.name.clone(),
+                spec: old.spec.clone(),
+                rerun_of: Some(r.of),
+                interrupted: false,
+                fails_on_its_own: false,
+                queued_at: now,
+                started_at: None,
+                completed_at: None,
+                runner: None,
+                conclusion: None,
+                ends_at: None,
+                fails_at: None,
+            };
+            tracing::info!(
+                job_id = r.id,
+                rerun_of = r.of,
+                run_id = r.run_id,
+                attempt = r.attempt,
+                "simulated re-run job queued"
+            );
+            self.jobs.insert(r.id, job);
+            self.queue.insert(r.id);
+            self.stats.rerun_jobs += 1;
+            self.stats.jobs += 1;
+            self.pending_queued.push(r.id);
+        }
+    }
+
+    /// `workflow_run` `completed` for every run whose latest attempt has
+    /// just completed all its jobs.
+    fn announce_completed_runs(&mut self, now: Instant, out: &mut Vec<Delivery>) {
+        let mut due = Vec::new();
+        for run_id in std::mem::take(&mut self.touched_runs) {
+            let Some(run) = self.runs.get(&run_id) else {
+                continue;
+            };
+            let Some(fake) = self.github.run(&run.repository, run_id) else {
+                continue;
+            };
+            if fake.attempt <= run.announced {
+                continue;
+            }
+            let jobs: Vec<&SimJob> = fake
+                .jobs
+                .iter()
+                .filter_map(|(id, _, _)| self.jobs.get(id))
+                .collect();
+            if jobs.len() < fake.jobs.len() || jobs.iter().any(|j| j.completed_at.is_none()) {
+                continue;
+            }
+            let failed = jobs
+                .iter()
+                .any(|j| j.conclusion.as_deref() != Some("success"));
+            due.push((run_id, fake.attempt, failed));
+        }
+        for (run_id, attempt, failed) in due {
+            let Some(run) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
+            run.announced = attempt;
+            let body = payload::workflow_run_completed(&payload::RunSnapshot {
+                id: run_id,
+                run_attempt: attempt,
+                workflow_name: &run.workflow,
+                repository: &run.repository,
+                org: &self.config.org,
+                conclusion: if failed { "failure" } else { "success" },
+                created_at: self.clock.utc(run.created_at),
+                updated_at: self.clock.utc(now),
+            });
+            tracing::info!(run_id, attempt, failed, "simulated workflow run completed");
+            out.push(Delivery {
+                event: "workflow_run",
+                guid: payload::guid(&mut self.rng),
+                action: "completed",
+                job_id: run_id,
+                body,
+            });
+        }
     }
 
     // ------------------------------------------------------------ steps --
 
     fn interrupt_spot(&mut self, dt: Duration) {
-        if dt.is_zero() || self.config.interruptions_per_hour.is_empty() {
+        if dt.is_zero()
+            || (self.config.interruptions_per_hour.is_empty() && self.config.storms.is_empty())
+        {
             return;
         }
         let hours = dt.as_secs_f64() / 3600.0;
+        let elapsed = self.clock.elapsed();
         for k in 0..self.live.len() {
             let inst = &self.instances[self.live[k]];
             if inst.market != Market::Spot || inst.running_at.is_none() {
                 continue;
             }
-            let rate = rate_for(&self.config.interruptions_per_hour, &inst.instance_type);
+            let storm = self.config.storms.iter().find(|s| {
+                s.instance_type == inst.instance_type
+                    && s.subnet_id
+                        .as_ref()
+                        .is_none_or(|n| Some(n) == inst.subnet_id.as_ref())
+                    && elapsed >= s.at.0
+                    && elapsed < s.at.0 + s.lasts.0
+            });
+            let rate = match storm {
+                Some(s) => s.per_hour,
+                None => rate_for(&self.config.interruptions_per_hour, &inst.instance_type),
+            };
             if rate <= 0.0 {
                 continue;
             }
@@ -462,6 +654,7 @@ impl World {
             runner_name: l.runner_name.clone(),
             profile: l.profile.clone(),
             instance_type: l.instance_type.clone(),
+            subnet_id: l.subnet_id.clone(),
             market: l.market,
             launched_at: l.launched_at,
             running_at: None,
@@ -511,6 +704,7 @@ impl World {
         if let RunnerPhase::Busy { job } = phase {
             if let Some(j) = self.jobs.get_mut(&job) {
                 if j.completed_at.is_none() {
+                    j.interrupted = reclaimed;
                     j.fails_at = Some(now + self.config.failure_report_delay);
                     j.ends_at = None;
                     self.stats.jobs_killed += 1;
@@ -541,7 +735,13 @@ impl World {
             self.github.deregister(&name);
             let job = self.jobs.get_mut(&job_id).expect_job();
             job.completed_at = Some(now);
-            job.conclusion = Some("success".into());
+            let conclusion = if job.fails_on_its_own {
+                "failure"
+            } else {
+                "success"
+            };
+            job.conclusion = Some(conclusion.into());
+            self.touched_runs.insert(job.run_id);
             tracing::info!(job_id, runner = %name, "simulated job completed");
             self.github
                 .set_job(&job.spec.repository, job_id, report(job));
@@ -615,6 +815,7 @@ impl World {
             let job = self.jobs.get_mut(&job_id).expect_job();
             job.completed_at = Some(now);
             job.conclusion = Some("failure".into());
+            self.touched_runs.insert(job.run_id);
             job.fails_at = None;
             self.github
                 .set_job(&job.spec.repository, job_id, report(job));
@@ -630,7 +831,8 @@ impl World {
         let snapshot = JobSnapshot {
             id: job.id,
             run_id: job.run_id,
-            name: &job.spec.kind,
+            run_attempt: job.run_attempt,
+            name: &job.name,
             workflow_name: &job.spec.kind,
             repository: &job.spec.repository,
             org: &self.config.org,

@@ -134,6 +134,7 @@ contract!(
     profiles_and_liveness,
     ledger_is_pruned_past_retention_and_guids_are_known,
     provisioning_writes_are_compare_and_set,
+    spot_prices_are_recorded_and_usage_covers_the_window,
     interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them,
 );
 
@@ -1164,4 +1165,51 @@ async fn provisioning_writes_are_compare_and_set(t: &dyn Subject) {
         .await
         .unwrap());
     assert_eq!(row(&names[2]).await.instance_id.as_deref(), Some("i-2"));
+}
+
+async fn spot_prices_are_recorded_and_usage_covers_the_window(t: &dyn Subject) {
+    use spot_runners_domain::store::PRICE_SOURCE_EC2;
+    use spot_runners_domain::Market;
+
+    let s = t.store();
+    let s = s.as_ref();
+    let spot = |rows: Vec<spot_runners_domain::store::PriceRow>| {
+        rows.into_iter()
+            .filter(|r| r.market == "spot")
+            .map(|r| (r.instance_type, r.dollars_per_hour, r.source))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        s.record_spot_prices(&[("c6i.4xlarge".into(), 0.25)])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        spot(s.prices().await.unwrap()),
+        [("c6i.4xlarge".to_owned(), 0.25, PRICE_SOURCE_EC2.to_owned())]
+    );
+    // A later refresh replaces EC2's own rows.
+    s.record_spot_prices(&[("c6i.4xlarge".into(), 0.3)])
+        .await
+        .unwrap();
+    assert_eq!(spot(s.prices().await.unwrap())[0].1, 0.3);
+
+    let start = chrono::Utc::now();
+    let names = plan(s, 2).await;
+    booting(s, &names[0], "i-1").await;
+    t.advance(Duration::from_secs(3600));
+    let window_end = start + chrono::Duration::hours(2);
+    let used = s.usage(CONTROLLER, start, window_end).await.unwrap();
+    assert_eq!(used.len(), 1, "only runners that had an instance: {used:?}");
+    assert_eq!(used[0].instance_type.as_deref(), Some("c6i.4xlarge"));
+    assert_eq!(used[0].market, Some(Market::Spot));
+    assert_eq!(used[0].ended_at, None, "still running");
+    // Nothing ran before the window.
+    let before = start - chrono::Duration::hours(2);
+    assert!(s
+        .usage(CONTROLLER, before, before + chrono::Duration::hours(1))
+        .await
+        .unwrap()
+        .is_empty());
 }

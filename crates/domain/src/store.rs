@@ -205,8 +205,20 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<u64, StoreError>;
 
-    /// Applies a transition. Ending a row also drops its lease.
-    async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError>;
+    /// Applies a provisioning transition, compare-and-set: only while
+    /// `owner` holds the row's lease and the row is still being provisioned
+    /// (`requested`, `registered`, `launching`). `Booting` also records the
+    /// instance of a row that `settle_jobs` or a listing moved to `busy` or
+    /// `done` before its instance id was written (its state stays), so that
+    /// row can still be ended. Ending a row also drops its lease. Returns
+    /// `false` when the row moved on (a sweep ended it, another replica
+    /// claimed it after this lease lapsed): the caller must leave it alone.
+    async fn update_runner(
+        &self,
+        name: &str,
+        owner: &str,
+        change: RunnerChange,
+    ) -> Result<bool, StoreError>;
 
     /// Where live runners, and those that ended within `ended_within`, are
     /// registered.
@@ -235,11 +247,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// GitHub lists these runners online: `launching`/`booting` → `idle`,
     /// first seen online `at`. Returns how many changed.
-    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError>;
+    async fn mark_online(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
 
     /// GitHub lists these runners busy: `launching`/`booting`/`idle` →
     /// `busy` (with no job if no `in_progress` named it). Returns how many changed.
-    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError>;
+    async fn mark_busy(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError>;
 
     /// Ends a runner only if it is still in `expected` (a reap must not
     /// race an `in_progress` that just made it busy). Returns whether it did.

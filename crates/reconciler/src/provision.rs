@@ -30,6 +30,9 @@ pub(crate) enum Failure {
     End { code: String, reason: String },
     /// Leave the row for a later claim (its lease runs out).
     Later,
+    /// The row moved on without us (a sweep ended it, another replica took
+    /// it over after our lease lapsed): touch nothing more.
+    Lost,
 }
 
 impl Reconciler {
@@ -85,8 +88,14 @@ impl Reconciler {
                         code: Some(code),
                         reason,
                     };
-                    if let Err(e) = self.store.update_runner(&name, change).await {
-                        tracing::warn!(runner = %name, error = %e, "recording a failed launch failed");
+                    match self.store.update_runner(&name, &self.owner, change).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(runner = %name, "the row moved on before the failed launch was recorded");
+                        }
+                        Err(e) => {
+                            tracing::warn!(runner = %name, error = %e, "recording a failed launch failed");
+                        }
                     }
                 }
                 Failure::Later => {
@@ -94,10 +103,13 @@ impl Reconciler {
                     let change = RunnerChange::Postpone {
                         retry_in: RETRY_LATER,
                     };
-                    if let Err(e) = self.store.update_runner(&name, change).await {
+                    if let Err(e) = self.store.update_runner(&name, &self.owner, change).await {
                         tracing::warn!(runner = %name, error = %e, "postponing a runner failed; its lease will run out");
                     }
                     self.provision_wake.notify_one();
+                }
+                Failure::Lost => {
+                    tracing::info!(runner = %name, "the runner's row moved on (ended by a sweep, or taken over after a lapsed lease); leaving it");
                 }
             }
         }
@@ -231,10 +243,14 @@ impl Reconciler {
     }
 
     async fn update(&self, name: &str, change: RunnerChange) -> Result<(), Failure> {
-        self.store.update_runner(name, change).await.map_err(|e| {
-            tracing::warn!(runner = %name, error = %e, "updating a runner failed");
-            Failure::Later
-        })
+        match self.store.update_runner(name, &self.owner, change).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Failure::Lost),
+            Err(e) => {
+                tracing::warn!(runner = %name, error = %e, "updating a runner failed");
+                Err(Failure::Later)
+            }
+        }
     }
 
     /// A launch whose outcome is unknown (a crash during `RunInstances`, or

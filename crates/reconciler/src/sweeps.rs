@@ -104,8 +104,13 @@ impl Reconciler {
                 .map(|g| g.name.clone())
                 .collect()
         };
-        report.online = self.store.mark_online(&named(|g| g.online), now).await?;
-        self.store.mark_busy(&named(|g| g.busy), now).await?;
+        report.online = self
+            .store
+            .mark_online(controller, &named(|g| g.online), now)
+            .await?;
+        self.store
+            .mark_busy(controller, &named(|g| g.busy), now)
+            .await?;
         // Read after marking, so states are as GitHub's list left them.
         let runners = self.store.runners(controller, Duration::ZERO).await?;
 

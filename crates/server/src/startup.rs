@@ -73,7 +73,9 @@ impl Application {
         backends: Option<Backends>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
-        let database = Database::open(&settings).await?;
+        let mut database = Database::open(&settings).await?;
+        // One clock: the ledger binds the times the reconciler reads.
+        database.store = database.store.clone().with_clock(Arc::clone(&clock));
         let store: Arc<dyn Store> = Arc::new(database.store.clone());
         let profiles = ProfileCache::default();
         profiles.reload(store.as_ref(), metrics.as_ref()).await?;
@@ -134,7 +136,7 @@ impl Application {
                 Arc::clone(&state.store),
                 Arc::clone(&b.github),
                 source.clone(),
-                Arc::new(spot_runners_domain::clock::SystemClock),
+                Arc::clone(&clock),
                 Arc::clone(&state.metrics),
                 settings.controller_id.as_str().to_owned(),
             ))),
@@ -147,7 +149,7 @@ impl Application {
                 state.profiles.clone(),
                 Arc::clone(&state.metrics),
                 settings.controller_id.to_string(),
-                Arc::new(spot_runners_domain::clock::SystemClock),
+                Arc::clone(&clock),
             ))
         });
         let reconciler = backends.map(|b| {

@@ -210,9 +210,14 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.renew_leases(names, owner, lease).await
     }
 
-    async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError> {
+    async fn update_runner(
+        &self,
+        name: &str,
+        owner: &str,
+        change: RunnerChange,
+    ) -> Result<bool, StoreError> {
         self.point.reached().await;
-        self.inner.update_runner(name, change).await
+        self.inner.update_runner(name, owner, change).await
     }
 
     async fn runner_scopes(
@@ -241,14 +246,24 @@ impl<S: Store> Store for CrashingStore<S> {
         self.inner.settle_jobs(controller_id).await
     }
 
-    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn mark_online(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
         self.point.reached().await;
-        self.inner.mark_online(names, at).await
+        self.inner.mark_online(controller_id, names, at).await
     }
 
-    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn mark_busy(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
         self.point.reached().await;
-        self.inner.mark_busy(names, at).await
+        self.inner.mark_busy(controller_id, names, at).await
     }
 
     async fn end_runner_if(

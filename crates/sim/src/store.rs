@@ -234,9 +234,14 @@ impl Store for MemoryStore {
         Ok(n)
     }
 
-    async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError> {
+    async fn update_runner(
+        &self,
+        name: &str,
+        owner: &str,
+        change: RunnerChange,
+    ) -> Result<bool, StoreError> {
         let now = self.now();
-        self.lock().update(name, change, now)
+        Ok(self.lock().update(name, owner, change, now))
     }
 
     async fn runner_scopes(
@@ -274,14 +279,24 @@ impl Store for MemoryStore {
         Ok(self.lock().settle(controller_id, now))
     }
 
-    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn mark_online(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
         let now = self.now();
-        Ok(self.lock().mark(names, at, false, now))
+        Ok(self.lock().mark(controller_id, names, at, false, now))
     }
 
-    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
+    async fn mark_busy(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
         let now = self.now();
-        Ok(self.lock().mark(names, at, true, now))
+        Ok(self.lock().mark(controller_id, names, at, true, now))
     }
 
     async fn end_runner_if(

@@ -187,8 +187,13 @@ async fn a_runner_done_before_its_instance_was_recorded_is_ended() {
         .clone();
     // A provisioner died inside RunInstances; the instance took the job.
     r.store
+        .claim_provisioning("spot-runners", "dead", Duration::from_secs(30), 10)
+        .await
+        .unwrap();
+    r.store
         .update_runner(
             &name,
+            "dead",
             RunnerChange::Launching {
                 instance_type: "c6i.4xlarge".into(),
                 subnet_id: None,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use spot_runners_domain::clock::SystemClock;
 use spot_runners_domain::planner::{Launch, NewRunner};
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::{example_row, ProfileRow};
@@ -16,11 +15,13 @@ use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, RunnerChange, Store, StoreError,
 };
 use spot_runners_domain::{JobStatus, ProfileName, RunnerState, WorkflowJobEvent};
-use spot_runners_sim::MemoryStore;
+use spot_runners_sim::{ManualClock, MemoryStore};
 use spot_runners_store::testing::{test_database, TestDatabase};
 use spot_runners_store::PgStore;
 
 const CONTROLLER: &str = "spot-runners";
+/// The provisioner holding the rows `plan` claims.
+const OWNER: &str = "replica-a";
 
 #[async_trait]
 trait Subject: Send + Sync {
@@ -28,9 +29,11 @@ trait Subject: Send + Sync {
     /// Another session on the same ledger (another replica).
     async fn other_session(&self) -> Arc<dyn Store>;
     async fn add_profile(&self, row: ProfileRow);
+    /// Moves the store's clock on (both stores read time only from it).
+    fn advance(&self, by: Duration);
 }
 
-struct Memory(MemoryStore);
+struct Memory(MemoryStore, ManualClock);
 
 #[async_trait]
 impl Subject for Memory {
@@ -45,6 +48,9 @@ impl Subject for Memory {
         rows.push(row);
         self.0.set_profile_rows(rows);
     }
+    fn advance(&self, by: Duration) {
+        self.1.advance(by);
+    }
 }
 
 async fn futures_rows(s: &MemoryStore) -> Vec<ProfileRow> {
@@ -54,6 +60,7 @@ async fn futures_rows(s: &MemoryStore) -> Vec<ProfileRow> {
 struct Postgres {
     db: TestDatabase,
     store: PgStore,
+    clock: ManualClock,
 }
 
 #[async_trait]
@@ -62,10 +69,18 @@ impl Subject for Postgres {
         Arc::new(self.store.clone())
     }
     async fn other_session(&self) -> Arc<dyn Store> {
-        Arc::new(PgStore::connect(&self.db.url).await.unwrap())
+        Arc::new(
+            PgStore::connect(&self.db.url)
+                .await
+                .unwrap()
+                .with_clock(Arc::new(self.clock.clone())),
+        )
     }
     async fn add_profile(&self, row: ProfileRow) {
         sqlx_insert(&self.store, &row).await;
+    }
+    fn advance(&self, by: Duration) {
+        self.clock.advance(by);
     }
 }
 
@@ -76,13 +91,18 @@ async fn sqlx_insert(store: &PgStore, row: &ProfileRow) {
 }
 
 fn memory() -> Memory {
-    Memory(MemoryStore::new(Arc::new(SystemClock), 7))
+    let clock = ManualClock::new();
+    Memory(MemoryStore::new(Arc::new(clock.clone()), 7), clock)
 }
 
 async fn postgres() -> Postgres {
     let db = test_database().await.unwrap();
-    let store = PgStore::connect(&db.url).await.unwrap();
-    Postgres { db, store }
+    let clock = ManualClock::new();
+    let store = PgStore::connect(&db.url)
+        .await
+        .unwrap()
+        .with_clock(Arc::new(clock.clone()));
+    Postgres { db, store, clock }
 }
 
 macro_rules! contract {
@@ -113,6 +133,7 @@ contract!(
     one_session_leads,
     profiles_and_liveness,
     ledger_is_pruned_past_retention_and_guids_are_known,
+    provisioning_writes_are_compare_and_set,
     interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them,
 );
 
@@ -159,8 +180,19 @@ fn org() -> RunnerScope {
     RunnerScope::Org("acme".into())
 }
 
-/// The planner's answer, fixed: `n` runners of `kani` for acme.
+/// `n` planned runners, claimed by [`OWNER`] as a provisioner would.
 async fn plan(s: &dyn Store, n: usize) -> Vec<String> {
+    let names = plan_unclaimed(s, n).await;
+    let claimed = s
+        .claim_provisioning(CONTROLLER, OWNER, Duration::from_secs(600), 1000)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), names.len());
+    names
+}
+
+/// The planner's answer, fixed: `n` runners of `kani` for acme.
+async fn plan_unclaimed(s: &dyn Store, n: usize) -> Vec<String> {
     let rows = s
         .plan_runners(
             CONTROLLER,
@@ -188,25 +220,21 @@ async fn state(s: &dyn Store, name: &str) -> RunnerState {
 }
 
 async fn booting(s: &dyn Store, name: &str, instance: &str) {
-    s.update_runner(
-        name,
-        RunnerChange::Registered {
-            github_runner_id: 5,
-        },
-    )
-    .await
-    .unwrap();
-    s.update_runner(
-        name,
-        RunnerChange::Booting {
-            instance_id: instance.into(),
-            instance_type: "c6i.4xlarge".into(),
-            subnet_id: None,
-            market: "spot".into(),
-        },
-    )
-    .await
-    .unwrap();
+    booting_by(s, OWNER, name, instance).await;
+}
+
+async fn booting_by(s: &dyn Store, owner: &str, name: &str, instance: &str) {
+    let registered = RunnerChange::Registered {
+        github_runner_id: 5,
+    };
+    assert!(s.update_runner(name, owner, registered).await.unwrap());
+    let booting = RunnerChange::Booting {
+        instance_id: instance.into(),
+        instance_type: "c6i.4xlarge".into(),
+        subnet_id: None,
+        market: "spot".into(),
+    };
+    assert!(s.update_runner(name, owner, booting).await.unwrap());
 }
 
 async fn deliveries_are_deduplicated_and_status_only_moves_forward(t: &dyn Subject) {
@@ -351,7 +379,7 @@ async fn delivery_guids_are_pruned(t: &dyn Subject) {
         s.prune_deliveries(Duration::from_secs(3600)).await.unwrap(),
         0
     );
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    t.advance(Duration::from_secs(1));
     assert_eq!(s.prune_deliveries(Duration::ZERO).await.unwrap(), 1);
     // Forgotten: a redelivery is processed again.
     assert_eq!(record(s, &[d]).await, [DeliveryOutcome::Accepted]);
@@ -415,7 +443,7 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
 async fn claims_skip_leased_rows_and_leases_renew_and_lapse(t: &dyn Subject) {
     let s = t.store();
     let other = t.other_session().await;
-    let names = plan(s.as_ref(), 4).await;
+    let names = plan_unclaimed(s.as_ref(), 4).await;
     let lease = Duration::from_secs(30);
     let (a, b) = tokio::join!(
         s.claim_provisioning(CONTROLLER, "a", lease, 3),
@@ -443,24 +471,39 @@ async fn claims_skip_leased_rows_and_leases_renew_and_lapse(t: &dyn Subject) {
         0,
         "not b's"
     );
+    // Only the lease holder moves a row it is provisioning.
+    let booting = RunnerChange::Booting {
+        instance_id: "i-b".into(),
+        instance_type: "c6i.4xlarge".into(),
+        subnet_id: None,
+        market: "spot".into(),
+    };
+    assert!(!s.update_runner(&mine[0], "b", booting).await.unwrap());
     // A postponed row is free again after its short lease.
-    s.update_runner(
-        &mine[0],
-        RunnerChange::Postpone {
-            retry_in: Duration::ZERO,
-        },
-    )
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(s
+        .update_runner(
+            &mine[0],
+            "a",
+            RunnerChange::Postpone {
+                retry_in: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap());
+    t.advance(Duration::from_secs(1));
     let again = s
         .claim_provisioning(CONTROLLER, "c", lease, 10)
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].name, mine[0]);
+    // The lapsed holder cannot write over the new one's claim.
+    let registered = RunnerChange::Registered {
+        github_runner_id: 7,
+    };
+    assert!(!s.update_runner(&mine[0], "a", registered).await.unwrap());
     // Booting ends the claim: nothing left to provision.
-    booting(s.as_ref(), &mine[0], "i-1").await;
+    booting_by(s.as_ref(), "c", &mine[0], "i-1").await;
     assert_eq!(s.renew_leases(&mine[..1], "c", lease).await.unwrap(), 0);
 }
 
@@ -470,6 +513,7 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     let name = plan(s, 1).await.remove(0);
     s.update_runner(
         &name,
+        OWNER,
         RunnerChange::Registered {
             github_runner_id: 5,
         },
@@ -477,7 +521,9 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     .await
     .unwrap();
     assert_eq!(state(s, &name).await, RunnerState::Registered);
-    s.update_runner(&name, RunnerChange::Requeue).await.unwrap();
+    s.update_runner(&name, OWNER, RunnerChange::Requeue)
+        .await
+        .unwrap();
     let r = &s.runners(CONTROLLER, Duration::ZERO).await.unwrap()[0];
     assert_eq!(
         (r.state, r.github_runner_id),
@@ -485,6 +531,7 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     );
     s.update_runner(
         &name,
+        OWNER,
         RunnerChange::Launching {
             instance_type: "c6i.4xlarge".into(),
             subnet_id: Some("subnet-a".into()),
@@ -495,6 +542,7 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
     .unwrap();
     s.update_runner(
         &name,
+        OWNER,
         RunnerChange::AttemptFailed {
             code: "InsufficientInstanceCapacity".into(),
             message: "none left".into(),
@@ -516,16 +564,23 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
         (RunnerState::Booting, Some("i-9"))
     );
     assert!(r.launched_at.is_some());
-    s.update_runner(
-        &name,
-        RunnerChange::Ended {
-            state: RunnerState::LaunchFailed,
-            code: None,
-            reason: "gave up".into(),
-        },
-    )
-    .await
-    .unwrap();
+    // Booting ends provisioning: the provisioner can no longer end it…
+    let ended = RunnerChange::Ended {
+        state: RunnerState::LaunchFailed,
+        code: None,
+        reason: "gave up".into(),
+    };
+    assert!(!s.update_runner(&name, OWNER, ended).await.unwrap());
+    // …only a sweep can, conditionally.
+    assert!(s
+        .end_runner_if(
+            &name,
+            RunnerState::Booting,
+            RunnerState::LaunchFailed,
+            "gave up"
+        )
+        .await
+        .unwrap());
     assert!(s
         .runners(CONTROLLER, Duration::ZERO)
         .await
@@ -540,11 +595,10 @@ async fn transitions_follow_the_lifecycle(t: &dyn Subject) {
         Some("InsufficientInstanceCapacity")
     );
     assert_eq!(recent[0].reason.as_deref(), Some("gave up"));
-    let missing = s.update_runner("nobody", RunnerChange::Requeue).await;
-    assert!(
-        matches!(missing, Err(StoreError::Corrupt(_))),
-        "{missing:?}"
-    );
+    let missing = s
+        .update_runner("nobody", OWNER, RunnerChange::Requeue)
+        .await;
+    assert!(matches!(missing, Ok(false)), "{missing:?}");
 }
 
 async fn jobs_settle_runners_and_each_completion_is_claimed_once(t: &dyn Subject) {
@@ -593,9 +647,26 @@ async fn listings_mark_runners_online_and_busy_and_reaps_are_conditional(t: &dyn
     }
     let at = chrono::Utc::now();
     let online = [names[0].clone(), names[1].clone(), "stranger".into()];
-    assert_eq!(s.mark_online(&online, at).await.unwrap(), 2);
-    assert_eq!(s.mark_online(&online, at).await.unwrap(), 0, "already idle");
-    assert_eq!(s.mark_busy(&names[1..], at).await.unwrap(), 2);
+    assert_eq!(
+        s.mark_online("spot-runners-staging", &online, at)
+            .await
+            .unwrap(),
+        0,
+        "another deployment's listing moves none of ours"
+    );
+    assert_eq!(
+        s.mark_busy("spot-runners-staging", &names, at)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.mark_online(CONTROLLER, &online, at).await.unwrap(), 2);
+    assert_eq!(
+        s.mark_online(CONTROLLER, &online, at).await.unwrap(),
+        0,
+        "already idle"
+    );
+    assert_eq!(s.mark_busy(CONTROLLER, &names[1..], at).await.unwrap(), 2);
     assert_eq!(state(s, &names[0]).await, RunnerState::Idle);
     assert_eq!(state(s, &names[1]).await, RunnerState::Busy);
     assert_eq!(state(s, &names[2]).await, RunnerState::Busy);
@@ -767,6 +838,7 @@ async fn ledger_is_pruned_past_retention_and_guids_are_known(t: &dyn Subject) {
     let names = plan(s, 2).await;
     s.update_runner(
         &names[0],
+        OWNER,
         RunnerChange::Ended {
             state: RunnerState::LaunchFailed,
             code: None,
@@ -992,4 +1064,104 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
         .unwrap();
     assert_eq!(row.market.as_deref(), Some("on-demand"));
     let _ = reason;
+}
+
+async fn provisioning_writes_are_compare_and_set(t: &dyn Subject) {
+    let s = t.store();
+    let s = s.as_ref();
+    let names = plan(s, 3).await;
+    let launching = || RunnerChange::Launching {
+        instance_type: "c6i.4xlarge".into(),
+        subnet_id: None,
+        market: "spot".into(),
+    };
+    let booting = |id: &str| RunnerChange::Booting {
+        instance_id: id.into(),
+        instance_type: "c6i.4xlarge".into(),
+        subnet_id: None,
+        market: "spot".into(),
+    };
+    for n in &names {
+        assert!(s.update_runner(n, OWNER, launching()).await.unwrap());
+    }
+    // A sweep ended the first while its RunInstances was in flight: the
+    // late Booting changes nothing (its instance is an orphan now).
+    assert!(s
+        .end_runner_if(
+            &names[0],
+            RunnerState::Launching,
+            RunnerState::Terminated,
+            "gone"
+        )
+        .await
+        .unwrap());
+    assert!(!s
+        .update_runner(&names[0], OWNER, booting("i-0"))
+        .await
+        .unwrap());
+    let row = |name: &str| {
+        let name = name.to_owned();
+        async move {
+            s.runners(CONTROLLER, Duration::from_secs(3600))
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|r| r.name == name)
+                .unwrap()
+        }
+    };
+    let ended = row(&names[0]).await;
+    assert_eq!(
+        (ended.state, ended.instance_id),
+        (RunnerState::Terminated, None)
+    );
+    // GitHub handed the second a job before Booting was written: it stays
+    // busy and gets its instance, so it can still be ended.
+    record(
+        s,
+        &[delivery(
+            "p",
+            event(1, JobStatus::InProgress, Some(&names[1])),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    s.settle_jobs(CONTROLLER).await.unwrap();
+    assert_eq!(state(s, &names[1]).await, RunnerState::Busy);
+    assert!(s
+        .update_runner(&names[1], OWNER, booting("i-1"))
+        .await
+        .unwrap());
+    let busy = row(&names[1]).await;
+    assert_eq!(
+        (busy.state, busy.instance_id.as_deref()),
+        (RunnerState::Busy, Some("i-1"))
+    );
+    // Its job completes: now it is claimed for termination like any other.
+    record(
+        s,
+        &[delivery(
+            "c",
+            event(1, JobStatus::Completed, Some(&names[1])),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    let done = s.settle_jobs(CONTROLLER).await.unwrap();
+    assert_eq!(
+        done.iter()
+            .map(|(r, _)| r.name.as_str())
+            .collect::<Vec<_>>(),
+        [names[1].as_str()]
+    );
+    // Once the instance is recorded, a second Booting changes nothing.
+    assert!(s
+        .update_runner(&names[2], OWNER, booting("i-2"))
+        .await
+        .unwrap());
+    assert!(!s
+        .update_runner(&names[2], OWNER, booting("i-3"))
+        .await
+        .unwrap());
+    assert_eq!(row(&names[2]).await.instance_id.as_deref(), Some("i-2"));
 }

@@ -94,8 +94,13 @@ impl Store for PgStore {
         Ok(self.pg_renew_leases(names, owner, lease).await?)
     }
 
-    async fn update_runner(&self, name: &str, change: RunnerChange) -> Result<(), StoreError> {
-        Ok(self.pg_update_runner(name, change).await?)
+    async fn update_runner(
+        &self,
+        name: &str,
+        owner: &str,
+        change: RunnerChange,
+    ) -> Result<bool, StoreError> {
+        Ok(self.pg_update_runner(name, owner, change).await?)
     }
 
     async fn runner_scopes(
@@ -121,12 +126,22 @@ impl Store for PgStore {
         Ok(self.pg_settle_jobs(controller_id).await?)
     }
 
-    async fn mark_online(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
-        Ok(self.pg_mark_online(names, at).await?)
+    async fn mark_online(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        Ok(self.pg_mark_online(controller_id, names, at).await?)
     }
 
-    async fn mark_busy(&self, names: &[String], at: DateTime<Utc>) -> Result<u64, StoreError> {
-        Ok(self.pg_mark_busy(names, at).await?)
+    async fn mark_busy(
+        &self,
+        controller_id: &str,
+        names: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        Ok(self.pg_mark_busy(controller_id, names, at).await?)
     }
 
     async fn end_runner_if(

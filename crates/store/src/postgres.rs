@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::SeedableRng;
+use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::planner::RunnerCount;
 use spot_runners_domain::ports::RunnerScope;
@@ -37,11 +38,23 @@ pub const WAKE_CHANNEL: &str = "spot_runners_wake";
 /// time and would only be rolled back.
 const MIN_BATCH_TIME: Duration = Duration::from_millis(50);
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Every time the store writes or compares with: the reconciler's
+    /// clock, never PostgreSQL's `now()` (column defaults stay for
+    /// operators' manual inserts).
+    clock: Arc<dyn Clock>,
     /// The session holding the sweep leadership lock, while this process leads.
     leader: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgStore {
@@ -63,8 +76,16 @@ impl PgStore {
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             pool,
+            clock: Arc::new(SystemClock),
             leader: Arc::default(),
         }
+    }
+
+    /// Reads time from `clock` (the reconciler's) instead of the system's.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -123,6 +144,7 @@ impl PgStore {
             .await?;
         let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
             .bind(sqlx::types::Json(&rows))
+            .bind(self.clock.now())
             .fetch_all(&mut *tx)
             .await?;
         let fresh: HashSet<String> = fresh.into_iter().collect();
@@ -209,8 +231,8 @@ WITH input AS (
         match_error text, github_created_at timestamptz)
 ),
 fresh AS (
-    INSERT INTO webhook_deliveries (delivery_id, event, action, job_id)
-    SELECT delivery_id, 'workflow_job', status, job_id FROM input ORDER BY delivery_id
+    INSERT INTO webhook_deliveries (delivery_id, event, action, job_id, received_at)
+    SELECT delivery_id, 'workflow_job', status, job_id, $2::timestamptz FROM input ORDER BY delivery_id
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id
 ),
@@ -246,16 +268,17 @@ upserted AS (
         id, run_id, run_attempt, name, workflow_name, repository, owner, org,
         installation_id, html_url, labels, status, conclusion, runner_id,
         runner_name, profile, match_error, github_created_at,
-        waiting_at, queued_at, in_progress_at, completed_at)
+        waiting_at, queued_at, in_progress_at, completed_at, first_seen_at, updated_at)
     SELECT f.id, s.run_id, f.run_attempt, s.name, s.workflow_name, s.repository, s.owner,
            s.org, f.installation_id, f.html_url, s.labels, f.status, f.conclusion,
            f.runner_id, f.runner_name, f.profile,
            CASE WHEN f.profile IS NULL THEN f.last_match_error END,
            f.github_created_at,
-           CASE WHEN f.waiting THEN now() END,
-           CASE WHEN f.queued THEN now() END,
-           CASE WHEN f.in_progress THEN now() END,
-           CASE WHEN f.completed THEN now() END
+           CASE WHEN f.waiting THEN $2::timestamptz END,
+           CASE WHEN f.queued THEN $2::timestamptz END,
+           CASE WHEN f.in_progress THEN $2::timestamptz END,
+           CASE WHEN f.completed THEN $2::timestamptz END,
+           $2::timestamptz, $2::timestamptz
     FROM folded f JOIN input s ON s.ord = f.first_ord
     ORDER BY f.id
     ON CONFLICT (id) DO UPDATE SET
@@ -275,7 +298,7 @@ upserted AS (
         queued_at = COALESCE(j.queued_at, EXCLUDED.queued_at),
         in_progress_at = COALESCE(j.in_progress_at, EXCLUDED.in_progress_at),
         completed_at = COALESCE(j.completed_at, EXCLUDED.completed_at),
-        updated_at = now()
+        updated_at = $2::timestamptz
     RETURNING 1
 )
 SELECT delivery_id FROM fresh
@@ -368,9 +391,10 @@ impl PgStore {
                UNION ALL
                SELECT profile, status, count(*)
                FROM workflow_jobs
-               WHERE completed_at > now() - make_interval(secs => $1) AND status = 'completed'
+               WHERE completed_at > $2::timestamptz - make_interval(secs => $1) AND status = 'completed'
                GROUP BY profile, status"#,
             completed_within.as_secs_f64(),
+            self.clock.now()
         )
         .fetch_all(&self.pool)
         .await?;
@@ -388,8 +412,9 @@ impl PgStore {
 
     pub(crate) async fn pg_prune_deliveries(&self, retention: Duration) -> Result<u64, PgError> {
         let done = sqlx::query!(
-            "DELETE FROM webhook_deliveries WHERE received_at < now() - make_interval(secs => $1)",
+            "DELETE FROM webhook_deliveries WHERE received_at < $2::timestamptz - make_interval(secs => $1)",
             retention.as_secs_f64(),
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?;
@@ -409,11 +434,12 @@ impl PgStore {
             // key, never by a join over the whole table.
             r#"DELETE FROM workflow_jobs WHERE id = ANY(ARRAY(
                    SELECT id FROM workflow_jobs
-                   WHERE completed_at < now() - make_interval(secs => $1) AND status = 'completed'
+                   WHERE completed_at < $3::timestamptz - make_interval(secs => $1) AND status = 'completed'
                    ORDER BY completed_at
                    LIMIT $2))"#,
             older_than.as_secs_f64(),
             batch,
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?
@@ -424,12 +450,13 @@ impl PgStore {
                    WHERE controller_id = $1
                      AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
                                    'interrupted', 'orphaned')
-                     AND updated_at < now() - make_interval(secs => $2)
+                     AND updated_at < $4::timestamptz - make_interval(secs => $2)
                    ORDER BY updated_at
                    LIMIT $3))"#,
             controller_id,
             older_than.as_secs_f64(),
             batch,
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?
@@ -475,10 +502,11 @@ impl PgStore {
             Err(e) => (None, Some(e)),
         };
         sqlx::query!(
-            "UPDATE workflow_jobs SET profile = $2, match_error = $3, updated_at = now() WHERE id = $1",
+            "UPDATE workflow_jobs SET profile = $2, match_error = $3, updated_at = $4::timestamptz WHERE id = $1",
             job_id,
             p,
-            e
+            e,
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?;
@@ -502,12 +530,12 @@ impl PgStore {
     ) -> Result<Vec<RunnerRecord>, PgError> {
         let rows = sqlx::query_as!(
             RunnerRow,
-            r#"UPDATE runners SET lease_owner = $2, lease_until = now() + make_interval(secs => $3), updated_at = now()
+            r#"UPDATE runners SET lease_owner = $2, lease_until = $5::timestamptz + make_interval(secs => $3), updated_at = $5::timestamptz
                WHERE name IN (
                    SELECT name FROM runners
                    WHERE controller_id = $1
                      AND state IN ('requested', 'registered', 'launching')
-                     AND (lease_until IS NULL OR lease_until < now())
+                     AND (lease_until IS NULL OR lease_until < $5::timestamptz)
                    ORDER BY created_at
                    LIMIT $4
                    FOR UPDATE SKIP LOCKED)
@@ -517,7 +545,8 @@ impl PgStore {
             controller_id,
             owner,
             lease.as_secs_f64(),
-            limit
+            limit,
+            self.clock.now()
         )
         .fetch_all(&self.pool)
         .await?;
@@ -526,18 +555,27 @@ impl PgStore {
         Ok(out)
     }
 
+    /// Every statement is compare-and-set on the lease and the
+    /// provisioning states (`PROVISIONING`), so a provisioner whose lease
+    /// lapsed cannot write over a row another replica or a sweep moved on.
     pub(crate) async fn pg_update_runner(
         &self,
         name: &str,
+        owner: &str,
         change: RunnerChange,
-    ) -> Result<(), PgError> {
+    ) -> Result<bool, PgError> {
+        let now = self.clock.now();
         let done = match change {
             RunnerChange::Registered { github_runner_id } => {
                 sqlx::query!(
-                    "UPDATE runners SET state = 'registered', github_runner_id = $2, registered_at = now(),
-                            updated_at = now() WHERE name = $1",
+                    "UPDATE runners SET state = 'registered', github_runner_id = $3, registered_at = $4,
+                            updated_at = $4
+                     WHERE name = $1 AND lease_owner = $2
+                       AND state IN ('requested', 'registered', 'launching')",
                     name,
-                    github_runner_id
+                    owner,
+                    github_runner_id,
+                    now
                 )
                 .execute(&self.pool)
                 .await?
@@ -548,26 +586,38 @@ impl PgStore {
                 market,
             } => {
                 sqlx::query!(
-                    "UPDATE runners SET state = 'launching', instance_type = $2, subnet_id = $3, market = $4,
-                            launch_attempts = launch_attempts + 1, updated_at = now() WHERE name = $1",
+                    "UPDATE runners SET state = 'launching', instance_type = $3, subnet_id = $4, market = $5,
+                            launch_attempts = launch_attempts + 1, updated_at = $6
+                     WHERE name = $1 AND lease_owner = $2
+                       AND state IN ('requested', 'registered', 'launching')",
                     name,
+                    owner,
                     instance_type,
                     subnet_id,
-                    market
+                    market,
+                    now
                 )
                 .execute(&self.pool)
                 .await?
             }
             RunnerChange::AttemptFailed { code, message } => {
                 sqlx::query!(
-                    "UPDATE runners SET last_error_code = $2, last_error = $3, updated_at = now() WHERE name = $1",
+                    "UPDATE runners SET last_error_code = $3, last_error = $4, updated_at = $5
+                     WHERE name = $1 AND lease_owner = $2
+                       AND state IN ('requested', 'registered', 'launching')",
                     name,
+                    owner,
                     code,
-                    message
+                    message,
+                    now
                 )
                 .execute(&self.pool)
                 .await?
             }
+            // A row `settle_jobs` or a listing made busy (or done) before
+            // its instance was recorded keeps its state but gets its
+            // instance, so it can still be ended; a row that ended meanwhile
+            // gets nothing (its instance is an orphan the sweep terminates).
             RunnerChange::Booting {
                 instance_id,
                 instance_type,
@@ -575,55 +625,69 @@ impl PgStore {
                 market,
             } => {
                 sqlx::query!(
-                    "UPDATE runners SET state = 'booting', instance_id = $2, instance_type = $3, subnet_id = $4,
-                            market = $5, launched_at = now(), lease_owner = NULL, lease_until = NULL,
-                            updated_at = now() WHERE name = $1",
+                    "UPDATE runners SET
+                            state = CASE WHEN state IN ('busy', 'done') THEN state ELSE 'booting' END,
+                            instance_id = $3, instance_type = $4, subnet_id = $5,
+                            market = $6, launched_at = $7, lease_owner = NULL, lease_until = NULL,
+                            updated_at = $7
+                     WHERE name = $1 AND instance_id IS NULL
+                       AND ((lease_owner = $2 AND state IN ('requested', 'registered', 'launching'))
+                            OR state IN ('busy', 'done'))",
                     name,
+                    owner,
                     instance_id,
                     instance_type,
                     subnet_id,
-                    market
+                    market,
+                    now
                 )
                 .execute(&self.pool)
                 .await?
             }
             RunnerChange::Ended { state, code, reason } => {
                 sqlx::query!(
-                    "UPDATE runners SET state = $2, last_error_code = COALESCE($3, last_error_code), reason = $4,
-                            terminated_at = COALESCE(terminated_at, now()), lease_owner = NULL, lease_until = NULL,
-                            updated_at = now() WHERE name = $1",
+                    "UPDATE runners SET state = $3, last_error_code = COALESCE($4, last_error_code), reason = $5,
+                            terminated_at = COALESCE(terminated_at, $6), lease_owner = NULL, lease_until = NULL,
+                            updated_at = $6
+                     WHERE name = $1 AND lease_owner = $2
+                       AND state IN ('requested', 'registered', 'launching')",
                     name,
+                    owner,
                     state.as_str(),
                     code,
-                    reason
+                    reason,
+                    now
                 )
                 .execute(&self.pool)
                 .await?
             }
             RunnerChange::Postpone { retry_in } => {
                 sqlx::query!(
-                    "UPDATE runners SET lease_until = now() + make_interval(secs => $2), updated_at = now()
-                     WHERE name = $1",
+                    "UPDATE runners SET lease_until = $4::timestamptz + make_interval(secs => $3), updated_at = $4
+                     WHERE name = $1 AND lease_owner = $2
+                       AND state IN ('requested', 'registered', 'launching')",
                     name,
-                    retry_in.as_secs_f64()
+                    owner,
+                    retry_in.as_secs_f64(),
+                    now
                 )
                 .execute(&self.pool)
                 .await?
             }
             RunnerChange::Requeue => {
                 sqlx::query!(
-                    "UPDATE runners SET state = 'requested', github_runner_id = NULL, updated_at = now()
-                     WHERE name = $1",
-                    name
+                    "UPDATE runners SET state = 'requested', github_runner_id = NULL, updated_at = $3
+                     WHERE name = $1 AND lease_owner = $2
+                       AND state IN ('requested', 'registered', 'launching')",
+                    name,
+                    owner,
+                    now
                 )
                 .execute(&self.pool)
                 .await?
             }
         };
-        if done.rows_affected() == 0 {
-            return Err(PgError::Corrupt(format!("no runner named {name}")));
-        }
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     pub(crate) async fn pg_runners(
@@ -650,11 +714,12 @@ impl PgStore {
                    WHERE controller_id = $1
                      AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
                                    'interrupted', 'orphaned')
-                     AND updated_at > now() - make_interval(secs => $2)
+                     AND updated_at > $3::timestamptz - make_interval(secs => $2)
                ) r
                ORDER BY created_at"#,
             controller_id,
-            ended_within.as_secs_f64()
+            ended_within.as_secs_f64(),
+            self.clock.now()
         )
         .fetch_all(&self.pool)
         .await?;
@@ -676,9 +741,10 @@ impl PgStore {
                WHERE controller_id = $1
                  AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
                                'interrupted', 'orphaned')
-                 AND updated_at > now() - make_interval(secs => $2)"#,
+                 AND updated_at > $3::timestamptz - make_interval(secs => $2)"#,
             controller_id,
-            ended_within.as_secs_f64()
+            ended_within.as_secs_f64(),
+            self.clock.now()
         )
         .fetch_all(&self.pool)
         .await?;
@@ -702,11 +768,12 @@ impl PgStore {
         lease: Duration,
     ) -> Result<u64, PgError> {
         let done = sqlx::query!(
-            "UPDATE runners SET lease_until = now() + make_interval(secs => $3)
+            "UPDATE runners SET lease_until = $4::timestamptz + make_interval(secs => $3)
              WHERE name = ANY($1) AND lease_owner = $2 AND state IN ('requested', 'registered', 'launching')",
             names,
             owner,
-            lease.as_secs_f64()
+            lease.as_secs_f64(),
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?;
@@ -715,14 +782,17 @@ impl PgStore {
 
     pub(crate) async fn pg_mark_online(
         &self,
+        controller_id: &str,
         names: &[String],
         at: DateTime<Utc>,
     ) -> Result<u64, PgError> {
         let done = sqlx::query!(
-            "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = now()
-             WHERE name = ANY($1) AND state IN ('launching', 'booting')",
+            "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = $3
+             WHERE name = ANY($1) AND controller_id = $4 AND state IN ('launching', 'booting')",
             names,
-            at
+            at,
+            self.clock.now(),
+            controller_id
         )
         .execute(&self.pool)
         .await?;
@@ -731,15 +801,18 @@ impl PgStore {
 
     pub(crate) async fn pg_mark_busy(
         &self,
+        controller_id: &str,
         names: &[String],
         at: DateTime<Utc>,
     ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
-                    busy_at = COALESCE(busy_at, $2), updated_at = now()
-             WHERE name = ANY($1) AND state IN ('launching', 'booting', 'idle')",
+                    busy_at = COALESCE(busy_at, $2), updated_at = $3
+             WHERE name = ANY($1) AND controller_id = $4 AND state IN ('launching', 'booting', 'idle')",
             names,
-            at
+            at,
+            self.clock.now(),
+            controller_id
         )
         .execute(&self.pool)
         .await?;
@@ -754,13 +827,14 @@ impl PgStore {
         reason: &str,
     ) -> Result<bool, PgError> {
         let done = sqlx::query!(
-            "UPDATE runners SET state = $3, reason = $4, terminated_at = COALESCE(terminated_at, now()),
-                    lease_owner = NULL, lease_until = NULL, updated_at = now()
+            "UPDATE runners SET state = $3, reason = $4, terminated_at = COALESCE(terminated_at, $5::timestamptz),
+                    lease_owner = NULL, lease_until = NULL, updated_at = $5::timestamptz
              WHERE name = $1 AND state = $2",
             name,
             expected.as_str(),
             state.as_str(),
-            reason
+            reason,
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?;
@@ -790,7 +864,7 @@ impl PgStore {
 
     pub(crate) async fn pg_demand(&self) -> Result<BTreeMap<String, Demand>, PgError> {
         let mut conn = self.pool.acquire().await?;
-        load_demand(&mut conn).await
+        load_demand(&mut conn, self.clock.now()).await
     }
 
     pub(crate) async fn pg_stale_jobs(
@@ -849,13 +923,14 @@ impl PgStore {
                    in_progress_at = CASE WHEN $3 IN ('in_progress', 'completed')
                                          THEN COALESCE(in_progress_at, $2) ELSE in_progress_at END,
                    completed_at = CASE WHEN $3 = 'completed' THEN COALESCE(completed_at, $2) ELSE completed_at END,
-                   updated_at = now()
+                   updated_at = $6::timestamptz
                WHERE id = $1"#,
             job_id,
             at,
             status.as_str(),
             conclusion,
-            runner_name
+            runner_name,
+            self.clock.now()
         )
         .execute(&self.pool)
         .await?;
@@ -967,7 +1042,7 @@ impl PgStore {
         delivery_id: &str,
         run: &WorkflowRunEvent,
     ) -> Result<DeliveryOutcome, PgError> {
-        survival::record_workflow_run(&self.pool, delivery_id, run).await
+        survival::record_workflow_run(&self.pool, delivery_id, run, self.clock.now()).await
     }
 
     pub(crate) async fn pg_record_run_check(
@@ -975,7 +1050,7 @@ impl PgStore {
         run: &WorkflowRunEvent,
         at: DateTime<Utc>,
     ) -> Result<(), PgError> {
-        survival::record_run_check(&self.pool, run, at).await
+        survival::record_run_check(&self.pool, run, at, self.clock.now()).await
     }
 
     pub(crate) async fn pg_mark_run_checked(
@@ -984,14 +1059,14 @@ impl PgStore {
         repository: &str,
         at: DateTime<Utc>,
     ) -> Result<(), PgError> {
-        survival::mark_run_checked(&self.pool, run_id, repository, at).await
+        survival::mark_run_checked(&self.pool, run_id, repository, at, self.clock.now()).await
     }
 
     pub(crate) async fn pg_record_interruption(
         &self,
         interruption: &Interruption,
     ) -> Result<bool, PgError> {
-        survival::record_interruption(&self.pool, interruption).await
+        survival::record_interruption(&self.pool, interruption, self.clock.now()).await
     }
 
     pub(crate) async fn pg_job_of_runner(&self, runner_name: &str) -> Result<Option<i64>, PgError> {
@@ -1005,7 +1080,7 @@ impl PgStore {
     }
 
     pub(crate) async fn pg_link_reruns(&self) -> Result<u64, PgError> {
-        survival::link_reruns(&self.pool).await
+        survival::link_reruns(&self.pool, self.clock.now()).await
     }
 
     pub(crate) async fn pg_runs_awaiting_reruns(
@@ -1026,7 +1101,7 @@ impl PgStore {
         outcome: &RerunOutcome,
         at: DateTime<Utc>,
     ) -> Result<(), PgError> {
-        survival::set_rerun_outcome(&self.pool, job_ids, outcome, at).await
+        survival::set_rerun_outcome(&self.pool, job_ids, outcome, at, self.clock.now()).await
     }
 
     pub(crate) async fn pg_rerun_attempts(&self, job_id: i64) -> Result<i32, PgError> {
@@ -1055,6 +1130,7 @@ impl PgStore {
             profile,
             interruptions_since,
             decide,
+            self.clock.now(),
         )
         .await
     }
@@ -1145,7 +1221,7 @@ impl PgStore {
             return Ok(Vec::new());
         }
         let mut snapshot = PlanSnapshot {
-            demand: load_demand(&mut tx).await?,
+            demand: load_demand(&mut tx, self.clock.now()).await?,
             ..PlanSnapshot::default()
         };
         // Counted in the database: a pass per webhook must not decode
@@ -1195,8 +1271,9 @@ impl PgStore {
         }
         let rows = sqlx::query_as!(
             RunnerRow,
-            r#"INSERT INTO runners (name, controller_id, profile, state, org, repository, demand_since)
-               SELECT n, $2, p, 'requested', o, r, d
+            r#"INSERT INTO runners (name, controller_id, profile, state, org, repository, demand_since,
+                                   created_at, updated_at)
+               SELECT n, $2, p, 'requested', o, r, d, $7::timestamptz, $7::timestamptz
                FROM UNNEST($1::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[]) AS t(n, p, o, r, d)
                RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
                          instance_type, subnet_id, market, job_id, launch_attempts,
@@ -1207,6 +1284,7 @@ impl PgStore {
             &orgs as &[Option<String>],
             &repos as &[Option<String>],
             &since as &[Option<chrono::DateTime<chrono::Utc>>],
+            self.clock.now(),
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -1226,32 +1304,35 @@ impl PgStore {
     ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, PgError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query!(
-            r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, now()),
-                      online_at = COALESCE(r.online_at, now()), updated_at = now()
+            r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
+                      online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
                FROM workflow_jobs j
                WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'in_progress'
                  AND r.state IN ('launching', 'booting', 'idle')"#,
-            controller_id
+            controller_id,
+            self.clock.now()
         )
         .execute(&mut *tx)
         .await?;
         sqlx::query!(
-            r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = now(), updated_at = now()
+            r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
                FROM workflow_jobs j
                WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'completed'
                  AND r.state IN ('launching', 'booting', 'idle', 'busy')"#,
-            controller_id
+            controller_id,
+            self.clock.now()
         )
         .execute(&mut *tx)
         .await?;
         let claimed = sqlx::query_as!(
             RunnerRow,
-            r#"UPDATE runners SET state = 'terminating', terminating_at = now(), updated_at = now()
+            r#"UPDATE runners SET state = 'terminating', terminating_at = $2::timestamptz, updated_at = $2::timestamptz
                WHERE controller_id = $1 AND state = 'done' AND instance_id IS NOT NULL
                RETURNING name, profile, state, org, repository, github_runner_id, instance_id,
                          instance_type, subnet_id, market, job_id, launch_attempts,
                          last_error_code, reason, demand_since, created_at, launched_at, online_at, updated_at"#,
-            controller_id
+            controller_id,
+            self.clock.now()
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -1277,7 +1358,10 @@ impl PgStore {
 
 /// Queued jobs per profile (oldest first), and where each profile's warm
 /// pool registers: the scope of its latest job.
-async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>, PgError> {
+async fn load_demand(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+) -> Result<BTreeMap<String, Demand>, PgError> {
     let mut demand: BTreeMap<String, Demand> = BTreeMap::new();
     let queued = sqlx::query!(
         r#"SELECT profile AS "profile!", first_seen_at, org, repository
@@ -1301,15 +1385,16 @@ async fn load_demand(conn: &mut PgConnection) -> Result<BTreeMap<String, Demand>
                FROM instance_profiles p
                CROSS JOIN LATERAL (
                    SELECT org, repository FROM workflow_jobs
-                   WHERE profile = p.name AND first_seen_at > now() - interval '30 days'
+                   WHERE profile = p.name AND first_seen_at > $1::timestamptz - interval '30 days'
                    ORDER BY first_seen_at DESC
-                   LIMIT 1) j"#
+                   LIMIT 1) j"#,
+        now
     )
     .fetch_all(&mut *conn)
     .await?;
     for j in latest {
         demand.entry(j.profile).or_default().warm_scope =
-            Some(queued_job(chrono::Utc::now(), j.org, j.repository).scope);
+            Some(queued_job(now, j.org, j.repository).scope);
     }
     Ok(demand)
 }

@@ -23,10 +23,11 @@ pub(crate) mod sql {
         conn: &mut sqlx::PgConnection,
         run: &WorkflowRunEvent,
         checked_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
     ) -> Result<(), PgError> {
         sqlx::query(
             r#"INSERT INTO workflow_runs AS r (id, repository, run_attempt, status, conclusion, completed_at, checked_at)
-               VALUES ($1, $2, $3, $4, $5, CASE WHEN $4 = 'completed' THEN now() END, $6)
+               VALUES ($1, $2, $3, $4, $5, CASE WHEN $4 = 'completed' THEN $7::timestamptz END, $6)
                ON CONFLICT (id) DO UPDATE SET
                    run_attempt = GREATEST(r.run_attempt, EXCLUDED.run_attempt),
                    status = CASE
@@ -41,7 +42,7 @@ pub(crate) mod sql {
                        WHEN EXCLUDED.run_attempt < r.run_attempt THEN r.completed_at
                        ELSE COALESCE(r.completed_at, EXCLUDED.completed_at) END,
                    checked_at = COALESCE(EXCLUDED.checked_at, r.checked_at),
-                   updated_at = now()"#,
+                   updated_at = $7::timestamptz"#,
         )
         .bind(run.run_id)
         .bind(&run.repository)
@@ -49,6 +50,7 @@ pub(crate) mod sql {
         .bind(&run.status)
         .bind(&run.conclusion)
         .bind(checked_at)
+        .bind(now)
         .execute(&mut *conn)
         .await?;
         Ok(())
@@ -58,6 +60,7 @@ pub(crate) mod sql {
         pool: &PgPool,
         delivery_id: &str,
         run: &WorkflowRunEvent,
+        now: DateTime<Utc>,
     ) -> Result<DeliveryOutcome, PgError> {
         let mut tx = pool.begin().await?;
         let fresh = sqlx::query(
@@ -72,7 +75,7 @@ pub(crate) mod sql {
         if !fresh {
             return Ok(DeliveryOutcome::Duplicate);
         }
-        upsert_run(&mut tx, run, None).await?;
+        upsert_run(&mut tx, run, None, now).await?;
         tx.commit().await?;
         Ok(DeliveryOutcome::Accepted)
     }
@@ -81,9 +84,10 @@ pub(crate) mod sql {
         pool: &PgPool,
         run: &WorkflowRunEvent,
         at: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<(), PgError> {
         let mut conn = pool.acquire().await?;
-        upsert_run(&mut conn, run, Some(at)).await
+        upsert_run(&mut conn, run, Some(at), now).await
     }
 
     pub(crate) async fn mark_run_checked(
@@ -91,14 +95,16 @@ pub(crate) mod sql {
         run_id: i64,
         repository: &str,
         at: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<(), PgError> {
         sqlx::query(
             r#"INSERT INTO workflow_runs (id, repository, status, checked_at) VALUES ($1, $2, 'unknown', $3)
-               ON CONFLICT (id) DO UPDATE SET checked_at = $3, updated_at = now()"#,
+               ON CONFLICT (id) DO UPDATE SET checked_at = $3, updated_at = $4::timestamptz"#,
         )
         .bind(run_id)
         .bind(repository)
         .bind(at)
+        .bind(now)
         .execute(pool)
         .await?;
         Ok(())
@@ -107,6 +113,7 @@ pub(crate) mod sql {
     pub(crate) async fn record_interruption(
         pool: &PgPool,
         i: &Interruption,
+        now: DateTime<Utc>,
     ) -> Result<bool, PgError> {
         let done = sqlx::query(
             r#"UPDATE workflow_jobs SET
@@ -114,7 +121,7 @@ pub(crate) mod sql {
                    interrupted_subnet_id = $5, interrupted_market = $6, interrupted_after_secs = $7,
                    rerun_state = 'pending', rerun_next_at = $2, rerun_attempts = 0,
                    rerun_reason = 'interrupted by a spot reclaim; re-run once its workflow run completes',
-                   updated_at = now()
+                   updated_at = $8::timestamptz
                WHERE id = $1 AND interrupted_at IS NULL"#,
         )
         .bind(i.job_id)
@@ -124,6 +131,7 @@ pub(crate) mod sql {
         .bind(&i.subnet_id)
         .bind(i.market.map(Market::as_str))
         .bind(i32::try_from(i.ran_secs).unwrap_or(i32::MAX))
+        .bind(now)
         .execute(pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -133,7 +141,7 @@ pub(crate) mod sql {
     /// latest earlier one that was interrupted: link them, and count the
     /// lineage's re-runs. A pending predecessor that someone re-ran by hand
     /// is no longer pending.
-    pub(crate) async fn link_reruns(pool: &PgPool) -> Result<u64, PgError> {
+    pub(crate) async fn link_reruns(pool: &PgPool, now: DateTime<Utc>) -> Result<u64, PgError> {
         let done = sqlx::query(
             r#"WITH pairs AS (
                    SELECT DISTINCT ON (n.id) n.id AS new_id, p.id AS old_id, p.rerun_count AS old_count
@@ -144,15 +152,16 @@ pub(crate) mod sql {
                    ORDER BY n.id, p.run_attempt DESC
                ), linked AS (
                    UPDATE workflow_jobs n SET rerun_of = pairs.old_id, rerun_count = pairs.old_count + 1,
-                          updated_at = now()
+                          updated_at = $1::timestamptz
                    FROM pairs WHERE n.id = pairs.new_id
                    RETURNING pairs.old_id
                )
                UPDATE workflow_jobs p SET rerun_state = 'rerun',
                       rerun_reason = 're-run as job ' || (SELECT min(n.id) FROM workflow_jobs n WHERE n.rerun_of = p.id),
-                      updated_at = now()
+                      updated_at = $1::timestamptz
                WHERE p.id IN (SELECT old_id FROM linked) AND p.rerun_state IN ('pending', 'requested')"#,
         )
+        .bind(now)
         .execute(pool)
         .await?;
         Ok(done.rows_affected())
@@ -222,6 +231,7 @@ pub(crate) mod sql {
         job_ids: &[i64],
         outcome: &RerunOutcome,
         at: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<(), PgError> {
         let (state, reason, next): (&str, String, Option<DateTime<Utc>>) = match outcome {
             RerunOutcome::Requested => {
@@ -240,7 +250,7 @@ pub(crate) mod sql {
             r#"UPDATE workflow_jobs SET rerun_state = $2, rerun_reason = $3, rerun_next_at = $4,
                       rerun_attempts = rerun_attempts + CASE WHEN $5 THEN 1 ELSE 0 END,
                       rerun_requested_at = CASE WHEN $2 = 'requested' THEN $6 ELSE rerun_requested_at END,
-                      updated_at = now()
+                      updated_at = $7::timestamptz
                WHERE id = ANY($1) AND rerun_state = 'pending'
                RETURNING run_id"#,
         )
@@ -250,6 +260,7 @@ pub(crate) mod sql {
         .bind(next)
         .bind(counts)
         .bind(at)
+        .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         if *outcome == RerunOutcome::Requested {
@@ -257,10 +268,11 @@ pub(crate) mod sql {
             // late delivery for the attempt that ended changes nothing.
             sqlx::query(
                 r#"UPDATE workflow_runs SET run_attempt = run_attempt + 1, status = 'in_progress',
-                          conclusion = NULL, completed_at = NULL, updated_at = now()
+                          conclusion = NULL, completed_at = NULL, updated_at = $2::timestamptz
                    WHERE id = ANY($1)"#,
             )
             .bind(&runs)
+            .bind(now)
             .execute(&mut *tx)
             .await?;
         }
@@ -321,6 +333,7 @@ pub(crate) mod sql {
         profile: &str,
         since: DateTime<Utc>,
         decide: MarketFn,
+        now: DateTime<Utc>,
     ) -> Result<(Market, String), PgError> {
         let mut tx = pool.begin().await?;
         sqlx::query(
@@ -386,11 +399,12 @@ pub(crate) mod sql {
         };
         let (market, reason) = decide(&snapshot);
         sqlx::query(
-            "UPDATE runners SET market = $2, market_reason = $3, updated_at = now() WHERE name = $1",
+            "UPDATE runners SET market = $2, market_reason = $3, updated_at = $4::timestamptz WHERE name = $1",
         )
         .bind(runner_name)
         .bind(market.as_str())
         .bind(&reason)
+        .bind(now)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

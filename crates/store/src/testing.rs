@@ -80,6 +80,7 @@ pub async fn test_database() -> Result<TestDatabase, PgError> {
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut admin)
         .await?;
+    drop_stale_databases(&mut admin).await;
     admin.close().await?;
     let url = replace_database(&admin_url, &name);
     let store = PgStore::connect(&url).await?;
@@ -89,6 +90,34 @@ pub async fn test_database() -> Result<TestDatabase, PgError> {
         url,
         admin_url,
     })
+}
+
+/// Test databases outlive their test (each test is its own process, and an
+/// async drop cannot run at exit), so every new one removes those of earlier
+/// runs: one per test would fill the disk of a machine that runs the suite
+/// often. Only names this harness makes, older than an hour, go; a failure
+/// only leaves them for the next test.
+async fn drop_stale_databases(admin: &mut sqlx::PgConnection) {
+    let cutoff = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .format("test_%Y%m%d%H%M%S")
+        .to_string();
+    let stale: Vec<String> = match sqlx::query_scalar(
+        "SELECT datname FROM pg_database
+         WHERE datname ~ '^test_[0-9]{14}_[0-9a-f]+$' AND datname < $1
+         ORDER BY datname LIMIT 50",
+    )
+    .bind(&cutoff)
+    .fetch_all(&mut *admin)
+    .await
+    {
+        Ok(names) => names,
+        Err(_) => return,
+    };
+    for name in stale {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut *admin)
+            .await;
+    }
 }
 
 fn rand_suffix() -> u64 {

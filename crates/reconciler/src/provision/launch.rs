@@ -98,6 +98,7 @@ impl Reconciler {
                             .store
                             .update_runner(
                                 &runner.name,
+                                &self.owner,
                                 RunnerChange::AttemptFailed {
                                     code: e.code.clone(),
                                     message: e.message.clone(),

@@ -444,15 +444,28 @@ impl Ledger {
         }
     }
 
+    /// Compare-and-set on the lease and the provisioning states, as
+    /// `PgStore`'s statements; `Booting` also fills in the instance of a row
+    /// moved to `busy`/`done` before it had one. Returns whether it applied.
     pub(crate) fn update(
         &mut self,
         name: &str,
+        owner: &str,
         change: RunnerChange,
         now: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    ) -> bool {
         let Some(r) = self.runners.get_mut(name) else {
-            return Err(StoreError::Corrupt(format!("no runner named {name}")));
+            return false;
         };
+        let ours = r.lease_owner.as_deref() == Some(owner) && r.provisioning();
+        let taken = matches!(r.record.state, RunnerState::Busy | RunnerState::Done);
+        let applies = match &change {
+            RunnerChange::Booting { .. } => r.record.instance_id.is_none() && (ours || taken),
+            _ => ours,
+        };
+        if !applies {
+            return false;
+        }
         r.record.updated_at = now;
         let rec = &mut r.record;
         let state = match change {
@@ -485,7 +498,7 @@ impl Ledger {
                     (Some(instance_type), subnet_id, Some(market));
                 rec.launched_at = Some(now);
                 (r.lease_owner, r.lease_until) = (None, None);
-                Some(RunnerState::Booting)
+                (!taken).then_some(RunnerState::Booting)
             }
             RunnerChange::Ended {
                 state,
@@ -509,7 +522,7 @@ impl Ledger {
         if let Some(state) = state {
             self.set_state(name, state);
         }
-        Ok(())
+        true
     }
 
     /// `in_progress` naming a runner → `busy`; its job `completed` →
@@ -566,6 +579,7 @@ impl Ledger {
     /// GitHub's listing: online (`busy` false) or busy runners move on.
     pub(crate) fn mark(
         &mut self,
+        controller_id: &str,
         names: &[String],
         at: DateTime<Utc>,
         busy: bool,
@@ -573,7 +587,11 @@ impl Ledger {
     ) -> u64 {
         let mut n = 0;
         for name in names {
-            let Some(r) = self.runners.get_mut(name) else {
+            let Some(r) = self
+                .runners
+                .get_mut(name)
+                .filter(|r| r.controller_id == controller_id)
+            else {
                 continue;
             };
             let rec = &mut r.record;

@@ -126,6 +126,16 @@ struct Args {
     /// up queued jobs and live runners; TerminateInstances is unthrottled too.
     #[arg(long)]
     lifecycle: bool,
+    /// latency: open jobs already in the ledger before the measured run:
+    /// queued jobs that the service covers with a live (booting) runner each
+    /// before the clock starts, as a busy org's backlog.
+    #[arg(long, default_value_t = 0)]
+    open_jobs: usize,
+    /// latency: completed jobs in the ledger (bulk-loaded with
+    /// `generate_series`, spread over the last 29 days, each with its ended
+    /// runner and one delivery row), so passes run beside a long history.
+    #[arg(long, default_value_t = 0)]
+    closed_jobs: usize,
 
     /// burst: jobs queued at once.
     #[arg(long, default_value_t = 500)]
@@ -290,6 +300,154 @@ async fn fresh_database(
     .context("inserting the profile")?;
     store.pool().close().await;
     Ok(db)
+}
+
+/// A busy org's ledger, bulk-loaded before the service starts: `closed`
+/// completed jobs (each with its terminated runner and a delivery row,
+/// completed over the last 29 days, inside the 30-day retention so no sweep
+/// prunes them during the run) and `open` queued jobs of the profile, which
+/// the service then covers with a launch each.
+async fn preload(db: &BenchDb, open: usize, closed: usize) -> anyhow::Result<()> {
+    if open == 0 && closed == 0 {
+        return Ok(());
+    }
+    let began = Instant::now();
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let open = i64::try_from(open)?;
+    let closed = i64::try_from(closed)?;
+    // Closed jobs have ids 1..=closed, open ones OPEN_BASE + 1..; the
+    // measured ones `job_id_base()` (microseconds since 1970), far above.
+    sqlx::query(
+        "INSERT INTO workflow_jobs (id, run_id, run_attempt, name, workflow_name, repository, owner,
+                                    org, html_url, labels, status, conclusion, runner_id, runner_name,
+                                    profile, github_created_at, queued_at, in_progress_at,
+                                    completed_at, first_seen_at, updated_at)
+         SELECT i, i / 4, 1, 'proof (' || i || ')', 'Kani proofs', 'octo-org/example-workflow',
+                'octo-org', 'octo-org', 'https://github.com/octo-org/example-workflow/runs/' || i,
+                '{self-hosted,linux,x64,kani}', 'completed', 'success', i,
+                'spot-runners-kani-h' || to_hex(i), 'kani', t - interval '25 minutes',
+                t - interval '25 minutes', t - interval '24 minutes', t, t - interval '25 minutes', t
+         FROM (SELECT i, now() - interval '10 minutes' - (i::float8 / $1) * interval '29 days' AS t
+               FROM generate_series(1, $1) AS i) AS s",
+    )
+    .bind(closed)
+    .execute(&mut conn)
+    .await
+    .context("loading closed jobs")?;
+    sqlx::query(
+        "INSERT INTO runners (name, controller_id, profile, state, org, github_runner_id, instance_id,
+                              instance_type, subnet_id, market, job_id, launch_attempts, reason,
+                              demand_since, created_at, registered_at, launched_at, booted_at,
+                              online_at, busy_at, done_at, terminating_at, terminated_at, updated_at)
+         SELECT runner_name, 'spot-runners', 'kani', 'terminated', 'octo-org', id,
+                'i-' || lpad(to_hex(id), 17, '0'), 'c6i.4xlarge', 'subnet-0bench', 'spot', id, 1,
+                'completed', queued_at, queued_at, queued_at, queued_at, queued_at + interval '30 s',
+                queued_at + interval '50 s', in_progress_at, completed_at, completed_at,
+                completed_at, completed_at
+         FROM workflow_jobs WHERE id BETWEEN 1 AND $1",
+    )
+    .bind(closed)
+    .execute(&mut conn)
+    .await
+    .context("loading ended runners")?;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (delivery_id, event, action, job_id, received_at)
+         SELECT 'bench-' || id, 'workflow_job', 'completed', id, completed_at
+         FROM workflow_jobs WHERE id BETWEEN 1 AND $1",
+    )
+    .bind(closed)
+    .execute(&mut conn)
+    .await
+    .context("loading deliveries")?;
+    sqlx::query(
+        "INSERT INTO workflow_jobs (id, run_id, run_attempt, name, workflow_name, repository, owner,
+                                    org, html_url, labels, status, profile, github_created_at,
+                                    queued_at, first_seen_at, updated_at)
+         SELECT $2 + i, ($2 + i) / 4, 1, 'proof (' || i || ')', 'Kani proofs',
+                'octo-org/example-workflow', 'octo-org', 'octo-org',
+                'https://github.com/octo-org/example-workflow/runs/' || ($2 + i),
+                '{self-hosted,linux,x64,kani}', 'queued', 'kani', now(), now(), now(), now()
+         FROM generate_series(1, $1) AS i",
+    )
+    .bind(open)
+    .bind(OPEN_BASE)
+    .execute(&mut conn)
+    .await
+    .context("loading open jobs")?;
+    // As autovacuum would have by then: planner statistics for the history.
+    sqlx::raw_sql("VACUUM ANALYZE workflow_jobs, runners, webhook_deliveries")
+        .execute(&mut conn)
+        .await
+        .context("VACUUM ANALYZE")?;
+    conn.close().await?;
+    println!(
+        "preloaded the ledger in {:.1} s: {closed} closed jobs (with their runners and deliveries), {open} open jobs",
+        secs_f(began.elapsed())
+    );
+    Ok(())
+}
+
+/// First id of the preloaded open jobs.
+const OPEN_BASE: i64 = 1_000_000_000_000;
+
+/// Row counts of the ledger, as the output reports them.
+struct LedgerSizes {
+    open_jobs: i64,
+    closed_jobs: i64,
+    live_runners: i64,
+    ended_runners: i64,
+    deliveries: i64,
+}
+
+impl LedgerSizes {
+    async fn read(url: &str) -> anyhow::Result<Self> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let (open_jobs, closed_jobs): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status <> 'completed'),
+                    count(*) FILTER (WHERE status = 'completed')
+             FROM workflow_jobs",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let (live_runners, ended_runners): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state NOT IN ('terminated', 'launch_failed', 'boot_timeout',
+                                                         'idle_timeout', 'interrupted', 'orphaned')),
+                    count(*) FILTER (WHERE state IN ('terminated', 'launch_failed', 'boot_timeout',
+                                                     'idle_timeout', 'interrupted', 'orphaned'))
+             FROM runners",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let deliveries: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries")
+            .fetch_one(&mut conn)
+            .await?;
+        conn.close().await?;
+        Ok(Self {
+            open_jobs,
+            closed_jobs,
+            live_runners,
+            ended_runners,
+            deliveries,
+        })
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} open jobs, {} closed jobs; {} live runners, {} ended; {} deliveries",
+            self.open_jobs,
+            self.closed_jobs,
+            self.live_runners,
+            self.ended_runners,
+            self.deliveries
+        )
+    }
+
+    fn fields(&self) -> String {
+        format!(
+            "ledger_open_jobs={} ledger_closed_jobs={} ledger_live_runners={} ledger_ended_runners={} ledger_deliveries={}",
+            self.open_jobs, self.closed_jobs, self.live_runners, self.ended_runners, self.deliveries
+        )
+    }
 }
 
 // ------------------------------------------------------------- service --
@@ -917,8 +1075,9 @@ fn latency(args: &Args, driver_rt: &tokio::runtime::Runtime) -> anyhow::Result<(
     cloud.set_boot_time(Duration::from_millis(args.boot_ms));
     let github = FakeGitHub::new();
     github.set_jit_limit(TokenBucket::unlimited());
-    let cap = total + 100;
+    let cap = total + args.open_jobs + 100;
     let db = driver_rt.block_on(fresh_database(args.database_url.as_deref(), "latency", cap))?;
+    driver_rt.block_on(preload(&db, args.open_jobs, args.closed_jobs))?;
     let service = Service::start(
         args,
         &db,
@@ -929,7 +1088,7 @@ fn latency(args: &Args, driver_rt: &tokio::runtime::Runtime) -> anyhow::Result<(
             reconcile_interval_secs: 15,
         },
     )?;
-    let outcome = driver_rt.block_on(latency_run(args, &service, warm, total));
+    let outcome = driver_rt.block_on(latency_run(args, &service, &db, warm, total));
     service.stop()?;
     outcome
 }
@@ -937,10 +1096,37 @@ fn latency(args: &Args, driver_rt: &tokio::runtime::Runtime) -> anyhow::Result<(
 async fn latency_run(
     args: &Args,
     service: &Service,
+    db: &BenchDb,
     warm: usize,
     total: usize,
 ) -> anyhow::Result<()> {
     let driver = Driver::new(&service.base)?;
+    // The backlog gets its launches before the clock starts; the measured
+    // jobs are paired with the launches after those.
+    if args.open_jobs > 0 {
+        let began = Instant::now();
+        let want = args.open_jobs as u64;
+        let deadline = began + Duration::from_secs(900);
+        while service.cloud.launch_attempts() < want && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure!(
+            service.cloud.launch_attempts() >= want,
+            "the {} open jobs got only {} launches in 900 s",
+            args.open_jobs,
+            service.cloud.launch_attempts()
+        );
+        println!(
+            "backlog: {} open jobs covered by {} launches in {:.1} s",
+            args.open_jobs,
+            service.cloud.launch_attempts(),
+            secs_f(began.elapsed())
+        );
+    }
+    let skip_attempts = service.cloud.launch_attempts() as usize;
+    let skip = launches(&service.cloud).len();
+    let before = LedgerSizes::read(&db.url).await?;
+    println!("ledger before the measured run: {}", before.line());
     let base = job_id_base();
     let mut deliveries = Vec::with_capacity(total);
     for i in 0..total {
@@ -993,7 +1179,9 @@ async fn latency_run(
 
     // Every accepted job gets a launch; wait (bounded) for the last one.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (service.cloud.launch_attempts() as usize) < accepted.len() && Instant::now() < deadline {
+    while (service.cloud.launch_attempts() as usize) < skip_attempts + accepted.len()
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     if let Some(watcher) = watcher {
@@ -1003,7 +1191,8 @@ async fn latency_run(
     }
     let (cpu_line, cpu_fields) = CpuMark::take(args.postgres_pid).since(&cpu_before);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let launches = launches(&service.cloud);
+    let launches: Vec<Launch> = launches(&service.cloud).into_iter().skip(skip).collect();
+    let after = LedgerSizes::read(&db.url).await?;
     let jit = jit_calls(&service.github);
 
     // First in, first out: the k-th launch serves the k-th job sent.
@@ -1066,6 +1255,7 @@ async fn latency_run(
             service.cloud.live_count(None)
         );
     }
+    println!("ledger after the measured run: {}", after.line());
     println!("{}", table_header());
     println!("{}", main.row("webhook sent -> RunInstances", "ms"));
     println!(
@@ -1104,7 +1294,7 @@ async fn latency_run(
     );
     println!("  {cpu_line}");
     println!(
-        "RESULT scenario=latency lifecycle={} rate={} duration_s={} jobs={} warmup={} not_202={} launches={} unmatched={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} mean_ms={:.2} ack_p50_ms={:.2} ack_p99_ms={:.2} jit_p99_ms={:.2} svc_p50_ms={svc_p50:.2} svc_p99_ms={svc_p99:.2} passes={passes} pass_p50_ms={pass_p50:.2} pass_p99_ms={pass_p99:.2} throttled={} {cpu_fields}",
+        "RESULT scenario=latency lifecycle={} rate={} duration_s={} jobs={} warmup={} not_202={} launches={} unmatched={} p50_ms={:.2} p90_ms={:.2} p99_ms={:.2} max_ms={:.2} mean_ms={:.2} ack_p50_ms={:.2} ack_p99_ms={:.2} jit_p99_ms={:.2} svc_p50_ms={svc_p50:.2} svc_p99_ms={svc_p99:.2} passes={passes} pass_p50_ms={pass_p50:.2} pass_p99_ms={pass_p99:.2} throttled={} {} {cpu_fields}",
         args.lifecycle,
         args.rate,
         args.duration,
@@ -1121,7 +1311,8 @@ async fn latency_run(
         Stats::of(&acks).p50,
         Stats::of(&acks).p99,
         Stats::of(&to_jit).p99,
-        service.cloud.throttled_count()
+        service.cloud.throttled_count(),
+        after.fields(),
     );
     Ok(())
 }

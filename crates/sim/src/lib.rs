@@ -18,6 +18,7 @@
 //!   and crash points between its IO calls.
 //! - [`scenario`], [`report`], [`simulate`]: `spot-runners simulate`.
 
+pub mod api_budget;
 pub mod arrivals;
 pub mod clock;
 pub mod cloud;

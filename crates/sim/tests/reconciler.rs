@@ -272,7 +272,11 @@ async fn past_the_daily_spend_cap_nothing_new_is_registered_or_launched() {
     r.reconciler.pass().await.unwrap();
     assert_eq!(r.reconciler.provision_batch().await.unwrap(), 0);
     assert_eq!(r.cloud.live_count(None), 0, "no instance past the cap");
-    let rows = r.store.runners("spot-runners", Duration::ZERO).await.unwrap();
+    let rows = r
+        .store
+        .runners("spot-runners", Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(
         (rows[0].state, rows[0].github_runner_id),

@@ -271,7 +271,7 @@ pub mod run {
 
     use crate::arrivals::Arrivals;
     use crate::scenario::Scenario;
-    use crate::world::{World, WorldConfig};
+    use crate::world::World;
     use crate::{FakeCloud, FakeParameterStore, MemoryStore};
 
     /// What a run leaves to look at.
@@ -305,15 +305,7 @@ pub mod run {
         let mut world = World::new(
             cloud.clone(),
             fake,
-            WorldConfig {
-                org: scenario.org.clone(),
-                runner_exit_delay: scenario.github.runner_exit_delay.0,
-                failure_report_delay: scenario.github.failure_report_delay.0,
-                interruptions_per_hour: scenario.cloud.interruptions_per_hour.clone(),
-                faults: scenario.webhooks.clone(),
-                storms: scenario.cloud.storms.clone(),
-                seed,
-            },
+            crate::simulate::world_config(scenario, seed),
             clock,
             Arrivals::new(scenario.jobs.clone(), &scenario.org, seed),
         );

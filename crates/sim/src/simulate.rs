@@ -263,15 +263,7 @@ pub async fn run_scripted(
     let mut world = World::new(
         cloud.clone(),
         github.clone(),
-        WorldConfig {
-            org: scenario.org.clone(),
-            runner_exit_delay: scenario.github.runner_exit_delay.0,
-            failure_report_delay: scenario.github.failure_report_delay.0,
-            interruptions_per_hour: scenario.cloud.interruptions_per_hour.clone(),
-            storms: scenario.cloud.storms.clone(),
-            faults: scenario.webhooks.clone(),
-            seed,
-        },
+        world_config(scenario, seed),
         clock,
         Arrivals::new(scenario.jobs.clone(), &scenario.org, seed),
     );
@@ -403,4 +395,18 @@ fn settled(world: &World, ledger: &MemoryStore) -> bool {
         .jobs()
         .any(|j| j.started_at.is_some() && j.completed_at.is_none());
     !running && world.queued().all(|j| is_stranded(world, ledger, j))
+}
+
+/// How the scenario's world behaves (the simulator and the API-budget
+/// benchmark build the same one).
+pub(crate) fn world_config(scenario: &Scenario, seed: u64) -> WorldConfig {
+    WorldConfig {
+        org: scenario.org.clone(),
+        runner_exit_delay: scenario.github.runner_exit_delay.0,
+        failure_report_delay: scenario.github.failure_report_delay.0,
+        interruptions_per_hour: scenario.cloud.interruptions_per_hour.clone(),
+        storms: scenario.cloud.storms.clone(),
+        faults: scenario.webhooks.clone(),
+        seed,
+    }
 }

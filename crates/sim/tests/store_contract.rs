@@ -1064,7 +1064,7 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
         .find(|r| r.name == next)
         .unwrap();
     assert_eq!(row.market.as_deref(), Some("on-demand"));
-    let _ = reason;
+    assert_eq!(reason, "re-run of an interrupted job");
 }
 
 async fn provisioning_writes_are_compare_and_set(t: &dyn Subject) {

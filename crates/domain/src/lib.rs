@@ -6,6 +6,7 @@
 //! Adapters (Postgres, GitHub, EC2, the simulator) depend on this crate, never
 //! the other way round.
 
+pub mod api_budget;
 pub mod backoff;
 pub mod clock;
 pub mod cost;

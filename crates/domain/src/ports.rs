@@ -258,6 +258,13 @@ pub trait GitHub: Send + Sync + 'static {
     fn jit_config_limit(&self) -> TokenBucket {
         TokenBucket::github_jit_configs()
     }
+
+    /// The tightest primary rate limit GitHub reported in a window that has
+    /// not reset yet; the sweeps pace themselves by it
+    /// ([`crate::api_budget::Spending`]). `None`: nothing reported.
+    fn rate_limit(&self) -> Option<crate::api_budget::RateLimit> {
+        None
+    }
 }
 
 // ----------------------------------------------------------------- Cloud --

@@ -509,6 +509,12 @@ pub struct RecentRepository {
     pub owner: String,
     pub org: Option<String>,
     pub installation_id: Option<i64>,
+    /// When the newest of its jobs was first seen.
+    pub last_job_seen_at: DateTime<Utc>,
+    /// When the newest of its jobs that ran on a runner without the ledger
+    /// ever seeing it queued was first seen: its `queued` delivery was
+    /// lost, and siblings of it may be waiting unseen.
+    pub unqueued_job_seen_at: Option<DateTime<Utc>>,
 }
 
 /// A runner row.

@@ -204,6 +204,7 @@ impl OctocrabGitHub {
                 base_path,
                 observer: metrics,
                 retry: RetryPolicy::default(),
+                limits: Default::default(),
             },
             runner_pages: ListingCache::default(),
         })
@@ -274,6 +275,10 @@ impl OctocrabGitHub {
 
 #[async_trait]
 impl GitHub for OctocrabGitHub {
+    fn rate_limit(&self) -> Option<spot_runners_domain::api_budget::RateLimit> {
+        self.transport.limits.tightest(chrono::Utc::now())
+    }
+
     async fn generate_jit_config(
         &self,
         scope: &RunnerScope,

@@ -9,6 +9,7 @@ use http::{HeaderMap, Method, StatusCode};
 use octocrab::Octocrab;
 use rand::Rng;
 use serde::de::DeserializeOwned;
+use spot_runners_domain::api_budget::RateLimit;
 use spot_runners_domain::ports::GitHubError;
 
 use crate::ApiObserver;
@@ -91,6 +92,59 @@ pub(crate) struct Transport {
     pub(crate) base_path: String,
     pub(crate) observer: Option<Arc<dyn ApiObserver>>,
     pub(crate) retry: RetryPolicy,
+    pub(crate) limits: RateLimits,
+}
+
+/// The primary rate limits GitHub reported, one per window. Each
+/// installation (and the App's own JWT) has a window of its own; the reply
+/// does not say whose, so windows are told apart by their reset time, and
+/// two that share one merge to the lower count (the cautious side).
+#[derive(Default)]
+pub(crate) struct RateLimits(std::sync::Mutex<std::collections::BTreeMap<i64, RateLimit>>);
+
+impl RateLimits {
+    fn observe(&self, headers: &HeaderMap) {
+        // Search and GraphQL have budgets of their own; only `core` is
+        // what the sweeps and registrations share.
+        let resource = headers
+            .get("x-ratelimit-resource")
+            .and_then(|v| v.to_str().ok());
+        if resource.is_some_and(|r| r != "core") {
+            return;
+        }
+        let (Some(remaining), Some(limit), Some(reset)) = (
+            header_i64(headers, "x-ratelimit-remaining"),
+            header_i64(headers, "x-ratelimit-limit"),
+            header_i64(headers, "x-ratelimit-reset"),
+        ) else {
+            return;
+        };
+        let Some(reset_at) = chrono::DateTime::from_timestamp(reset, 0) else {
+            return;
+        };
+        let mut windows = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let seen = windows.entry(reset).or_insert(RateLimit {
+            remaining,
+            limit,
+            reset_at,
+        });
+        seen.remaining = seen.remaining.min(remaining);
+        seen.limit = limit;
+    }
+
+    /// The window with the smallest share left, of those not reset by `now`.
+    pub(crate) fn tightest(&self, now: chrono::DateTime<chrono::Utc>) -> Option<RateLimit> {
+        let mut windows = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        windows.retain(|_, l| l.reset_at > now);
+        windows
+            .values()
+            .filter(|l| l.limit > 0)
+            .min_by(|a, b| {
+                let share = |l: &RateLimit| l.remaining as f64 / l.limit as f64;
+                share(a).total_cmp(&share(b))
+            })
+            .copied()
+    }
 }
 
 impl Transport {
@@ -183,6 +237,7 @@ impl Transport {
     }
 
     fn observe(&self, endpoint: &'static str, status: StatusCode, headers: &HeaderMap) {
+        self.limits.observe(headers);
         let remaining = header_i64(headers, "x-ratelimit-remaining");
         tracing::debug!(endpoint, status = status.as_u16(), remaining, "GitHub API");
         if let Some(observer) = &self.observer {
@@ -306,6 +361,45 @@ mod tests {
             assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
             assert!(policy.delay(30) <= Duration::from_millis(1000));
         }
+    }
+
+    #[test]
+    fn the_tightest_window_not_yet_reset_is_the_rate_limit() {
+        let now = chrono::Utc::now();
+        let limits = RateLimits::default();
+        assert_eq!(limits.tightest(now), None);
+        let seen = |remaining: i64, limit: i64, reset: i64, resource: &str| {
+            let r = reply(
+                200,
+                &[
+                    ("x-ratelimit-remaining", remaining.to_string()),
+                    ("x-ratelimit-limit", limit.to_string()),
+                    ("x-ratelimit-reset", reset.to_string()),
+                    ("x-ratelimit-resource", resource.to_owned()),
+                ],
+                "",
+            );
+            limits.observe(&r.headers);
+        };
+        let soon = now.timestamp() + 600;
+        let later = now.timestamp() + 1200;
+        seen(4000, 5000, soon, "core");
+        // A larger installation with a smaller share left is the tighter.
+        seen(5000, 15000, later, "core");
+        // Search counts against a budget of its own.
+        seen(1, 30, soon, "search");
+        let tight = limits.tightest(now).unwrap();
+        assert_eq!((tight.remaining, tight.limit), (5000, 15000));
+        // Within a window the count only goes down (replies race).
+        seen(1000, 5000, soon, "core");
+        seen(1500, 5000, soon, "core");
+        let tight = limits.tightest(now).unwrap();
+        assert_eq!((tight.remaining, tight.limit), (1000, 5000));
+        // Once a window has reset, what it said no longer holds.
+        let after_soon = chrono::DateTime::from_timestamp(soon + 1, 0).unwrap();
+        assert_eq!(limits.tightest(after_soon).unwrap().limit, 15000);
+        let after_both = chrono::DateTime::from_timestamp(later + 1, 0).unwrap();
+        assert_eq!(limits.tightest(after_both), None);
     }
 
     #[test]

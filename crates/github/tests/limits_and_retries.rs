@@ -192,3 +192,33 @@ async fn an_unreachable_server_is_transient() {
 
     assert!(matches!(err, GitHubError::Transient(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn the_adapter_reports_the_rate_limit_github_sent_for_the_sweeps_to_pace_by() {
+    let server = MockServer::start().await;
+    let reset = chrono::Utc::now().timestamp() + 1200;
+    Mock::given(method("GET"))
+        .and(path(RUNNERS))
+        .respond_with(
+            empty_list()
+                .insert_header("x-ratelimit-limit", "5000")
+                .insert_header("x-ratelimit-remaining", "812")
+                .insert_header("x-ratelimit-used", "4188")
+                .insert_header("x-ratelimit-resource", "core")
+                .insert_header("x-ratelimit-reset", reset.to_string().as_str()),
+        )
+        .mount(&server)
+        .await;
+    let (github, _) = token_github(&server);
+    assert_eq!(github.rate_limit(), None, "nothing reported yet");
+
+    github.list_runners(&acme()).await.unwrap();
+
+    let limit = github.rate_limit().expect("reported");
+    assert_eq!((limit.remaining, limit.limit), (812, 5000));
+    assert_eq!(limit.reset_at.timestamp(), reset);
+    assert_eq!(
+        spot_runners_domain::api_budget::Spending::of(Some(limit), chrono::Utc::now()),
+        spot_runners_domain::api_budget::Spending::Essential
+    );
+}

@@ -27,13 +27,14 @@ pub mod survival;
 pub mod sweeps;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use spot_runners_domain::api_budget::Spending;
 use spot_runners_domain::backoff::Backoffs;
 use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::cost::SpendGate;
@@ -94,8 +95,12 @@ pub struct Reconciler {
     cost_tagged: Mutex<BTreeSet<String>>,
     /// `SPOT_RUNNERS_MAX_DAILY_SPEND`: closed, nothing new is launched.
     spend_gate: SpendGate,
-    /// Which recent repository is polled next.
-    poll_turn: AtomicUsize,
+    /// When each recent repository was last polled for lost `queued` jobs.
+    polled: Mutex<BTreeMap<String, DateTime<Utc>>>,
+    /// Sweeps so far; a tight GitHub budget lists runners on some only.
+    sweep_count: AtomicU64,
+    /// How freely the last sweep spent GitHub's budget.
+    spending: Mutex<Spending>,
     /// Runners missing from GitHub's last listings, and since when (one
     /// listing is not proof; see `sweeps::registrations_gone`).
     missing: Mutex<BTreeMap<String, DateTime<Utc>>>,
@@ -131,7 +136,9 @@ impl Reconciler {
             retention: Duration::from_secs(30 * 86_400),
             cost_tagged: Mutex::default(),
             spend_gate: SpendGate::unlimited(),
-            poll_turn: AtomicUsize::new(0),
+            polled: Mutex::default(),
+            sweep_count: AtomicU64::new(0),
+            spending: Mutex::new(Spending::Full),
             missing: Mutex::default(),
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),

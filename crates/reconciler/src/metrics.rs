@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use spot_runners_domain::api_budget::Spending;
 use spot_runners_domain::planner::Demand;
 use spot_runners_domain::ports::CloudError;
 use spot_runners_domain::{Market, Profile, RunnerState};
@@ -64,6 +65,11 @@ pub trait MetricsSink: Send + Sync + 'static {
     }
     /// Instance-profile rows skipped as invalid.
     fn invalid_profiles(&self, _count: usize) {}
+    /// How freely the sweeps spend GitHub's budget, as of the last sweep.
+    fn github_spending(&self, _spending: Spending) {}
+    /// A repository polled for queued jobs no webhook announced, and why
+    /// (`suspect`, `active`, `quiet`).
+    fn polled(&self, _reason: &str) {}
 }
 
 /// Reports nothing.

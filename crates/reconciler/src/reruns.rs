@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use spot_runners_domain::api_budget::Spending;
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::GitHub;
 use spot_runners_domain::store::{
@@ -208,6 +209,10 @@ impl RerunWorker {
     ) -> Result<bool, StoreError> {
         let due = run.checked_at.is_none_or(|t| now - t >= CHECK_EVERY);
         if !due || report.checked >= CHECKS_PER_PASS {
+            return Ok(false);
+        }
+        // On a tight budget the run's `completed` webhook is waited for.
+        if !Spending::of(self.github.rate_limit(), now).asks_about_runs() {
             return Ok(false);
         }
         report.checked += 1;

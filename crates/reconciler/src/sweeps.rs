@@ -9,9 +9,11 @@ mod cost_tags;
 mod jobs;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use spot_runners_domain::api_budget::Spending;
 use spot_runners_domain::ports::{GitHubError, GitHubRunner, Instance, RunnerScope};
 use spot_runners_domain::reaper::{plan_reaps, RunnerAge};
 use spot_runners_domain::store::{Pruned, RunnerRecord, StaleJob, StoreError};
@@ -26,6 +28,9 @@ use crate::{survival, Reconciler, SWEEP_EVERY};
 /// The scopes of runners that ended this recently are still listed, so a
 /// leftover registration of theirs is found.
 const ORPHAN_MEMORY: Duration = Duration::from_secs(24 * 3600);
+/// On a tight GitHub budget runners are listed on one sweep in this many
+/// (once a minute at [`SWEEP_EVERY`]).
+const SWEEPS_PER_MINUTE: u64 = 6;
 /// Rows of each kind one sweep prunes at most (SPOT_RUNNERS_RETENTION_DAYS).
 const PRUNE_BATCH: i64 = 500;
 
@@ -69,7 +74,8 @@ impl Reconciler {
         }
         let mut report = SweepReport::default();
         let now = self.clock.now();
-        if self.installations.due(now) {
+        let spending = self.spending(now);
+        if spending == Spending::Full && self.installations.due(now) {
             self.learn_installations().await;
         }
         // Scopes of recently ended runners too: their leftover
@@ -89,7 +95,14 @@ impl Reconciler {
                 None
             }
         };
-        let listed = self.list_github_runners(&scopes).await;
+        let sweep = self.sweep_count.fetch_add(1, Ordering::Relaxed);
+        let listed = if spending.lists_runners(sweep, SWEEPS_PER_MINUTE) {
+            self.list_github_runners(&scopes).await
+        } else {
+            // Every scope unlisted: online state and the registration
+            // sweep wait for the next listing, as after a failed one.
+            BTreeMap::new()
+        };
 
         // Online and busy state from GitHub's list. Busy means taken,
         // whatever the ledger has heard: such a runner is not available for
@@ -134,10 +147,12 @@ impl Reconciler {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let (checked, closed) = self.check_stale_jobs(suspects, &idle_profiles, now).await?;
+        let (checked, closed) = self
+            .check_stale_jobs(suspects, &idle_profiles, spending, now)
+            .await?;
         report.stale_checked = checked;
         report.stale_closed = closed;
-        report.discovered = self.poll_queued_jobs(now).await?;
+        report.discovered = self.poll_queued_jobs(spending, now).await?;
         let pruned = self
             .store
             .prune_ledger(controller, self.retention, PRUNE_BATCH)
@@ -152,6 +167,35 @@ impl Reconciler {
         report.leftover_parameters = self.sweep_jit_parameters().await?;
         report.cost_tagged = self.tag_costs(&runners).await?;
         Ok(Some(report))
+    }
+
+    /// How freely this sweep may spend GitHub's budget, from the rate limit
+    /// GitHub last reported; a change is logged.
+    pub(crate) fn spending(&self, now: DateTime<Utc>) -> Spending {
+        let limit = self.backends.github.rate_limit();
+        let spending = Spending::of(limit, now);
+        let before = std::mem::replace(&mut *lock(&self.spending), spending);
+        if spending != before {
+            let (remaining, of) =
+                limit.map_or((None, None), |l| (Some(l.remaining), Some(l.limit)));
+            if spending > before {
+                tracing::warn!(
+                    spending = spending.as_str(),
+                    remaining,
+                    limit = of,
+                    "GitHub's rate limit is running low; sweeps spend less (JIT registrations and deletes go first)"
+                );
+            } else {
+                tracing::info!(
+                    spending = spending.as_str(),
+                    remaining,
+                    limit = of,
+                    "GitHub's rate limit recovered; sweeps spend more again"
+                );
+            }
+        }
+        self.metrics.github_spending(spending);
+        spending
     }
 
     /// Learns the orgs the App is installed in, so warm pools and orphan

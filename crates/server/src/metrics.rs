@@ -34,6 +34,8 @@ pub struct Metrics {
     pub invalid_profiles: IntGauge,
     pub github_api_requests_total: IntCounterVec,
     pub github_rate_limit_remaining: IntGauge,
+    pub github_sweep_spending: IntGauge,
+    pub lost_job_polls_total: IntCounterVec,
     pub redeliveries_total: IntCounterVec,
     pub interruptions_total: IntCounterVec,
     pub reruns_total: IntCounterVec,
@@ -186,6 +188,17 @@ impl Metrics {
                 "github_rate_limit_remaining",
                 "Requests left in GitHub's current rate-limit window."
             ))?),
+            github_sweep_spending: reg!(IntGauge::with_opts(opts(
+                "github_sweep_spending",
+                "How freely sweeps spend GitHub's rate limit: 0 full, 1 lean (suspect polls only, one stale check), 2 essential (no polls, stale checks or run lookups; runners listed once a minute)."
+            ))?),
+            lost_job_polls_total: reg!(IntCounterVec::new(
+                opts(
+                    "lost_job_polls_total",
+                    "Repositories polled for queued jobs no webhook announced, by reason (suspect, active, quiet)."
+                ),
+                &["reason"]
+            )?),
             redeliveries_total: reg!(IntCounterVec::new(
                 opts(
                     "redeliveries_total",
@@ -290,6 +303,9 @@ impl Metrics {
             &self.invalid_profiles,
             &self.github_api_requests_total,
             &self.github_rate_limit_remaining,
+            &self.github_sweep_spending,
+            &self.lost_job_polls_total,
+            &self.redeliveries_total,
             &self.interruptions_total,
             &self.reruns_total,
             &self.jobs_lost_total,

@@ -1,6 +1,7 @@
 //! The reconciler's metrics sink, as the Prometheus families of
 //! [`Metrics`] (DESIGN.md, "Metrics": the names are a public contract).
 
+use spot_runners_domain::api_budget::Spending;
 use spot_runners_domain::ports::CloudError;
 use spot_runners_domain::{Market, RunnerState};
 use spot_runners_reconciler::{Fleet, MetricsSink};
@@ -110,5 +111,13 @@ impl MetricsSink for Metrics {
     fn invalid_profiles(&self, count: usize) {
         self.invalid_profiles
             .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    fn github_spending(&self, spending: Spending) {
+        self.github_sweep_spending.set(spending.level());
+    }
+
+    fn polled(&self, reason: &str) {
+        self.lost_job_polls_total.with_label_values(&[reason]).inc();
     }
 }

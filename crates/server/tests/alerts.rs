@@ -768,8 +768,11 @@ async fn on_mock_github(github: &wiremock::MockServer) -> Fleet {
 }
 
 fn jit_created(remaining: &str) -> wiremock::ResponseTemplate {
+    let reset = (chrono::Utc::now() + chrono::Duration::minutes(30)).timestamp();
     wiremock::ResponseTemplate::new(201)
         .insert_header("x-ratelimit-remaining", remaining)
+        .insert_header("x-ratelimit-limit", "5000")
+        .insert_header("x-ratelimit-reset", reset.to_string().as_str())
         .set_body_json(serde_json::json!({
             "runner": {"id": 4242, "name": "ignored", "os": "linux", "status": "offline", "busy": false, "labels": []},
             "encoded_jit_config": "eyJhIjoiYiJ9",
@@ -797,6 +800,11 @@ async fn github_rate_limit_low() {
         &[],
         |v| v == 42.0,
     )
+    .await;
+    // The next sweep paces itself by it: essential spending only.
+    until(&f.app, "spot_runners_github_sweep_spending", &[], |v| {
+        v == 2.0
+    })
     .await;
     f.app.stop().await;
 }

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use spot_runners_domain::api_budget::RateLimit;
 use spot_runners_domain::ports::{
     GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
     JitRequest, JobReport, RunnerScope, WebhookSource,
@@ -38,6 +39,7 @@ use crate::FakeGitHub;
 /// GitHub's primary rate limit for an App installation (the floor; large
 /// organizations get more).
 pub const HOURLY_BUDGET: u64 = 5_000;
+const HOUR: Duration = Duration::from_secs(3600);
 /// `per_page` of the adapter's runner listing.
 const RUNNERS_PER_PAGE: usize = 100;
 /// Runs per status the adapter's poll looks at (`QUEUED_RUNS_PER_POLL`).
@@ -66,6 +68,8 @@ pub struct CountingGitHub {
     inner: FakeGitHub,
     clock: SimClock,
     log: Mutex<Vec<Request>>,
+    /// The primary limit's current window: its start and what it charged.
+    window: Mutex<Option<(Duration, u64)>>,
     last_listing: Mutex<HashMap<RunnerScope, Vec<GitHubRunner>>>,
     open_runs: Mutex<BTreeMap<String, OpenRuns>>,
 }
@@ -76,6 +80,7 @@ impl CountingGitHub {
             inner,
             clock,
             log: Mutex::default(),
+            window: Mutex::default(),
             last_listing: Mutex::default(),
             open_runs: Mutex::default(),
         }
@@ -93,6 +98,18 @@ impl CountingGitHub {
 
     fn record(&self, endpoint: &'static str, n: usize, not_modified: bool) {
         let at = self.clock.elapsed();
+        {
+            // The same fixed windows as [`Budget::of`].
+            let mut window = crate::lock(&self.window);
+            let (start, used) = window.get_or_insert((at, 0));
+            while at >= *start + HOUR {
+                *start += HOUR;
+                *used = 0;
+            }
+            if !not_modified {
+                *used += n as u64;
+            }
+        }
         let mut log = crate::lock(&self.log);
         for _ in 0..n {
             log.push(Request {
@@ -108,6 +125,18 @@ impl CountingGitHub {
 impl GitHub for CountingGitHub {
     fn jit_config_limit(&self) -> TokenBucket {
         self.inner.jit_config_limit()
+    }
+
+    /// What GitHub's `x-ratelimit-*` headers would say now.
+    fn rate_limit(&self) -> Option<RateLimit> {
+        let (start, used) = (*crate::lock(&self.window))?;
+        let at = self.clock.elapsed();
+        let reset_in = (start + HOUR).checked_sub(at)?;
+        Some(RateLimit {
+            remaining: HOURLY_BUDGET.saturating_sub(used) as i64,
+            limit: HOURLY_BUDGET as i64,
+            reset_at: self.clock.now_utc() + chrono::Duration::from_std(reset_in).ok()?,
+        })
     }
 
     async fn generate_jit_config(
@@ -234,7 +263,7 @@ impl Budget {
         let Some(first) = requests.first().map(|r| r.at) else {
             return b;
         };
-        let hour = Duration::from_secs(3600);
+        let hour = HOUR;
         let mut window_start = first;
         let mut used = 0u64;
         for r in requests.iter().filter(|r| r.at < to) {

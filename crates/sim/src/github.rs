@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use secrecy::SecretString;
 use serde_json::json;
+use spot_runners_domain::api_budget::RateLimit;
 use spot_runners_domain::ports::{
     GitHub, GitHubError, GitHubJob, GitHubRunner, HookDelivery, Installation, JitConfig,
     JitRequest, JobReport, RunnerScope, WebhookSource,
@@ -186,6 +187,8 @@ struct State {
     jit_calls: u64,
     /// What `GET /app/installations` answers.
     installations: Vec<Installation>,
+    /// The primary rate limit the replies report, as set by a test.
+    rate_limit: Option<RateLimit>,
     rng: StdRng,
 }
 
@@ -404,6 +407,7 @@ impl FakeGitHub {
             calls: Vec::new(),
             jit_calls: 0,
             installations: Vec::new(),
+            rate_limit: None,
             rng,
         };
         Self {
@@ -440,6 +444,12 @@ impl FakeGitHub {
         let mut state = self.lock();
         state.jit_bucket = limit.clone();
         state.jit_limit = limit;
+    }
+
+    /// The primary rate limit this GitHub reports from now on (`None`:
+    /// none). Reporting it is all this fake does: nothing is refused.
+    pub fn set_rate_limit(&self, limit: Option<RateLimit>) {
+        self.lock().rate_limit = limit;
     }
 
     pub fn fail_next(&self, error: GitHubError) {
@@ -626,6 +636,10 @@ impl FakeGitHub {
 impl GitHub for FakeGitHub {
     fn jit_config_limit(&self) -> TokenBucket {
         self.lock().jit_limit.clone()
+    }
+
+    fn rate_limit(&self) -> Option<RateLimit> {
+        self.lock().rate_limit
     }
 
     async fn generate_jit_config(

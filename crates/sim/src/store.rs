@@ -484,22 +484,25 @@ impl Store for MemoryStore {
         since: DateTime<Utc>,
     ) -> Result<Vec<RecentRepository>, StoreError> {
         let ledger = self.lock();
-        let mut latest: BTreeMap<&str, &ledger::Job> = BTreeMap::new();
+        let mut latest: BTreeMap<&str, (&ledger::Job, Option<DateTime<Utc>>)> = BTreeMap::new();
         for j in ledger.jobs.values().filter(|j| j.first_seen_at > since) {
-            let newer = latest
-                .get(j.repository.as_str())
-                .is_none_or(|l| j.first_seen_at > l.first_seen_at);
-            if newer {
-                latest.insert(&j.repository, j);
+            let unqueued =
+                (j.queued_at.is_none() && j.runner_name.is_some()).then_some(j.first_seen_at);
+            let entry = latest.entry(&j.repository).or_insert((j, unqueued));
+            if j.first_seen_at > entry.0.first_seen_at {
+                entry.0 = j;
             }
+            entry.1 = entry.1.max(unqueued);
         }
         Ok(latest
             .into_values()
-            .map(|j| RecentRepository {
+            .map(|(j, unqueued)| RecentRepository {
                 repository: j.repository.clone(),
                 owner: j.owner.clone(),
                 org: j.org.clone(),
                 installation_id: j.installation_id,
+                last_job_seen_at: j.first_seen_at,
+                unqueued_job_seen_at: unqueued,
             })
             .collect())
     }

@@ -5,11 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use spot_runners_domain::api_budget::RateLimit;
+use spot_runners_domain::clock::Clock;
 use spot_runners_domain::cost::SpendGate;
+use spot_runners_domain::ports::GitHubJob;
 use spot_runners_domain::profile::{example_row, ProfileRow};
 use spot_runners_domain::store::{IncomingDelivery, RunnerChange, Store};
 use spot_runners_domain::{ControllerId, JobStatus, Profile, RunnerState, WorkflowJobEvent};
 use spot_runners_reconciler::{Backends, NoMetrics, ProfileCache, Reconciler, SweepReport};
+use spot_runners_sim::github::GitHubCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock, MemoryStore};
 
 struct Rig {
@@ -69,6 +73,15 @@ fn rig_with(max_lifetime_secs: i32, gate: SpendGate) -> Rig {
 }
 
 fn event(id: i64, status: JobStatus, runner: Option<&str>) -> IncomingDelivery {
+    event_in("acme/proofs", id, status, runner)
+}
+
+fn event_in(
+    repository: &str,
+    id: i64,
+    status: JobStatus,
+    runner: Option<&str>,
+) -> IncomingDelivery {
     IncomingDelivery {
         delivery_id: format!("{id}-{}", status.as_str()),
         profile: Ok("kani".into()),
@@ -83,7 +96,7 @@ fn event(id: i64, status: JobStatus, runner: Option<&str>) -> IncomingDelivery {
             conclusion: (status == JobStatus::Completed).then(|| "success".into()),
             runner_id: None,
             runner_name: runner.map(str::to_owned),
-            repository: "acme/proofs".into(),
+            repository: repository.into(),
             owner: "acme".into(),
             org: Some("acme".into()),
             installation_id: None,
@@ -287,4 +300,122 @@ async fn past_the_daily_spend_cap_nothing_new_is_registered_or_launched() {
     gate.record_spend_today(0.0);
     assert_eq!(r.reconciler.provision_batch().await.unwrap(), 1);
     assert_eq!(r.cloud.live_count(None), 1);
+}
+
+/// GitHub's calls of one method since `from` (an index into `calls()`).
+fn calls_of(github: &FakeGitHub, method: &str, from: usize) -> Vec<GitHubCall> {
+    github.calls()[from..]
+        .iter()
+        .filter(|c| c.method() == method)
+        .cloned()
+        .collect()
+}
+
+fn polled_repositories(github: &FakeGitHub, from: usize) -> Vec<String> {
+    calls_of(github, "queued_jobs", from)
+        .into_iter()
+        .filter_map(|c| match c {
+            GitHubCall::QueuedJobs { repository, .. } => Some(repository),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tight_github_budget_holds_back_sweeps_but_never_registrations_or_terminations() {
+    let r = rig(28_800);
+    let at = |secs: i64| r.clock.now() + chrono::Duration::seconds(secs);
+    // 400 of 5,000 left for the next half hour: below a fifth.
+    r.github.set_rate_limit(Some(RateLimit {
+        remaining: 400,
+        limit: 5000,
+        reset_at: at(1800),
+    }));
+    let name = r.booting_runner().await;
+    assert_eq!(r.github.jit_calls(), 1, "the JIT registration went ahead");
+    let start = r.github.calls().len();
+    for _ in 0..12 {
+        r.sweep().await;
+        r.clock.advance(Duration::from_secs(10));
+    }
+    assert_eq!(
+        calls_of(&r.github, "list_runners", start).len(),
+        2,
+        "runners listed once a minute"
+    );
+    assert!(
+        polled_repositories(&r.github, start).is_empty(),
+        "the poll for lost jobs waits for the budget"
+    );
+    // The job runs and completes: its instance is terminated at once.
+    r.deliver(event(1, JobStatus::InProgress, Some(&name)))
+        .await;
+    r.deliver(event(1, JobStatus::Completed, Some(&name))).await;
+    r.reconciler.pass().await.unwrap();
+    assert!(!r.instance_alive(), "terminations never wait");
+    // The window resets: the next sweep lists and the poll is due again.
+    r.clock.advance(Duration::from_secs(1800));
+    let start = r.github.calls().len();
+    r.sweep().await;
+    assert_eq!(calls_of(&r.github, "list_runners", start).len(), 1);
+    assert_eq!(polled_repositories(&r.github, start), ["acme/proofs"]);
+}
+
+#[tokio::test]
+async fn polls_go_first_where_a_job_ran_unannounced_and_idle_repositories_wait_half_an_hour() {
+    let r = rig(28_800);
+    r.deliver(event_in("acme/a", 1, JobStatus::Completed, None))
+        .await;
+    r.deliver(event_in("acme/b", 2, JobStatus::Completed, None))
+        .await;
+    // Both quiet: each is polled once (not polled since this start), a
+    // minute apart, and then not for half an hour.
+    r.clock.advance(Duration::from_secs(20 * 60));
+    let start = r.github.calls().len();
+    for _ in 0..29 {
+        r.sweep().await;
+        r.clock.advance(Duration::from_secs(60));
+    }
+    let mut first = polled_repositories(&r.github, start);
+    first.sort();
+    assert_eq!(first, ["acme/a", "acme/b"]);
+    // Half the budget gone: only suspects are polled now. A job of acme/a
+    // arrives (activity, nothing suspect); a job of acme/b ran on a runner
+    // with no `queued` ever seen: its sibling may be waiting unseen too,
+    // and GitHub lists it.
+    r.github.set_rate_limit(Some(RateLimit {
+        remaining: 2000,
+        limit: 5000,
+        reset_at: r.clock.now() + chrono::Duration::minutes(30),
+    }));
+    r.deliver(event_in("acme/a", 5, JobStatus::Queued, None))
+        .await;
+    r.github.queue_job(
+        "acme/b",
+        GitHubJob {
+            id: 3,
+            run_id: 2,
+            run_attempt: 1,
+            name: "proof".into(),
+            workflow_name: None,
+            labels: vec!["self-hosted".into(), "kani".into()],
+            html_url: None,
+            created_at: Some(r.clock.now() - chrono::Duration::minutes(5)),
+        },
+    );
+    r.deliver(event_in(
+        "acme/b",
+        4,
+        JobStatus::InProgress,
+        Some("someone-else"),
+    ))
+    .await;
+    let start = r.github.calls().len();
+    let swept = r.sweep().await;
+    assert_eq!(polled_repositories(&r.github, start), ["acme/b"]);
+    assert_eq!(swept.discovered, 1);
+    assert!(
+        r.store.job(3).await.unwrap().is_some(),
+        "recorded as if delivered"
+    );
 }

@@ -367,6 +367,27 @@ async fn jobs_are_counted_matched_and_listed(t: &dyn Subject) {
         ),
         ("acme/proofs", Some("acme"), Some(9))
     );
+    // Every job so far was queued, or ran on no runner: nothing unannounced.
+    assert_eq!(repos[0].unqueued_job_seen_at, None);
+    // A job first seen running: its `queued` was lost, the repository is
+    // suspect from that moment.
+    t.advance(Duration::from_secs(1));
+    record(
+        s,
+        &[delivery(
+            "d",
+            event(4, JobStatus::InProgress, Some("r-4")),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    let after = s.recent_repositories(since).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert!(after[0].last_job_seen_at > repos[0].last_job_seen_at);
+    assert_eq!(
+        after[0].unqueued_job_seen_at,
+        Some(after[0].last_job_seen_at)
+    );
     let later = chrono::Utc::now() + chrono::Duration::hours(1);
     assert!(s.recent_repositories(later).await.unwrap().is_empty());
 }

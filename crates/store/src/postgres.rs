@@ -964,10 +964,16 @@ impl PgStore {
         &self,
         since: DateTime<Utc>,
     ) -> Result<Vec<RecentRepository>, PgError> {
+        // Where the runners register comes from the newest job; the two
+        // times from all of the window's jobs.
         let rows = sqlx::query_as!(
             RecentRepository,
-            r#"SELECT DISTINCT ON (repository) repository, owner, org, installation_id
+            r#"SELECT DISTINCT ON (repository) repository, owner, org, installation_id,
+                      max(first_seen_at) OVER w AS "last_job_seen_at!",
+                      max(first_seen_at) FILTER (
+                          WHERE queued_at IS NULL AND runner_name IS NOT NULL) OVER w AS unqueued_job_seen_at
                FROM workflow_jobs WHERE first_seen_at > $1
+               WINDOW w AS (PARTITION BY repository)
                ORDER BY repository, first_seen_at DESC"#,
             since
         )

@@ -1,21 +1,24 @@
 //! The jobs side of a sweep: stale queued jobs asked about, lost queued
 //! jobs found by polling.
 
-use std::sync::atomic::Ordering;
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use spot_runners_domain::api_budget::{self, Spending};
 use spot_runners_domain::ports::GitHubError;
 use spot_runners_domain::stale::{self, StaleCutoffs};
 use spot_runners_domain::store::{IncomingDelivery, JobCheck, StaleJob, StoreError};
 use spot_runners_domain::sweeps as decide;
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 
+use crate::retry::lock;
 use crate::Reconciler;
 
-/// One repository is asked for its queued jobs this often, in turn.
+/// One repository at most is asked for its queued jobs this often
+/// ([`api_budget::next_poll`] says which).
 pub const POLL_EVERY: Duration = Duration::from_secs(60);
-/// Repositories with jobs this recent are polled.
+/// Repositories with jobs this recent may be polled.
 const POLL_REPOSITORIES_SEEN_WITHIN_DAYS: i64 = 7;
 /// Time a polled batch may take to commit.
 const POLL_COMMIT_BUDGET: Duration = Duration::from_secs(10);
@@ -29,11 +32,13 @@ impl Reconciler {
         &self,
         suspects: Vec<StaleJob>,
         idle_profiles: &[String],
+        spending: Spending,
         now: DateTime<Utc>,
     ) -> Result<(usize, usize), StoreError> {
+        let allowed = spending.stale_checks(stale::CHECKS_PER_SWEEP);
         let mut due = suspects;
-        due.truncate(stale::CHECKS_PER_SWEEP);
-        let room = (stale::CHECKS_PER_SWEEP - due.len()) as i64;
+        due.truncate(allowed);
+        let room = (allowed - due.len()) as i64;
         if room > 0 {
             due.extend(
                 self.store
@@ -64,20 +69,40 @@ impl Reconciler {
 
     /// GitHub does not resend a lost `queued` delivery, and without it a
     /// job is never covered (unless some other job's runner takes it). So,
-    /// one repository a minute in turn, GitHub is asked for its queued jobs
-    /// and those the ledger has never seen are recorded as if delivered.
-    pub(super) async fn poll_queued_jobs(&self, now: DateTime<Utc>) -> Result<usize, StoreError> {
-        if !self.polls.due(now) {
+    /// one repository a minute at most, GitHub is asked for its queued jobs
+    /// and those the ledger has never seen are recorded as if delivered:
+    /// at once where a job ran unannounced, in turn where jobs are coming
+    /// in, and every half hour elsewhere ([`api_budget::next_poll`]).
+    /// Redelivery heals the deliveries that GitHub tried and we missed;
+    /// this is for the rest.
+    pub(super) async fn poll_queued_jobs(
+        &self,
+        spending: Spending,
+        now: DateTime<Utc>,
+    ) -> Result<usize, StoreError> {
+        if spending == Spending::Essential || !self.polls.due(now) {
             return Ok(0);
         }
-        let turn = self.poll_turn.fetch_add(1, Ordering::Relaxed);
         let repositories = self
             .store
             .recent_repositories(now - chrono::Duration::days(POLL_REPOSITORIES_SEEN_WITHIN_DAYS))
             .await?;
-        let Some(repo) = repositories.get(turn % repositories.len().max(1)) else {
+        let chosen = {
+            let mut polled = lock(&self.polled);
+            let recent: BTreeSet<&str> =
+                repositories.iter().map(|r| r.repository.as_str()).collect();
+            polled.retain(|r, _| recent.contains(r.as_str()));
+            let chosen = api_budget::next_poll(&repositories, &polled, spending, now);
+            if let Some((repo, _)) = chosen {
+                polled.insert(repo.repository.clone(), now);
+            }
+            chosen
+        };
+        let Some((repo, reason)) = chosen else {
             return Ok(0);
         };
+        self.metrics.polled(reason.as_str());
+        tracing::debug!(repository = %repo.repository, reason = reason.as_str(), "polling for queued jobs no webhook announced");
         let listed = match self.backends.github.queued_jobs(&repo.repository).await {
             Ok(jobs) => jobs,
             Err(e) => {

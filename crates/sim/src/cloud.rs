@@ -1278,7 +1278,7 @@ mod tests {
     async fn every_instance_of_a_subnet_is_in_that_subnets_az() {
         let cloud = FakeCloud::new();
         let mut azs = std::collections::BTreeMap::new();
-        for (i, subnet) in ["subnet-a", "subnet-b", "subnet-a", "subnet-c", "subnet-b"]
+        for (i, subnet) in ["subnet-a", "subnet-b", "subnet-a", "subnet-c"]
             .iter()
             .enumerate()
         {

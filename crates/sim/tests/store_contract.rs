@@ -1018,15 +1018,9 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
     assert_eq!(s.link_reruns().await.unwrap(), 0);
     let linked = s.job_survival(3).await.unwrap().unwrap();
     assert_eq!((linked.rerun_of, linked.rerun_count), (Some(1), 1));
-    assert_eq!(
-        s.job_survival(1)
-            .await
-            .unwrap()
-            .unwrap()
-            .rerun_state
-            .as_deref(),
-        Some("rerun")
-    );
+    let rerun = s.job_survival(1).await.unwrap().unwrap();
+    assert_eq!(rerun.rerun_state.as_deref(), Some("rerun"));
+    assert_eq!(rerun.rerun_reason.as_deref(), Some("re-run as job 3"));
 
     // The market choice sees the re-run demand and the reclaim, and its
     // decision is recorded on the runner.

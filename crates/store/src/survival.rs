@@ -159,7 +159,8 @@ pub(crate) mod sql {
                    RETURNING pairs.old_id
                )
                UPDATE workflow_jobs p SET rerun_state = 'rerun',
-                      rerun_reason = 're-run as job ' || (SELECT min(n.id) FROM workflow_jobs n WHERE n.rerun_of = p.id),
+                      -- From `pairs`: the main statement does not see the rows `linked` updates.
+                      rerun_reason = 're-run as job ' || (SELECT min(pairs.new_id) FROM pairs WHERE pairs.old_id = p.id),
                       updated_at = $1::timestamptz
                WHERE p.id IN (SELECT old_id FROM linked) AND p.rerun_state IN ('pending', 'requested')"#,
         )

@@ -724,6 +724,8 @@ fn to_instance(
             .map(|t| t.as_str().to_owned())
             .unwrap_or_default(),
         subnet_id: non_empty(raw.subnet_id()).map(str::to_owned),
+        availability_zone: non_empty(raw.placement().and_then(|p| p.availability_zone()))
+            .map(str::to_owned),
         market,
         state: raw.state().map_or(InstanceState::Pending, |s| {
             instance_state(s.name(), s.code())
@@ -1019,6 +1021,11 @@ mod tests {
             .instance_type(InstanceType::from("c7i.large"))
             .instance_lifecycle(InstanceLifecycleType::Spot)
             .subnet_id("subnet-1")
+            .placement(
+                aws_sdk_ec2::types::Placement::builder()
+                    .availability_zone("us-east-1c")
+                    .build(),
+            )
             .tags(
                 Tag::builder()
                     .key(TAG_RUNNER)
@@ -1045,6 +1052,7 @@ mod tests {
         assert_eq!(instance.runner_name.as_deref(), Some("ctl-linux-ab12"));
         assert_eq!(instance.profile.as_deref(), Some("linux"));
         assert_eq!(instance.instance_type, "c7i.large");
+        assert_eq!(instance.availability_zone.as_deref(), Some("us-east-1c"));
         assert_eq!(instance.market, Market::Spot);
         assert_eq!(instance.state, InstanceState::Pending);
         assert_eq!(
@@ -1064,6 +1072,7 @@ mod tests {
         assert_eq!(instance.market, Market::OnDemand);
         assert_eq!(instance.arn, None);
         assert_eq!(instance.state_reason, None);
+        assert_eq!(instance.availability_zone, None);
         assert_eq!(instance.runner_name, None);
     }
 }

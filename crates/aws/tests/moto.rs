@@ -208,6 +208,10 @@ async fn spot_launch_carries_the_whole_contract() {
     assert_eq!(raw.instance_lifecycle(), Some(&InstanceLifecycleType::Spot));
     assert_eq!(raw.subnet_id(), Some(subnet.as_str()));
     assert_eq!(raw.image_id(), Some(image.as_str()));
+    // The AZ is the subnet's, as EC2 places the instance.
+    let az = raw.placement().and_then(|p| p.availability_zone());
+    assert!(az.is_some_and(|az| az.starts_with("us-east-1")), "{az:?}");
+    assert_eq!(launched.availability_zone.as_deref(), az);
     let groups: Vec<&str> = raw
         .security_groups()
         .iter()
@@ -324,6 +328,14 @@ async fn list_owned_sees_only_this_controllers_instances() {
     assert_eq!(seen.profile.as_deref(), Some("linux"));
     assert_eq!(seen.market, Market::Spot);
     assert_eq!(seen.instance_type, "m5.large");
+    assert_eq!(
+        seen.availability_zone.as_deref(),
+        describe(&ec2, &mine.id)
+            .await
+            .placement()
+            .and_then(|p| p.availability_zone())
+    );
+    assert!(seen.availability_zone.is_some(), "{seen:?}");
     assert!(seen.state.is_alive(), "{seen:?}");
     assert!(seen.launched_at.is_some());
     assert_eq!(listed_b[0].market, Market::OnDemand);

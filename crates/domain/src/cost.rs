@@ -72,16 +72,26 @@ pub enum RerunFate {
     Rerun,
     /// Given up without a re-run.
     Lost,
+    /// GitHub reports the job finished well: the reclaim came after it.
+    /// Nothing was thrown away, so it counts as neither interrupted nor lost.
+    NotNeeded,
 }
 
 impl RerunFate {
-    /// From the ledger's `rerun_state` (`pending`, `requested`, `rerun`, `lost`).
+    /// From the ledger's `rerun_state` (`pending`, `requested`, `rerun`,
+    /// `lost`, `not_needed`).
     pub fn from_state(state: Option<&str>) -> Self {
         match state {
             Some("requested" | "rerun") => RerunFate::Rerun,
             Some("lost") => RerunFate::Lost,
+            Some("not_needed") => RerunFate::NotNeeded,
             _ => RerunFate::Pending,
         }
+    }
+
+    /// The attempt's instance time went to waste with its job.
+    fn wasted(self) -> bool {
+        self != RerunFate::NotNeeded
     }
 }
 
@@ -207,12 +217,13 @@ impl CostLine {
     fn add(&mut self, u: &Usage, hours: f64, prices: &PriceTable) {
         self.runners += 1;
         self.hours += hours;
-        if let Some(fate) = u.interrupted {
+        let wasted = u.interrupted.filter(|f| f.wasted());
+        if let Some(fate) = wasted {
             self.jobs_interrupted += 1;
             match fate {
                 RerunFate::Rerun => self.jobs_rerun += 1,
                 RerunFate::Lost => self.jobs_lost += 1,
-                RerunFate::Pending => {}
+                RerunFate::Pending | RerunFate::NotNeeded => {}
             }
         }
         let (Some(instance_type), Some(market)) = (u.instance_type.as_deref(), u.market) else {
@@ -227,7 +238,7 @@ impl CostLine {
         };
         let cost = hours * price;
         self.cost += cost;
-        if u.interrupted.is_some() {
+        if wasted.is_some() {
             self.lost_to_interruptions += cost;
         }
         if market == Market::Spot {
@@ -452,7 +463,18 @@ mod tests {
             Some(2.5),
         );
         lost.interrupted = Some(RerunFate::Lost);
+        // Reclaimed after its job had succeeded: 1 h of spot, 0.20, not wasted.
+        let mut after_success = usage(
+            "kani",
+            Some("a/proofs"),
+            "c6i.4xlarge",
+            Market::Spot,
+            6.0,
+            Some(7.0),
+        );
+        after_success.interrupted = Some(RerunFate::NotNeeded);
         let usages = vec![
+            after_success,
             // 2 h spot: 0.40 paid, 1.36 on-demand → 0.96 saved.
             usage(
                 "kani",
@@ -489,12 +511,12 @@ mod tests {
             .iter()
             .find(|l| l.key.as_deref() == Some("kani"))
             .unwrap();
-        assert_eq!(kani.runners, 4);
-        assert!(close(kani.hours, 6.0), "{}", kani.hours);
-        // Spot 4 h × 0.20 + on-demand 2 h × 0.68.
-        assert!(close(kani.cost, 0.8 + 1.36), "{}", kani.cost);
+        assert_eq!(kani.runners, 5);
+        assert!(close(kani.hours, 7.0), "{}", kani.hours);
+        // Spot 5 h × 0.20 + on-demand 2 h × 0.68.
+        assert!(close(kani.cost, 1.0 + 1.36), "{}", kani.cost);
         assert!(
-            close(kani.spot_savings, 4.0 * 0.48),
+            close(kani.spot_savings, 5.0 * 0.48),
             "{}",
             kani.spot_savings
         );
@@ -511,8 +533,8 @@ mod tests {
         assert!(kani.missing_prices.is_empty());
         // Most expensive first.
         assert_eq!(r.lines[0].key.as_deref(), Some("bench"));
-        assert!(close(r.total.cost, 0.8 + 1.36 + 4.08));
-        assert_eq!(r.total.runners, 5);
+        assert!(close(r.total.cost, 1.0 + 1.36 + 4.08));
+        assert_eq!(r.total.runners, 6);
     }
 
     #[test]
@@ -662,12 +684,13 @@ mod tests {
             any::<bool>(),
             0.0f64..48.0,
             prop::option::of(0.0f64..12.0),
-            prop::option::of(0u8..3),
+            prop::option::of(0u8..4),
         )
             .prop_map(|(profile, ty, spot, start, len, fate)| Usage {
                 interrupted: fate.map(|f| match f {
                     0 => RerunFate::Pending,
                     1 => RerunFate::Rerun,
+                    2 => RerunFate::NotNeeded,
                     _ => RerunFate::Lost,
                 }),
                 ..usage(

@@ -354,6 +354,9 @@ pub struct Instance {
     pub profile: Option<String>,
     pub instance_type: String,
     pub subnet_id: Option<String>,
+    /// `Placement.AvailabilityZone`, e.g. `us-east-1b`: where a reclaim
+    /// happened (a subnet lives in one AZ, but the id alone does not say which).
+    pub availability_zone: Option<String>,
     pub market: Market,
     pub state: InstanceState,
     /// EC2's state reason code, e.g. `Server.SpotInstanceTermination`.

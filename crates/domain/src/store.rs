@@ -90,6 +90,10 @@ pub enum RerunOutcome {
     RetryAt { at: DateTime<Utc>, reason: String },
     /// Given up: the job is lost.
     Lost { reason: String },
+    /// Nothing to re-run: GitHub reports the job finished well (the
+    /// reclaim came after it, or another runner ran it). Terminal, and not
+    /// a loss.
+    NotNeeded { reason: String },
     /// Left for a later completion of the run (another job's re-run goes first).
     Waiting { reason: String },
 }
@@ -113,6 +117,7 @@ pub struct JobSurvival {
     pub interrupted_runner: Option<String>,
     pub interrupted_instance_type: Option<String>,
     pub interrupted_subnet_id: Option<String>,
+    pub interrupted_az: Option<String>,
     pub interrupted_market: Option<String>,
     pub interrupted_after_secs: Option<i32>,
     pub rerun_of: Option<i64>,

@@ -58,6 +58,8 @@ pub struct RerunReport {
     pub requested: usize,
     pub retried: usize,
     pub lost: usize,
+    /// Interrupted jobs GitHub reports finished well: nothing to re-run.
+    pub not_needed: usize,
 }
 
 pub struct RerunWorker {
@@ -194,6 +196,9 @@ impl RerunWorker {
             runner_name: r.name.clone(),
             instance_type: r.instance_type.clone(),
             subnet_id: r.subnet_id.clone(),
+            // The sweep that ended the runner saw the instance, this pass
+            // does not; the ledger keeps no AZ per runner.
+            availability_zone: None,
             market: r.market.as_deref().and_then(|m| Market::parse(m).ok()),
             ran_secs,
             at: r.updated_at,
@@ -275,13 +280,16 @@ impl RerunWorker {
             .collect();
         if !finished.is_empty() {
             let reason =
-                "not re-run: GitHub reports the job finished well; the reclaim came after it"
+                "not needed: GitHub reports the job finished well (the reclaim came after it, or another runner ran it)"
                     .to_owned();
             tracing::info!(jobs = ?finished, profile = %profile_name, "interrupted jobs turned out to have finished; no re-run");
+            // Terminal, and not a loss: neither jobs_lost_total nor the
+            // JobLost alert hears of it.
             self.store
-                .set_rerun_outcome(&finished, &RerunOutcome::Lost { reason }, now)
+                .set_rerun_outcome(&finished, &RerunOutcome::NotNeeded { reason }, now)
                 .await?;
             self.count(&profile_name, "not_needed", finished.len());
+            report.not_needed += finished.len();
             jobs.retain(|j| !finished.contains(&j.job_id));
         }
         let plan = plan_reruns(&policy, &jobs);
@@ -431,11 +439,12 @@ pub fn survival_lines(s: &JobSurvival, breaker: Option<&str>) -> String {
     if let Some(at) = s.interrupted_at {
         let _ = writeln!(
             out,
-            "interrupted by a spot reclaim at {} after {} s on {} ({} in {}, runner {})",
+            "interrupted by a spot reclaim at {} after {} s on {} ({} in {}, {}, runner {})",
             at.to_rfc3339(),
             s.interrupted_after_secs.unwrap_or(0),
             s.interrupted_market.as_deref().unwrap_or("?"),
             s.interrupted_instance_type.as_deref().unwrap_or("?"),
+            s.interrupted_az.as_deref().unwrap_or("an unknown AZ"),
             s.interrupted_subnet_id
                 .as_deref()
                 .unwrap_or("the default subnet"),
@@ -489,6 +498,7 @@ mod tests {
             interrupted_runner: Some("spot-runners-kani-a1".into()),
             interrupted_instance_type: Some("c6i.4xlarge".into()),
             interrupted_subnet_id: Some("subnet-a".into()),
+            interrupted_az: Some("us-east-1b".into()),
             interrupted_market: Some("spot".into()),
             interrupted_after_secs: Some(5400),
             rerun_state: Some("lost".into()),
@@ -498,7 +508,7 @@ mod tests {
         };
         let text = survival_lines(&s, Some("spot breaker closed"));
         assert!(
-            text.contains("after 5400 s on spot (c6i.4xlarge in subnet-a"),
+            text.contains("after 5400 s on spot (c6i.4xlarge in us-east-1b, subnet-a"),
             "{text}"
         );
         assert!(
@@ -522,6 +532,13 @@ mod tests {
             text.contains("its runner ran on on-demand: job 8 re-runs"),
             "{text}"
         );
+        let not_needed = JobSurvival {
+            rerun_state: Some("not_needed".into()),
+            rerun_reason: Some("not needed: GitHub reports the job finished well".into()),
+            ..JobSurvival::default()
+        };
+        assert!(survival_lines(&not_needed, None)
+            .contains("re-run: not_needed — not needed: GitHub reports the job finished well"));
         assert_eq!(survival_lines(&JobSurvival::default(), None), "");
     }
 }

@@ -48,6 +48,7 @@ pub async fn attribute_gone(
         instance_reason: instance.and_then(|i| i.state_reason.as_deref()),
         instance_type: runner.instance_type.as_deref(),
         subnet_id: runner.subnet_id.as_deref(),
+        availability_zone: instance.and_then(|i| i.availability_zone.as_deref()),
         market: runner.market.as_deref().and_then(|m| Market::parse(m).ok()),
     };
     let Some(interruption) = attribute(&end, now) else {
@@ -58,6 +59,7 @@ pub async fn attribute_gone(
         tracing::warn!(
             job_id, runner = %runner.name, profile = %runner.profile,
             instance_type = ?interruption.instance_type, subnet = ?interruption.subnet_id,
+            availability_zone = ?interruption.availability_zone,
             ran_secs = interruption.ran_secs,
             "spot reclaim interrupted a job; it is re-run once its workflow run completes"
         );

@@ -211,7 +211,7 @@ impl Metrics {
                 &["profile"]
             )?),
             reruns_total: reg!(IntCounterVec::new(
-                opts("reruns_total", "Re-runs of interrupted jobs by profile and outcome (requested, retry, waiting, rerun, lost)."),
+                opts("reruns_total", "Re-runs of interrupted jobs by profile and outcome (requested, retry, waiting, rerun, lost, not_needed)."),
                 &["profile", "outcome"]
             )?),
             jobs_lost_total: reg!(IntCounterVec::new(

@@ -201,6 +201,9 @@ async fn three_reclaimed_matrix_jobs_are_all_rerun_on_demand_without_a_webhook()
         assert_eq!(s.interrupted_runner.as_deref(), Some(runner.as_str()));
         assert_eq!(s.interrupted_market.as_deref(), Some("spot"));
         assert!(s.interrupted_instance_type.is_some() && s.interrupted_subnet_id.is_some());
+        // The fake cloud places each subnet in one AZ, as EC2 does.
+        let az = spot_runners_sim::cloud::availability_zone_of(s.interrupted_subnet_id.as_deref());
+        assert_eq!(s.interrupted_az.as_deref(), Some(az));
         assert_eq!(s.rerun_state.as_deref(), Some("pending"));
     }
     assert_eq!(
@@ -382,6 +385,7 @@ async fn ledger_run(h: &Harness, run_id: i64, jobs: &[(i64, &str, &str, bool)]) 
                     runner_name: "spot-runners-kani-x".into(),
                     instance_type: Some("c6i.4xlarge".into()),
                     subnet_id: Some("subnet-a".into()),
+                    availability_zone: Some("us-east-1a".into()),
                     market: Some(Market::Spot),
                     ran_secs: 3600,
                     at: chrono::Utc::now(),
@@ -538,6 +542,7 @@ async fn at_most_max_interruption_reruns_per_job() {
             runner_name: "spot-runners-kani-y".into(),
             instance_type: None,
             subnet_id: None,
+            availability_zone: None,
             market: Some(Market::OnDemand),
             ran_secs: 60,
             at: chrono::Utc::now(),
@@ -614,4 +619,91 @@ async fn a_reclaimed_job_whose_in_progress_was_lost_is_marked_once_github_names_
     assert_eq!(job_state(&h, 1).await.0.as_deref(), Some("requested"));
     // Marked once, however often the worker passes.
     assert_eq!(w.pass().await.unwrap().unwrap().attributed_late, 0);
+}
+
+#[tokio::test]
+async fn an_interrupted_job_github_reports_finished_well_is_not_needed_and_not_lost() {
+    let h = Harness::new().await;
+    h.profile("kani", "market = 'spot'").await;
+    // The ledger saw the job start on our runner, then the reclaim; its
+    // `completed` never arrived. GitHub had handed it to another runner,
+    // where it succeeded.
+    deliver(
+        &h,
+        vec![event(
+            1,
+            830,
+            1,
+            "x",
+            JobStatus::InProgress,
+            Some("spot-runners-kani-x"),
+            None,
+        )],
+    )
+    .await;
+    h.store
+        .record_interruption(&Interruption {
+            job_id: 1,
+            runner_name: "spot-runners-kani-x".into(),
+            instance_type: Some("c6i.4xlarge".into()),
+            subnet_id: Some("subnet-a".into()),
+            availability_zone: Some("us-east-1a".into()),
+            market: Some(Market::Spot),
+            ran_secs: 120,
+            at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    h.github.add_run(REPO, 830, &[(1, "x")]);
+    h.github.set_job(
+        REPO,
+        1,
+        JobReport {
+            status: "completed".into(),
+            conclusion: Some("success".into()),
+            runner_name: Some("someone-elses-runner".into()),
+        },
+    );
+    run_completed_webhook(&h, 830).await;
+
+    let w = worker(&h);
+    let report = w.pass().await.unwrap().unwrap();
+    assert_eq!((report.not_needed, report.lost), (1, 0), "{report:?}");
+    assert!(rerun_calls(&h).is_empty(), "nothing to re-run");
+    let (state, reason) = job_state(&h, 1).await;
+    assert_eq!(state.as_deref(), Some("not_needed"));
+    assert!(reason.unwrap().contains("finished well"));
+    let outcome = |o: &str| h.metrics.reruns_total.with_label_values(&["kani", o]).get();
+    assert_eq!((outcome("not_needed"), outcome("lost")), (1, 0));
+    assert_eq!(
+        h.metrics.jobs_lost_total.with_label_values(&["kani"]).get(),
+        0,
+        "not a loss: the JobLost alert stays quiet"
+    );
+    let profiles = h.profiles.get().profiles.clone();
+    let explained = spot_runners::reruns::explain_job_survival(
+        h.store.as_ref(),
+        "spot-runners",
+        1,
+        Some("kani"),
+        &profiles,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        explained.contains("re-run: not_needed — not needed: GitHub reports the job finished well"),
+        "{explained}"
+    );
+    assert!(
+        explained.contains("c6i.4xlarge in us-east-1a, subnet-a"),
+        "{explained}"
+    );
+    // Terminal: later passes neither ask GitHub again nor change it.
+    let asked = h.github.calls().len();
+    h.clock.advance(Duration::from_secs(3600));
+    let report = w.pass().await.unwrap().unwrap();
+    assert_eq!((report.not_needed, report.checked), (0, 0));
+    assert_eq!(h.github.calls().len(), asked);
+    assert_eq!(job_state(&h, 1).await.0.as_deref(), Some("not_needed"));
 }

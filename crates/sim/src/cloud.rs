@@ -46,6 +46,24 @@ const MAX_USER_DATA_BYTES: usize = 16 * 1024;
 /// The account and region the fake's instance ARNs name.
 pub const FAKE_ARN_PREFIX: &str = "arn:aws:ec2:us-east-1:123456789012:instance/";
 
+/// The AZs of the fake's region; `availability_zone_of` places each
+/// subnet in one of them.
+pub const FAKE_AZS: [&str; 3] = ["us-east-1a", "us-east-1b", "us-east-1c"];
+
+/// The AZ of a subnet, as EC2 places every instance of a subnet in the
+/// subnet's one AZ: the same subnet always lands in the same AZ. The
+/// default subnet (`None`) is in the first.
+pub fn availability_zone_of(subnet_id: Option<&str>) -> &'static str {
+    let Some(subnet) = subnet_id.filter(|s| !s.is_empty()) else {
+        return FAKE_AZS[0];
+    };
+    // FNV-1a: stable across runs and platforms (std's hasher is seeded).
+    let hash = subnet.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    FAKE_AZS[(hash % FAKE_AZS.len() as u64) as usize]
+}
+
 /// The fake's account, which `self` names in an image filter.
 pub const FAKE_ACCOUNT: &str = "123456789012";
 
@@ -247,6 +265,7 @@ impl State {
             profile: Some(request.profile.clone()),
             instance_type: request.instance_type.clone(),
             subnet_id: request.subnet_id.clone(),
+            availability_zone: Some(availability_zone_of(request.subnet_id.as_deref()).to_owned()),
             market: request.market,
             state: record.state(now),
             state_reason: record.ended.as_ref().and_then(|(_, r)| r.clone()),
@@ -1253,6 +1272,31 @@ mod tests {
             Some(REASON_SHUTDOWN_FROM_INSIDE)
         );
         assert_eq!(cloud.live_count(None), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_instance_of_a_subnet_is_in_that_subnets_az() {
+        let cloud = FakeCloud::new();
+        let mut azs = std::collections::BTreeMap::new();
+        for (i, subnet) in ["subnet-a", "subnet-b", "subnet-a", "subnet-c"]
+            .iter()
+            .enumerate()
+        {
+            let mut r = request(&format!("r-{i}"));
+            r.subnet_id = Some((*subnet).to_owned());
+            let launched = cloud.launch(&r).await.unwrap();
+            let az = launched.availability_zone.clone().unwrap();
+            assert!(FAKE_AZS.contains(&az.as_str()), "{az}");
+            assert_eq!(
+                cloud.instance(&launched.id).unwrap().availability_zone,
+                Some(az.clone())
+            );
+            assert_eq!(*azs.entry(*subnet).or_insert(az.clone()), az, "{subnet}");
+        }
+        let mut r = request("r-default");
+        r.subnet_id = None;
+        let default = cloud.launch(&r).await.unwrap();
+        assert_eq!(default.availability_zone.as_deref(), Some(FAKE_AZS[0]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,7 +40,7 @@ pub struct ServiceStats {
     /// Jobs the service marked interrupted by a spot reclaim.
     pub interrupted: u64,
     /// Re-runs of interrupted jobs by outcome (`requested`, `retry`,
-    /// `waiting`, `lost`), counted per job.
+    /// `waiting`, `lost`, `not_needed`), counted per job.
     pub reruns: BTreeMap<String, u64>,
     /// Interrupted jobs the re-run worker gave up on.
     pub jobs_lost: u64,

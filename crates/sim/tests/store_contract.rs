@@ -136,6 +136,7 @@ contract!(
     provisioning_writes_are_compare_and_set,
     spot_prices_are_recorded_and_usage_covers_the_window,
     interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them,
+    a_rerun_not_needed_is_terminal_and_not_a_loss,
 );
 
 fn event(id: i64, status: JobStatus, runner: Option<&str>) -> WorkflowJobEvent {
@@ -950,6 +951,7 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
         runner_name: name.clone(),
         instance_type: Some("c6i.4xlarge".into()),
         subnet_id: None,
+        availability_zone: Some("us-east-1b".into()),
         market: Some(Market::Spot),
         ran_secs: 600,
         at: now,
@@ -965,6 +967,8 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
         Some(now.timestamp())
     );
     assert_eq!(survival.interrupted_after_secs, Some(600));
+    assert_eq!(survival.interrupted_az.as_deref(), Some("us-east-1b"));
+    assert_eq!(survival.interrupted_subnet_id, None);
     assert_eq!(survival.rerun_state.as_deref(), Some("pending"));
     let since = now - chrono::Duration::hours(1);
     let reclaims = s.interruptions_since(CONTROLLER, since).await.unwrap();
@@ -1035,15 +1039,9 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
     assert_eq!(s.link_reruns().await.unwrap(), 0);
     let linked = s.job_survival(3).await.unwrap().unwrap();
     assert_eq!((linked.rerun_of, linked.rerun_count), (Some(1), 1));
-    assert_eq!(
-        s.job_survival(1)
-            .await
-            .unwrap()
-            .unwrap()
-            .rerun_state
-            .as_deref(),
-        Some("rerun")
-    );
+    let rerun = s.job_survival(1).await.unwrap().unwrap();
+    assert_eq!(rerun.rerun_state.as_deref(), Some("rerun"));
+    assert_eq!(rerun.rerun_reason.as_deref(), Some("re-run as job 3"));
 
     // The market choice sees the re-run demand and the reclaim, and its
     // decision is recorded on the runner.
@@ -1233,4 +1231,93 @@ async fn spot_prices_are_recorded_and_usage_covers_the_window(t: &dyn Subject) {
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn a_rerun_not_needed_is_terminal_and_not_a_loss(t: &dyn Subject) {
+    use spot_runners_domain::cost::RerunFate;
+    use spot_runners_domain::store::RerunOutcome;
+    use spot_runners_domain::survival::Interruption;
+    use spot_runners_domain::Market;
+
+    let s = t.store();
+    let s = s.as_ref();
+    t.add_profile(example_row("kani", &["linux", "kani"])).await;
+    let start = chrono::Utc::now();
+    let name = plan(s, 1).await.remove(0);
+    booting(s, &name, "i-1").await;
+    record(
+        s,
+        &[
+            delivery("q", event(1, JobStatus::Queued, None), Ok("kani")),
+            delivery(
+                "p",
+                event(1, JobStatus::InProgress, Some(&name)),
+                Ok("kani"),
+            ),
+        ],
+    )
+    .await;
+    s.settle_jobs(CONTROLLER).await.unwrap();
+    assert!(s
+        .end_runner_if(
+            &name,
+            RunnerState::Busy,
+            RunnerState::Interrupted,
+            "reclaimed"
+        )
+        .await
+        .unwrap());
+    let now = chrono::Utc::now();
+    assert!(s
+        .record_interruption(&Interruption {
+            job_id: 1,
+            runner_name: name.clone(),
+            instance_type: Some("c6i.4xlarge".into()),
+            subnet_id: Some("subnet-a".into()),
+            availability_zone: Some("us-east-1c".into()),
+            market: Some(Market::Spot),
+            ran_secs: 60,
+            at: now,
+        })
+        .await
+        .unwrap());
+    let reason = "not needed: GitHub reports the job finished well";
+    s.set_rerun_outcome(
+        &[1],
+        &RerunOutcome::NotNeeded {
+            reason: reason.into(),
+        },
+        now,
+    )
+    .await
+    .unwrap();
+    let survival = s.job_survival(1).await.unwrap().unwrap();
+    assert_eq!(survival.rerun_state.as_deref(), Some("not_needed"));
+    assert_eq!(survival.rerun_reason.as_deref(), Some(reason));
+    assert_eq!(survival.rerun_attempts, 0, "no request was made");
+    assert_eq!(survival.interrupted_az.as_deref(), Some("us-east-1c"));
+    assert_eq!(survival.interrupted_subnet_id.as_deref(), Some("subnet-a"));
+    // Terminal: never due again, and nothing moves it on.
+    let later = now + chrono::Duration::hours(1);
+    assert!(s.runs_awaiting_reruns(later, 10).await.unwrap().is_empty());
+    s.set_rerun_outcome(&[1], &RerunOutcome::Lost { reason: "x".into() }, later)
+        .await
+        .unwrap();
+    s.set_rerun_outcome(&[1], &RerunOutcome::Requested, later)
+        .await
+        .unwrap();
+    let survival = s.job_survival(1).await.unwrap().unwrap();
+    assert_eq!(survival.rerun_state.as_deref(), Some("not_needed"));
+    assert_eq!(survival.rerun_attempts, 0);
+    // The cost ledger sees the runner's fate as not needed, not lost.
+    let used = s
+        .usage(
+            CONTROLLER,
+            start - chrono::Duration::hours(1),
+            start + chrono::Duration::hours(2),
+        )
+        .await
+        .unwrap();
+    assert_eq!(used.len(), 1, "{used:?}");
+    assert_eq!(used[0].interrupted, Some(RerunFate::NotNeeded));
 }

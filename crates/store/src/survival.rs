@@ -119,6 +119,7 @@ pub(crate) mod sql {
             r#"UPDATE workflow_jobs SET
                    interrupted_at = $2, interrupted_runner = $3, interrupted_instance_type = $4,
                    interrupted_subnet_id = $5, interrupted_market = $6, interrupted_after_secs = $7,
+                   interrupted_az = $9,
                    rerun_state = 'pending', rerun_next_at = $2, rerun_attempts = 0,
                    rerun_reason = 'interrupted by a spot reclaim; re-run once its workflow run completes',
                    updated_at = $8::timestamptz
@@ -132,6 +133,7 @@ pub(crate) mod sql {
         .bind(i.market.map(Market::as_str))
         .bind(i32::try_from(i.ran_secs).unwrap_or(i32::MAX))
         .bind(now)
+        .bind(&i.availability_zone)
         .execute(pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -157,7 +159,8 @@ pub(crate) mod sql {
                    RETURNING pairs.old_id
                )
                UPDATE workflow_jobs p SET rerun_state = 'rerun',
-                      rerun_reason = 're-run as job ' || (SELECT min(n.id) FROM workflow_jobs n WHERE n.rerun_of = p.id),
+                      -- From `pairs`: the main statement does not see the rows `linked` updates.
+                      rerun_reason = 're-run as job ' || (SELECT min(pairs.new_id) FROM pairs WHERE pairs.old_id = p.id),
                       updated_at = $1::timestamptz
                WHERE p.id IN (SELECT old_id FROM linked) AND p.rerun_state IN ('pending', 'requested')"#,
         )
@@ -239,6 +242,7 @@ pub(crate) mod sql {
             }
             RerunOutcome::RetryAt { at, reason } => ("pending", reason.clone(), Some(*at)),
             RerunOutcome::Lost { reason } => ("lost", reason.clone(), None),
+            RerunOutcome::NotNeeded { reason } => ("not_needed", reason.clone(), None),
             RerunOutcome::Waiting { reason } => ("pending", reason.clone(), Some(at)),
         };
         let mut tx = pool.begin().await?;
@@ -295,7 +299,7 @@ pub(crate) mod sql {
     ) -> Result<Option<JobSurvival>, PgError> {
         let row = sqlx::query(
             r#"SELECT j.interrupted_at, j.interrupted_runner, j.interrupted_instance_type,
-                      j.interrupted_subnet_id, j.interrupted_market, j.interrupted_after_secs,
+                      j.interrupted_subnet_id, j.interrupted_az, j.interrupted_market, j.interrupted_after_secs,
                       j.rerun_of, j.rerun_count, j.rerun_state, j.rerun_reason, j.rerun_attempts,
                       j.rerun_next_at, r.market AS runner_market, r.market_reason AS runner_market_reason
                FROM workflow_jobs j LEFT JOIN runners r ON r.name = j.runner_name
@@ -310,6 +314,7 @@ pub(crate) mod sql {
             interrupted_runner: r.try_get("interrupted_runner")?,
             interrupted_instance_type: r.try_get("interrupted_instance_type")?,
             interrupted_subnet_id: r.try_get("interrupted_subnet_id")?,
+            interrupted_az: r.try_get("interrupted_az")?,
             interrupted_market: r.try_get("interrupted_market")?,
             interrupted_after_secs: r.try_get("interrupted_after_secs")?,
             rerun_of: r.try_get("rerun_of")?,

@@ -23,6 +23,8 @@ pub struct RunnerEnd<'a> {
     pub instance_reason: Option<&'a str>,
     pub instance_type: Option<&'a str>,
     pub subnet_id: Option<&'a str>,
+    /// The instance's AZ, as EC2 last described it.
+    pub availability_zone: Option<&'a str>,
     pub market: Option<Market>,
 }
 
@@ -33,6 +35,7 @@ pub struct Interruption {
     pub runner_name: String,
     pub instance_type: Option<String>,
     pub subnet_id: Option<String>,
+    pub availability_zone: Option<String>,
     pub market: Option<Market>,
     /// How long the job had run when the reclaim was noticed.
     pub ran_secs: u32,
@@ -62,6 +65,7 @@ pub fn attribute(end: &RunnerEnd<'_>, now: DateTime<Utc>) -> Option<Interruption
         runner_name: end.runner_name.to_owned(),
         instance_type: end.instance_type.map(str::to_owned),
         subnet_id: end.subnet_id.map(str::to_owned),
+        availability_zone: end.availability_zone.map(str::to_owned),
         market: end.market,
         ran_secs,
         at: now,
@@ -88,6 +92,7 @@ mod tests {
             instance_reason: Some(SPOT_RECLAIM_REASON),
             instance_type: Some("c6i.4xlarge"),
             subnet_id: Some("subnet-a"),
+            availability_zone: Some("us-east-1b"),
             market: Some(Market::Spot),
         }
     }
@@ -99,6 +104,7 @@ mod tests {
         assert_eq!(i.ran_secs, 5400);
         assert_eq!(i.instance_type.as_deref(), Some("c6i.4xlarge"));
         assert_eq!(i.subnet_id.as_deref(), Some("subnet-a"));
+        assert_eq!(i.availability_zone.as_deref(), Some("us-east-1b"));
         assert_eq!(i.market, Some(Market::Spot));
         assert_eq!(i.runner_name, "spot-runners-kani-a1b2c3");
     }

@@ -51,6 +51,7 @@ fn instance(id: &str, runner: &str, state: InstanceState, reason: Option<&str>) 
         profile: Some("kani".into()),
         instance_type: "c6i.4xlarge".into(),
         subnet_id: None,
+        availability_zone: None,
         market: Market::Spot,
         state,
         state_reason: reason.map(str::to_owned),

@@ -295,6 +295,7 @@ impl Ledger {
             RerunOutcome::Requested => ("requested", "re-run requested from GitHub".into(), None),
             RerunOutcome::RetryAt { at, reason } => ("pending", reason.clone(), Some(*at)),
             RerunOutcome::Lost { reason } => ("lost", reason.clone(), None),
+            RerunOutcome::NotNeeded { reason } => ("not_needed", reason.clone(), None),
             RerunOutcome::Waiting { reason } => ("pending", reason.clone(), Some(at)),
         };
         let counts = matches!(
@@ -348,6 +349,7 @@ impl Ledger {
             interrupted_runner: i.map(|i| i.runner_name.clone()),
             interrupted_instance_type: i.and_then(|i| i.instance_type.clone()),
             interrupted_subnet_id: i.and_then(|i| i.subnet_id.clone()),
+            interrupted_az: i.and_then(|i| i.availability_zone.clone()),
             interrupted_market: i.and_then(|i| i.market).map(|m| m.as_str().to_owned()),
             interrupted_after_secs: i.map(|i| i32::try_from(i.ran_secs).unwrap_or(i32::MAX)),
             rerun_of: s.rerun_of,

@@ -396,12 +396,19 @@ pub trait Store: Send + Sync + 'static {
     /// Decides a runner's market by `decide` on the profile's facts (its
     /// queued jobs, on-demand runners available, interruptions since
     /// `interruptions_since`) and records it on the runner row.
+    ///
+    /// Only the queued jobs that may want on-demand are among the facts:
+    /// re-runs (`run_attempt` > 1), and, when `with_durations` (the profile
+    /// has `spot_max_job_minutes`), every queued job with its duration
+    /// history. The others cannot change the decision, and reading them
+    /// would make each launch cost as much as the queue is long.
     async fn choose_runner_market(
         &self,
         controller_id: &str,
         runner_name: &str,
         profile: &str,
         interruptions_since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError>;
 

@@ -83,6 +83,7 @@ pub async fn choose_runner_market(
             &runner.name,
             profile.name.as_str(),
             now - breaker_horizon(profile),
+            profile.survival.spot_max_job_minutes.is_some(),
             Box::new(move |facts| {
                 let breaker = breaker_state(&p.survival, &facts.interruptions, now);
                 let choice = choose_market(

@@ -441,6 +441,7 @@ impl<S: Store> Store for CrashingStore<S> {
         runner_name: &str,
         profile: &str,
         interruptions_since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         self.point.reached().await;
@@ -450,6 +451,7 @@ impl<S: Store> Store for CrashingStore<S> {
                 runner_name,
                 profile,
                 interruptions_since,
+                with_durations,
                 decide,
             )
             .await

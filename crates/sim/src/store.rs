@@ -649,6 +649,7 @@ impl Store for MemoryStore {
         runner_name: &str,
         profile: &str,
         interruptions_since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         let now = self.now();
@@ -657,6 +658,7 @@ impl Store for MemoryStore {
             runner_name,
             profile,
             interruptions_since,
+            with_durations,
             decide,
             now,
         ))

@@ -1054,6 +1054,7 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
             &next,
             "kani",
             since,
+            true,
             Box::new(move |facts| {
                 *into.lock().unwrap() = Some(facts.clone());
                 (Market::OnDemand, "re-run of an interrupted job".into())
@@ -1084,6 +1085,69 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
         .unwrap();
     assert_eq!(row.market.as_deref(), Some("on-demand"));
     assert_eq!(reason, "re-run of an interrupted job");
+
+    // Durations: a job named "proof 9" ran 10 minutes; a new one is queued.
+    // With durations it comes with that history; without, only re-runs are
+    // read (a plain queued job cannot want on-demand then).
+    let mut ran = event(20, JobStatus::InProgress, Some("r-20"));
+    ran.name = "proof 9".into();
+    record(s, &[delivery("h-start", ran.clone(), Ok("kani"))]).await;
+    t.advance(Duration::from_secs(600));
+    ran.status = JobStatus::Completed;
+    ran.conclusion = Some("success".into());
+    record(s, &[delivery("h-end", ran, Ok("kani"))]).await;
+    record(
+        s,
+        &[delivery(
+            "q9",
+            event(9, JobStatus::Queued, None),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    let with = market_facts(s, &next, since, true).await;
+    let facts: Vec<(i64, bool, Vec<f64>)> = with
+        .queued
+        .iter()
+        .map(|q| {
+            // Minutes to the second: the delivery batch's commit takes time.
+            let minutes = q.history_minutes.iter().map(|m| (m * 60.0).round() / 60.0);
+            (q.job_id, q.rerun_of_interrupted, minutes.collect())
+        })
+        .collect();
+    assert_eq!(facts, [(3, true, vec![]), (9, false, vec![10.0])]);
+    let without = market_facts(s, &next, since, false).await;
+    assert_eq!(
+        without.queued.iter().map(|q| q.job_id).collect::<Vec<_>>(),
+        [3]
+    );
+}
+
+/// The facts `choose_runner_market` decides on (the decision: spot).
+async fn market_facts(
+    s: &dyn Store,
+    runner: &str,
+    since: chrono::DateTime<chrono::Utc>,
+    with_durations: bool,
+) -> spot_runners_domain::store::MarketSnapshot {
+    use std::sync::Mutex;
+    let seen: Arc<Mutex<Option<_>>> = Arc::default();
+    let into = Arc::clone(&seen);
+    s.choose_runner_market(
+        CONTROLLER,
+        runner,
+        "kani",
+        since,
+        with_durations,
+        Box::new(move |facts| {
+            *into.lock().unwrap() = Some(facts.clone());
+            (spot_runners_domain::Market::Spot, "spot".into())
+        }),
+    )
+    .await
+    .unwrap();
+    let facts = seen.lock().unwrap().take();
+    facts.unwrap()
 }
 
 async fn provisioning_writes_are_compare_and_set(t: &dyn Subject) {

@@ -213,6 +213,7 @@ impl Store for PgStore {
         runner_name: &str,
         profile: &str,
         interruptions_since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         Ok(self
@@ -221,6 +222,7 @@ impl Store for PgStore {
                 runner_name,
                 profile,
                 interruptions_since,
+                with_durations,
                 decide,
             )
             .await?)

@@ -1127,6 +1127,7 @@ impl PgStore {
         runner_name: &str,
         profile: &str,
         interruptions_since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
     ) -> Result<(Market, String), PgError> {
         survival::choose_runner_market(
@@ -1135,6 +1136,7 @@ impl PgStore {
             runner_name,
             profile,
             interruptions_since,
+            with_durations,
             decide,
             self.clock.now(),
         )

@@ -337,6 +337,7 @@ pub(crate) mod sql {
         runner_name: &str,
         profile: &str,
         since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
         now: DateTime<Utc>,
     ) -> Result<(Market, String), PgError> {
@@ -348,24 +349,40 @@ pub(crate) mod sql {
         .bind(profile)
         .execute(&mut *tx)
         .await?;
+        // One history per distinct job (repository + workflow + name), read
+        // from `workflow_jobs_duration_history`, not one per queued job.
         let queued = sqlx::query(
-            r#"SELECT j.id,
-                      EXISTS (SELECT 1 FROM workflow_jobs p
+            r#"WITH q AS (
+                   SELECT j.id, j.repository, j.workflow_name, j.name, j.first_seen_at,
+                          j.run_attempt > 1 AND EXISTS (
+                              SELECT 1 FROM workflow_jobs p
                               WHERE p.run_id = j.run_id AND p.name = j.name
-                                AND p.run_attempt < j.run_attempt AND p.interrupted_at IS NOT NULL) AS rerun,
-                      ARRAY(SELECT (EXTRACT(EPOCH FROM (h.completed_at - h.in_progress_at)) / 60.0)::float8
-                            FROM workflow_jobs h
-                            WHERE h.repository = j.repository
-                              AND h.workflow_name IS NOT DISTINCT FROM j.workflow_name
-                              AND h.name = j.name AND h.status = 'completed' AND h.id <> j.id
-                              AND h.in_progress_at IS NOT NULL AND h.completed_at IS NOT NULL
-                              AND h.interrupted_at IS NULL
-                            ORDER BY h.completed_at DESC LIMIT 20) AS history
-               FROM workflow_jobs j
-               WHERE j.status = 'queued' AND j.profile = $1
-               ORDER BY j.first_seen_at, j.id"#,
+                                AND p.run_attempt < j.run_attempt
+                                AND p.interrupted_at IS NOT NULL) AS rerun
+                   FROM workflow_jobs j
+                   WHERE j.status = 'queued' AND j.profile = $1 AND ($2 OR j.run_attempt > 1)
+               ),
+               g AS (
+                   SELECT DISTINCT repository, workflow_name, name FROM q WHERE $2
+               ),
+               h AS (
+                   SELECT g.*, ARRAY(
+                       SELECT (EXTRACT(EPOCH FROM (h.completed_at - h.in_progress_at)) / 60.0)::float8
+                       FROM workflow_jobs h
+                       WHERE h.repository = g.repository AND h.name = g.name
+                         AND h.workflow_name IS NOT DISTINCT FROM g.workflow_name
+                         AND h.status = 'completed' AND h.interrupted_at IS NULL
+                         AND h.in_progress_at IS NOT NULL AND h.completed_at IS NOT NULL
+                       ORDER BY h.completed_at DESC LIMIT 20) AS history
+                   FROM g
+               )
+               SELECT q.id, q.rerun, h.history
+               FROM q LEFT JOIN h ON h.repository = q.repository AND h.name = q.name
+                                 AND h.workflow_name IS NOT DISTINCT FROM q.workflow_name
+               ORDER BY q.first_seen_at, q.id"#,
         )
         .bind(profile)
+        .bind(with_durations)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()

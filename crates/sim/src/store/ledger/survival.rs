@@ -393,6 +393,7 @@ impl Ledger {
         runner_name: &str,
         profile: &str,
         since: DateTime<Utc>,
+        with_durations: bool,
         decide: MarketFn,
         now: DateTime<Utc>,
     ) -> (Market, String) {
@@ -401,6 +402,7 @@ impl Ledger {
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .filter(|j| j.status == JobStatus::Queued && j.profile.as_deref() == Some(profile))
+            .filter(|j| with_durations || j.run_attempt > 1)
             .collect();
         queued.sort_by_key(|j| (j.first_seen_at, j.id));
         let queued: Vec<QueuedJobFacts> = queued
@@ -413,7 +415,11 @@ impl Ledger {
                         && p.run_attempt < j.run_attempt
                         && p.survival.interruption.is_some()
                 }),
-                history_minutes: self.history_minutes(j),
+                history_minutes: if with_durations {
+                    self.history_minutes(j)
+                } else {
+                    Vec::new()
+                },
             })
             .collect();
         let on_demand_available = self

@@ -107,6 +107,19 @@ pub struct MarketSnapshot {
     pub interruptions: Vec<DateTime<Utc>>,
 }
 
+/// Which facts a market decision reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarketQuery {
+    /// Reclaims of the profile's instances since then (the breaker).
+    pub interruptions_since: DateTime<Utc>,
+    /// Only the queued jobs that may want on-demand are read: re-runs
+    /// (`run_attempt` > 1) always, every queued job with its duration
+    /// history only when this is set (the profile has
+    /// `spot_max_job_minutes`). The others cannot change the decision, and
+    /// reading them would make each launch cost as much as the queue is long.
+    pub with_durations: bool,
+}
+
 /// Decides a runner's market inside the store's lock.
 pub type MarketFn = Box<dyn FnOnce(&MarketSnapshot) -> (Market, String) + Send>;
 
@@ -394,21 +407,14 @@ pub trait Store: Send + Sync + 'static {
     async fn job_survival(&self, job_id: i64) -> Result<Option<JobSurvival>, StoreError>;
 
     /// Decides a runner's market by `decide` on the profile's facts (its
-    /// queued jobs, on-demand runners available, interruptions since
-    /// `interruptions_since`) and records it on the runner row.
-    ///
-    /// Only the queued jobs that may want on-demand are among the facts:
-    /// re-runs (`run_attempt` > 1), and, when `with_durations` (the profile
-    /// has `spot_max_job_minutes`), every queued job with its duration
-    /// history. The others cannot change the decision, and reading them
-    /// would make each launch cost as much as the queue is long.
+    /// queued jobs, on-demand runners available, interruptions; which ones
+    /// [`MarketQuery`] says) and records it on the runner row.
     async fn choose_runner_market(
         &self,
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        interruptions_since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError>;
 

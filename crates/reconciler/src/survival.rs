@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use spot_runners_domain::ports::Instance;
-use spot_runners_domain::store::{RunnerRecord, Store, StoreError};
+use spot_runners_domain::store::{MarketQuery, RunnerRecord, Store, StoreError};
 use spot_runners_domain::survival::{
     attribute, breaker_state, choose_market, Interruption, MarketChoice, MarketInputs, RunnerEnd,
 };
@@ -82,8 +82,10 @@ pub async fn choose_runner_market(
             controller_id,
             &runner.name,
             profile.name.as_str(),
-            now - breaker_horizon(profile),
-            profile.survival.spot_max_job_minutes.is_some(),
+            MarketQuery {
+                interruptions_since: now - breaker_horizon(profile),
+                with_durations: profile.survival.spot_max_job_minutes.is_some(),
+            },
             Box::new(move |facts| {
                 let breaker = breaker_state(&p.survival, &facts.interruptions, now);
                 let choice = choose_market(

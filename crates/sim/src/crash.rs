@@ -31,8 +31,8 @@ use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
-    StaleJob, Store, StoreError,
+    MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
+    RunnerRecord, StaleJob, Store, StoreError,
 };
 use spot_runners_domain::survival::{Interruption, RerunFailure, RunJob};
 use spot_runners_domain::Market;
@@ -440,20 +440,12 @@ impl<S: Store> Store for CrashingStore<S> {
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        interruptions_since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         self.point.reached().await;
         self.inner
-            .choose_runner_market(
-                controller_id,
-                runner_name,
-                profile,
-                interruptions_since,
-                with_durations,
-                decide,
-            )
+            .choose_runner_market(controller_id, runner_name, profile, query, decide)
             .await
     }
 

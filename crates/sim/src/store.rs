@@ -27,8 +27,8 @@ use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
-    StaleJob, Store, StoreError,
+    MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
+    RunnerRecord, StaleJob, Store, StoreError,
 };
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::{JobStatus, Market, RunnerState};
@@ -648,8 +648,7 @@ impl Store for MemoryStore {
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        interruptions_since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         let now = self.now();
@@ -657,8 +656,7 @@ impl Store for MemoryStore {
             controller_id,
             runner_name,
             profile,
-            interruptions_since,
-            with_durations,
+            query,
             decide,
             now,
         ))

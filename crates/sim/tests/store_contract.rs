@@ -12,7 +12,7 @@ use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::{example_row, ProfileRow};
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, RunnerChange, Store, StoreError,
+    DeliveryOutcome, IncomingDelivery, JobCheck, MarketQuery, RunnerChange, Store, StoreError,
 };
 use spot_runners_domain::{JobStatus, ProfileName, RunnerState, WorkflowJobEvent};
 use spot_runners_sim::{ManualClock, MemoryStore};
@@ -1053,8 +1053,10 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
             CONTROLLER,
             &next,
             "kani",
-            since,
-            true,
+            MarketQuery {
+                interruptions_since: since,
+                with_durations: true,
+            },
             Box::new(move |facts| {
                 *into.lock().unwrap() = Some(facts.clone());
                 (Market::OnDemand, "re-run of an interrupted job".into())
@@ -1137,8 +1139,10 @@ async fn market_facts(
         CONTROLLER,
         runner,
         "kani",
-        since,
-        with_durations,
+        MarketQuery {
+            interruptions_since: since,
+            with_durations,
+        },
         Box::new(move |facts| {
             *into.lock().unwrap() = Some(facts.clone());
             (spot_runners_domain::Market::Spot, "spot".into())

@@ -18,7 +18,7 @@ pub use postgres::PgStore;
 // name the domain's module.
 pub use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketSnapshot, PlanFn, PlanSnapshot, PriceRow, Pruned, RecentRepository, RerunOutcome,
-    RunAwaitingRerun, RunnerChange, RunnerRecord, StaleJob, Store, StoreError, DEFAULT_LEASE,
-    PRICE_SOURCE_EC2, PRICE_SOURCE_OPERATOR,
+    MarketQuery, MarketSnapshot, PlanFn, PlanSnapshot, PriceRow, Pruned, RecentRepository,
+    RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
+    DEFAULT_LEASE, PRICE_SOURCE_EC2, PRICE_SOURCE_OPERATOR,
 };

@@ -13,8 +13,8 @@ use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange, RunnerRecord,
-    StaleJob, Store, StoreError,
+    MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
+    RunnerRecord, StaleJob, Store, StoreError,
 };
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::Market;
@@ -212,19 +212,11 @@ impl Store for PgStore {
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        interruptions_since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
     ) -> Result<(Market, String), StoreError> {
         Ok(self
-            .pg_choose_runner_market(
-                controller_id,
-                runner_name,
-                profile,
-                interruptions_since,
-                with_durations,
-                decide,
-            )
+            .pg_choose_runner_market(controller_id, runner_name, profile, query, decide)
             .await?)
     }
 

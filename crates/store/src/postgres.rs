@@ -23,8 +23,8 @@ use crate::PgError;
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::store::{
     DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
-    RunnerRecord, StaleJob,
+    MarketQuery, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
+    RunnerChange, RunnerRecord, StaleJob,
 };
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::Market;
@@ -1126,8 +1126,7 @@ impl PgStore {
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        interruptions_since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
     ) -> Result<(Market, String), PgError> {
         survival::choose_runner_market(
@@ -1135,8 +1134,7 @@ impl PgStore {
             controller_id,
             runner_name,
             profile,
-            interruptions_since,
-            with_durations,
+            query,
             decide,
             self.clock.now(),
         )

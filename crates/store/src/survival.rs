@@ -14,7 +14,7 @@ pub(crate) mod sql {
     use super::*;
     use sqlx::{PgPool, Row};
 
-    use crate::{DeliveryOutcome, MarketFn, PgError};
+    use crate::{DeliveryOutcome, MarketFn, MarketQuery, PgError};
 
     /// A run's status only moves forward within an attempt, and a later
     /// attempt replaces an earlier one; a late delivery of an older attempt
@@ -336,8 +336,7 @@ pub(crate) mod sql {
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
         now: DateTime<Utc>,
     ) -> Result<(Market, String), PgError> {
@@ -382,7 +381,7 @@ pub(crate) mod sql {
                ORDER BY q.first_seen_at, q.id"#,
         )
         .bind(profile)
-        .bind(with_durations)
+        .bind(query.with_durations)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -411,7 +410,7 @@ pub(crate) mod sql {
         )
         .bind(controller_id)
         .bind(profile)
-        .bind(since)
+        .bind(query.interruptions_since)
         .fetch_all(&mut *tx)
         .await?;
         let snapshot = MarketSnapshot {

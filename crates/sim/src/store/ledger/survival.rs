@@ -5,7 +5,8 @@
 use chrono::{DateTime, Utc};
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::store::{
-    DeliveryOutcome, JobSurvival, MarketFn, MarketSnapshot, RerunOutcome, RunAwaitingRerun,
+    DeliveryOutcome, JobSurvival, MarketFn, MarketQuery, MarketSnapshot, RerunOutcome,
+    RunAwaitingRerun,
 };
 use spot_runners_domain::survival::{Interruption, QueuedJobFacts, RunJob};
 use spot_runners_domain::{JobStatus, Market, RunnerState};
@@ -392,8 +393,7 @@ impl Ledger {
         controller_id: &str,
         runner_name: &str,
         profile: &str,
-        since: DateTime<Utc>,
-        with_durations: bool,
+        query: MarketQuery,
         decide: MarketFn,
         now: DateTime<Utc>,
     ) -> (Market, String) {
@@ -402,7 +402,7 @@ impl Ledger {
             .iter()
             .filter_map(|id| self.jobs.get(id))
             .filter(|j| j.status == JobStatus::Queued && j.profile.as_deref() == Some(profile))
-            .filter(|j| with_durations || j.run_attempt > 1)
+            .filter(|j| query.with_durations || j.run_attempt > 1)
             .collect();
         queued.sort_by_key(|j| (j.first_seen_at, j.id));
         let queued: Vec<QueuedJobFacts> = queued
@@ -415,7 +415,7 @@ impl Ledger {
                         && p.run_attempt < j.run_attempt
                         && p.survival.interruption.is_some()
                 }),
-                history_minutes: if with_durations {
+                history_minutes: if query.with_durations {
                     self.history_minutes(j)
                 } else {
                     Vec::new()
@@ -442,7 +442,7 @@ impl Ledger {
             })
             .count();
         let interruptions = self
-            .interruptions_since(controller_id, since)
+            .interruptions_since(controller_id, query.interruptions_since)
             .into_iter()
             .filter(|(p, _)| p == profile)
             .map(|(_, at)| at)

@@ -406,7 +406,7 @@ pub(crate) mod sql {
         let interruptions: Vec<DateTime<Utc>> = sqlx::query_scalar(
             r#"SELECT COALESCE(terminated_at, updated_at) FROM runners
                WHERE controller_id = $1 AND profile = $2 AND state = 'interrupted'
-                 AND COALESCE(terminated_at, updated_at) > $3"#,
+                 AND updated_at > $3 AND COALESCE(terminated_at, updated_at) > $3"#,
         )
         .bind(controller_id)
         .bind(profile)
@@ -441,7 +441,7 @@ pub(crate) mod sql {
         let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
             r#"SELECT profile, COALESCE(terminated_at, updated_at) FROM runners
                WHERE controller_id = $1 AND state = 'interrupted'
-                 AND COALESCE(terminated_at, updated_at) > $2"#,
+                 AND updated_at > $2 AND COALESCE(terminated_at, updated_at) > $2"#,
         )
         .bind(controller_id)
         .bind(since)

@@ -95,6 +95,13 @@ pub(crate) async fn usage(
                            THEN COALESCE(terminated_at, updated_at) END AS ended_at
                FROM runners
                WHERE controller_id = $1 AND launched_at IS NOT NULL AND launched_at < $3
+                 -- Live, or ended within the window: `updated_at` is written
+                 -- with `terminated_at` and only grows after. Keeps the scan
+                 -- to the partial indexes, off the millions of old rows.
+                 AND (state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                                'done', 'terminating')
+                      OR (state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                                    'interrupted', 'orphaned') AND updated_at > $2))
            )
            SELECT r.profile, COALESCE(j.repository, i.repository) AS repository,
                   COALESCE(j.workflow_name, i.workflow_name) AS workflow,

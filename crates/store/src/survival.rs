@@ -147,10 +147,10 @@ pub(crate) mod sql {
         let done = sqlx::query(
             r#"WITH pairs AS (
                    SELECT DISTINCT ON (n.id) n.id AS new_id, p.id AS old_id, p.rerun_count AS old_count
-                   FROM workflow_jobs n
-                   JOIN workflow_jobs p ON p.run_id = n.run_id AND p.name = n.name
-                                       AND p.run_attempt < n.run_attempt AND p.interrupted_at IS NOT NULL
-                   WHERE n.rerun_of IS NULL
+                   FROM workflow_jobs p
+                   JOIN workflow_jobs n ON n.run_id = p.run_id AND n.name = p.name
+                                       AND n.run_attempt > p.run_attempt
+                   WHERE p.interrupted_at IS NOT NULL AND n.rerun_of IS NULL
                    ORDER BY n.id, p.run_attempt DESC
                ), linked AS (
                    UPDATE workflow_jobs n SET rerun_of = pairs.old_id, rerun_count = pairs.old_count + 1,

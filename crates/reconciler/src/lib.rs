@@ -41,7 +41,7 @@ use spot_runners_domain::cost::SpendGate;
 use spot_runners_domain::ports::{Cloud, GitHub, ParameterStore};
 use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::scopes::KnownScopes;
-use spot_runners_domain::store::Store;
+use spot_runners_domain::store::{RecentRepository, Store};
 use spot_runners_domain::ControllerId;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -84,6 +84,8 @@ pub struct Reconciler {
     rematches: Every,
     gauges: Every,
     polls: Every,
+    /// When the week's repositories are read again (`quiet_repositories`).
+    quiet_reads: Every,
     installations: Every,
     /// Where runners may be registered before any job said so.
     scopes: KnownScopes,
@@ -97,6 +99,8 @@ pub struct Reconciler {
     spend_gate: SpendGate,
     /// When each recent repository was last polled for lost `queued` jobs.
     polled: Mutex<BTreeMap<String, DateTime<Utc>>>,
+    /// Repositories with jobs within the polling window, as last read.
+    quiet_repositories: Mutex<Vec<RecentRepository>>,
     /// Sweeps so far; a tight GitHub budget lists runners on some only.
     sweep_count: AtomicU64,
     /// How freely the last sweep spent GitHub's budget.
@@ -130,6 +134,11 @@ impl Reconciler {
             rematches: Every::new(SWEEP_EVERY),
             gauges: Every::new(pass::GAUGES_EVERY),
             polls: Every::new(sweeps::POLL_EVERY),
+            quiet_reads: Every::new(
+                spot_runners_domain::api_budget::QUIET_POLL_EVERY
+                    .to_std()
+                    .unwrap_or(Duration::MAX),
+            ),
             installations: Every::new(INSTALLATIONS_EVERY),
             scopes: KnownScopes::default(),
             backoffs: Mutex::default(),
@@ -137,6 +146,7 @@ impl Reconciler {
             cost_tagged: Mutex::default(),
             spend_gate: SpendGate::unlimited(),
             polled: Mutex::default(),
+            quiet_repositories: Mutex::default(),
             sweep_count: AtomicU64::new(0),
             spending: Mutex::new(Spending::Full),
             missing: Mutex::default(),

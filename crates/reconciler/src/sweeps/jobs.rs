@@ -1,14 +1,16 @@
 //! The jobs side of a sweep: stale queued jobs asked about, lost queued
 //! jobs found by polling.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use spot_runners_domain::api_budget::{self, Spending};
 use spot_runners_domain::ports::GitHubError;
 use spot_runners_domain::stale::{self, StaleCutoffs};
-use spot_runners_domain::store::{IncomingDelivery, JobCheck, StaleJob, StoreError};
+use spot_runners_domain::store::{
+    IncomingDelivery, JobCheck, RecentRepository, StaleJob, StoreError,
+};
 use spot_runners_domain::sweeps as decide;
 use spot_runners_domain::{JobStatus, WorkflowJobEvent};
 
@@ -67,6 +69,37 @@ impl Reconciler {
         Ok((checked, closed))
     }
 
+    /// Repositories with jobs within the polling window. The week's list
+    /// is read once per quiet period (it is as long as the week's jobs are
+    /// many); the last [`api_budget::ACTIVE_WITHIN`], where activity and
+    /// suspects are, every time, and overrides it.
+    async fn repositories_to_poll(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<RecentRepository>, StoreError> {
+        if self.quiet_reads.due(now) {
+            let week = self
+                .store
+                .recent_repositories(
+                    now - chrono::Duration::days(POLL_REPOSITORIES_SEEN_WITHIN_DAYS),
+                )
+                .await?;
+            *lock(&self.quiet_repositories) = week;
+        }
+        let active = self
+            .store
+            .recent_repositories(now - api_budget::ACTIVE_WITHIN)
+            .await?;
+        let mut merged: BTreeMap<String, RecentRepository> = lock(&self.quiet_repositories)
+            .iter()
+            .map(|r| (r.repository.clone(), r.clone()))
+            .collect();
+        for r in active {
+            merged.insert(r.repository.clone(), r);
+        }
+        Ok(merged.into_values().collect())
+    }
+
     /// GitHub does not resend a lost `queued` delivery, and without it a
     /// job is never covered (unless some other job's runner takes it). So,
     /// one repository a minute at most, GitHub is asked for its queued jobs
@@ -83,10 +116,7 @@ impl Reconciler {
         if spending == Spending::Essential || !self.polls.due(now) {
             return Ok(0);
         }
-        let repositories = self
-            .store
-            .recent_repositories(now - chrono::Duration::days(POLL_REPOSITORIES_SEEN_WITHIN_DAYS))
-            .await?;
+        let repositories = self.repositories_to_poll(now).await?;
         let chosen = {
             let mut polled = lock(&self.polled);
             let recent: BTreeSet<&str> =

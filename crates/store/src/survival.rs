@@ -350,7 +350,14 @@ pub(crate) mod sql {
         .await?;
         // One history per distinct job (repository + workflow + name), read
         // from `workflow_jobs_duration_history`, not one per queued job.
-        let queued = sqlx::query(
+        // Two statements, not one with `$2 OR …`: a generic plan could not
+        // use the re-runs' partial index for the latter.
+        let which = if query.with_durations {
+            "TRUE"
+        } else {
+            "j.run_attempt > 1"
+        };
+        let statement = format!(
             r#"WITH q AS (
                    SELECT j.id, j.repository, j.workflow_name, j.name, j.first_seen_at,
                           j.run_attempt > 1 AND EXISTS (
@@ -359,7 +366,7 @@ pub(crate) mod sql {
                                 AND p.run_attempt < j.run_attempt
                                 AND p.interrupted_at IS NOT NULL) AS rerun
                    FROM workflow_jobs j
-                   WHERE j.status = 'queued' AND j.profile = $1 AND ($2 OR j.run_attempt > 1)
+                   WHERE j.status = 'queued' AND j.profile = $1 AND {which}
                ),
                g AS (
                    SELECT DISTINCT repository, workflow_name, name FROM q WHERE $2
@@ -378,21 +385,24 @@ pub(crate) mod sql {
                SELECT q.id, q.rerun, h.history
                FROM q LEFT JOIN h ON h.repository = q.repository AND h.name = q.name
                                  AND h.workflow_name IS NOT DISTINCT FROM q.workflow_name
-               ORDER BY q.first_seen_at, q.id"#,
-        )
-        .bind(profile)
-        .bind(query.with_durations)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| {
-            Ok(QueuedJobFacts {
-                job_id: r.try_get("id")?,
-                rerun_of_interrupted: r.try_get::<Option<bool>, _>("rerun")?.unwrap_or(false),
-                history_minutes: r.try_get::<Option<Vec<f64>>, _>("history")?.unwrap_or_default(),
+               ORDER BY q.first_seen_at, q.id"#
+        );
+        let queued = sqlx::query(&statement)
+            .bind(profile)
+            .bind(query.with_durations)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|r| {
+                Ok(QueuedJobFacts {
+                    job_id: r.try_get("id")?,
+                    rerun_of_interrupted: r.try_get::<Option<bool>, _>("rerun")?.unwrap_or(false),
+                    history_minutes: r
+                        .try_get::<Option<Vec<f64>>, _>("history")?
+                        .unwrap_or_default(),
+                })
             })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
         let on_demand: i64 = sqlx::query_scalar(
             r#"SELECT count(*) FROM runners
                WHERE controller_id = $1 AND profile = $2 AND name <> $3 AND market = 'on-demand'

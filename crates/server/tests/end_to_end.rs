@@ -9,16 +9,16 @@
 mod common;
 #[path = "support/moto.rs"]
 mod moto;
+#[path = "support/real_adapters.rs"]
+mod real_adapters;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
 use base64::Engine;
-use common::{job_payload, spawn_app_with, SECRET};
-use secrecy::SecretString;
-use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
-use spot_runners_reconciler::Backends;
+use common::job_payload;
+use real_adapters::spawn_on_real_adapters;
 use wiremock::matchers::{body_partial_json, method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
@@ -43,31 +43,9 @@ async fn a_queued_job_becomes_a_jit_runner_on_a_spot_instance() {
         .mount(&github_mock)
         .await;
 
-    let github = OctocrabGitHub::new(GitHubConfig {
-        api_url: github_mock.uri(),
-        auth: Auth::Token(SecretString::from("ghs_test".to_owned())),
-        metrics: None,
-    })
-    .unwrap();
     let cloud = spot_runners_aws::Ec2Cloud::from_env().await.unwrap();
     let controller = "e2e-moto";
-    let app = spawn_app_with(
-        SECRET,
-        |s| {
-            s.controller_id = controller.parse().unwrap();
-            s.reconcile_interval = Duration::from_secs(1);
-        },
-        Some(Backends {
-            cloud: Arc::new(cloud),
-            github: Arc::new(github),
-            parameters: Arc::new(
-                spot_runners_aws::SsmParameterStore::from_env()
-                    .await
-                    .unwrap(),
-            ),
-        }),
-    )
-    .await;
+    let app = spawn_on_real_adapters(&github_mock.uri(), Arc::new(cloud), controller).await;
     sqlx::query(
         "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids, max_instances)
          VALUES ('kani', '{linux,x64,spot,kani}', '{c6i.4xlarge}', $1, '{}', 5)",

@@ -18,6 +18,8 @@
 mod common;
 #[path = "support/moto.rs"]
 mod moto;
+#[path = "support/real_adapters.rs"]
+mod real_adapters;
 #[path = "support/reclaiming_cloud.rs"]
 mod reclaiming_cloud;
 
@@ -26,12 +28,10 @@ use std::time::Duration;
 
 use aws_sdk_ec2::types::Filter;
 use base64::Engine;
-use common::{fixture_bytes, job_payload, spawn_app_with, TestApp, SECRET};
+use common::{fixture_bytes, job_payload, TestApp, SECRET};
+use real_adapters::spawn_on_real_adapters;
 use reclaiming_cloud::ReclaimingCloud;
-use secrecy::SecretString;
 use serde_json::{json, Value};
-use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
-use spot_runners_reconciler::Backends;
 use spot_runners_store::Store;
 use wiremock::matchers::{method, path};
 use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -204,30 +204,8 @@ async fn a_reclaimed_busy_runners_job_is_rerun_once_its_run_completes_on_an_on_d
     let runs_path = format!("/repos/{REPO}/actions/runs/{RUN_ID}");
     let mut runs_api = runs_api_answers(&github_mock, run_object(1, "in_progress", None)).await;
 
-    let github = OctocrabGitHub::new(GitHubConfig {
-        api_url: github_mock.uri(),
-        auth: Auth::Token(SecretString::from("ghs_test".to_owned())),
-        metrics: None,
-    })
-    .unwrap();
     let cloud = ReclaimingCloud::new(spot_runners_aws::Ec2Cloud::from_env().await.unwrap());
-    let app = spawn_app_with(
-        SECRET,
-        |s| {
-            s.controller_id = CONTROLLER.parse().unwrap();
-            s.reconcile_interval = Duration::from_secs(1);
-        },
-        Some(Backends {
-            cloud: Arc::new(cloud.clone()),
-            github: Arc::new(github),
-            parameters: Arc::new(
-                spot_runners_aws::SsmParameterStore::from_env()
-                    .await
-                    .unwrap(),
-            ),
-        }),
-    )
-    .await;
+    let app = spawn_on_real_adapters(&github_mock.uri(), Arc::new(cloud.clone()), CONTROLLER).await;
     // The defaults under test: spot, re-runs on on-demand, at most 2.
     sqlx::query(
         "INSERT INTO instance_profiles (name, labels, instance_types, image_id, subnet_ids, max_instances)

@@ -301,6 +301,14 @@ fn secs(s: f64) -> String {
 }
 
 impl Report {
+    /// Each profile's row, then the total's.
+    fn rows(&self) -> impl Iterator<Item = (&str, &ProfileReport)> {
+        self.profiles
+            .iter()
+            .map(|(n, r)| (n.as_str(), r))
+            .chain(std::iter::once(("total", &self.total)))
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).unwrap_or_default() + "\n"
     }
@@ -327,12 +335,7 @@ impl Report {
             "profile", "jobs", "ok", "failed", "unfin", "wait p50", "wait p95", "wait max",
             "stranded", "spot h", "od h", "cost $", "idle h", "reclaim"
         );
-        let rows = self
-            .profiles
-            .iter()
-            .map(|(n, r)| (n.as_str(), r))
-            .chain(std::iter::once(("total", &self.total)));
-        for (name, r) in rows {
+        for (name, r) in self.rows() {
             let _ = writeln!(
                 out,
                 "{:<14} {:>5} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7.2} {:>7.2} {:>8.2} {:>9.2} {:>7}",
@@ -366,12 +369,7 @@ impl Report {
             "all-spot $",
             "all-on-dem $"
         );
-        let rows = self
-            .profiles
-            .iter()
-            .map(|(n, r)| (n.as_str(), r))
-            .chain(std::iter::once(("total", &self.total)));
-        for (name, r) in rows {
+        for (name, r) in self.rows() {
             let _ = writeln!(
                 out,
                 "{:<14} {:>7} {:>6} {:>5} {:>7} {:>12} {:>9.2} {:>8.2} {:>10.2} {:>12.2}",

@@ -111,6 +111,35 @@ pub struct SimJob {
 }
 
 impl SimJob {
+    /// Just queued on GitHub; nothing decided about it yet.
+    fn queued(
+        id: i64,
+        run_id: i64,
+        run_attempt: i32,
+        name: String,
+        spec: JobSpec,
+        rerun_of: Option<i64>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            id,
+            run_id,
+            run_attempt,
+            name,
+            spec,
+            rerun_of,
+            interrupted: false,
+            fails_on_its_own: false,
+            queued_at: now,
+            started_at: None,
+            completed_at: None,
+            runner: None,
+            conclusion: None,
+            ends_at: None,
+            fails_at: None,
+        }
+    }
+
     pub fn status(&self) -> JobStatus {
         if self.completed_at.is_some() {
             JobStatus::Completed
@@ -372,23 +401,7 @@ impl World {
         if self.github.run(&repository, run_id).is_none() {
             self.stats.workflow_runs += 1;
         }
-        let job = SimJob {
-            id,
-            run_id,
-            run_attempt: 1,
-            name: name.clone(),
-            spec,
-            rerun_of: None,
-            interrupted: false,
-            fails_on_its_own: false,
-            queued_at: now,
-            started_at: None,
-            completed_at: None,
-            runner: None,
-            conclusion: None,
-            ends_at: None,
-            fails_at: None,
-        };
+        let job = SimJob::queued(id, run_id, 1, name.clone(), spec, None, now);
         self.github.queue_job(
             &job.spec.repository,
             GitHubJob {
@@ -464,23 +477,15 @@ impl World {
                 tracing::warn!(job_id = r.of, "re-run of a job the world never had");
                 continue;
             };
-            let job = SimJob {
-                id: r.id,
-                run_id: r.run_id,
-                run_attempt: r.attempt,
-                name: r.name.clone(),
-                spec: old.spec.clone(),
-                rerun_of: Some(r.of),
-                interrupted: false,
-                fails_on_its_own: false,
-                queued_at: now,
-                started_at: None,
-                completed_at: None,
-                runner: None,
-                conclusion: None,
-                ends_at: None,
-                fails_at: None,
-            };
+            let job = SimJob::queued(
+                r.id,
+                r.run_id,
+                r.attempt,
+                r.name.clone(),
+                old.spec.clone(),
+                Some(r.of),
+                now,
+            );
             tracing::info!(
                 job_id = r.id,
                 rerun_of = r.of,

@@ -907,32 +907,22 @@ fn run(attempt: i32, status: &str) -> spot_runners_domain::run::WorkflowRunEvent
     }
 }
 
-async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dyn Subject) {
-    use spot_runners_domain::store::{MarketSnapshot, RerunOutcome};
-    use spot_runners_domain::survival::Interruption;
-    use spot_runners_domain::Market;
-    use std::sync::Mutex;
-
-    let s = t.store();
-    let s = s.as_ref();
-    t.add_profile(example_row("kani", &["linux", "kani"])).await;
+/// A runner that took job 1 and was then ended by a spot reclaim; the
+/// interruption is the caller's to record. `more` arrive with job 1's
+/// deliveries.
+async fn reclaimed_runner_of_job_1(s: &dyn Store, more: Vec<IncomingDelivery>) -> String {
     let name = plan(s, 1).await.remove(0);
     booting(s, &name, "i-1").await;
-    let mut failed = event(2, JobStatus::Completed, None);
-    failed.name = "proof 1 lint".into();
-    record(
-        s,
-        &[
-            delivery("q", event(1, JobStatus::Queued, None), Ok("kani")),
-            delivery(
-                "p",
-                event(1, JobStatus::InProgress, Some(&name)),
-                Ok("kani"),
-            ),
-            delivery("f", failed, Ok("kani")),
-        ],
-    )
-    .await;
+    let mut batch = vec![
+        delivery("q", event(1, JobStatus::Queued, None), Ok("kani")),
+        delivery(
+            "p",
+            event(1, JobStatus::InProgress, Some(&name)),
+            Ok("kani"),
+        ),
+    ];
+    batch.extend(more);
+    record(s, &batch).await;
     s.settle_jobs(CONTROLLER).await.unwrap();
     assert_eq!(state(s, &name).await, RunnerState::Busy);
     assert_eq!(s.job_of_runner(&name).await.unwrap(), Some(1));
@@ -945,6 +935,21 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
         )
         .await
         .unwrap());
+    name
+}
+
+async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dyn Subject) {
+    use spot_runners_domain::store::{MarketSnapshot, RerunOutcome};
+    use spot_runners_domain::survival::Interruption;
+    use spot_runners_domain::Market;
+    use std::sync::Mutex;
+
+    let s = t.store();
+    let s = s.as_ref();
+    t.add_profile(example_row("kani", &["linux", "kani"])).await;
+    let mut failed = event(2, JobStatus::Completed, None);
+    failed.name = "proof 1 lint".into();
+    let name = reclaimed_runner_of_job_1(s, vec![delivery("f", failed, Ok("kani"))]).await;
     let now = chrono::Utc::now();
     let interruption = Interruption {
         job_id: 1,
@@ -1311,30 +1316,7 @@ async fn a_rerun_not_needed_is_terminal_and_not_a_loss(t: &dyn Subject) {
     let s = s.as_ref();
     t.add_profile(example_row("kani", &["linux", "kani"])).await;
     let start = chrono::Utc::now();
-    let name = plan(s, 1).await.remove(0);
-    booting(s, &name, "i-1").await;
-    record(
-        s,
-        &[
-            delivery("q", event(1, JobStatus::Queued, None), Ok("kani")),
-            delivery(
-                "p",
-                event(1, JobStatus::InProgress, Some(&name)),
-                Ok("kani"),
-            ),
-        ],
-    )
-    .await;
-    s.settle_jobs(CONTROLLER).await.unwrap();
-    assert!(s
-        .end_runner_if(
-            &name,
-            RunnerState::Busy,
-            RunnerState::Interrupted,
-            "reclaimed"
-        )
-        .await
-        .unwrap());
+    let name = reclaimed_runner_of_job_1(s, Vec::new()).await;
     let now = chrono::Utc::now();
     assert!(s
         .record_interruption(&Interruption {

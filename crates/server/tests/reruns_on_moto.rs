@@ -188,19 +188,15 @@ async fn a_reclaimed_busy_runners_job_is_rerun_once_its_run_completes_on_an_on_d
     }
     // GitHub answers a re-run request with 201 and an empty object.
     let rerun_path = format!("/repos/{REPO}/actions/jobs/{JOB}/rerun");
-    Mock::given(method("POST"))
-        .and(path(rerun_path.as_str()))
-        .respond_with(ResponseTemplate::new(201).set_body_json(json!({})))
-        .expect(1)
-        .mount(&github_mock)
-        .await;
     let rerun_failed_path = format!("/repos/{REPO}/actions/runs/{RUN_ID}/rerun-failed-jobs");
-    Mock::given(method("POST"))
-        .and(path(rerun_failed_path.as_str()))
-        .respond_with(ResponseTemplate::new(201).set_body_json(json!({})))
-        .expect(0)
-        .mount(&github_mock)
-        .await;
+    for (rerun, times) in [(&rerun_path, 1), (&rerun_failed_path, 0)] {
+        Mock::given(method("POST"))
+            .and(path(rerun.as_str()))
+            .respond_with(ResponseTemplate::new(201).set_body_json(json!({})))
+            .expect(times)
+            .mount(&github_mock)
+            .await;
+    }
     let runs_path = format!("/repos/{REPO}/actions/runs/{RUN_ID}");
     let mut runs_api = runs_api_answers(&github_mock, run_object(1, "in_progress", None)).await;
 

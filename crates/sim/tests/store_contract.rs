@@ -137,6 +137,7 @@ contract!(
     spot_prices_are_recorded_and_usage_covers_the_window,
     interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them,
     a_rerun_not_needed_is_terminal_and_not_a_loss,
+    settling_reads_what_changed_and_within_a_minute_everything,
 );
 
 fn event(id: i64, status: JobStatus, runner: Option<&str>) -> WorkflowJobEvent {
@@ -659,6 +660,82 @@ async fn jobs_settle_runners_and_each_completion_is_claimed_once(t: &dyn Subject
     assert_eq!(runner.job_id, Some(1));
     assert!(completed_at.is_some());
     assert_eq!(state(s.as_ref(), &names[0]).await, RunnerState::Terminating);
+}
+
+/// A pass settles what started or completed since the last one; what that
+/// window cannot see (here: a job named its runner only after it had
+/// completed) is settled within a minute.
+async fn settling_reads_what_changed_and_within_a_minute_everything(t: &dyn Subject) {
+    let s = t.store();
+    let names = plan(s.as_ref(), 3).await;
+    for (i, name) in names.iter().enumerate() {
+        booting(s.as_ref(), name, &format!("i-{i}")).await;
+    }
+    // Job 2 completes on no runner of ours (as far as anyone knows yet).
+    record(
+        s.as_ref(),
+        &[delivery(
+            "c2",
+            event(2, JobStatus::Completed, None),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    assert!(s.settle_jobs(CONTROLLER).await.unwrap().is_empty());
+    t.advance(Duration::from_secs(20));
+    record(
+        s.as_ref(),
+        &[delivery(
+            "s1",
+            event(1, JobStatus::InProgress, Some(&names[0])),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    assert!(s.settle_jobs(CONTROLLER).await.unwrap().is_empty());
+    assert_eq!(state(s.as_ref(), &names[0]).await, RunnerState::Busy);
+    t.advance(Duration::from_secs(20));
+    record(
+        s.as_ref(),
+        &[delivery(
+            "c1",
+            event(1, JobStatus::Completed, Some(&names[0])),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    let done = s.settle_jobs(CONTROLLER).await.unwrap();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0.name, names[0]);
+    // A late `in_progress` names job 2's runner, 55 s after it completed.
+    t.advance(Duration::from_secs(15));
+    record(
+        s.as_ref(),
+        &[delivery(
+            "s2",
+            event(2, JobStatus::InProgress, Some(&names[1])),
+            Ok("kani"),
+        )],
+    )
+    .await;
+    let mut ended: Vec<String> = s
+        .settle_jobs(CONTROLLER)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(r, _)| r.name)
+        .collect();
+    t.advance(Duration::from_secs(10));
+    ended.extend(
+        s.settle_jobs(CONTROLLER)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(r, _)| r.name),
+    );
+    assert_eq!(ended, [names[1].clone()], "settled within a minute, once");
+    assert_eq!(state(s.as_ref(), &names[1]).await, RunnerState::Terminating);
+    assert_eq!(state(s.as_ref(), &names[2]).await, RunnerState::Booting);
 }
 
 async fn listings_mark_runners_online_and_busy_and_reaps_are_conditional(t: &dyn Subject) {

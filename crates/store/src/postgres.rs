@@ -47,7 +47,29 @@ pub struct PgStore {
     clock: Arc<dyn Clock>,
     /// The session holding the sweep leadership lock, while this process leads.
     leader: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+    /// How far `settle_jobs` has read the ledger.
+    settled: Arc<std::sync::Mutex<SettleMark>>,
 }
+
+/// What `settle_jobs` last read. A pass runs on every webhook, so it looks
+/// only at jobs that started or completed since its last run (less
+/// [`SETTLE_OVERLAP`]), through indexes on those times; now and then, and
+/// on a replica's first pass, it reads every live runner's job instead,
+/// which catches what the window cannot (a runner named after its job
+/// completed, a commit slower than the overlap).
+#[derive(Debug, Default)]
+struct SettleMark {
+    /// When the last settle that committed began.
+    last: Option<DateTime<Utc>>,
+    /// When the last full settle that committed began.
+    last_full: Option<DateTime<Utc>>,
+}
+
+/// How far back of the last settle the next one reads: longer than a
+/// delivery batch takes from taking its timestamp to committing.
+const SETTLE_OVERLAP: chrono::Duration = chrono::Duration::seconds(30);
+/// A full settle this often, at least.
+const FULL_SETTLE_EVERY: chrono::Duration = chrono::Duration::seconds(60);
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +100,7 @@ impl PgStore {
             pool,
             clock: Arc::new(SystemClock),
             leader: Arc::default(),
+            settled: Arc::default(),
         }
     }
 
@@ -1308,28 +1331,80 @@ impl PgStore {
         &self,
         controller_id: &str,
     ) -> Result<Vec<(RunnerRecord, Option<chrono::DateTime<chrono::Utc>>)>, PgError> {
+        let now = self.clock.now();
+        let since = {
+            let mark = self
+                .settled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match (mark.last, mark.last_full) {
+                (Some(last), Some(full)) if now - full < FULL_SETTLE_EVERY => {
+                    Some(last - SETTLE_OVERLAP)
+                }
+                _ => None,
+            }
+        };
         let mut tx = self.pool.begin().await?;
-        sqlx::query!(
-            r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
-                      online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
-               FROM workflow_jobs j
-               WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'in_progress'
-                 AND r.state IN ('launching', 'booting', 'idle')"#,
-            controller_id,
-            self.clock.now()
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query!(
-            r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
-               FROM workflow_jobs j
-               WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'completed'
-                 AND r.state IN ('launching', 'booting', 'idle', 'busy')"#,
-            controller_id,
-            self.clock.now()
-        )
-        .execute(&mut *tx)
-        .await?;
+        match since {
+            Some(since) => {
+                sqlx::query!(
+                    r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
+                              online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
+                       FROM workflow_jobs j
+                       WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'in_progress'
+                         AND j.in_progress_at >= $3 AND r.state IN ('launching', 'booting', 'idle')"#,
+                    controller_id,
+                    now,
+                    since
+                )
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query!(
+                    r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
+                       FROM workflow_jobs j
+                       WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'completed'
+                         AND j.completed_at >= $3 AND r.state IN ('launching', 'booting', 'idle', 'busy')"#,
+                    controller_id,
+                    now,
+                    since
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query!(
+                    r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
+                              online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
+                       FROM workflow_jobs j
+                       WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'in_progress'
+                         AND r.state IN ('launching', 'booting', 'idle')"#,
+                    controller_id,
+                    now
+                )
+                .execute(&mut *tx)
+                .await?;
+                // From the live runners to their jobs, one index probe each:
+                // joined the other way round, PostgreSQL reads every
+                // completed job of the month.
+                sqlx::query!(
+                    r#"WITH done AS MATERIALIZED (
+                           SELECT r.name, j.id FROM runners r
+                           CROSS JOIN LATERAL (
+                               SELECT id FROM workflow_jobs j
+                               WHERE j.runner_name = r.name AND j.status = 'completed'
+                               ORDER BY j.completed_at DESC NULLS LAST
+                               LIMIT 1) j
+                           WHERE r.controller_id = $1 AND r.state IN ('launching', 'booting', 'idle', 'busy'))
+                       UPDATE runners r SET state = 'done', job_id = d.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
+                       FROM done d
+                       WHERE r.name = d.name AND r.state IN ('launching', 'booting', 'idle', 'busy')"#,
+                    controller_id,
+                    now
+                )
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
         let claimed = sqlx::query_as!(
             RunnerRow,
             r#"UPDATE runners SET state = 'terminating', terminating_at = $2::timestamptz, updated_at = $2::timestamptz
@@ -1350,6 +1425,16 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
+        {
+            let mut mark = self
+                .settled
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            mark.last = Some(now);
+            if since.is_none() {
+                mark.last_full = Some(now);
+            }
+        }
         let mut out = Vec::new();
         for rec in records(claimed)? {
             let at = completed

@@ -13,38 +13,68 @@ use chrono::{DateTime, Utc};
 use crate::ports::RunnerScope;
 use crate::{Profile, ProfileName, RunnerState};
 
-/// One queued job, as far as the planner cares.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueuedJob {
-    pub since: DateTime<Utc>,
-    /// Where a runner for it must be registered.
-    pub scope: RunnerScope,
+/// The queued jobs of one profile in one scope, counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queue {
+    pub jobs: usize,
+    /// When the oldest of them was first seen.
+    pub oldest: DateTime<Utc>,
 }
 
-/// What the ledger says about one profile's demand.
+/// What the ledger says about one profile's demand: counts, not jobs, so a
+/// pass costs the same beside ten open jobs or ten thousand.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Demand {
-    /// Queued jobs, oldest first.
-    pub queued: Vec<QueuedJob>,
+    /// Queued jobs by the scope a runner for them must be registered in.
+    pub queued: BTreeMap<RunnerScope, Queue>,
     /// Where warm-pool runners go: the scope of the profile's latest job.
     pub warm_scope: Option<RunnerScope>,
 }
 
-/// A runner as far as the planner cares.
+impl Demand {
+    /// Counts one more queued job.
+    pub fn add(&mut self, scope: RunnerScope, since: DateTime<Utc>) {
+        self.queued
+            .entry(scope)
+            .and_modify(|q| {
+                q.jobs += 1;
+                q.oldest = q.oldest.min(since);
+            })
+            .or_insert(Queue {
+                jobs: 1,
+                oldest: since,
+            });
+    }
+
+    /// Queued jobs in every scope.
+    pub fn jobs(&self) -> usize {
+        self.queued.values().map(|q| q.jobs).sum()
+    }
+
+    /// When the oldest queued job was first seen.
+    pub fn oldest(&self) -> Option<DateTime<Utc>> {
+        self.queued.values().map(|q| q.oldest).min()
+    }
+}
+
+/// Runners of one profile in one state and scope, counted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RunnerCount {
     pub profile: String,
     pub state: RunnerState,
     pub scope: Option<RunnerScope>,
+    pub runners: usize,
 }
 
 /// One runner to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewRunner {
     pub scope: RunnerScope,
-    /// When the job it covers was first seen (`None` for a warm-pool
-    /// runner), for the launch-latency metric.
-    pub demand_since: Option<DateTime<Utc>>,
+    /// The queued job it is for, as its place in its profile's queue in
+    /// that scope (0 = the oldest); `None` for a warm-pool runner. The
+    /// store, which holds the queue, turns it into `demand_since` for the
+    /// launch-latency metric.
+    pub covers: Option<usize>,
 }
 
 /// New runners to create for a profile.
@@ -68,48 +98,48 @@ pub fn plan_launches(
     runners: &[RunnerCount],
     global_cap: u32,
 ) -> Vec<Launch> {
-    let live_total = runners.iter().filter(|r| r.state.is_live()).count();
+    let live_total: usize = runners
+        .iter()
+        .filter(|r| r.state.is_live())
+        .map(|r| r.runners)
+        .sum();
     let mut global_room = (global_cap as usize).saturating_sub(live_total);
     let mut order: Vec<&Profile> = profiles.iter().filter(|p| p.enabled).collect();
     order.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
 
     let mut launches = Vec::new();
     for p in order {
-        let mine: Vec<&RunnerCount> = runners
-            .iter()
-            .filter(|r| r.profile == p.name.as_str())
-            .collect();
-        let live = mine.iter().filter(|r| r.state.is_live()).count();
-        let empty = Demand::default();
-        let d = demand.get(p.name.as_str()).unwrap_or(&empty);
+        let mine = runners.iter().filter(|r| r.profile == p.name.as_str());
+        let mut live = 0;
         // A runner only takes jobs of the scope it is registered in, so
         // available runners cover queued jobs scope by scope, oldest first.
         let mut spare: BTreeMap<&RunnerScope, usize> = BTreeMap::new();
-        for r in mine.iter().filter(|r| r.state.is_available()) {
-            if let Some(scope) = &r.scope {
-                *spare.entry(scope).or_default() += 1;
+        for r in mine {
+            if r.state.is_live() {
+                live += r.runners;
+            }
+            if let (true, Some(scope)) = (r.state.is_available(), &r.scope) {
+                *spare.entry(scope).or_default() += r.runners;
             }
         }
-        let mut wanted: Vec<NewRunner> = Vec::new();
-        for job in &d.queued {
-            match spare.get_mut(&job.scope) {
-                Some(n) if *n > 0 => *n -= 1,
-                _ => wanted.push(NewRunner {
-                    scope: job.scope.clone(),
-                    demand_since: Some(job.since),
-                }),
-            }
-        }
-        let spare_total: usize = spare.values().sum();
+        let empty = Demand::default();
+        let d = demand.get(p.name.as_str()).unwrap_or(&empty);
+        let room = (p.max_instances as usize)
+            .saturating_sub(live)
+            .min(global_room);
+        let mut wanted = uncovered(d, &spare, room);
+        let spare_left: usize = spare
+            .iter()
+            .map(|(scope, n)| n.saturating_sub(d.queued.get(*scope).map_or(0, |q| q.jobs)))
+            .sum();
         if let Some(scope) = &d.warm_scope {
-            let warm_missing = (p.min_idle as usize).saturating_sub(spare_total);
-            wanted.extend((0..warm_missing).map(|_| NewRunner {
+            let warm_missing = (p.min_idle as usize).saturating_sub(spare_left);
+            let warm = warm_missing.min(room - wanted.len());
+            wanted.extend((0..warm).map(|_| NewRunner {
                 scope: scope.clone(),
-                demand_since: None,
+                covers: None,
             }));
         }
-        let profile_room = (p.max_instances as usize).saturating_sub(live);
-        wanted.truncate(profile_room.min(global_room));
         if wanted.is_empty() {
             continue;
         }
@@ -120,6 +150,42 @@ pub fn plan_launches(
         });
     }
     launches
+}
+
+/// Runners for the queued jobs the spare ones leave uncovered, at most
+/// `room`: the oldest uncovered job of each scope in turn (scopes with the
+/// oldest job first), so one scope's backlog cannot starve another's.
+fn uncovered(d: &Demand, spare: &BTreeMap<&RunnerScope, usize>, room: usize) -> Vec<NewRunner> {
+    // (scope, next job to cover, jobs), oldest queue first.
+    let mut queues: Vec<(&RunnerScope, usize, usize, DateTime<Utc>)> = d
+        .queued
+        .iter()
+        .map(|(scope, q)| {
+            (
+                scope,
+                spare.get(scope).copied().unwrap_or(0),
+                q.jobs,
+                q.oldest,
+            )
+        })
+        .filter(|(_, next, jobs, _)| next < jobs)
+        .collect();
+    queues.sort_by_key(|(scope, _, _, oldest)| (*oldest, *scope));
+    let mut out = Vec::new();
+    while out.len() < room && !queues.is_empty() {
+        for (scope, next, _, _) in queues.iter_mut() {
+            if out.len() == room {
+                break;
+            }
+            out.push(NewRunner {
+                scope: (*scope).clone(),
+                covers: Some(*next),
+            });
+            *next += 1;
+        }
+        queues.retain(|(_, next, jobs, _)| next < jobs);
+    }
+    out
 }
 
 /// The `(instance type, subnet, market)` combinations to try for a launch,
@@ -165,31 +231,29 @@ mod tests {
         RunnerScope::Org("acme".into())
     }
 
+    fn t(i: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_700_000_000 + i, 0).unwrap()
+    }
+
     fn queued(n: usize) -> Demand {
-        let t0 = DateTime::<Utc>::from_timestamp(1_700_000_000, 0).unwrap();
-        Demand {
-            queued: (0..n)
-                .map(|i| QueuedJob {
-                    since: t0 + chrono::Duration::seconds(i as i64),
-                    scope: org(),
-                })
-                .collect(),
+        let mut d = Demand {
             warm_scope: Some(org()),
+            ..Demand::default()
+        };
+        for i in 0..n {
+            d.add(org(), t(i as i64));
         }
+        d
     }
 
     fn runners(profile: &str, states: &[(RunnerState, usize)]) -> Vec<RunnerCount> {
         states
             .iter()
-            .flat_map(|(s, n)| {
-                std::iter::repeat_n(
-                    RunnerCount {
-                        profile: profile.into(),
-                        state: *s,
-                        scope: Some(org()),
-                    },
-                    *n,
-                )
+            .map(|(s, n)| RunnerCount {
+                profile: profile.into(),
+                state: *s,
+                scope: Some(org()),
+                runners: *n,
             })
             .collect()
     }
@@ -267,16 +331,44 @@ mod tests {
         let demand = BTreeMap::from([("kani".to_owned(), queued(3))]);
         let existing = runners("kani", &[(RunnerState::Booting, 1)]);
         let launches = plan_launches(&profiles, &demand, &existing, 100);
-        let d = queued(3).queued;
-        let since: Vec<_> = launches[0].runners.iter().map(|r| r.demand_since).collect();
-        assert_eq!(since, vec![Some(d[1].since), Some(d[2].since), None]);
+        let covers: Vec<_> = launches[0].runners.iter().map(|r| r.covers).collect();
+        assert_eq!(covers, vec![Some(1), Some(2), None]);
+    }
+
+    #[test]
+    fn under_a_cap_each_scope_gets_its_oldest_uncovered_job_in_turn() {
+        let alice = RunnerScope::Repo("alice/proofs".into());
+        let bob = RunnerScope::Repo("bob/bench".into());
+        let profiles = vec![profile("kani", 10, 0, 0)];
+        let mut d = Demand::default();
+        for i in 0..5 {
+            d.add(alice.clone(), t(i));
+        }
+        d.add(bob.clone(), t(3));
+        d.add(org(), t(9));
+        let demand = BTreeMap::from([("kani".to_owned(), d)]);
+        // Two of alice's are covered; three runners fit under the cap.
+        let mut existing = runners("kani", &[(RunnerState::Idle, 2), (RunnerState::Busy, 5)]);
+        for r in &mut existing {
+            r.scope = Some(alice.clone());
+        }
+        let launches = plan_launches(&profiles, &demand, &existing, 100);
+        let got: Vec<_> = launches[0]
+            .runners
+            .iter()
+            .map(|r| (r.scope.clone(), r.covers))
+            .collect();
+        assert_eq!(
+            got,
+            [(alice.clone(), Some(2)), (bob, Some(0)), (org(), Some(0))]
+        );
     }
 
     #[test]
     fn runners_only_cover_jobs_of_their_scope() {
         let profiles = vec![profile("kani", 10, 0, 0)];
-        let mut d = queued(2);
-        d.queued[1].scope = RunnerScope::Repo("alice/proofs".into());
+        let mut d = queued(1);
+        d.add(RunnerScope::Repo("alice/proofs".into()), t(1));
         let demand = BTreeMap::from([("kani".to_owned(), d)]);
         // One idle runner in the org covers the org's job, not alice's.
         let existing = runners("kani", &[(RunnerState::Idle, 1)]);
@@ -335,7 +427,7 @@ mod tests {
             let names = ["a", "b", "c"];
             let profiles: Vec<Profile> = (0..3).map(|i| profile(names[i], maxes[i], 0, i as i32)).collect();
             let demand: BTreeMap<String, Demand> = (0..3).map(|i| (names[i].to_owned(), queued(q[i]))).collect();
-            let rs: Vec<RunnerCount> = existing.iter().map(|(i, s)| RunnerCount { profile: names[*i].into(), state: *s, scope: Some(org()) }).collect();
+            let rs: Vec<RunnerCount> = existing.iter().map(|(i, s)| RunnerCount { profile: names[*i].into(), state: *s, scope: Some(org()), runners: 1 }).collect();
             let launches = plan_launches(&profiles, &demand, &rs, cap);
             let live_before = rs.iter().filter(|r| r.state.is_live()).count();
             let new: usize = launches.iter().map(Launch::count).sum();
@@ -357,11 +449,11 @@ mod tests {
             let names = ["a", "b"];
             let profiles: Vec<Profile> = (0..2).map(|i| profile(names[i], 15, 1, 0)).collect();
             let demand: BTreeMap<String, Demand> = (0..2).map(|i| (names[i].to_owned(), queued(q[i]))).collect();
-            let mut rs: Vec<RunnerCount> = existing.iter().map(|(i, s)| RunnerCount { profile: names[*i].into(), state: *s, scope: Some(org()) }).collect();
+            let mut rs: Vec<RunnerCount> = existing.iter().map(|(i, s)| RunnerCount { profile: names[*i].into(), state: *s, scope: Some(org()), runners: 1 }).collect();
             let first = plan_launches(&profiles, &demand, &rs, 25);
             for l in &first {
-                for _ in 0..l.count() {
-                    rs.push(RunnerCount { profile: l.profile.to_string(), state: RunnerState::Requested, scope: Some(l.runners[0].scope.clone()) });
+                for r in &l.runners {
+                    rs.push(RunnerCount { profile: l.profile.to_string(), state: RunnerState::Requested, scope: Some(r.scope.clone()), runners: 1 });
                 }
             }
             prop_assert!(plan_launches(&profiles, &demand, &rs, 25).is_empty());

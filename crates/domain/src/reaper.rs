@@ -97,7 +97,7 @@ pub fn plan_reaps(
         let profile = profiles.iter().find(|p| p.name.as_str() == name);
         let (boot, idle, lifetime, keep) = match profile {
             Some(p) => {
-                let queued = demand.get(name).map_or(0, |d| d.queued.len());
+                let queued = demand.get(name).map_or(0, |d| d.jobs());
                 let min_idle = if p.enabled { p.min_idle as usize } else { 0 };
                 (
                     i64::from(p.boot_timeout_secs),
@@ -150,7 +150,6 @@ pub fn plan_reaps(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::QueuedJob;
     use crate::ports::RunnerScope;
     use crate::profile::example_row;
     use proptest::prelude::*;
@@ -179,17 +178,11 @@ mod tests {
     }
 
     fn queued(n: usize) -> BTreeMap<String, Demand> {
-        let job = QueuedJob {
-            since: t(0),
-            scope: RunnerScope::Org("acme".into()),
-        };
-        BTreeMap::from([(
-            "kani".to_string(),
-            Demand {
-                queued: vec![job; n],
-                warm_scope: None,
-            },
-        )])
+        let mut d = Demand::default();
+        for _ in 0..n {
+            d.add(RunnerScope::Org("acme".into()), t(0));
+        }
+        BTreeMap::from([("kani".to_string(), d)])
     }
 
     fn reasons(reaps: &[Reap]) -> Vec<(&str, ReapReason)> {

@@ -172,8 +172,8 @@ mod tests {
         let mut demand = BTreeMap::from([(
             "warm".to_owned(),
             Demand {
-                queued: vec![],
                 warm_scope: Some(org("gamma")),
+                ..Demand::default()
             },
         )]);
         fill_warm_scopes(&profiles, &mut demand, &known);

@@ -517,6 +517,9 @@ pub struct JobRecord {
     pub in_progress_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub checked_at: Option<DateTime<Utc>>,
+    /// While it is queued for a profile: its place in that profile's queue
+    /// (1 = the oldest).
+    pub queue_position: Option<usize>,
 }
 
 /// A repository jobs came from, and where its runners register.

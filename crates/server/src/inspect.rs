@@ -161,15 +161,8 @@ fn explain_queued(c: &JobContext, out: &mut String) {
         let _ = writeln!(out, "=> no runner: profile {name} is disabled.");
         return;
     }
-    let queued = c
-        .demand
-        .get(name.as_str())
-        .map_or(&[][..], |d| &d.queued[..]);
-    let position = queued
-        .iter()
-        .filter(|q| q.since <= j.first_seen_at)
-        .count()
-        .max(1);
+    let queued = c.demand.get(name.as_str()).map_or(0, Demand::jobs);
+    let position = j.queue_position.unwrap_or(1).max(1);
     let mine: Vec<&RunnerRecord> = c.runners.iter().filter(|r| &r.profile == name).collect();
     let available: Vec<&&RunnerRecord> = mine.iter().filter(|r| r.state.is_available()).collect();
     let live = mine.iter().filter(|r| r.state.is_live()).count();
@@ -181,8 +174,7 @@ fn explain_queued(c: &JobContext, out: &mut String) {
     let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
     let _ = writeln!(
         out,
-        "profile {name}: {} queued (this job is #{position}), {} on the way or idle [{}], {live} of max_instances {} live; {live_total} of the global cap {} live",
-        queued.len(),
+        "profile {name}: {queued} queued (this job is #{position}), {} on the way or idle [{}], {live} of max_instances {} live; {live_total} of the global cap {} live",
         available.len(),
         states.join(", "),
         profile.max_instances,
@@ -351,7 +343,6 @@ pub fn runners_table(runners: &[RunnerRecord], now: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spot_runners_domain::planner::QueuedJob;
     use spot_runners_domain::ports::RunnerScope;
     use spot_runners_domain::profile::example_row;
 
@@ -380,6 +371,7 @@ mod tests {
             in_progress_at: None,
             completed_at: None,
             checked_at: None,
+            queue_position: Some(1),
         }
     }
 
@@ -409,22 +401,14 @@ mod tests {
     fn context(job: JobRecord, runners: Vec<RunnerRecord>, max_instances: i32) -> JobContext {
         let mut row = example_row("kani", &["kani"]);
         row.max_instances = max_instances;
-        let queued = QueuedJob {
-            since: t(0),
-            scope: RunnerScope::Org("acme".into()),
-        };
+        let mut queued = Demand::default();
+        queued.add(RunnerScope::Org("acme".into()), t(0));
         JobContext {
             job,
             profiles: vec![Profile::try_from(row).unwrap()],
             invalid_profiles: vec![("gpu".into(), "image_id is empty".into())],
             runners,
-            demand: BTreeMap::from([(
-                "kani".to_owned(),
-                Demand {
-                    queued: vec![queued],
-                    warm_scope: None,
-                },
-            )]),
+            demand: BTreeMap::from([("kani".to_owned(), queued)]),
             max_instances: 100,
             now: t(90),
         }

@@ -241,7 +241,7 @@ impl Metrics {
                 .set(0);
         }
         for (profile, d) in demand {
-            if let Some(oldest) = d.queued.iter().map(|q| q.since).min() {
+            if let Some(oldest) = d.oldest() {
                 self.oldest_queued_job_seconds
                     .with_label_values(&[profile])
                     .set((now - oldest).num_seconds().max(0));

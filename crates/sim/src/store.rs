@@ -517,7 +517,12 @@ impl Store for MemoryStore {
     }
 
     async fn job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError> {
-        Ok(self.lock().jobs.get(&job_id).map(ledger::Job::record))
+        let ledger = self.lock();
+        Ok(ledger.jobs.get(&job_id).map(|j| {
+            let mut record = j.record();
+            record.queue_position = ledger.queue_position(j);
+            record
+        }))
     }
 
     async fn notify_wake(&self) -> Result<(), StoreError> {

@@ -138,6 +138,7 @@ contract!(
     interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them,
     a_rerun_not_needed_is_terminal_and_not_a_loss,
     settling_reads_what_changed_and_within_a_minute_everything,
+    the_queue_is_counted_by_scope_and_new_runners_learn_when_their_job_arrived,
 );
 
 fn event(id: i64, status: JobStatus, runner: Option<&str>) -> WorkflowJobEvent {
@@ -205,7 +206,7 @@ async fn plan_unclaimed(s: &dyn Store, n: usize) -> Vec<String> {
                     runners: (0..n)
                         .map(|_| NewRunner {
                             scope: RunnerScope::Org("acme".into()),
-                            demand_since: None,
+                            covers: None,
                         })
                         .collect(),
                 }]
@@ -342,7 +343,7 @@ async fn jobs_are_counted_matched_and_listed(t: &dyn Subject) {
     assert_eq!(unmatched[0].0, 2);
     assert_eq!(unmatched[0].2, "acme/proofs");
     let demand = s.demand().await.unwrap();
-    assert_eq!(demand["kani"].queued.len(), 1);
+    assert_eq!(demand["kani"].jobs(), 1);
     // Warm pools register only for profiles that exist.
     assert_eq!(demand["kani"].warm_scope, None);
     t.add_profile(example_row("kani", &["linux", "kani"])).await;
@@ -350,7 +351,7 @@ async fn jobs_are_counted_matched_and_listed(t: &dyn Subject) {
     assert_eq!(demand["kani"].warm_scope, Some(org()));
     s.set_job_profile(2, Ok("kani")).await.unwrap();
     assert!(s.unmatched_open_jobs(10).await.unwrap().is_empty());
-    assert_eq!(s.demand().await.unwrap()["kani"].queued.len(), 2);
+    assert_eq!(s.demand().await.unwrap()["kani"].jobs(), 2);
     s.set_job_profile(2, Err("profile deleted")).await.unwrap();
     assert_eq!(
         s.job(2).await.unwrap().unwrap().match_error.as_deref(),
@@ -431,7 +432,7 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
         .unwrap();
     assert!(none.is_empty());
     let (demand, runners) = seen.lock().unwrap().take().unwrap();
-    assert_eq!((demand["kani"].queued.len(), runners), (1, 0));
+    assert_eq!((demand["kani"].jobs(), runners), (1, 0));
     let names = plan(s, 3).await;
     assert_eq!(names.len(), 3);
     for n in &names {
@@ -450,7 +451,10 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
         .plan_runners(
             CONTROLLER,
             Box::new(|snap| {
-                assert_eq!(snap.runners.len(), 3);
+                // Counted, not listed.
+                assert_eq!(snap.runners.len(), 1);
+                assert_eq!(snap.runners[0].runners, 3);
+                assert_eq!(snap.runners[0].state, RunnerState::Requested);
                 Vec::new()
             }),
         )
@@ -462,6 +466,75 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
         .await
         .unwrap()
         .is_empty());
+}
+
+/// The planner sees the queue as counts per scope; a new runner's
+/// `demand_since` is the first-seen time of the job at the place it covers
+/// (read from either end of the queue), and `job` tells a queued job's place.
+async fn the_queue_is_counted_by_scope_and_new_runners_learn_when_their_job_arrived(
+    t: &dyn Subject,
+) {
+    let s = t.store();
+    let s = s.as_ref();
+    let mut seen_at = Vec::new();
+    for id in 1..=5 {
+        let mut ev = event(id, JobStatus::Queued, None);
+        if id == 3 {
+            ev.org = None;
+            ev.owner = "alice".into();
+            ev.repository = "alice/proofs".into();
+        }
+        record(s, &[delivery(&format!("q{id}"), ev, Ok("kani"))]).await;
+        seen_at.push(s.job(id).await.unwrap().unwrap().first_seen_at);
+        t.advance(Duration::from_secs(10));
+    }
+    let alice = RunnerScope::Repo("alice/proofs".into());
+    for (id, place) in [(1, 1), (3, 3), (5, 5)] {
+        let job = s.job(id).await.unwrap().unwrap();
+        assert_eq!(job.queue_position, Some(place), "job {id}");
+    }
+    let rows = s
+        .plan_runners(
+            CONTROLLER,
+            Box::new(move |snap| {
+                let d = &snap.demand["kani"];
+                assert_eq!(d.jobs(), 5);
+                assert_eq!(d.queued.len(), 2, "{d:?}");
+                assert_eq!(d.queued[&org()].jobs, 4);
+                assert_eq!(d.queued[&RunnerScope::Repo("alice/proofs".into())].jobs, 1);
+                let runner = |scope: RunnerScope, covers| NewRunner { scope, covers };
+                vec![Launch {
+                    profile: ProfileName::parse("kani").unwrap(),
+                    runners: vec![
+                        // acme's queue is jobs 1, 2, 4, 5: the oldest and the
+                        // newest; alice's only job; a warm-pool runner.
+                        runner(org(), Some(0)),
+                        runner(org(), Some(3)),
+                        runner(RunnerScope::Repo("alice/proofs".into()), Some(0)),
+                        runner(org(), None),
+                    ],
+                }]
+            }),
+        )
+        .await
+        .unwrap();
+    let since: Vec<_> = rows
+        .iter()
+        .map(|r| (r.scope.clone(), r.demand_since))
+        .collect();
+    assert_eq!(
+        since,
+        [
+            (org(), Some(seen_at[0])),
+            (org(), Some(seen_at[4])),
+            (alice, Some(seen_at[2])),
+            (org(), None),
+        ]
+    );
+    let started = event(2, JobStatus::InProgress, None);
+    record(s, &[delivery("s2", started, Ok("kani"))]).await;
+    assert_eq!(s.job(4).await.unwrap().unwrap().queue_position, Some(3));
+    assert_eq!(s.job(2).await.unwrap().unwrap().queue_position, None);
 }
 
 async fn claims_skip_leased_rows_and_leases_renew_and_lapse(t: &dyn Subject) {

@@ -8,8 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::SeedableRng;
 use spot_runners_domain::clock::{Clock, SystemClock};
-use spot_runners_domain::planner::Demand;
-use spot_runners_domain::planner::RunnerCount;
+use spot_runners_domain::planner::{Demand, Launch, Queue, RunnerCount};
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
@@ -17,7 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
-use crate::runners::{queued_job, scope_columns, scope_of};
+use crate::runners::{job_scope, scope_columns, scope_of};
 use crate::survival::sql as survival;
 use crate::PgError;
 use spot_runners_domain::run::WorkflowRunEvent;
@@ -1016,8 +1015,13 @@ impl PgStore {
         let row = sqlx::query!(
             r#"SELECT id, name, workflow_name, repository, org, labels, status, conclusion, runner_name,
                       profile, match_error, html_url, first_seen_at, queued_at, in_progress_at,
-                      completed_at, checked_at
-               FROM workflow_jobs WHERE id = $1"#,
+                      completed_at, checked_at,
+                      CASE WHEN j.status = 'queued' AND j.profile IS NOT NULL THEN
+                          (SELECT count(*) FROM workflow_jobs q
+                           WHERE q.status = 'queued' AND q.profile = j.profile
+                             AND (q.first_seen_at, q.id) <= (j.first_seen_at, j.id))
+                      END AS queue_position
+               FROM workflow_jobs j WHERE id = $1"#,
             job_id
         )
         .fetch_optional(&self.pool)
@@ -1041,6 +1045,9 @@ impl PgStore {
                 in_progress_at: r.in_progress_at,
                 completed_at: r.completed_at,
                 checked_at: r.checked_at,
+                queue_position: r
+                    .queue_position
+                    .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             })
         })
         .transpose()
@@ -1266,13 +1273,12 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await?;
         for r in runners {
-            let count = RunnerCount {
+            snapshot.runners.push(RunnerCount {
                 state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
                 scope: scope_of(r.org, r.repository),
                 profile: r.profile,
-            };
-            let n = usize::try_from(r.n).unwrap_or(0);
-            snapshot.runners.extend(std::iter::repeat_n(count, n));
+                runners: usize::try_from(r.n).unwrap_or(0),
+            });
         }
         let launches = plan(&snapshot);
         if launches.is_empty() {
@@ -1281,6 +1287,7 @@ impl PgStore {
         }
         let controller =
             ControllerId::parse(controller_id).map_err(|e| PgError::Corrupt(e.to_string()))?;
+        let covered = covered_since(&mut tx, &snapshot.demand, &launches).await?;
         let (mut names, mut profiles, mut orgs, mut repos, mut since) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut rng = rand::rngs::StdRng::from_entropy();
@@ -1295,7 +1302,11 @@ impl PgStore {
                 let (org, repo) = scope_columns(&r.scope);
                 orgs.push(org.map(str::to_owned));
                 repos.push(repo.map(str::to_owned));
-                since.push(r.demand_since);
+                since.push(r.covers.and_then(|k| {
+                    covered
+                        .get(&(launch.profile.to_string(), r.scope.clone(), k))
+                        .copied()
+                }));
             }
         }
         let rows = sqlx::query_as!(
@@ -1447,27 +1458,107 @@ impl PgStore {
     }
 }
 
-/// Queued jobs per profile (oldest first), and where each profile's warm
+/// When the queued jobs the new runners cover were first seen, by
+/// `(profile, scope, place in the queue)`: one indexed read per profile and
+/// scope, of just those places, from whichever end of the queue is nearer.
+/// A job that started meanwhile shifts the places by one; the metric this
+/// feeds can take that.
+async fn covered_since(
+    conn: &mut PgConnection,
+    demand: &BTreeMap<String, Demand>,
+    launches: &[Launch],
+) -> Result<HashMap<(String, RunnerScope, usize), DateTime<Utc>>, PgError> {
+    let mut wanted: BTreeMap<(String, RunnerScope), (usize, usize)> = BTreeMap::new();
+    for launch in launches {
+        for r in &launch.runners {
+            if let Some(k) = r.covers {
+                wanted
+                    .entry((launch.profile.to_string(), r.scope.clone()))
+                    .and_modify(|(lo, hi)| {
+                        *lo = (*lo).min(k);
+                        *hi = (*hi).max(k);
+                    })
+                    .or_insert((k, k));
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for ((profile, scope), (lo, hi)) in wanted {
+        let jobs = demand
+            .get(&profile)
+            .and_then(|d| d.queued.get(&scope))
+            .map_or(hi + 1, |q| q.jobs.max(hi + 1));
+        let (org, repo) = scope_columns(&scope);
+        let take = i64::try_from(hi - lo + 1).unwrap_or(i64::MAX);
+        let from_newest = jobs - 1 - hi;
+        // Each read's first row is the place it starts from.
+        let (since, step_back): (Vec<DateTime<Utc>>, bool) = if lo <= from_newest {
+            let rows = sqlx::query_scalar!(
+                r#"SELECT first_seen_at FROM workflow_jobs
+                   WHERE status = 'queued' AND profile = $1
+                     AND (org = $2 OR ($2::text IS NULL AND org IS NULL AND repository = $3))
+                   ORDER BY first_seen_at, id OFFSET $4 LIMIT $5"#,
+                profile,
+                org,
+                repo,
+                i64::try_from(lo).unwrap_or(i64::MAX),
+                take
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            (rows, false)
+        } else {
+            let rows = sqlx::query_scalar!(
+                r#"SELECT first_seen_at FROM workflow_jobs
+                   WHERE status = 'queued' AND profile = $1
+                     AND (org = $2 OR ($2::text IS NULL AND org IS NULL AND repository = $3))
+                   ORDER BY first_seen_at DESC, id DESC OFFSET $4 LIMIT $5"#,
+                profile,
+                org,
+                repo,
+                i64::try_from(from_newest).unwrap_or(i64::MAX),
+                take
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            (rows, true)
+        };
+        for (i, at) in since.into_iter().enumerate() {
+            let place = if step_back { hi - i } else { lo + i };
+            out.insert((profile.clone(), scope.clone(), place), at);
+        }
+    }
+    Ok(out)
+}
+
+/// Queued jobs per profile, counted by scope, and where each profile's warm
 /// pool registers: the scope of its latest job.
 async fn load_demand(
     conn: &mut PgConnection,
     now: DateTime<Utc>,
 ) -> Result<BTreeMap<String, Demand>, PgError> {
     let mut demand: BTreeMap<String, Demand> = BTreeMap::new();
+    // A job's scope is its org when it has one, else its repository.
     let queued = sqlx::query!(
-        r#"SELECT profile AS "profile!", first_seen_at, org, repository
+        r#"SELECT profile AS "profile!", org, CASE WHEN org IS NULL THEN repository END AS repository,
+                  count(*) AS "jobs!", min(first_seen_at) AS "oldest!"
                FROM workflow_jobs
                WHERE status = 'queued' AND profile IS NOT NULL
-               ORDER BY first_seen_at, id"#
+               GROUP BY 1, 2, 3"#
     )
     .fetch_all(&mut *conn)
     .await?;
-    for j in queued {
-        demand.entry(j.profile).or_default().queued.push(queued_job(
-            j.first_seen_at,
-            j.org,
-            j.repository,
-        ));
+    for q in queued {
+        let Some(scope) = scope_of(q.org, q.repository) else {
+            continue;
+        };
+        demand.entry(q.profile).or_default().queued.insert(
+            scope,
+            Queue {
+                jobs: usize::try_from(q.jobs).unwrap_or(0),
+                oldest: q.oldest,
+            },
+        );
     }
     // Warm pools register where the profile's latest job came from: one
     // index probe per profile, not a pass over a month of jobs.
@@ -1484,8 +1575,7 @@ async fn load_demand(
     .fetch_all(&mut *conn)
     .await?;
     for j in latest {
-        demand.entry(j.profile).or_default().warm_scope =
-            Some(queued_job(now, j.org, j.repository).scope);
+        demand.entry(j.profile).or_default().warm_scope = Some(job_scope(j.org, j.repository));
     }
     Ok(demand)
 }

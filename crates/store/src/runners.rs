@@ -1,7 +1,5 @@
 //! How runner rows map onto columns.
 
-use chrono::{DateTime, Utc};
-use spot_runners_domain::planner::QueuedJob;
 use spot_runners_domain::ports::RunnerScope;
 
 pub(crate) fn scope_of(org: Option<String>, repository: Option<String>) -> Option<RunnerScope> {
@@ -19,16 +17,11 @@ pub(crate) fn scope_columns(scope: &RunnerScope) -> (Option<&str>, Option<&str>)
     }
 }
 
-pub(crate) fn queued_job(
-    since: DateTime<Utc>,
-    org: Option<String>,
-    repository: String,
-) -> QueuedJob {
-    QueuedJob {
-        since,
-        scope: match org {
-            Some(o) => RunnerScope::Org(o),
-            None => RunnerScope::Repo(repository),
-        },
+/// Where a runner for a job registers: its org when it has one, else its
+/// repository.
+pub(crate) fn job_scope(org: Option<String>, repository: String) -> RunnerScope {
+    match org {
+        Some(o) => RunnerScope::Org(o),
+        None => RunnerScope::Repo(repository),
     }
 }

@@ -341,6 +341,15 @@ pub(crate) mod sql {
         now: DateTime<Utc>,
     ) -> Result<(Market, String), PgError> {
         let mut tx = pool.begin().await?;
+        // Every launch of the profile queues on this lock, so the commit
+        // that releases it does not wait for the disk: the choice is made
+        // durable by the runner's `launching` write, which commits
+        // synchronously (and so flushes the WAL before it) before any
+        // `RunInstances`. A crash in between loses only a choice for a
+        // launch that never happened; the row is provisioned again.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtext('spot-runners:market:' || $1 || ':' || $2))",
         )

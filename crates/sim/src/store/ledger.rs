@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use spot_runners_domain::planner::{Demand, QueuedJob, RunnerCount};
+use spot_runners_domain::planner::{Demand, RunnerCount};
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::store::{
@@ -76,6 +76,7 @@ impl Job {
             in_progress_at: self.in_progress_at,
             completed_at: self.completed_at,
             checked_at: self.checked_at,
+            queue_position: None,
         }
     }
 }
@@ -286,8 +287,8 @@ impl Ledger {
         self.reindex(&job);
     }
 
-    pub(crate) fn demand(&self, now: DateTime<Utc>) -> BTreeMap<String, Demand> {
-        let mut demand: BTreeMap<String, Demand> = BTreeMap::new();
+    /// Queued jobs that matched a profile, oldest first.
+    fn queue(&self) -> Vec<&Job> {
         let mut queued: Vec<&Job> = self
             .open
             .iter()
@@ -295,12 +296,31 @@ impl Ledger {
             .filter(|j| j.status == JobStatus::Queued && j.profile.is_some())
             .collect();
         queued.sort_by_key(|j| (j.first_seen_at, j.id));
-        for j in queued {
+        queued
+    }
+
+    /// As the SQL: the place of a queued job in its profile's queue, from 1.
+    pub(crate) fn queue_position(&self, job: &Job) -> Option<usize> {
+        if job.status != JobStatus::Queued || job.profile.is_none() {
+            return None;
+        }
+        let place = self
+            .queue()
+            .into_iter()
+            .filter(|q| q.profile == job.profile)
+            .take_while(|q| q.id != job.id)
+            .count();
+        Some(place + 1)
+    }
+
+    pub(crate) fn demand(&self, now: DateTime<Utc>) -> BTreeMap<String, Demand> {
+        let mut demand: BTreeMap<String, Demand> = BTreeMap::new();
+        for j in self.queue() {
             if let Some(p) = &j.profile {
-                demand.entry(p.clone()).or_default().queued.push(QueuedJob {
-                    since: j.first_seen_at,
-                    scope: j.scope(),
-                });
+                demand
+                    .entry(p.clone())
+                    .or_default()
+                    .add(j.scope(), j.first_seen_at);
             }
         }
         let window = chrono::Duration::days(WARM_SCOPE_WINDOW_DAYS);
@@ -343,16 +363,25 @@ impl Ledger {
         plan: PlanFn,
         now: DateTime<Utc>,
     ) -> Result<Vec<RunnerRecord>, StoreError> {
-        let mut runners: Vec<RunnerCount> = self
-            .live_of(controller_id)
-            .map(|r| RunnerCount {
-                profile: r.record.profile.clone(),
-                state: r.record.state,
-                scope: Some(r.record.scope.clone()),
+        let mut counts: BTreeMap<(String, RunnerState, RunnerScope), usize> = BTreeMap::new();
+        for r in self.live_of(controller_id) {
+            *counts
+                .entry((
+                    r.record.profile.clone(),
+                    r.record.state,
+                    r.record.scope.clone(),
+                ))
+                .or_default() += 1;
+        }
+        let runners: Vec<RunnerCount> = counts
+            .into_iter()
+            .map(|((profile, state, scope), runners)| RunnerCount {
+                profile,
+                state,
+                scope: Some(scope),
+                runners,
             })
             .collect();
-        runners
-            .sort_by(|a, b| (&a.profile, a.state, &a.scope).cmp(&(&b.profile, b.state, &b.scope)));
         let snapshot = PlanSnapshot {
             demand: self.demand(now),
             runners,
@@ -363,9 +392,30 @@ impl Ledger {
         }
         let controller =
             ControllerId::parse(controller_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let queue = self.queue();
+        let covered_since = |profile: &str, scope: &RunnerScope, place: usize| {
+            queue
+                .iter()
+                .filter(|j| j.profile.as_deref() == Some(profile) && &j.scope() == scope)
+                .nth(place)
+                .map(|j| j.first_seen_at)
+        };
+        let since: Vec<Vec<Option<DateTime<Utc>>>> = launches
+            .iter()
+            .map(|l| {
+                l.runners
+                    .iter()
+                    .map(|r| {
+                        r.covers
+                            .and_then(|k| covered_since(l.profile.as_str(), &r.scope, k))
+                    })
+                    .collect()
+            })
+            .collect();
+        drop(queue);
         let mut created = Vec::new();
-        for launch in &launches {
-            for new in &launch.runners {
+        for (launch, since) in launches.iter().zip(since) {
+            for (new, demand_since) in launch.runners.iter().zip(since) {
                 let name = RunnerName::generate(&controller, &launch.profile, &mut self.rng);
                 let record = RunnerRecord {
                     name: name.to_string(),
@@ -381,7 +431,7 @@ impl Ledger {
                     launch_attempts: 0,
                     last_error_code: None,
                     reason: None,
-                    demand_since: new.demand_since,
+                    demand_since,
                     created_at: now,
                     launched_at: None,
                     online_at: None,

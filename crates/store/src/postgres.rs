@@ -1288,6 +1288,13 @@ impl PgStore {
         let controller =
             ControllerId::parse(controller_id).map_err(|e| PgError::Corrupt(e.to_string()))?;
         let covered = covered_since(&mut tx, &snapshot.demand, &launches).await?;
+        // Planned rows need not wait for the disk (every pass waits on this
+        // commit): the claim that provisions them commits synchronously
+        // first, and a plan lost in a crash is planned again from the
+        // same demand.
+        sqlx::query("SET LOCAL synchronous_commit = off")
+            .execute(&mut *tx)
+            .await?;
         let (mut names, mut profiles, mut orgs, mut repos, mut since) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut rng = rand::rngs::StdRng::from_entropy();

@@ -253,6 +253,15 @@ pub trait Store: Send + Sync + 'static {
         ended_within: Duration,
     ) -> Result<Vec<RunnerRecord>, StoreError>;
 
+    /// Runners counted by profile, state, market and whether they have an
+    /// instance: the live ones and those that ended within `ended_within`
+    /// (the fleet gauges, refreshed from a pass).
+    async fn fleet_counts(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<FleetCount>, StoreError>;
+
     /// Moves runners along with their jobs: `in_progress` names a runner →
     /// `busy`; its job `completed` → `done`. Then claims the `done` runners
     /// that have an instance by moving them to `terminating`, and returns
@@ -536,6 +545,17 @@ pub struct RecentRepository {
     /// ever seeing it queued was first seen: its `queued` delivery was
     /// lost, and siblings of it may be waiting unseen.
     pub unqueued_job_seen_at: Option<DateTime<Utc>>,
+}
+
+/// Runners of one profile, state and market, counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FleetCount {
+    pub profile: String,
+    pub state: RunnerState,
+    pub market: Option<String>,
+    /// Whether these runners have an instance.
+    pub with_instance: bool,
+    pub runners: usize,
 }
 
 /// A runner row.

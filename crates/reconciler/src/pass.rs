@@ -132,25 +132,23 @@ impl Reconciler {
     }
 
     async fn refresh_gauges(&self) -> Result<(), StoreError> {
-        let runners = self
+        let counts = self
             .store
-            .runners(self.controller_id.as_str(), ENDED_GAUGE_WINDOW)
+            .fleet_counts(self.controller_id.as_str(), ENDED_GAUGE_WINDOW)
             .await?;
         let demand = self.store.demand().await?;
         self.metrics
             .queued(&demand, &self.profiles.get().profiles, self.clock.now());
         let mut fleet = Fleet::default();
-        for r in &runners {
+        for c in counts {
+            let n = i64::try_from(c.runners).unwrap_or(i64::MAX);
             *fleet
                 .runners
-                .entry((r.profile.clone(), r.state))
-                .or_default() += 1;
-            if r.state.is_live() && r.instance_id.is_some() {
-                let market = r.market.clone().unwrap_or_else(|| "spot".into());
-                *fleet
-                    .instances
-                    .entry((r.profile.clone(), market))
-                    .or_default() += 1;
+                .entry((c.profile.clone(), c.state))
+                .or_default() += n;
+            if c.state.is_live() && c.with_instance {
+                let market = c.market.unwrap_or_else(|| "spot".into());
+                *fleet.instances.entry((c.profile, market)).or_default() += n;
             }
         }
         self.metrics.fleet(&fleet);

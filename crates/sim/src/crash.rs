@@ -30,9 +30,9 @@ use spot_runners_domain::ratelimit::TokenBucket;
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
-    RunnerRecord, StaleJob, Store, StoreError,
+    DeliveryOutcome, FleetCount, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival,
+    MarketFn, MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
+    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
 use spot_runners_domain::survival::{Interruption, RerunFailure, RunJob};
 use spot_runners_domain::Market;
@@ -236,6 +236,15 @@ impl<S: Store> Store for CrashingStore<S> {
     ) -> Result<Vec<RunnerRecord>, StoreError> {
         self.point.reached().await;
         self.inner.runners(controller_id, ended_within).await
+    }
+
+    async fn fleet_counts(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<FleetCount>, StoreError> {
+        self.point.reached().await;
+        self.inner.fleet_counts(controller_id, ended_within).await
     }
 
     async fn settle_jobs(

@@ -26,9 +26,9 @@ use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
-    RunnerRecord, StaleJob, Store, StoreError,
+    DeliveryOutcome, FleetCount, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival,
+    MarketFn, MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
+    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::{JobStatus, Market, RunnerState};
@@ -364,6 +364,39 @@ impl Store for MemoryStore {
             .lock()
             .recent_runners(controller_id, since)
             .map(|r| r.record.clone())
+            .collect())
+    }
+
+    async fn fleet_counts(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<FleetCount>, StoreError> {
+        let since = self.now() - chrono(ended_within);
+        let mut counts: BTreeMap<(String, RunnerState, Option<String>, bool), usize> =
+            BTreeMap::new();
+        for r in self.lock().recent_runners(controller_id, since) {
+            let r = &r.record;
+            *counts
+                .entry((
+                    r.profile.clone(),
+                    r.state,
+                    r.market.clone(),
+                    r.instance_id.is_some(),
+                ))
+                .or_default() += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .map(
+                |((profile, state, market, with_instance), runners)| FleetCount {
+                    profile,
+                    state,
+                    market,
+                    with_instance,
+                    runners,
+                },
+            )
             .collect())
     }
 

@@ -461,6 +461,20 @@ async fn planning_writes_rows_under_one_lock(t: &dyn Subject) {
         .await
         .unwrap();
     assert!(counted.is_empty());
+    booting(s, &names[0], "i-1").await;
+    let mut fleet = s.fleet_counts(CONTROLLER, Duration::ZERO).await.unwrap();
+    fleet.sort_by_key(|c| c.state);
+    let fleet: Vec<_> = fleet
+        .into_iter()
+        .map(|c| (c.profile, c.state, c.with_instance, c.runners))
+        .collect();
+    assert_eq!(
+        fleet,
+        [
+            ("kani".to_owned(), RunnerState::Requested, false, 2),
+            ("kani".to_owned(), RunnerState::Booting, true, 1),
+        ]
+    );
     assert!(s
         .runners("other-controller", Duration::ZERO)
         .await

@@ -12,9 +12,9 @@ use spot_runners_domain::profile::ProfileRow;
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun, RunnerChange,
-    RunnerRecord, StaleJob, Store, StoreError,
+    DeliveryOutcome, FleetCount, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival,
+    MarketFn, MarketQuery, PlanFn, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
+    RunnerChange, RunnerRecord, StaleJob, Store, StoreError,
 };
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::Market;
@@ -117,6 +117,14 @@ impl Store for PgStore {
         ended_within: Duration,
     ) -> Result<Vec<RunnerRecord>, StoreError> {
         Ok(self.pg_runners(controller_id, ended_within).await?)
+    }
+
+    async fn fleet_counts(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<FleetCount>, StoreError> {
+        Ok(self.pg_fleet_counts(controller_id, ended_within).await?)
     }
 
     async fn settle_jobs(

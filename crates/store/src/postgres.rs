@@ -21,9 +21,9 @@ use crate::survival::sql as survival;
 use crate::PgError;
 use spot_runners_domain::run::WorkflowRunEvent;
 use spot_runners_domain::store::{
-    DeliveryOutcome, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival, MarketFn,
-    MarketQuery, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome, RunAwaitingRerun,
-    RunnerChange, RunnerRecord, StaleJob,
+    DeliveryOutcome, FleetCount, IncomingDelivery, JobCheck, JobCount, JobRecord, JobSurvival,
+    MarketFn, MarketQuery, PlanFn, PlanSnapshot, Pruned, RecentRepository, RerunOutcome,
+    RunAwaitingRerun, RunnerChange, RunnerRecord, StaleJob,
 };
 use spot_runners_domain::survival::{Interruption, RunJob};
 use spot_runners_domain::Market;
@@ -32,6 +32,23 @@ use spot_runners_domain::Market;
 pub const PROFILES_CHANNEL: &str = "spot_runners_profiles";
 /// Channel every accepted delivery batch notifies, waking all replicas.
 pub const WAKE_CHANNEL: &str = "spot_runners_wake";
+
+/// The states a row is provisioned in, bound as a parameter, never
+/// written into a statement that picks one row by name: with the literal
+/// list PostgreSQL may read the row through the partial index on these
+/// states (its statistics say they are rare) and walk every entry that index
+/// still holds for rows that have left them, not the one the primary key
+/// finds.
+const PROVISIONING: [&str; 3] = ["requested", "registered", "launching"];
+/// The states a listed runner may move on from, bound for the same reason.
+const LISTED_ONLINE: [&str; 2] = ["launching", "booting"];
+const LISTED_BUSY: [&str; 3] = ["launching", "booting", "idle"];
+/// The states a runner whose job completed may move on from.
+const RUNNING: [&str; 4] = ["launching", "booting", "idle", "busy"];
+
+fn state_list(states: &[&str]) -> Vec<String> {
+    states.iter().map(|s| (*s).to_owned()).collect()
+}
 
 /// Below this much time left, a batch is not started: it could not commit in
 /// time and would only be rolled back.
@@ -593,11 +610,12 @@ impl PgStore {
                     "UPDATE runners SET state = 'registered', github_runner_id = $3, registered_at = $4,
                             updated_at = $4
                      WHERE name = $1 AND lease_owner = $2
-                       AND state IN ('requested', 'registered', 'launching')",
+                       AND state = ANY($5::text[])",
                     name,
                     owner,
                     github_runner_id,
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
@@ -611,13 +629,14 @@ impl PgStore {
                     "UPDATE runners SET state = 'launching', instance_type = $3, subnet_id = $4, market = $5,
                             launch_attempts = launch_attempts + 1, updated_at = $6
                      WHERE name = $1 AND lease_owner = $2
-                       AND state IN ('requested', 'registered', 'launching')",
+                       AND state = ANY($7::text[])",
                     name,
                     owner,
                     instance_type,
                     subnet_id,
                     market,
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
@@ -626,12 +645,13 @@ impl PgStore {
                 sqlx::query!(
                     "UPDATE runners SET last_error_code = $3, last_error = $4, updated_at = $5
                      WHERE name = $1 AND lease_owner = $2
-                       AND state IN ('requested', 'registered', 'launching')",
+                       AND state = ANY($6::text[])",
                     name,
                     owner,
                     code,
                     message,
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
@@ -653,7 +673,7 @@ impl PgStore {
                             market = $6, launched_at = $7, lease_owner = NULL, lease_until = NULL,
                             updated_at = $7
                      WHERE name = $1 AND instance_id IS NULL
-                       AND ((lease_owner = $2 AND state IN ('requested', 'registered', 'launching'))
+                       AND ((lease_owner = $2 AND state = ANY($8::text[]))
                             OR state IN ('busy', 'done'))",
                     name,
                     owner,
@@ -661,7 +681,8 @@ impl PgStore {
                     instance_type,
                     subnet_id,
                     market,
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
@@ -672,13 +693,14 @@ impl PgStore {
                             terminated_at = COALESCE(terminated_at, $6), lease_owner = NULL, lease_until = NULL,
                             updated_at = $6
                      WHERE name = $1 AND lease_owner = $2
-                       AND state IN ('requested', 'registered', 'launching')",
+                       AND state = ANY($7::text[])",
                     name,
                     owner,
                     state.as_str(),
                     code,
                     reason,
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
@@ -687,11 +709,12 @@ impl PgStore {
                 sqlx::query!(
                     "UPDATE runners SET lease_until = $4::timestamptz + make_interval(secs => $3), updated_at = $4
                      WHERE name = $1 AND lease_owner = $2
-                       AND state IN ('requested', 'registered', 'launching')",
+                       AND state = ANY($5::text[])",
                     name,
                     owner,
                     retry_in.as_secs_f64(),
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
@@ -700,16 +723,59 @@ impl PgStore {
                 sqlx::query!(
                     "UPDATE runners SET state = 'requested', github_runner_id = NULL, updated_at = $3
                      WHERE name = $1 AND lease_owner = $2
-                       AND state IN ('requested', 'registered', 'launching')",
+                       AND state = ANY($4::text[])",
                     name,
                     owner,
-                    now
+                    now,
+                    &state_list(&PROVISIONING)
                 )
                 .execute(&self.pool)
                 .await?
             }
         };
         Ok(done.rows_affected() == 1)
+    }
+
+    pub(crate) async fn pg_fleet_counts(
+        &self,
+        controller_id: &str,
+        ended_within: Duration,
+    ) -> Result<Vec<FleetCount>, PgError> {
+        // The rows of `pg_runners`, counted in the database.
+        let rows = sqlx::query!(
+            r#"SELECT profile AS "profile!", state AS "state!", market,
+                      instance_id IS NOT NULL AS "with_instance!", count(*) AS "runners!"
+               FROM (
+                   SELECT profile, state, market, instance_id FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                                   'done', 'terminating')
+                   UNION ALL
+                   SELECT profile, state, market, instance_id FROM runners
+                   WHERE controller_id = $1
+                     AND state IN ('terminated', 'launch_failed', 'boot_timeout', 'idle_timeout',
+                                   'interrupted', 'orphaned')
+                     AND updated_at > $3::timestamptz - make_interval(secs => $2)
+               ) r
+               GROUP BY 1, 2, 3, 4"#,
+            controller_id,
+            ended_within.as_secs_f64(),
+            self.clock.now()
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(FleetCount {
+                    state: RunnerState::parse(&r.state)
+                        .map_err(|e| PgError::Corrupt(e.to_string()))?,
+                    profile: r.profile,
+                    market: r.market,
+                    with_instance: r.with_instance,
+                    runners: usize::try_from(r.runners).unwrap_or(0),
+                })
+            })
+            .collect()
     }
 
     pub(crate) async fn pg_runners(
@@ -791,11 +857,12 @@ impl PgStore {
     ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET lease_until = $4::timestamptz + make_interval(secs => $3)
-             WHERE name = ANY($1) AND lease_owner = $2 AND state IN ('requested', 'registered', 'launching')",
+             WHERE name = ANY($1) AND lease_owner = $2 AND state = ANY($5::text[])",
             names,
             owner,
             lease.as_secs_f64(),
-            self.clock.now()
+            self.clock.now(),
+            &state_list(&PROVISIONING)
         )
         .execute(&self.pool)
         .await?;
@@ -810,11 +877,12 @@ impl PgStore {
     ) -> Result<u64, PgError> {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'idle', online_at = COALESCE(online_at, $2), updated_at = $3
-             WHERE name = ANY($1) AND controller_id = $4 AND state IN ('launching', 'booting')",
+             WHERE name = ANY($1) AND controller_id = $4 AND state = ANY($5::text[])",
             names,
             at,
             self.clock.now(),
-            controller_id
+            controller_id,
+            &state_list(&LISTED_ONLINE)
         )
         .execute(&self.pool)
         .await?;
@@ -830,11 +898,12 @@ impl PgStore {
         let done = sqlx::query!(
             "UPDATE runners SET state = 'busy', online_at = COALESCE(online_at, $2),
                     busy_at = COALESCE(busy_at, $2), updated_at = $3
-             WHERE name = ANY($1) AND controller_id = $4 AND state IN ('launching', 'booting', 'idle')",
+             WHERE name = ANY($1) AND controller_id = $4 AND state = ANY($5::text[])",
             names,
             at,
             self.clock.now(),
-            controller_id
+            controller_id,
+            &state_list(&LISTED_BUSY)
         )
         .execute(&self.pool)
         .await?;
@@ -1365,29 +1434,61 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         match since {
             Some(since) => {
-                sqlx::query!(
-                    r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
-                              online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
-                       FROM workflow_jobs j
-                       WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'in_progress'
-                         AND j.in_progress_at >= $3 AND r.state IN ('launching', 'booting', 'idle')"#,
-                    controller_id,
-                    now,
-                    since
+                // In two steps, the jobs first: joined in one statement,
+                // PostgreSQL may start from the live runners (their count
+                // is often far off in its statistics, they come and go so
+                // fast) and probe each one's job. Planned for the actual
+                // window each time (not a generic plan, which guesses a
+                // third of the ledger for a time range).
+                let started: Vec<(i64, String)> = sqlx::query_as(
+                    "SELECT id, runner_name FROM workflow_jobs
+                     WHERE status = 'in_progress' AND in_progress_at >= $1 AND runner_name IS NOT NULL",
                 )
-                .execute(&mut *tx)
+                .bind(since)
+                .persistent(false)
+                .fetch_all(&mut *tx)
                 .await?;
-                sqlx::query!(
-                    r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
-                       FROM workflow_jobs j
-                       WHERE r.controller_id = $1 AND j.runner_name = r.name AND j.status = 'completed'
-                         AND j.completed_at >= $3 AND r.state IN ('launching', 'booting', 'idle', 'busy')"#,
-                    controller_id,
-                    now,
-                    since
+                if !started.is_empty() {
+                    let (ids, names): (Vec<i64>, Vec<String>) = started.into_iter().unzip();
+                    sqlx::query!(
+                        r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
+                                  online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
+                           FROM UNNEST($3::int8[], $4::text[]) AS j(id, runner_name)
+                           WHERE r.name = j.runner_name AND r.controller_id = $1
+                             AND r.state = ANY($5::text[])"#,
+                        controller_id,
+                        now,
+                        &ids,
+                        &names,
+                        &state_list(&LISTED_BUSY)
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let completed: Vec<(i64, String)> = sqlx::query_as(
+                    "SELECT id, runner_name FROM workflow_jobs
+                     WHERE status = 'completed' AND completed_at >= $1 AND runner_name IS NOT NULL",
                 )
-                .execute(&mut *tx)
+                .bind(since)
+                .persistent(false)
+                .fetch_all(&mut *tx)
                 .await?;
+                if !completed.is_empty() {
+                    let (ids, names): (Vec<i64>, Vec<String>) = completed.into_iter().unzip();
+                    sqlx::query!(
+                        r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
+                           FROM UNNEST($3::int8[], $4::text[]) AS j(id, runner_name)
+                           WHERE r.name = j.runner_name AND r.controller_id = $1
+                             AND r.state = ANY($5::text[])"#,
+                        controller_id,
+                        now,
+                        &ids,
+                        &names,
+                        &state_list(&RUNNING)
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
             None => {
                 sqlx::query!(

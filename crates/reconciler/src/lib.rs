@@ -246,26 +246,4 @@ impl Reconciler {
             }
         }
     }
-
-    async fn provision_loop(self: Arc<Self>, stop: CancellationToken) {
-        loop {
-            while !stop.is_cancelled() {
-                match self.provision_batch().await {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "claiming runners to provision failed");
-                        break;
-                    }
-                }
-            }
-            tokio::select! {
-                biased;
-                _ = stop.cancelled() => return,
-                _ = self.provision_wake.notified() => {}
-                // Picks up rows whose lease ran out (a crashed replica's).
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            }
-        }
-    }
 }

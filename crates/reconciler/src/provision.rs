@@ -6,6 +6,7 @@
 mod jit_config;
 mod launch;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +15,14 @@ use spot_runners_domain::ports::{GitHubError, JitConfig, JitRequest, RunnerScope
 use spot_runners_domain::store::{RunnerChange, RunnerRecord, StoreError, DEFAULT_LEASE};
 use spot_runners_domain::{Profile, RunnerState};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::retry::{lock, MAX_RETRIES, MAX_WAIT};
 use crate::{survival, Reconciler};
 
 /// Rows one provisioner claims at a time; each waits its turn at the
 /// token bucket, so this bounds in-flight calls, not throughput.
-const CLAIM_BATCH: i64 = 32;
+const CLAIM_BATCH: usize = 32;
 /// A runner postponed (rate limits, GitHub trouble) is claimable again after this.
 const RETRY_LATER: Duration = Duration::from_secs(2);
 
@@ -36,24 +38,28 @@ pub(crate) enum Failure {
 }
 
 impl Reconciler {
-    /// Claims a batch of rows that need provisioning and drives each to
-    /// `booting` or a final state. Returns how many were claimed.
-    pub async fn provision_batch(self: &Arc<Self>) -> Result<usize, StoreError> {
-        // Past the daily spend cap planned rows wait in `requested`: no
-        // registration, no RunInstances, until the gate opens (the spend
-        // worker logs and counts when it closes).
-        if !self.spend_gate.allows_launch() {
-            return Ok(0);
+    /// Up to `limit` rows that need provisioning, claimed for this replica
+    /// (none past the daily spend cap: planned rows wait in `requested`, no
+    /// registration, no RunInstances, until the gate opens; the spend
+    /// worker logs and counts when it closes).
+    async fn claim(&self, limit: usize) -> Result<Vec<RunnerRecord>, StoreError> {
+        if limit == 0 || !self.spend_gate.allows_launch() {
+            return Ok(Vec::new());
         }
-        let claimed = self
-            .store
+        self.store
             .claim_provisioning(
                 self.controller_id.as_str(),
                 &self.owner,
                 DEFAULT_LEASE,
-                CLAIM_BATCH,
+                i64::try_from(limit).unwrap_or(i64::MAX),
             )
-            .await?;
+            .await
+    }
+
+    /// Claims a batch of rows that need provisioning and drives each to
+    /// `booting` or a final state. Returns how many were claimed.
+    pub async fn provision_batch(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let claimed = self.claim(CLAIM_BATCH).await?;
         let n = claimed.len();
         let names: Vec<String> = claimed.iter().map(|r| r.name.clone()).collect();
         let mut tasks = JoinSet::new();
@@ -69,14 +75,77 @@ impl Reconciler {
             tokio::select! {
                 biased;
                 joined = tasks.join_next() => if joined.is_none() { break },
-                _ = renew.tick() => {
-                    if let Err(e) = self.store.renew_leases(&names, &self.owner, DEFAULT_LEASE).await {
-                        tracing::warn!(error = %e, "renewing provisioning leases failed");
-                    }
-                }
+                _ = renew.tick() => self.renew(&names).await,
             }
         }
         Ok(n)
+    }
+
+    /// Provisions until `stop`, at most [`CLAIM_BATCH`] runners at a time,
+    /// claiming more as soon as a slot frees or a pass plans new rows: a
+    /// row planned while others are in flight does not wait for them all.
+    pub(crate) async fn provision_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        // The rows in flight, by the task provisioning each: their leases
+        // are renewed until the task ends, however it ends.
+        let mut held: BTreeMap<tokio::task::Id, String> = BTreeMap::new();
+        let mut renew = tokio::time::interval(DEFAULT_LEASE / 3);
+        renew.tick().await;
+        // Whether the last claim filled every free slot: then there may be
+        // more to claim as soon as one frees.
+        let mut more = true;
+        loop {
+            if more && !stop.is_cancelled() {
+                let free = CLAIM_BATCH.saturating_sub(tasks.len());
+                match self.claim(free).await {
+                    Ok(claimed) => {
+                        more = free > 0 && claimed.len() == free;
+                        for runner in claimed {
+                            let name = runner.name.clone();
+                            let me = Arc::clone(&self);
+                            let task = tasks.spawn(async move { me.provision(runner).await });
+                            held.insert(task.id(), name);
+                        }
+                    }
+                    Err(e) => {
+                        more = false;
+                        tracing::warn!(error = %e, "claiming runners to provision failed");
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled(), if tasks.is_empty() => return,
+                Some(joined) = tasks.join_next_with_id() => {
+                    let id = match joined {
+                        Ok((id, ())) => id,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a provisioning task failed; its row is left to its lease");
+                            e.id()
+                        }
+                    };
+                    held.remove(&id);
+                    more = true;
+                }
+                _ = renew.tick(), if !held.is_empty() => {
+                    let names: Vec<String> = held.values().cloned().collect();
+                    self.renew(&names).await;
+                }
+                _ = self.provision_wake.notified(), if !stop.is_cancelled() => more = true,
+                // Picks up rows whose lease ran out (a crashed replica's).
+                _ = tokio::time::sleep(Duration::from_secs(5)), if !stop.is_cancelled() => more = true,
+            }
+        }
+    }
+
+    async fn renew(&self, names: &[String]) {
+        if let Err(e) = self
+            .store
+            .renew_leases(names, &self.owner, DEFAULT_LEASE)
+            .await
+        {
+            tracing::warn!(error = %e, "renewing provisioning leases failed");
+        }
     }
 
     async fn provision(&self, runner: RunnerRecord) {

@@ -47,7 +47,7 @@
 // Counts and milliseconds are far below 2^52.
 #![allow(clippy::cast_precision_loss)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -303,10 +303,13 @@ async fn fresh_database(
 }
 
 /// A busy org's ledger, bulk-loaded before the service starts: `closed`
-/// completed jobs (each with its terminated runner and a delivery row,
-/// completed over the last 29 days, inside the 30-day retention so no sweep
-/// prunes them during the run) and `open` queued jobs of the profile, which
-/// the service then covers with a launch each.
+/// completed jobs (each with its terminated runner, completed over the last
+/// 29 days, inside the 30-day retention so no sweep prunes them during the
+/// run), a delivery row for each of those inside the default 7-day delivery
+/// retention, and `open` queued jobs of the profile, which the service then
+/// covers with a launch each. Then it is settled as a ledger that grew over
+/// a month would be: vacuumed, analysed and checkpointed, so the run does not
+/// measure the database digesting a bulk load.
 async fn preload(db: &BenchDb, open: usize, closed: usize) -> anyhow::Result<()> {
     if open == 0 && closed == 0 {
         return Ok(());
@@ -353,7 +356,7 @@ async fn preload(db: &BenchDb, open: usize, closed: usize) -> anyhow::Result<()>
     sqlx::query(
         "INSERT INTO webhook_deliveries (delivery_id, event, action, job_id, received_at)
          SELECT 'bench-' || id, 'workflow_job', 'completed', id, completed_at
-         FROM workflow_jobs WHERE id BETWEEN 1 AND $1",
+         FROM workflow_jobs WHERE id BETWEEN 1 AND $1 AND completed_at > now() - interval '7 days'",
     )
     .bind(closed)
     .execute(&mut conn)
@@ -374,17 +377,80 @@ async fn preload(db: &BenchDb, open: usize, closed: usize) -> anyhow::Result<()>
     .execute(&mut conn)
     .await
     .context("loading open jobs")?;
-    // As autovacuum would have by then: planner statistics for the history.
+    // As autovacuum would have by then: planner statistics for the history,
+    // and the load's dirty pages on disk, not written out under the run.
     sqlx::raw_sql("VACUUM ANALYZE workflow_jobs, runners, webhook_deliveries")
         .execute(&mut conn)
         .await
         .context("VACUUM ANALYZE")?;
+    if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(&mut conn).await {
+        // Needs superuser (or pg_checkpoint); the figures then include it.
+        println!("no CHECKPOINT after the load ({e}); the run may write the load out");
+    }
     conn.close().await?;
     println!(
         "preloaded the ledger in {:.1} s: {closed} closed jobs (with their runners and deliveries), {open} open jobs",
         secs_f(began.elapsed())
     );
     Ok(())
+}
+
+/// What PostgreSQL did on its own during a run, which shows in the tail:
+/// autovacuum and autoanalyze runs by table, and checkpoints.
+struct Maintenance {
+    tables: BTreeMap<String, (i64, i64)>,
+    checkpoints: i64,
+}
+
+impl Maintenance {
+    async fn read(url: &str) -> anyhow::Result<Self> {
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, autovacuum_count, autoanalyze_count FROM pg_stat_user_tables",
+        )
+        .fetch_all(&mut conn)
+        .await?;
+        let checkpoints: i64 =
+            sqlx::query_scalar("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+                .fetch_one(&mut conn)
+                .await?;
+        conn.close().await?;
+        Ok(Self {
+            tables: rows.into_iter().map(|(t, v, a)| (t, (v, a))).collect(),
+            checkpoints,
+        })
+    }
+
+    fn since(self, before: &Maintenance) -> Self {
+        let tables = self
+            .tables
+            .into_iter()
+            .filter_map(|(t, (v, a))| {
+                let (v0, a0) = before.tables.get(&t).copied().unwrap_or_default();
+                (v > v0 || a > a0).then_some((t, (v - v0, a - a0)))
+            })
+            .collect();
+        Self {
+            tables,
+            checkpoints: self.checkpoints - before.checkpoints,
+        }
+    }
+}
+
+impl std::fmt::Display for Maintenance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.tables.is_empty() {
+            write!(f, "no autovacuum or autoanalyze")?;
+        }
+        for (i, (table, (vacuums, analyzes))) in self.tables.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}{table} {vacuums} autovacuum / {analyzes} autoanalyze"
+            )?;
+        }
+        write!(f, "; {} checkpoints", self.checkpoints)
+    }
 }
 
 /// First id of the preloaded open jobs.
@@ -1127,6 +1193,7 @@ async fn latency_run(
     let skip = launches(&service.cloud).len();
     let before = LedgerSizes::read(&db.url).await?;
     println!("ledger before the measured run: {}", before.line());
+    let maintenance = Maintenance::read(&db.url).await?;
     let base = job_id_base();
     let mut deliveries = Vec::with_capacity(total);
     for i in 0..total {
@@ -1193,6 +1260,7 @@ async fn latency_run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let launches: Vec<Launch> = launches(&service.cloud).into_iter().skip(skip).collect();
     let after = LedgerSizes::read(&db.url).await?;
+    let maintenance = Maintenance::read(&db.url).await?.since(&maintenance);
     let jit = jit_calls(&service.github);
 
     // First in, first out: the k-th launch serves the k-th job sent.
@@ -1256,6 +1324,7 @@ async fn latency_run(
         );
     }
     println!("ledger after the measured run: {}", after.line());
+    println!("database maintenance during the measured run: {maintenance}");
     println!("{}", table_header());
     println!("{}", main.row("webhook sent -> RunInstances", "ms"));
     println!(

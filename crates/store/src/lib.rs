@@ -5,6 +5,7 @@
 mod cost;
 pub mod embedded;
 mod error;
+mod open_ledger;
 mod pg_store;
 mod postgres;
 mod runners;

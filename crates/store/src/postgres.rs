@@ -8,7 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rand::SeedableRng;
 use spot_runners_domain::clock::{Clock, SystemClock};
-use spot_runners_domain::planner::{Demand, Launch, Queue, RunnerCount};
+use spot_runners_domain::planner::{Demand, Queue};
 use spot_runners_domain::ports::RunnerScope;
 use spot_runners_domain::stale::StaleCutoffs;
 use spot_runners_domain::{profile::ProfileRow, ControllerId, JobStatus, RunnerName, RunnerState};
@@ -16,6 +16,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgConnection, PgPool};
 use tokio::time::Instant;
 
+use crate::open_ledger::{self, OpenLedger, Read};
 use crate::runners::{job_scope, scope_columns, scope_of};
 use crate::survival::sql as survival;
 use crate::PgError;
@@ -65,27 +66,30 @@ pub struct PgStore {
     leader: Arc<tokio::sync::Mutex<Option<PgConnection>>>,
     /// How far `settle_jobs` has read the ledger.
     settled: Arc<std::sync::Mutex<SettleMark>>,
+    /// The queue and the live fleet, as the planner last read them. Held
+    /// across the plan's reads: one pass of this process plans at a time.
+    open: Arc<tokio::sync::Mutex<OpenLedger>>,
 }
 
 /// What `settle_jobs` last read. A pass runs on every webhook, so it looks
-/// only at jobs that started or completed since its last run (less
-/// [`SETTLE_OVERLAP`]), through indexes on those times; now and then, and
-/// on a replica's first pass, it reads every live runner's job instead,
-/// which catches what the window cannot (a runner named after its job
-/// completed, a commit slower than the overlap).
+/// only at the jobs written since its last run (by transactions at or past
+/// its horizon: see `open_ledger`), through the `changed_by` index; now and
+/// then, and on a replica's first pass, it reads every live runner's job
+/// instead, a safety net for a job row written without the trigger.
 #[derive(Debug, Default)]
 struct SettleMark {
-    /// When the last settle that committed began.
-    last: Option<DateTime<Utc>>,
+    /// The oldest transaction running when the last settle that committed
+    /// began.
+    horizon: Option<i64>,
     /// When the last full settle that committed began.
     last_full: Option<DateTime<Utc>>,
 }
 
-/// How far back of the last settle the next one reads: longer than a
-/// delivery batch takes from taking its timestamp to committing.
-const SETTLE_OVERLAP: chrono::Duration = chrono::Duration::seconds(30);
 /// A full settle this often, at least.
 const FULL_SETTLE_EVERY: chrono::Duration = chrono::Duration::seconds(60);
+/// The open ledger reads every open row this often, which also catches a
+/// queued job or live runner deleted by hand (deletes leave no `changed_by`).
+const FULL_OPEN_READ_EVERY: chrono::Duration = chrono::Duration::seconds(60);
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -117,6 +121,7 @@ impl PgStore {
             clock: Arc::new(SystemClock),
             leader: Arc::default(),
             settled: Arc::default(),
+            open: Arc::default(),
         }
     }
 
@@ -1325,30 +1330,14 @@ impl PgStore {
         if !locked {
             return Ok(Vec::new());
         }
+        let now = self.clock.now();
+        let mut open = self.open.lock().await;
+        read_open_ledger(&mut tx, controller_id, now, &mut open).await?;
         let mut snapshot = PlanSnapshot {
-            demand: load_demand(&mut tx, self.clock.now()).await?,
-            ..PlanSnapshot::default()
+            demand: open.demand(),
+            runners: open.runner_counts(),
         };
-        // Counted in the database: a pass per webhook must not decode
-        // every live runner.
-        let runners = sqlx::query!(
-            r#"SELECT profile, state, org, repository, count(*) AS "n!" FROM runners
-               WHERE controller_id = $1
-                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
-                               'done', 'terminating')
-               GROUP BY profile, state, org, repository"#,
-            controller_id,
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in runners {
-            snapshot.runners.push(RunnerCount {
-                state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
-                scope: scope_of(r.org, r.repository),
-                profile: r.profile,
-                runners: usize::try_from(r.n).unwrap_or(0),
-            });
-        }
+        load_warm_scopes(&mut tx, now, &mut snapshot.demand).await?;
         let launches = plan(&snapshot);
         if launches.is_empty() {
             tx.commit().await?;
@@ -1356,7 +1345,6 @@ impl PgStore {
         }
         let controller =
             ControllerId::parse(controller_id).map_err(|e| PgError::Corrupt(e.to_string()))?;
-        let covered = covered_since(&mut tx, &snapshot.demand, &launches).await?;
         // Planned rows need not wait for the disk (every pass waits on this
         // commit): the claim that provisions them commits synchronously
         // first, and a plan lost in a crash is planned again from the
@@ -1378,11 +1366,10 @@ impl PgStore {
                 let (org, repo) = scope_columns(&r.scope);
                 orgs.push(org.map(str::to_owned));
                 repos.push(repo.map(str::to_owned));
-                since.push(r.covers.and_then(|k| {
-                    covered
-                        .get(&(launch.profile.to_string(), r.scope.clone(), k))
-                        .copied()
-                }));
+                since.push(
+                    r.covers
+                        .and_then(|k| open.queued_since(launch.profile.as_str(), &r.scope, k)),
+                );
             }
         }
         let rows = sqlx::query_as!(
@@ -1424,32 +1411,36 @@ impl PgStore {
                 .settled
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match (mark.last, mark.last_full) {
-                (Some(last), Some(full)) if now - full < FULL_SETTLE_EVERY => {
-                    Some(last - SETTLE_OVERLAP)
-                }
+            match (mark.horizon, mark.last_full) {
+                (Some(horizon), Some(full)) if now - full < FULL_SETTLE_EVERY => Some(horizon),
                 _ => None,
             }
         };
         let mut tx = self.pool.begin().await?;
+        let horizon = read_horizon(&mut tx).await?;
         match since {
             Some(since) => {
                 // In two steps, the jobs first: joined in one statement,
                 // PostgreSQL may start from the live runners (their count
                 // is often far off in its statistics, they come and go so
                 // fast) and probe each one's job. Planned for the actual
-                // window each time (not a generic plan, which guesses a
-                // third of the ledger for a time range).
-                let started: Vec<(i64, String)> = sqlx::query_as(
-                    "SELECT id, runner_name FROM workflow_jobs
-                     WHERE status = 'in_progress' AND in_progress_at >= $1 AND runner_name IS NOT NULL",
+                // horizon each time (not a generic plan, which guesses a
+                // third of the ledger for a range).
+                let changed: Vec<(i64, String, bool)> = sqlx::query_as(
+                    "SELECT id, runner_name, status = 'completed' FROM workflow_jobs
+                     WHERE changed_by >= $1::text::xid8 AND status IN ('in_progress', 'completed')
+                       AND runner_name IS NOT NULL",
                 )
-                .bind(since)
+                .bind(since.to_string())
                 .persistent(false)
                 .fetch_all(&mut *tx)
                 .await?;
+                let (completed, started): (Vec<_>, Vec<_>) = changed
+                    .into_iter()
+                    .partition(|(_, _, completed)| *completed);
                 if !started.is_empty() {
-                    let (ids, names): (Vec<i64>, Vec<String>) = started.into_iter().unzip();
+                    let (ids, names): (Vec<i64>, Vec<String>) =
+                        started.into_iter().map(|(id, name, _)| (id, name)).unzip();
                     sqlx::query!(
                         r#"UPDATE runners r SET state = 'busy', job_id = j.id, busy_at = COALESCE(r.busy_at, $2::timestamptz),
                                   online_at = COALESCE(r.online_at, $2::timestamptz), updated_at = $2::timestamptz
@@ -1465,16 +1456,11 @@ impl PgStore {
                     .execute(&mut *tx)
                     .await?;
                 }
-                let completed: Vec<(i64, String)> = sqlx::query_as(
-                    "SELECT id, runner_name FROM workflow_jobs
-                     WHERE status = 'completed' AND completed_at >= $1 AND runner_name IS NOT NULL",
-                )
-                .bind(since)
-                .persistent(false)
-                .fetch_all(&mut *tx)
-                .await?;
                 if !completed.is_empty() {
-                    let (ids, names): (Vec<i64>, Vec<String>) = completed.into_iter().unzip();
+                    let (ids, names): (Vec<i64>, Vec<String>) = completed
+                        .into_iter()
+                        .map(|(id, name, _)| (id, name))
+                        .unzip();
                     sqlx::query!(
                         r#"UPDATE runners r SET state = 'done', job_id = j.id, done_at = $2::timestamptz, updated_at = $2::timestamptz
                            FROM UNNEST($3::int8[], $4::text[]) AS j(id, runner_name)
@@ -1549,7 +1535,7 @@ impl PgStore {
                 .settled
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            mark.last = Some(now);
+            mark.horizon = Some(horizon);
             if since.is_none() {
                 mark.last_full = Some(now);
             }
@@ -1564,79 +1550,6 @@ impl PgStore {
         }
         Ok(out)
     }
-}
-
-/// When the queued jobs the new runners cover were first seen, by
-/// `(profile, scope, place in the queue)`: one indexed read per profile and
-/// scope, of just those places, from whichever end of the queue is nearer.
-/// A job that started meanwhile shifts the places by one; the metric this
-/// feeds can take that.
-async fn covered_since(
-    conn: &mut PgConnection,
-    demand: &BTreeMap<String, Demand>,
-    launches: &[Launch],
-) -> Result<HashMap<(String, RunnerScope, usize), DateTime<Utc>>, PgError> {
-    let mut wanted: BTreeMap<(String, RunnerScope), (usize, usize)> = BTreeMap::new();
-    for launch in launches {
-        for r in &launch.runners {
-            if let Some(k) = r.covers {
-                wanted
-                    .entry((launch.profile.to_string(), r.scope.clone()))
-                    .and_modify(|(lo, hi)| {
-                        *lo = (*lo).min(k);
-                        *hi = (*hi).max(k);
-                    })
-                    .or_insert((k, k));
-            }
-        }
-    }
-    let mut out = HashMap::new();
-    for ((profile, scope), (lo, hi)) in wanted {
-        let jobs = demand
-            .get(&profile)
-            .and_then(|d| d.queued.get(&scope))
-            .map_or(hi + 1, |q| q.jobs.max(hi + 1));
-        let (org, repo) = scope_columns(&scope);
-        let take = i64::try_from(hi - lo + 1).unwrap_or(i64::MAX);
-        let from_newest = jobs - 1 - hi;
-        // Each read's first row is the place it starts from.
-        let (since, step_back): (Vec<DateTime<Utc>>, bool) = if lo <= from_newest {
-            let rows = sqlx::query_scalar!(
-                r#"SELECT first_seen_at FROM workflow_jobs
-                   WHERE status = 'queued' AND profile = $1
-                     AND (org = $2 OR ($2::text IS NULL AND org IS NULL AND repository = $3))
-                   ORDER BY first_seen_at, id OFFSET $4 LIMIT $5"#,
-                profile,
-                org,
-                repo,
-                i64::try_from(lo).unwrap_or(i64::MAX),
-                take
-            )
-            .fetch_all(&mut *conn)
-            .await?;
-            (rows, false)
-        } else {
-            let rows = sqlx::query_scalar!(
-                r#"SELECT first_seen_at FROM workflow_jobs
-                   WHERE status = 'queued' AND profile = $1
-                     AND (org = $2 OR ($2::text IS NULL AND org IS NULL AND repository = $3))
-                   ORDER BY first_seen_at DESC, id DESC OFFSET $4 LIMIT $5"#,
-                profile,
-                org,
-                repo,
-                i64::try_from(from_newest).unwrap_or(i64::MAX),
-                take
-            )
-            .fetch_all(&mut *conn)
-            .await?;
-            (rows, true)
-        };
-        for (i, at) in since.into_iter().enumerate() {
-            let place = if step_back { hi - i } else { lo + i };
-            out.insert((profile.clone(), scope.clone(), place), at);
-        }
-    }
-    Ok(out)
 }
 
 /// Queued jobs per profile, counted by scope, and where each profile's warm
@@ -1668,8 +1581,17 @@ async fn load_demand(
             },
         );
     }
-    // Warm pools register where the profile's latest job came from: one
-    // index probe per profile, not a pass over a month of jobs.
+    load_warm_scopes(conn, now, &mut demand).await?;
+    Ok(demand)
+}
+
+/// Warm pools register where the profile's latest job came from: one index
+/// probe per profile, not a pass over a month of jobs.
+async fn load_warm_scopes(
+    conn: &mut PgConnection,
+    now: DateTime<Utc>,
+    demand: &mut BTreeMap<String, Demand>,
+) -> Result<(), PgError> {
     let latest = sqlx::query!(
         r#"SELECT p.name AS "profile!", j.org, j.repository AS "repository!"
                FROM instance_profiles p
@@ -1685,7 +1607,108 @@ async fn load_demand(
     for j in latest {
         demand.entry(j.profile).or_default().warm_scope = Some(job_scope(j.org, j.repository));
     }
-    Ok(demand)
+    Ok(())
+}
+
+/// The oldest transaction still running. Read before the rows it goes
+/// with: whatever those reads miss was written by a transaction at or past
+/// it, so the next read from it (`changed_by >= horizon`) finds it.
+async fn read_horizon(conn: &mut PgConnection) -> Result<i64, PgError> {
+    Ok(
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut *conn)
+            .await?,
+    )
+}
+
+/// Brings the open ledger up to date: every open row now and then, else
+/// the rows written since its horizon. Unnamed statements, planned for the
+/// horizon at hand: a generic plan would guess a third of the table.
+async fn read_open_ledger(
+    conn: &mut PgConnection,
+    controller_id: &str,
+    now: DateTime<Utc>,
+    open: &mut OpenLedger,
+) -> Result<(), PgError> {
+    let horizon = read_horizon(conn).await?;
+    type Job = (
+        i64,
+        bool,
+        Option<String>,
+        Option<String>,
+        String,
+        DateTime<Utc>,
+    );
+    type Runner = (String, String, String, Option<String>, Option<String>);
+    let read = open.next_read(controller_id, now, FULL_OPEN_READ_EVERY);
+    let (jobs, runners): (Vec<Job>, Vec<Runner>) = match read {
+        Read::Full => (
+            sqlx::query_as(
+                "SELECT id, true, profile, org, repository, first_seen_at FROM workflow_jobs
+                 WHERE status = 'queued' AND profile IS NOT NULL",
+            )
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await?,
+            sqlx::query_as(
+                "SELECT name, profile, state, org, repository FROM runners
+                 WHERE controller_id = $1
+                   AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                                 'done', 'terminating')",
+            )
+            .bind(controller_id)
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await?,
+        ),
+        Read::Since(since) => (
+            sqlx::query_as(
+                "SELECT id, status = 'queued', profile, org, repository, first_seen_at
+                 FROM workflow_jobs WHERE changed_by >= $1::text::xid8",
+            )
+            .bind(since.to_string())
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await?,
+            sqlx::query_as(
+                "SELECT name, profile, state, org, repository FROM runners
+                 WHERE controller_id = $1 AND changed_by >= $2::text::xid8",
+            )
+            .bind(controller_id)
+            .bind(since.to_string())
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await?,
+        ),
+    };
+    let jobs = jobs
+        .into_iter()
+        .map(
+            |(id, queued, profile, org, repository, first_seen_at)| open_ledger::JobRow {
+                id,
+                queued,
+                profile,
+                scope: job_scope(org, repository),
+                first_seen_at,
+            },
+        )
+        .collect();
+    let runners = runners
+        .into_iter()
+        .map(|(name, profile, state, org, repository)| {
+            Ok(open_ledger::RunnerRow {
+                name,
+                profile,
+                state: RunnerState::parse(&state).map_err(|e| PgError::Corrupt(e.to_string()))?,
+                scope: scope_of(org, repository),
+            })
+        })
+        .collect::<Result<_, PgError>>()?;
+    match read {
+        Read::Full => open.reset(controller_id, horizon, now, jobs, runners),
+        Read::Since(_) => open.apply(horizon, jobs, runners),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

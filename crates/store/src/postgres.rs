@@ -942,20 +942,48 @@ impl PgStore {
         controller_id: &str,
         names: &[String],
     ) -> Result<BTreeMap<String, RunnerState>, PgError> {
-        let rows = sqlx::query!(
-            "SELECT name, state FROM runners WHERE controller_id = $1 AND name = ANY($2)",
+        // The live ones first, through their partial index: asked for a
+        // whole listing's names at once (thousands), PostgreSQL would rather
+        // read every ended runner of the month than probe the primary key
+        // for each. The rest — ended or unknown, a few — by name.
+        let live = sqlx::query!(
+            "SELECT name, state FROM runners
+             WHERE controller_id = $1
+               AND state IN ('requested', 'registered', 'launching', 'booting', 'idle', 'busy',
+                             'done', 'terminating')
+               AND name = ANY($2)",
             controller_id,
             names
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                let state =
-                    RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?;
-                Ok((r.name, state))
-            })
-            .collect()
+        let mut states = BTreeMap::new();
+        for r in live {
+            let state =
+                RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?;
+            states.insert(r.name, state);
+        }
+        let rest: Vec<String> = names
+            .iter()
+            .filter(|n| !states.contains_key(*n))
+            .cloned()
+            .collect();
+        if rest.is_empty() {
+            return Ok(states);
+        }
+        let ended = sqlx::query!(
+            "SELECT name, state FROM runners WHERE controller_id = $1 AND name = ANY($2)",
+            controller_id,
+            &rest
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for r in ended {
+            let state =
+                RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?;
+            states.insert(r.name, state);
+        }
+        Ok(states)
     }
 
     pub(crate) async fn pg_demand(&self) -> Result<BTreeMap<String, Demand>, PgError> {

@@ -350,13 +350,6 @@ pub(crate) mod sql {
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext('spot-runners:market:' || $1 || ':' || $2))",
-        )
-        .bind(controller_id)
-        .bind(profile)
-        .execute(&mut *tx)
-        .await?;
         // One history per distinct job (repository + workflow + name), read
         // from `workflow_jobs_duration_history`, not one per queued job.
         // Two statements, not one with `$2 OR …`: a generic plan could not
@@ -412,16 +405,6 @@ pub(crate) mod sql {
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let on_demand: i64 = sqlx::query_scalar(
-            r#"SELECT count(*) FROM runners
-               WHERE controller_id = $1 AND profile = $2 AND name <> $3 AND market = 'on-demand'
-                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle')"#,
-        )
-        .bind(controller_id)
-        .bind(profile)
-        .bind(runner_name)
-        .fetch_one(&mut *tx)
-        .await?;
         let interruptions: Vec<DateTime<Utc>> = sqlx::query_scalar(
             r#"SELECT COALESCE(terminated_at, updated_at) FROM runners
                WHERE controller_id = $1 AND profile = $2 AND state = 'interrupted'
@@ -431,6 +414,27 @@ pub(crate) mod sql {
         .bind(profile)
         .bind(query.interruptions_since)
         .fetch_all(&mut *tx)
+        .await?;
+        // Only what other launches of the profile decide needs the lock (so
+        // each sees the on-demand runners the ones before it chose); the
+        // queue and the interruptions above are read before it, which keeps
+        // every launch's wait for it short.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext('spot-runners:market:' || $1 || ':' || $2))",
+        )
+        .bind(controller_id)
+        .bind(profile)
+        .execute(&mut *tx)
+        .await?;
+        let on_demand: i64 = sqlx::query_scalar(
+            r#"SELECT count(*) FROM runners
+               WHERE controller_id = $1 AND profile = $2 AND name <> $3 AND market = 'on-demand'
+                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle')"#,
+        )
+        .bind(controller_id)
+        .bind(profile)
+        .bind(runner_name)
+        .fetch_one(&mut *tx)
         .await?;
         let snapshot = MarketSnapshot {
             queued,

@@ -59,6 +59,19 @@ async fn pass(store: &PgStore, launch: usize) -> (usize, Vec<(RunnerState, usize
     )
 }
 
+/// Ends a requested runner the way a failed launch does.
+async fn launch_failed(store: &PgStore, runner: &str) {
+    assert!(store
+        .end_runner_if(
+            runner,
+            RunnerState::Requested,
+            RunnerState::LaunchFailed,
+            "test"
+        )
+        .await
+        .unwrap());
+}
+
 const INSERT_JOB: &str =
     "INSERT INTO workflow_jobs (id, run_id, repository, owner, org, labels, status,
                                                      profile, first_seen_at)
@@ -132,15 +145,7 @@ async fn runners_a_pass_creates_are_counted_until_they_end_and_learn_when_their_
     assert_eq!(runners, [(RunnerState::Requested, 2)]);
 
     // Ended elsewhere (a sweep, another replica): gone from the count.
-    assert!(store
-        .end_runner_if(
-            &created[0],
-            RunnerState::Requested,
-            RunnerState::LaunchFailed,
-            "test"
-        )
-        .await
-        .unwrap());
+    launch_failed(store, &created[0]).await;
     let (_, runners, _) = pass(store, 0).await;
     assert_eq!(runners, [(RunnerState::Requested, 1)]);
 }
@@ -158,15 +163,7 @@ async fn two_stores_on_one_database_each_see_what_the_other_wrote() {
     assert_eq!(created.len(), 1);
     let (queued, runners, _) = pass(&other, 0).await;
     assert_eq!((queued, runners), (1, vec![(RunnerState::Requested, 1)]));
-    assert!(other
-        .end_runner_if(
-            &created[0],
-            RunnerState::Requested,
-            RunnerState::LaunchFailed,
-            "test"
-        )
-        .await
-        .unwrap());
+    launch_failed(&other, &created[0]).await;
     assert_eq!(pass(&db.store, 0).await.1, vec![]);
 }
 

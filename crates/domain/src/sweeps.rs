@@ -16,7 +16,7 @@
 //! - [`lost_queued_jobs`]: queued jobs GitHub lists that no delivery told
 //!   the ledger about.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use chrono::{DateTime, Duration, Utc};
 
@@ -129,16 +129,23 @@ pub fn orphan_instances(
     now: DateTime<Utc>,
 ) -> OrphanInstances {
     let retry_after = Duration::seconds(TERMINATE_RETRY_AFTER_SECS);
+    // Looked up per instance, so indexed once: a fleet of 10,000 would
+    // otherwise cost 10,000 × 10,000 comparisons a sweep.
+    let stuck: HashSet<&str> = runners
+        .iter()
+        .filter(|r| now - r.updated_at > retry_after)
+        .filter_map(|r| r.instance_id.as_deref())
+        .collect();
+    let recorded: HashMap<&str, &str> = runners
+        .iter()
+        .filter_map(|r| Some((r.name.as_str(), r.instance_id.as_deref()?)))
+        .collect();
     let mut out = OrphanInstances::default();
     for i in instances.iter().filter(|i| i.state.is_alive()) {
         let state = i.runner_name.as_ref().and_then(|n| states.get(n)).copied();
         match state {
             Some(RunnerState::Terminating) => {
-                let stuck = runners.iter().any(|r| {
-                    r.instance_id.as_deref() == Some(i.id.as_str())
-                        && now - r.updated_at > retry_after
-                });
-                if stuck {
+                if stuck.contains(i.id.as_str()) {
                     out.retries.push(i.id.clone());
                 }
             }
@@ -147,10 +154,11 @@ pub fn orphan_instances(
             // nobody's: the runner uses the one the ledger names.
             Some(s)
                 if s.is_live()
-                    && !runners.iter().any(|r| {
-                        Some(&r.name) == i.runner_name.as_ref()
-                            && r.instance_id.as_ref().is_some_and(|id| *id != i.id)
-                    }) => {}
+                    && !i
+                        .runner_name
+                        .as_deref()
+                        .and_then(|n| recorded.get(n))
+                        .is_some_and(|id| *id != i.id) => {}
             _ => out.orphans.push(i.id.clone()),
         }
     }
@@ -232,6 +240,15 @@ pub fn registrations_gone(
     now: DateTime<Utc>,
 ) -> RegistrationSweep {
     let settled = Duration::seconds(REGISTRATION_SETTLE_SECS);
+    // GitHub compares runner names without case. Indexed once per scope,
+    // not searched per runner (quadratic in the fleet).
+    let names: BTreeMap<&RunnerScope, HashSet<String>> = listed
+        .iter()
+        .map(|(scope, list)| {
+            let names = list.iter().map(|g| g.name.to_ascii_lowercase()).collect();
+            (scope, names)
+        })
+        .collect();
     let mut out = RegistrationSweep::default();
     for r in runners.iter().filter(|r| {
         matches!(
@@ -239,13 +256,13 @@ pub fn registrations_gone(
             RunnerState::Booting | RunnerState::Idle | RunnerState::Busy
         ) && r.launched_at.is_some_and(|t| now - t >= settled)
     }) {
-        let Some(list) = listed.get(&r.scope) else {
+        let Some(list) = names.get(&r.scope) else {
             if let Some(since) = missing_before.get(&r.name) {
                 out.missing.insert(r.name.clone(), *since);
             }
             continue;
         };
-        if list.iter().any(|g| g.name.eq_ignore_ascii_case(&r.name)) {
+        if list.contains(&r.name.to_ascii_lowercase()) {
             continue;
         }
         let since = missing_before.get(&r.name).copied().unwrap_or(now);

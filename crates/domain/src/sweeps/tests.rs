@@ -171,6 +171,10 @@ fn orphan_instances_table() {
         instance("i-stuck", "stuck", InstanceState::Running, None),
         instance("i-fresh", "fresh", InstanceState::Running, None),
         instance("i-dead", "ended2", InstanceState::Terminated, None),
+        // A resumed launch: the ledger names the first instance; a second
+        // one under the same name is nobody's.
+        instance("i-first", "resumed", InstanceState::Running, None),
+        instance("i-second", "resumed", InstanceState::Pending, None),
     ];
     let states = BTreeMap::from([
         ("ended".to_owned(), RunnerState::IdleTimeout),
@@ -178,13 +182,15 @@ fn orphan_instances_table() {
         ("live".to_owned(), RunnerState::Idle),
         ("stuck".to_owned(), RunnerState::Terminating),
         ("fresh".to_owned(), RunnerState::Terminating),
+        ("resumed".to_owned(), RunnerState::Booting),
     ]);
+    let resumed = runner("resumed", RunnerState::Booting, Some("i-first"), Some(0));
     let mut stuck = runner("stuck", RunnerState::Terminating, Some("i-stuck"), Some(0));
     stuck.updated_at = at(1000 - TERMINATE_RETRY_AFTER_SECS - 1);
     let mut fresh = runner("fresh", RunnerState::Terminating, Some("i-fresh"), Some(0));
     fresh.updated_at = at(990);
-    let got = orphan_instances(&instances, &states, &[stuck, fresh], now);
-    assert_eq!(got.orphans, ["i-unknown", "i-ended"]);
+    let got = orphan_instances(&instances, &states, &[stuck, fresh, resumed], now);
+    assert_eq!(got.orphans, ["i-unknown", "i-ended", "i-second"]);
     assert_eq!(got.retries, ["i-stuck"]);
 }
 

@@ -22,7 +22,9 @@ impl Reconciler {
             .collect();
         let todo: Vec<&RunnerRecord> = {
             let mut tagged = lock(&self.cost_tagged);
-            tagged.retain(|name| busy.iter().any(|r| &r.name == name));
+            let busy_names: std::collections::HashSet<&str> =
+                busy.iter().map(|r| r.name.as_str()).collect();
+            tagged.retain(|name| busy_names.contains(name.as_str()));
             busy.into_iter()
                 .filter(|r| !tagged.contains(&r.name))
                 .collect()

@@ -183,6 +183,8 @@ struct State {
     terminated_retention: Duration,
     /// In launch order.
     records: Vec<Record>,
+    /// Every id ever handed out (EC2 never reuses one).
+    issued: std::collections::HashSet<String>,
     by_token: HashMap<String, TokenUse>,
     /// Absent means unlimited.
     capacity: HashMap<CapacityKey, u32>,
@@ -278,7 +280,7 @@ impl State {
         loop {
             let bits: u128 = self.rng.gen::<u128>() & ((1 << 68) - 1);
             let id = format!("i-{bits:017x}");
-            if !self.records.iter().any(|r| r.id == id) {
+            if self.issued.insert(id.clone()) {
                 return id;
             }
         }
@@ -489,6 +491,7 @@ impl FakeCloud {
             latency: Duration::ZERO,
             terminated_retention: DEFAULT_TERMINATED_RETENTION,
             records: Vec::new(),
+            issued: std::collections::HashSet::new(),
             by_token: HashMap::new(),
             capacity: HashMap::new(),
             capacity_error_rates: HashMap::new(),

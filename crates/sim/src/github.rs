@@ -170,6 +170,10 @@ struct State {
     next_id: i64,
     /// In registration order.
     runners: Vec<FakeRunner>,
+    /// `runners` by scope and lower-cased name (GitHub's names are
+    /// case-insensitive and unique in a scope), so a registration need not
+    /// search the fleet.
+    names: std::collections::HashSet<(RunnerScope, String)>,
     /// Keyed by lower-cased `owner/repo`: GitHub names are case-insensitive.
     jobs: HashMap<(String, i64), JobReport>,
     /// What the run-jobs listing shows of a job, for jobs queued with
@@ -309,6 +313,20 @@ impl State {
         Ok(new_ids)
     }
 
+    /// Removes the runners `gone` picks; how many went.
+    fn remove_runners(&mut self, gone: impl Fn(&FakeRunner) -> bool) -> usize {
+        let State { runners, names, .. } = self;
+        let before = runners.len();
+        runners.retain(|r| {
+            let keep = !gone(r);
+            if !keep {
+                names.remove(&(r.scope.clone(), r.name.to_ascii_lowercase()));
+            }
+            keep
+        });
+        before - runners.len()
+    }
+
     /// Applies `change` to every runner by that name; `false` if none.
     fn update(&mut self, name: &str, change: impl Fn(&mut FakeRunner)) -> bool {
         let mut found = false;
@@ -397,6 +415,7 @@ impl FakeGitHub {
             latency: Duration::ZERO,
             next_id: 1,
             runners: Vec::new(),
+            names: std::collections::HashSet::new(),
             jobs: HashMap::new(),
             job_details: HashMap::new(),
             fail_next: VecDeque::new(),
@@ -476,10 +495,9 @@ impl FakeGitHub {
     /// GitHub removed the runner on its own, as it does for an ephemeral
     /// runner once its job is done. `false` when no runner has that name.
     pub fn deregister(&self, name: &str) -> bool {
-        let mut state = self.lock();
-        let before = state.runners.len();
-        state.runners.retain(|r| !r.name.eq_ignore_ascii_case(name));
-        state.runners.len() != before
+        self.lock()
+            .remove_runners(|r| r.name.eq_ignore_ascii_case(name))
+            > 0
     }
 
     /// What `job(repository, job_id)` answers from now on.
@@ -660,11 +678,8 @@ impl GitHub for FakeGitHub {
             .jit_bucket
             .try_take(now)
             .map_err(|wait| GitHubError::RateLimited(retry_after(wait)))?;
-        let taken = state
-            .runners
-            .iter()
-            .any(|r| &r.scope == scope && r.name.eq_ignore_ascii_case(&request.name));
-        if taken {
+        let key = (scope.clone(), request.name.to_ascii_lowercase());
+        if state.names.contains(&key) {
             return Err(GitHubError::NameTaken);
         }
 
@@ -681,6 +696,7 @@ impl GitHub for FakeGitHub {
         let encoded = state.jit_document(scope, &runner);
         let runner_id = runner.id;
         state.runners.push(runner);
+        state.names.insert(key);
         Ok(JitConfig {
             runner_id,
             encoded: SecretString::from(encoded),
@@ -727,9 +743,7 @@ impl GitHub for FakeGitHub {
                 "Bad request - Runner \"is still running a job\"".into(),
             ));
         }
-        state
-            .runners
-            .retain(|r| !(r.id == runner_id && &r.scope == scope));
+        state.remove_runners(|r| r.id == runner_id && &r.scope == scope);
         Ok(())
     }
 

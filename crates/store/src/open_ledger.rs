@@ -49,8 +49,14 @@ pub(crate) struct OpenLedger {
     /// Each queue in order of arrival: a new runner's place in it tells
     /// which job it is for, and so since when it was wanted.
     queues: HashMap<QueueKey, BTreeSet<(DateTime<Utc>, i64)>>,
-    runners: HashMap<String, (String, RunnerState, Option<RunnerScope>)>,
+    runners: HashMap<String, RunnerKey>,
+    /// `runners` counted, kept as they change: a pass reads the counts, and
+    /// recounting 10,000 runners each time was most of its own CPU.
+    counts: HashMap<RunnerKey, usize>,
 }
+
+/// What the planner tells runners apart by: profile, state and scope.
+type RunnerKey = (String, RunnerState, Option<RunnerScope>);
 
 /// How the next read must go.
 #[derive(Clone, Copy, Debug)]
@@ -109,10 +115,20 @@ impl OpenLedger {
             }
         }
         for r in runners {
-            if r.state.is_live() {
-                self.runners.insert(r.name, (r.profile, r.state, r.scope));
+            let key = (r.profile, r.state, r.scope);
+            let was = if r.state.is_live() {
+                *self.counts.entry(key.clone()).or_default() += 1;
+                self.runners.insert(r.name, key)
             } else {
-                self.runners.remove(&r.name);
+                self.runners.remove(&r.name)
+            };
+            if let Some(was) = was {
+                if let Some(n) = self.counts.get_mut(&was) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.counts.remove(&was);
+                    }
+                }
             }
         }
         self.horizon = Some(horizon);
@@ -148,20 +164,20 @@ impl OpenLedger {
 
     /// Live runners counted by profile, state and scope.
     pub fn runner_counts(&self) -> Vec<RunnerCount> {
-        let mut counts: BTreeMap<(&str, RunnerState, &Option<RunnerScope>), usize> =
-            BTreeMap::new();
-        for (profile, state, scope) in self.runners.values() {
-            *counts.entry((profile, *state, scope)).or_default() += 1;
-        }
-        counts
-            .into_iter()
+        let mut counts: Vec<RunnerCount> = self
+            .counts
+            .iter()
             .map(|((profile, state, scope), runners)| RunnerCount {
-                profile: profile.to_owned(),
-                state,
+                profile: profile.clone(),
+                state: *state,
                 scope: scope.clone(),
-                runners,
+                runners: *runners,
             })
-            .collect()
+            .collect();
+        // In a stable order, as the database's GROUP BY gave them.
+        counts
+            .sort_by(|a, b| (&a.profile, a.state, &a.scope).cmp(&(&b.profile, b.state, &b.scope)));
+        counts
     }
 
     /// When the job at `place` (0 = the oldest) of a queue was first seen.
@@ -273,6 +289,24 @@ mod tests {
             (counts[0].state, counts[0].runners),
             (RunnerState::Booting, 1)
         );
+        // Read again (its writer was still running at the last horizon),
+        // and an ended runner read again: nothing counts twice.
+        let again = vec![
+            runner("a", RunnerState::Booting),
+            runner("b", RunnerState::Terminated),
+        ];
+        ledger.apply(3, vec![], again);
+        ledger.apply(4, vec![], vec![runner("c", RunnerState::Booting)]);
+        let counts = ledger.runner_counts();
+        assert_eq!((counts.len(), counts[0].runners), (1, 2));
+        let moved = vec![
+            runner("a", RunnerState::Done),
+            runner("c", RunnerState::Orphaned),
+        ];
+        ledger.apply(5, vec![], moved);
+        let counts = ledger.runner_counts();
+        assert_eq!(counts.len(), 1);
+        assert_eq!((counts[0].state, counts[0].runners), (RunnerState::Done, 1));
     }
 
     #[test]

@@ -52,24 +52,32 @@ fn launches(cloud: &FakeCloud) -> Vec<Attempt> {
 }
 
 #[tokio::test]
-async fn a_burst_of_200_launches_exactly_200_without_being_throttled() {
+async fn a_burst_of_200_launches_exactly_200_and_retries_what_ec2_throttles() {
     let h = Harness::new().await;
     h.profile("kani", "max_instances = 500").await;
     h.queue("kani", 0..200).await;
     let r = h.reconciler(1000);
     h.reconcile(&r).await;
 
-    let failed: Vec<_> = launches(&h.cloud)
-        .into_iter()
-        .filter(|l| l.3.is_err())
-        .collect();
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_eq!(h.cloud.launch_attempts(), 200);
-    assert_eq!(
-        h.cloud.throttled_count(),
-        0,
-        "the client bucket kept us under EC2's"
+    let (launched, refused): (Vec<_>, Vec<_>) =
+        launches(&h.cloud).into_iter().partition(|l| l.3.is_ok());
+    // The client paces itself by EC2's bucket, here in real time: on a
+    // starved machine one call can still reach an empty bucket. Such a
+    // refusal is retried, never lost or doubled. That the pacing avoids
+    // them at all is a timing, measured by the burst benchmark
+    // (docs/benchmarks.md, "no RequestLimitExceeded").
+    assert!(
+        refused
+            .iter()
+            .all(|l| l.3 == Err("RequestLimitExceeded".to_owned())),
+        "{refused:?}"
     );
+    assert_eq!(h.cloud.throttled_count(), refused.len() as u64);
+    assert_eq!(launched.len(), 200);
+    let mut instances: Vec<_> = launched.iter().map(|l| l.3.clone().unwrap()).collect();
+    instances.sort();
+    instances.dedup();
+    assert_eq!(instances.len(), 200, "200 distinct instances");
     assert_eq!(h.cloud.live_count(Some("kani")), 200);
     assert_eq!(h.github.runners().len(), 200);
     assert_eq!(h.states().await, [("booting".to_owned(), 200)]);
@@ -81,8 +89,9 @@ async fn a_burst_of_200_launches_exactly_200_without_being_throttled() {
         .all(|g| g.labels == ["self-hosted", "linux", "x64", "kani"]));
 
     // Another pass converges: nothing new.
+    let attempts = h.cloud.launch_attempts();
     h.reconcile(&r).await;
-    assert_eq!(h.cloud.launch_attempts(), 200);
+    assert_eq!(h.cloud.launch_attempts(), attempts);
 }
 
 #[tokio::test]

@@ -154,11 +154,10 @@ pub fn orphan_instances(
             // nobody's: the runner uses the one the ledger names.
             Some(s)
                 if s.is_live()
-                    && !i
-                        .runner_name
+                    && i.runner_name
                         .as_deref()
                         .and_then(|n| recorded.get(n))
-                        .is_some_and(|id| *id != i.id) => {}
+                        .is_none_or(|id| *id == i.id) => {}
             _ => out.orphans.push(i.id.clone()),
         }
     }

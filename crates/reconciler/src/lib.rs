@@ -6,10 +6,10 @@
 //! [`Cloud`] and [`GitHub`] traits, a [`Clock`] and a [`MetricsSink`] — so
 //! it knows nothing of HTTP, SQL or the simulator.
 //!
-//! Three loops run side by side ([`Reconciler::run`]):
+//! Three loops run side by side ([`Reconciler::run`]), with the gauges':
 //! - a *pass* ([`pass`]) is quick and touches only the store: settle jobs
-//!   and terminate what completed, re-match, plan, refresh gauges. Every
-//!   webhook wakes one.
+//!   and terminate what completed, re-match, plan, say when the gauges are
+//!   due (a task of their own counts them). Every webhook wakes one.
 //! - a *sweep* ([`sweeps`]) compares the ledger with EC2's and GitHub's
 //!   listings and repairs the difference. It is slow (GitHub pagination,
 //!   stale checks) and runs beside the passes, never in their way.
@@ -111,6 +111,9 @@ pub struct Reconciler {
     launch_bucket: Mutex<TokenBucket>,
     jit_bucket: Mutex<TokenBucket>,
     provision_wake: Notify,
+    /// Wakes the gauge task: a pass says when the gauges are due, the task
+    /// counts them, so no pass (and no webhook behind it) waits for that.
+    gauge_wake: Notify,
 }
 
 impl Reconciler {
@@ -153,6 +156,7 @@ impl Reconciler {
             launch_bucket: Mutex::new(backends.cloud.launch_limit().client_side()),
             jit_bucket: Mutex::new(backends.github.jit_config_limit()),
             provision_wake: Notify::new(),
+            gauge_wake: Notify::new(),
             backends,
         };
         me.name_owner();
@@ -215,6 +219,7 @@ impl Reconciler {
     ) {
         let provisioner = tokio::spawn(Arc::clone(&self).provision_loop(stop.clone()));
         let sweeper = tokio::spawn(Arc::clone(&self).sweep_loop(stop.clone()));
+        let gauges = tokio::spawn(Arc::clone(&self).gauge_loop(stop.clone()));
         loop {
             if let Err(e) = self.pass().await {
                 tracing::warn!(error = %e, "reconcile pass failed");
@@ -230,6 +235,7 @@ impl Reconciler {
         }
         let _ = provisioner.await;
         let _ = sweeper.await;
+        let _ = gauges.await;
     }
 
     /// Sweeps every [`SWEEP_EVERY`] until `stop`. A slow GitHub listing or

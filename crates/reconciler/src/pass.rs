@@ -1,14 +1,18 @@
 //! A pass: quick, and only the store. Settle what the webhooks said (and
 //! terminate what completed), re-match jobs that arrived before their
-//! profile, plan under the store's lock, refresh the gauges. Every webhook
-//! wakes one, so nothing slow belongs here.
+//! profile, plan under the store's lock, and say when the gauges are due
+//! (their own task counts them). Every webhook wakes one, so nothing slow
+//! belongs here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners_domain::planner::plan_launches;
 use spot_runners_domain::scopes::fill_warm_scopes;
 use spot_runners_domain::store::StoreError;
 use spot_runners_domain::Profile;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Fleet;
 use crate::retry::lock;
@@ -84,7 +88,7 @@ impl Reconciler {
             self.provision_wake.notify_one();
         }
         if self.gauges.due(self.clock.now()) {
-            self.refresh_gauges().await?;
+            self.gauge_wake.notify_one();
         }
         Ok(report)
     }
@@ -129,6 +133,22 @@ impl Reconciler {
             tracing::info!(runner = %r.name, instance = ?r.instance_id, job_id = ?r.job_id, "job completed; instance terminated");
         }
         Ok(done.len())
+    }
+
+    /// Refreshes the gauges whenever a pass finds them due, until `stop`.
+    /// Counting 10,000 runners and jobs takes the database tens of ms: a
+    /// pass per webhook must not wait for it.
+    pub(crate) async fn gauge_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = self.gauge_wake.notified() => {}
+            }
+            if let Err(e) = self.refresh_gauges().await {
+                tracing::warn!(error = %e, "refreshing the gauges failed");
+            }
+        }
     }
 
     async fn refresh_gauges(&self) -> Result<(), StoreError> {

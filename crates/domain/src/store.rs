@@ -255,7 +255,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runners counted by profile, state, market and whether they have an
     /// instance: the live ones and those that ended within `ended_within`
-    /// (the fleet gauges, refreshed from a pass).
+    /// (the fleet gauges).
     async fn fleet_counts(
         &self,
         controller_id: &str,

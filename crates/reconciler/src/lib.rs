@@ -6,10 +6,12 @@
 //! [`Cloud`] and [`GitHub`] traits, a [`Clock`] and a [`MetricsSink`] — so
 //! it knows nothing of HTTP, SQL or the simulator.
 //!
-//! Three loops run side by side ([`Reconciler::run`]), with the gauges':
+//! Four loops run side by side ([`Reconciler::run`]):
 //! - a *pass* ([`pass`]) is quick and touches only the store: settle jobs
 //!   and terminate what completed, re-match, plan, say when the gauges are
-//!   due (a task of their own counts them). Every webhook wakes one.
+//!   due. Every webhook wakes one.
+//! - the *gauges* count the fleet and the queue when a pass says they are
+//!   due, so no pass waits for those counts.
 //! - a *sweep* ([`sweeps`]) compares the ledger with EC2's and GitHub's
 //!   listings and repairs the difference. It is slow (GitHub pagination,
 //!   stale checks) and runs beside the passes, never in their way.

@@ -174,7 +174,7 @@ impl OpenLedger {
                 runners: *runners,
             })
             .collect();
-        // In a stable order, as the database's GROUP BY gave them.
+        // In a stable order: the plan must not depend on a hash map's.
         counts
             .sort_by(|a, b| (&a.profile, a.state, &a.scope).cmp(&(&b.profile, b.state, &b.scope)));
         counts

@@ -51,6 +51,11 @@ fn state_list(states: &[&str]) -> Vec<String> {
     states.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// A `runners.state` column as the domain's state.
+fn runner_state(state: &str) -> Result<RunnerState, PgError> {
+    RunnerState::parse(state).map_err(|e| PgError::Corrupt(e.to_string()))
+}
+
 /// Below this much time left, a batch is not started: it could not commit in
 /// time and would only be rolled back.
 const MIN_BATCH_TIME: Duration = Duration::from_millis(50);
@@ -775,8 +780,7 @@ impl PgStore {
         rows.into_iter()
             .map(|r| {
                 Ok(FleetCount {
-                    state: RunnerState::parse(&r.state)
-                        .map_err(|e| PgError::Corrupt(e.to_string()))?,
+                    state: runner_state(&r.state)?,
                     profile: r.profile,
                     market: r.market,
                     with_instance: r.with_instance,
@@ -962,9 +966,7 @@ impl PgStore {
         .await?;
         let mut states = BTreeMap::new();
         for r in live {
-            let state =
-                RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?;
-            states.insert(r.name, state);
+            states.insert(r.name, runner_state(&r.state)?);
         }
         let rest: Vec<String> = names
             .iter()
@@ -982,9 +984,7 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await?;
         for r in ended {
-            let state =
-                RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?;
-            states.insert(r.name, state);
+            states.insert(r.name, runner_state(&r.state)?);
         }
         Ok(states)
     }
@@ -1313,7 +1313,7 @@ impl TryFrom<RunnerRow> for RunnerRecord {
 
     fn try_from(r: RunnerRow) -> Result<Self, PgError> {
         Ok(RunnerRecord {
-            state: RunnerState::parse(&r.state).map_err(|e| PgError::Corrupt(e.to_string()))?,
+            state: runner_state(&r.state)?,
             scope: scope_of(r.org, r.repository)
                 .ok_or_else(|| PgError::Corrupt(format!("runner {} has no scope", r.name)))?,
             name: r.name,
@@ -1730,7 +1730,7 @@ async fn read_open_ledger(
             Ok(open_ledger::RunnerRow {
                 name,
                 profile,
-                state: RunnerState::parse(&state).map_err(|e| PgError::Corrupt(e.to_string()))?,
+                state: runner_state(&state)?,
                 scope: scope_of(org, repository),
             })
         })

@@ -14,7 +14,7 @@ mod survival;
 pub mod testing;
 
 pub use error::PgError;
-pub use postgres::PgStore;
+pub use postgres::{PgStore, WAKE_CHANNEL};
 // The port and its records, re-exported so callers of this crate need not
 // name the domain's module.
 pub use spot_runners_domain::store::{

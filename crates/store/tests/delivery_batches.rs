@@ -271,3 +271,77 @@ async fn batches_leave_the_ledger_as_one_delivery_at_a_time_would() {
     }
     assert_eq!(guids(&batched.store).await, guids(&serial.store).await);
 }
+
+/// The next wake-up on the channel, or a panic after 10 s.
+async fn next_wake(listener: &mut sqlx::postgres::PgListener) -> String {
+    tokio::time::timeout(Duration::from_secs(10), listener.recv())
+        .await
+        .expect("no wake-up within 10 s")
+        .unwrap()
+        .payload()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_batch_wakes_the_reconcilers_only_when_something_in_it_was_new() {
+    let db = test_database().await.unwrap();
+    let mut listener = db.store.wake_listener().await.unwrap();
+    let batch = [
+        delivery("n1", event(31, JobStatus::Queued, 1), Ok("kani")),
+        delivery("n2", event(32, JobStatus::Queued, 1), Ok("kani")),
+    ];
+    db.store
+        .record_deliveries(&batch, deadline())
+        .await
+        .unwrap();
+    // One wake-up per batch, however many deliveries were new in it.
+    assert_eq!(next_wake(&mut listener).await, "");
+
+    // GitHub redelivering what is already recorded changes nothing, so it
+    // wakes nobody: the next wake-up to arrive is the marker sent after it.
+    let outcomes = db
+        .store
+        .record_deliveries(&batch, deadline())
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![DeliveryOutcome::Duplicate; 2]);
+    sqlx::query("SELECT pg_notify($1, 'marker')")
+        .bind(spot_runners_store::WAKE_CHANNEL)
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(next_wake(&mut listener).await, "marker");
+}
+
+#[tokio::test]
+async fn a_batch_on_a_connection_the_server_dropped_is_written_on_another() {
+    let db = test_database().await.unwrap();
+    let first = [delivery("d1", event(41, JobStatus::Queued, 1), Ok("kani"))];
+    db.store
+        .record_deliveries(&first, deadline())
+        .await
+        .unwrap();
+    // Every connection the store holds is ended by the server while it sits
+    // idle in the pool, as a restart or an administrator would.
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND application_name = 'spot-runners'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty() && ended.iter().all(|&e| e));
+
+    let second = [delivery("d2", event(42, JobStatus::Queued, 1), Ok("kani"))];
+    let outcomes = db
+        .store
+        .record_deliveries(&second, deadline())
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![DeliveryOutcome::Accepted]);
+    assert_eq!(rows_status(&db.store, 42).await, "queued");
+}

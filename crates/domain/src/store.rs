@@ -98,11 +98,13 @@ pub enum RerunOutcome {
     Waiting { reason: String },
 }
 
-/// The market decision's view of one profile, read under a per-profile lock.
+/// The market decision's view of one profile.
 #[derive(Clone, Debug, Default)]
 pub struct MarketSnapshot {
     pub queued: Vec<QueuedJobFacts>,
-    pub on_demand_available: usize,
+    /// `None` on the first ask; counted under the per-profile lock only
+    /// when the decision asks for it.
+    pub on_demand_available: Option<usize>,
     /// When the profile's instances were reclaimed lately.
     pub interruptions: Vec<DateTime<Utc>>,
 }
@@ -120,8 +122,12 @@ pub struct MarketQuery {
     pub with_durations: bool,
 }
 
-/// Decides a runner's market inside the store's lock.
-pub type MarketFn = Box<dyn FnOnce(&MarketSnapshot) -> (Market, String) + Send>;
+/// Decides a runner's market. The store asks first without the on-demand
+/// count; an answer of `None` means the count matters, and the store asks
+/// again with it, under a per-profile lock so that launches deciding at
+/// once each see the on-demand runners the ones before chose. With the
+/// count it must answer.
+pub type MarketFn = Box<dyn Fn(&MarketSnapshot) -> Option<(Market, String)> + Send>;
 
 /// The spot-survival part of a job, for `jobs explain`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

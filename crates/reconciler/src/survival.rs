@@ -88,15 +88,15 @@ pub async fn choose_runner_market(
             },
             Box::new(move |facts| {
                 let breaker = breaker_state(&p.survival, &facts.interruptions, now);
-                let choice = choose_market(
+                choose_market(
                     &p,
                     &MarketInputs {
                         queued: &facts.queued,
                         on_demand_available: facts.on_demand_available,
                         breaker,
                     },
-                );
-                (choice.market, choice.reason)
+                )
+                .map(|choice| (choice.market, choice.reason))
             }),
         )
         .await?;

@@ -695,7 +695,7 @@ impl Store for MemoryStore {
             runner_name,
             profile,
             query,
-            decide,
+            &decide,
             now,
         ))
     }

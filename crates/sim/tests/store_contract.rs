@@ -1210,8 +1210,9 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
     assert_eq!(rerun.rerun_reason.as_deref(), Some("re-run as job 3"));
 
     // The market choice sees the re-run demand and the reclaim, and its
-    // decision is recorded on the runner.
-    let seen: Arc<Mutex<Option<MarketSnapshot>>> = Arc::default();
+    // decision is recorded on the runner. A decision that asks for the
+    // on-demand count is asked again with it.
+    let seen: Arc<Mutex<Vec<MarketSnapshot>>> = Arc::default();
     let into = Arc::clone(&seen);
     let next = plan(s, 1).await.remove(0);
     let (market, reason) = s
@@ -1224,14 +1225,24 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
                 with_durations: true,
             },
             Box::new(move |facts| {
-                *into.lock().unwrap() = Some(facts.clone());
-                (Market::OnDemand, "re-run of an interrupted job".into())
+                into.lock().unwrap().push(facts.clone());
+                facts
+                    .on_demand_available
+                    .map(|_| (Market::OnDemand, "re-run of an interrupted job".into()))
             }),
         )
         .await
         .unwrap();
     assert_eq!(market, Market::OnDemand);
-    let facts = seen.lock().unwrap().clone().unwrap();
+    let asked = seen.lock().unwrap().clone();
+    assert_eq!(
+        asked
+            .iter()
+            .map(|f| f.on_demand_available)
+            .collect::<Vec<_>>(),
+        [None, Some(0)]
+    );
+    let facts = asked[1].clone();
     assert_eq!(
         facts
             .queued
@@ -1240,10 +1251,7 @@ async fn interruptions_lead_to_one_rerun_per_job_and_the_market_sees_them(t: &dy
             .collect::<Vec<_>>(),
         [(3, true)]
     );
-    assert_eq!(
-        (facts.on_demand_available, facts.interruptions.len()),
-        (0, 1)
-    );
+    assert_eq!(facts.interruptions.len(), 1);
     let row = s
         .runners(CONTROLLER, Duration::ZERO)
         .await
@@ -1311,7 +1319,7 @@ async fn market_facts(
         },
         Box::new(move |facts| {
             *into.lock().unwrap() = Some(facts.clone());
-            (spot_runners_domain::Market::Spot, "spot".into())
+            Some((spot_runners_domain::Market::Spot, "spot".into()))
         }),
     )
     .await

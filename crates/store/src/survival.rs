@@ -329,8 +329,10 @@ pub(crate) mod sql {
     }
 
     /// Reads the profile's market facts and records the decision on the
-    /// runner row, under a lock per profile, so runners provisioned at the
-    /// same time see each other's on-demand decisions.
+    /// runner row. Only a decision that depends on the on-demand runners
+    /// available counts them, under a lock per profile, so runners
+    /// provisioned at the same time see each other's on-demand decisions;
+    /// the rest (almost every launch) take no lock.
     pub(crate) async fn choose_runner_market(
         pool: &PgPool,
         controller_id: &str,
@@ -340,16 +342,6 @@ pub(crate) mod sql {
         decide: MarketFn,
         now: DateTime<Utc>,
     ) -> Result<(Market, String), PgError> {
-        let mut tx = pool.begin().await?;
-        // Every launch of the profile queues on this lock, so the commit
-        // that releases it does not wait for the disk: the choice is made
-        // durable by the runner's `launching` write, which commits
-        // synchronously (and so flushes the WAL before it) before any
-        // `RunInstances`. A crash in between loses only a choice for a
-        // launch that never happened; the row is provisioned again.
-        sqlx::query("SET LOCAL synchronous_commit = off")
-            .execute(&mut *tx)
-            .await?;
         // One history per distinct job (repository + workflow + name), read
         // from `workflow_jobs_duration_history`, not one per queued job.
         // Two statements, not one with `$2 OR …`: a generic plan could not
@@ -392,7 +384,7 @@ pub(crate) mod sql {
         let queued = sqlx::query(&statement)
             .bind(profile)
             .bind(query.with_durations)
-            .fetch_all(&mut *tx)
+            .fetch_all(pool)
             .await?
             .into_iter()
             .map(|r| {
@@ -413,35 +405,50 @@ pub(crate) mod sql {
         .bind(controller_id)
         .bind(profile)
         .bind(query.interruptions_since)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?;
-        // Only what other launches of the profile decide needs the lock (so
-        // each sees the on-demand runners the ones before it chose); the
-        // queue and the interruptions above are read before it, which keeps
-        // every launch's wait for it short.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext('spot-runners:market:' || $1 || ':' || $2))",
-        )
-        .bind(controller_id)
-        .bind(profile)
-        .execute(&mut *tx)
-        .await?;
-        let on_demand: i64 = sqlx::query_scalar(
-            r#"SELECT count(*) FROM runners
-               WHERE controller_id = $1 AND profile = $2 AND name <> $3 AND market = 'on-demand'
-                 AND state IN ('requested', 'registered', 'launching', 'booting', 'idle')"#,
-        )
-        .bind(controller_id)
-        .bind(profile)
-        .bind(runner_name)
-        .fetch_one(&mut *tx)
-        .await?;
-        let snapshot = MarketSnapshot {
+        let mut snapshot = MarketSnapshot {
             queued,
-            on_demand_available: usize::try_from(on_demand).unwrap_or(0),
+            on_demand_available: None,
             interruptions,
         };
-        let (market, reason) = decide(&snapshot);
+        let uncounted = decide(&snapshot);
+        // The choice is made durable by the runner's `launching` write,
+        // which commits synchronously (and so flushes the WAL before it)
+        // before any `RunInstances`; this commit need not wait for the disk.
+        // A crash in between loses only a choice for a launch that never
+        // happened; the row is provisioned again.
+        let mut tx = pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+            .await?;
+        let (market, reason) = match uncounted {
+            Some(choice) => choice,
+            None => {
+                sqlx::query(
+                    "SELECT pg_advisory_xact_lock(hashtext('spot-runners:market:' || $1 || ':' || $2))",
+                )
+                .bind(controller_id)
+                .bind(profile)
+                .execute(&mut *tx)
+                .await?;
+                let on_demand: i64 = sqlx::query_scalar(
+                    r#"SELECT count(*) FROM runners
+                       WHERE controller_id = $1 AND profile = $2 AND name <> $3 AND market = 'on-demand'
+                         AND state IN ('requested', 'registered', 'launching', 'booting', 'idle')"#,
+                )
+                .bind(controller_id)
+                .bind(profile)
+                .bind(runner_name)
+                .fetch_one(&mut *tx)
+                .await?;
+                snapshot.on_demand_available = Some(usize::try_from(on_demand).unwrap_or(0));
+                decide(&snapshot).ok_or_else(|| {
+                    PgError::Corrupt(
+                        "the market decision did not answer with the on-demand count".into(),
+                    )
+                })?
+            }
+        };
         sqlx::query(
             "UPDATE runners SET market = $2, market_reason = $3, updated_at = $4::timestamptz WHERE name = $1",
         )

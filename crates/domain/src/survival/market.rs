@@ -31,8 +31,10 @@ pub struct MarketInputs<'a> {
     /// The profile's queued jobs, oldest first.
     pub queued: &'a [QueuedJobFacts],
     /// On-demand runners of the profile on the way or idle (not busy), not
-    /// counting the one being decided.
-    pub on_demand_available: usize,
+    /// counting the one being decided; `None` while not counted. Counting
+    /// them takes a per-profile lock, so it is only done when the answer
+    /// depends on it (see [`choose_market`]).
+    pub on_demand_available: Option<usize>,
     pub breaker: Breaker,
 }
 
@@ -102,27 +104,35 @@ fn wants_on_demand(profile: &Profile, job: &QueuedJobFacts) -> Option<String> {
     })
 }
 
-/// The market of the profile's next launch, with the reason.
-pub fn choose_market(profile: &Profile, inputs: &MarketInputs<'_>) -> MarketChoice {
+/// The market of the profile's next launch, with the reason; `None` when
+/// it depends on the on-demand runners available and those were not
+/// counted (some queued job wants on-demand). With the count it always
+/// answers.
+pub fn choose_market(profile: &Profile, inputs: &MarketInputs<'_>) -> Option<MarketChoice> {
     if profile.market == Market::OnDemand {
-        return MarketChoice::new(Market::OnDemand, "the profile's market is on-demand");
+        return Some(MarketChoice::new(
+            Market::OnDemand,
+            "the profile's market is on-demand",
+        ));
     }
     if inputs.breaker.is_open() && profile.on_demand_fallback {
-        return MarketChoice::new(
+        return Some(MarketChoice::new(
             Market::OnDemand,
             format!(
                 "{} (on_demand_fallback)",
                 inputs.breaker.describe(&profile.survival)
             ),
-        );
+        ));
     }
     let wanting: Vec<String> = inputs
         .queued
         .iter()
         .filter_map(|j| wants_on_demand(profile, j))
         .collect();
-    if let Some(reason) = wanting.get(inputs.on_demand_available) {
-        return MarketChoice::new(Market::OnDemand, reason.clone());
+    if !wanting.is_empty() {
+        if let Some(reason) = wanting.get(inputs.on_demand_available?) {
+            return Some(MarketChoice::new(Market::OnDemand, reason.clone()));
+        }
     }
     let mut reason = "spot, the profile's market".to_owned();
     if inputs.breaker.is_open() {
@@ -137,7 +147,7 @@ pub fn choose_market(profile: &Profile, inputs: &MarketInputs<'_>) -> MarketChoi
             wanting.len()
         ));
     }
-    MarketChoice::new(Market::Spot, reason)
+    Some(MarketChoice::new(Market::Spot, reason))
 }
 
 #[cfg(test)]
@@ -182,10 +192,11 @@ mod tests {
             p,
             &MarketInputs {
                 queued,
-                on_demand_available: od,
+                on_demand_available: Some(od),
                 breaker,
             },
         )
+        .expect("with the count it always answers")
     }
 
     #[test]
@@ -364,6 +375,35 @@ mod tests {
             queued.extend((0..reruns as i64).map(|i| rerun(100 + i)));
             let c = choose(&p, &queued, od, Breaker::Closed);
             prop_assert_eq!(c.market == Market::OnDemand, od < reruns);
+        }
+
+        /// Without the on-demand count it answers exactly when no queued
+        /// job wants on-demand, and then as it would with any count.
+        #[test]
+        fn the_count_is_asked_for_only_when_it_can_change_the_answer(
+            reruns in 0usize..4, long_jobs in 0usize..4, od in 0usize..6,
+            limited in any::<bool>(), on_demand in any::<bool>(), breaker_open in any::<bool>(),
+        ) {
+            let p = profile(|r| {
+                r.spot_max_job_minutes = limited.then_some(60);
+                if on_demand {
+                    r.market = "on-demand".into();
+                }
+            });
+            let mut queued: Vec<QueuedJobFacts> =
+                (0..long_jobs as i64).map(|i| plain(i, &[90.0, 100.0])).collect();
+            queued.extend((0..reruns as i64).map(|i| rerun(100 + i)));
+            let breaker = if breaker_open { open() } else { Breaker::Closed };
+            let uncounted = choose_market(&p, &MarketInputs {
+                queued: &queued,
+                on_demand_available: None,
+                breaker,
+            });
+            let wanted = !on_demand && !breaker_open && (reruns > 0 || (limited && long_jobs > 0));
+            prop_assert_eq!(uncounted.is_none(), wanted);
+            if let Some(c) = uncounted {
+                prop_assert_eq!(c, choose(&p, &queued, od, breaker));
+            }
         }
 
         #[test]

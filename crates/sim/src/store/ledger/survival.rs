@@ -386,15 +386,16 @@ impl Ledger {
     }
 
     /// Reads the profile's market facts, decides, and records the decision
-    /// on the runner row — all under the ledger's one lock, as PostgreSQL
-    /// does under a per-profile advisory lock.
+    /// on the runner row — all under the ledger's one lock, which stands
+    /// for PostgreSQL's per-profile advisory lock (taken there only when
+    /// the decision asks for the on-demand count).
     pub(crate) fn choose_runner_market(
         &mut self,
         controller_id: &str,
         runner_name: &str,
         profile: &str,
         query: MarketQuery,
-        decide: MarketFn,
+        decide: &MarketFn,
         now: DateTime<Utc>,
     ) -> (Market, String) {
         let mut queued: Vec<&Job> = self
@@ -422,36 +423,45 @@ impl Ledger {
                 },
             })
             .collect();
-        let on_demand_available = self
-            .live
-            .iter()
-            .filter_map(|n| self.runners.get(n))
-            .filter(|r| {
-                r.controller_id == controller_id
-                    && r.record.profile == profile
-                    && r.record.name != runner_name
-                    && r.record.market.as_deref() == Some(Market::OnDemand.as_str())
-                    && matches!(
-                        r.record.state,
-                        RunnerState::Requested
-                            | RunnerState::Registered
-                            | RunnerState::Launching
-                            | RunnerState::Booting
-                            | RunnerState::Idle
-                    )
-            })
-            .count();
         let interruptions = self
             .interruptions_since(controller_id, query.interruptions_since)
             .into_iter()
             .filter(|(p, _)| p == profile)
             .map(|(_, at)| at)
             .collect();
-        let (market, reason) = decide(&MarketSnapshot {
+        // As the database store: the on-demand runners are counted only
+        // when the decision asks for them.
+        let mut snapshot = MarketSnapshot {
             queued,
-            on_demand_available,
+            on_demand_available: None,
             interruptions,
-        });
+        };
+        let (market, reason) = match decide(&snapshot) {
+            Some(choice) => choice,
+            None => {
+                snapshot.on_demand_available = Some(
+                    self.live
+                        .iter()
+                        .filter_map(|n| self.runners.get(n))
+                        .filter(|r| {
+                            r.controller_id == controller_id
+                                && r.record.profile == profile
+                                && r.record.name != runner_name
+                                && r.record.market.as_deref() == Some(Market::OnDemand.as_str())
+                                && matches!(
+                                    r.record.state,
+                                    RunnerState::Requested
+                                        | RunnerState::Registered
+                                        | RunnerState::Launching
+                                        | RunnerState::Booting
+                                        | RunnerState::Idle
+                                )
+                        })
+                        .count(),
+                );
+                decide(&snapshot).expect("a market decision with the on-demand count answers")
+            }
+        };
         if let Some(r) = self.runners.get_mut(runner_name) {
             r.record.market = Some(market.as_str().to_owned());
             r.market_reason = Some(reason.clone());

@@ -470,3 +470,59 @@ async fn a_completed_workflow_run_is_recorded_once_other_actions_ignored() {
     assert_eq!(app.count("workflow_runs").await, 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_delivery_stuck_behind_a_row_lock_does_not_hold_up_the_others() {
+    let app = spawn_app().await;
+    let res = app
+        .deliver("workflow_job", "l-1", &job_payload("queued", 71, KANI))
+        .await;
+    assert_eq!(res.status(), StatusCode::ACCEPTED);
+    // Another session holds job 71's row, so the transaction that records
+    // its next delivery waits on the lock.
+    let mut blocker = app.db.store.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM workflow_jobs WHERE id = 71 FOR UPDATE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let stuck = {
+        let body = job_payload("in_progress", 71, KANI);
+        let app = &app;
+        async move { app.deliver("workflow_job", "l-2", &body).await.status() }
+    };
+    let others = async {
+        app.eventually(
+            "the stuck delivery's transaction waits on the lock",
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'spot-runners'
+                   AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(app.db.store.pool())
+                .await
+                .unwrap();
+                waiting > 0
+            },
+        )
+        .await;
+        // Deliveries of other jobs are recorded while it waits.
+        for i in 0..3 {
+            let res = app
+                .deliver(
+                    "workflow_job",
+                    &format!("l-other-{i}"),
+                    &job_payload("queued", 80 + i, KANI),
+                )
+                .await;
+            assert_eq!(res.status(), StatusCode::ACCEPTED);
+            assert_eq!(app.job(80 + i).await.unwrap().status, "queued");
+        }
+        blocker.rollback().await.unwrap();
+    };
+    let (stuck, ()) = tokio::join!(stuck, others);
+    // Once the lock is gone the stuck one is recorded too.
+    assert_eq!(stuck, StatusCode::ACCEPTED);
+    assert_eq!(app.job(71).await.unwrap().status, "in_progress");
+    app.stop().await;
+}

@@ -699,24 +699,12 @@ async fn reconcile_stalled() {
     let f = fleet().await;
     let passes = "spot_runners_reconcile_passes_total";
     until(&f.app, passes, &[], |v| v >= 1.0).await;
-    let pool = f.app.db.store.pool();
-    let mut blocker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE runners IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = f
+        .app
+        .hold("LOCK TABLE runners IN ACCESS EXCLUSIVE MODE")
+        .await;
     f.app
-        .eventually("a pass waits for the lock", || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'spot-runners'
-                   AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(pool)
-            .await
-            .unwrap();
-            waiting > 0
-        })
+        .until_waiting_on_a_lock("a pass waits for the lock")
         .await;
     let stuck = sample(&scrape(&f.app).await, passes, &[]);
     // The service is up: a webhook is taken and recorded (and wakes the

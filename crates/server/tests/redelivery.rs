@@ -65,11 +65,9 @@ async fn a_two_minute_outage_heals_through_redelivery() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
 
     // The outage: the ledger cannot be written, deliveries are answered 503.
-    let mut blocker = app.db.store.pool().begin().await.unwrap();
-    sqlx::query("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = app
+        .hold("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        .await;
     let lost = [("g-lost-1", 101), ("g-lost-2", 102), ("g-operator", 103)];
     let answers = futures::future::join_all(lost.iter().map(|(guid, job)| {
         let app = &app;

@@ -338,11 +338,9 @@ async fn unwritable_ledger_is_503_and_the_redelivery_is_processed() {
     let app = spawn_app().await;
     // Another session holds the deliveries table: writes block until the
     // service's own deadline gives up.
-    let mut blocker = app.db.store.pool().begin().await.unwrap();
-    sqlx::query("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = app
+        .hold("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        .await;
     let body = job_payload("queued", 16, KANI);
     let started = tokio::time::Instant::now();
     let res = app.deliver("workflow_job", "u-503", &body).await;
@@ -480,32 +478,17 @@ async fn a_delivery_stuck_behind_a_row_lock_does_not_hold_up_the_others() {
     assert_eq!(res.status(), StatusCode::ACCEPTED);
     // Another session holds job 71's row, so the transaction that records
     // its next delivery waits on the lock.
-    let mut blocker = app.db.store.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM workflow_jobs WHERE id = 71 FOR UPDATE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    let blocker = app
+        .hold("SELECT 1 FROM workflow_jobs WHERE id = 71 FOR UPDATE")
+        .await;
     let stuck = {
         let body = job_payload("in_progress", 71, KANI);
         let app = &app;
         async move { app.deliver("workflow_job", "l-2", &body).await.status() }
     };
     let others = async {
-        app.eventually(
-            "the stuck delivery's transaction waits on the lock",
-            || async {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'spot-runners'
-                   AND wait_event_type = 'Lock'",
-                )
-                .fetch_one(app.db.store.pool())
-                .await
-                .unwrap();
-                waiting > 0
-            },
-        )
-        .await;
+        app.until_waiting_on_a_lock("the stuck delivery's transaction waits on the lock")
+            .await;
         // Deliveries of other jobs are recorded while it waits.
         for i in 0..3 {
             let res = app

@@ -185,6 +185,33 @@ impl TestApp {
             .expect("count")
     }
 
+    /// Another session that runs `lock` (a `LOCK TABLE`, a `SELECT … FOR
+    /// UPDATE`) and holds what it took until the transaction is rolled back.
+    pub async fn hold(&self, lock: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut blocker = self.db.store.pool().begin().await.expect("begin");
+        sqlx::query(lock)
+            .execute(&mut *blocker)
+            .await
+            .expect("taking the lock");
+        blocker
+    }
+
+    /// Waits (bounded) until one of the service's sessions waits on a lock.
+    pub async fn until_waiting_on_a_lock(&self, what: &str) {
+        self.eventually(what, || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'spot-runners'
+                   AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(self.db.store.pool())
+            .await
+            .expect("pg_stat_activity");
+            waiting > 0
+        })
+        .await;
+    }
+
     /// Waits (bounded) until `f` holds.
     pub async fn eventually<F, Fut>(&self, what: &str, f: F)
     where

@@ -99,7 +99,8 @@ impl Spending {
 }
 
 /// A repository with jobs this recent is polled in turn, each at most
-/// every [`ACTIVE_POLL_EVERY`] (one repository a minute is polled at most).
+/// every [`ACTIVE_POLL_EVERY`] (one repository a minute is polled at most),
+/// while failed deliveries are not healed by redelivery.
 pub const ACTIVE_WITHIN: Duration = Duration::minutes(15);
 /// A repository polled this recently is not polled again for activity.
 pub const ACTIVE_POLL_EVERY: Duration = Duration::minutes(1);
@@ -112,7 +113,8 @@ pub const QUIET_POLL_EVERY: Duration = Duration::minutes(30);
 pub enum PollReason {
     /// A job of it ran whose `queued` the ledger never saw.
     Suspect,
-    /// It had jobs within [`ACTIVE_WITHIN`].
+    /// It had jobs within [`ACTIVE_WITHIN`], and failed deliveries are
+    /// not being redelivered.
     Active,
     /// Not polled for [`QUIET_POLL_EVERY`] (or not since this start).
     Quiet,
@@ -130,10 +132,19 @@ impl PollReason {
 
 /// The repository to poll now, if any (the sweep asks once a minute).
 /// `polled` holds when each was last polled by this process.
+///
+/// A lost `queued` leaves one of three traces. A delivery GitHub tried and
+/// we failed is in the hook's delivery log: while redelivery reads that log
+/// (`redelivered`), it heals those for one call each, and busy repositories
+/// are polled no more often than quiet ones. A job that ran on one of our
+/// runners unannounced makes its repository a suspect, polled at once. A
+/// delivery GitHub never tried leaves no trace at all: the quiet poll is the
+/// safety net for it.
 pub fn next_poll<'a>(
     repositories: &'a [RecentRepository],
     polled: &BTreeMap<String, DateTime<Utc>>,
     spending: Spending,
+    redelivered: bool,
     now: DateTime<Utc>,
 ) -> Option<(&'a RecentRepository, PollReason)> {
     // Each candidate with the time it fell due (`None`: never polled, or a
@@ -149,7 +160,7 @@ pub fn next_poll<'a>(
         if spending != Spending::Full {
             return None;
         }
-        let (every, reason) = if now - r.last_job_seen_at < ACTIVE_WITHIN {
+        let (every, reason) = if !redelivered && now - r.last_job_seen_at < ACTIVE_WITHIN {
             (ACTIVE_POLL_EVERY, PollReason::Active)
         } else {
             (QUIET_POLL_EVERY, PollReason::Quiet)
@@ -224,13 +235,16 @@ mod tests {
         let repos = [repo("o/idle", -600, None)];
         let mut polled = BTreeMap::new();
         // Not polled since this start: polled.
-        let (r, why) = next_poll(&repos, &polled, Spending::Full, t(0)).unwrap();
+        let (r, why) = next_poll(&repos, &polled, Spending::Full, false, t(0)).unwrap();
         assert_eq!((r.repository.as_str(), why), ("o/idle", PollReason::Quiet));
         polled.insert("o/idle".to_owned(), t(0));
         for m in 1..30 {
-            assert_eq!(next_poll(&repos, &polled, Spending::Full, t(m)), None);
+            assert_eq!(
+                next_poll(&repos, &polled, Spending::Full, false, t(m)),
+                None
+            );
         }
-        assert!(next_poll(&repos, &polled, Spending::Full, t(30)).is_some());
+        assert!(next_poll(&repos, &polled, Spending::Full, false, t(30)).is_some());
     }
 
     #[test]
@@ -238,14 +252,44 @@ mod tests {
         let repos = [repo("o/busy", -1, None)];
         let polled = BTreeMap::from([("o/busy".to_owned(), t(-1))]);
         assert_eq!(
-            next_poll(&repos, &polled, Spending::Full, t(0)).map(|x| x.1),
+            next_poll(&repos, &polled, Spending::Full, false, t(0)).map(|x| x.1),
             Some(PollReason::Active)
         );
         // Activity stops: back to the quiet period.
         let quiet = [repo("o/busy", -20, None)];
-        assert_eq!(next_poll(&quiet, &polled, Spending::Full, t(0)), None);
+        assert_eq!(
+            next_poll(&quiet, &polled, Spending::Full, false, t(0)),
+            None
+        );
         // Lean spending keeps only the suspects.
-        assert_eq!(next_poll(&repos, &polled, Spending::Lean, t(0)), None);
+        assert_eq!(
+            next_poll(&repos, &polled, Spending::Lean, false, t(0)),
+            None
+        );
+    }
+
+    #[test]
+    fn while_redelivery_heals_an_active_repository_is_polled_only_when_quiet_or_suspect() {
+        let repos = [repo("o/busy", -1, None)];
+        let polled = BTreeMap::from([("o/busy".to_owned(), t(-1))]);
+        for m in 0..29 {
+            assert_eq!(next_poll(&repos, &polled, Spending::Full, true, t(m)), None);
+        }
+        assert_eq!(
+            next_poll(&repos, &polled, Spending::Full, true, t(29)).map(|x| x.1),
+            Some(PollReason::Quiet)
+        );
+        // A job that ran unannounced is no delivery redelivery can find.
+        let gap = [repo("o/busy", 0, Some(0))];
+        assert_eq!(
+            next_poll(&gap, &polled, Spending::Full, true, t(0)).map(|x| x.1),
+            Some(PollReason::Suspect)
+        );
+        // Redelivery stops working: busy repositories every minute again.
+        assert_eq!(
+            next_poll(&repos, &polled, Spending::Full, false, t(0)).map(|x| x.1),
+            Some(PollReason::Active)
+        );
     }
 
     #[test]
@@ -254,10 +298,10 @@ mod tests {
         let mut polled =
             BTreeMap::from([("o/busy".to_owned(), t(-1)), ("o/quiet".to_owned(), t(-31))]);
         // The quiet one fell due a minute before the busy one.
-        let (r, why) = next_poll(&repos, &polled, Spending::Full, t(0)).unwrap();
+        let (r, why) = next_poll(&repos, &polled, Spending::Full, false, t(0)).unwrap();
         assert_eq!((r.repository.as_str(), why), ("o/quiet", PollReason::Quiet));
         polled.insert("o/quiet".to_owned(), t(0));
-        let (r, why) = next_poll(&repos, &polled, Spending::Full, t(0)).unwrap();
+        let (r, why) = next_poll(&repos, &polled, Spending::Full, false, t(0)).unwrap();
         assert_eq!((r.repository.as_str(), why), ("o/busy", PollReason::Active));
     }
 
@@ -268,12 +312,18 @@ mod tests {
         // The suspect wins over the repository polled longer ago, even on
         // a lean budget.
         for spending in [Spending::Full, Spending::Lean] {
-            let (r, why) = next_poll(&repos, &polled, spending, t(0)).unwrap();
+            let (r, why) = next_poll(&repos, &polled, spending, false, t(0)).unwrap();
             assert_eq!((r.repository.as_str(), why), ("o/gap", PollReason::Suspect));
         }
         // Once polled after the unannounced job, it is no longer suspect.
         let polled = BTreeMap::from([("o/gap".to_owned(), t(0))]);
-        assert_eq!(next_poll(&repos[1..], &polled, Spending::Lean, t(0)), None);
-        assert_eq!(next_poll(&repos, &polled, Spending::Essential, t(0)), None);
+        assert_eq!(
+            next_poll(&repos[1..], &polled, Spending::Lean, false, t(0)),
+            None
+        );
+        assert_eq!(
+            next_poll(&repos, &polled, Spending::Essential, false, t(0)),
+            None
+        );
     }
 }

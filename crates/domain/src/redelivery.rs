@@ -7,8 +7,40 @@
 //! deliveries were lost.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Duration, Utc};
 
 use crate::ports::HookDelivery;
+
+/// How often the leader reads the hook's delivery log (RunsOn does the
+/// same every 5 minutes).
+pub const SCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+/// A successful scan counts as healing for this long: two scan periods and
+/// a margin, so one late or failed scan alone changes nothing.
+pub const HEALS_FOR: Duration = Duration::minutes(11);
+
+/// Whether failed deliveries are being healed: when this process last read
+/// the hook's delivery log. The redelivery scan records it; the poll for
+/// lost `queued` jobs reads it, and polls busy repositories every minute
+/// only while redelivery is not working (not configured, no permission,
+/// GitHub failing), because a failed delivery has no other trace.
+#[derive(Debug, Default)]
+pub struct Healing(Mutex<Option<DateTime<Utc>>>);
+
+impl Healing {
+    /// The delivery log was read at `at`.
+    pub fn scanned(&self, at: DateTime<Utc>) {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *last = Some(last.map_or(at, |l| l.max(at)));
+    }
+
+    /// Whether a scan succeeded within [`HEALS_FOR`] of `now`.
+    pub fn heals(&self, now: DateTime<Utc>) -> bool {
+        let last = *self.0.lock().unwrap_or_else(|p| p.into_inner());
+        last.is_some_and(|at| now - at < HEALS_FOR)
+    }
+}
 
 /// The events the service acts on; failures of any other event are left
 /// alone (nothing was lost).
@@ -45,9 +77,26 @@ pub fn to_redeliver<'a>(
 
 #[cfg(test)]
 mod tests {
-    use chrono::{TimeZone, Utc};
+    use chrono::TimeZone;
 
     use super::*;
+
+    #[test]
+    fn healing_holds_for_two_scan_periods_after_a_successful_scan() {
+        let t0 = Utc.with_ymd_and_hms(2026, 12, 1, 10, 0, 0).unwrap();
+        let healing = Healing::default();
+        assert!(!healing.heals(t0), "never scanned: not healing");
+        healing.scanned(t0);
+        assert!(healing.heals(t0 + Duration::minutes(10)));
+        assert!(!healing.heals(t0 + HEALS_FOR));
+        // An older scan reported late does not move it back.
+        healing.scanned(t0 + Duration::minutes(5));
+        healing.scanned(t0);
+        assert!(healing.heals(t0 + Duration::minutes(15)));
+        assert!(!healing.heals(t0 + Duration::minutes(16)));
+        let scan = Duration::from_std(SCAN_EVERY).unwrap();
+        assert!(HEALS_FOR > scan * 2, "one missed scan must not end healing");
+    }
 
     fn attempt(id: i64, guid: &str, minute: u32, status_code: u16) -> HookDelivery {
         HookDelivery {

@@ -31,7 +31,7 @@ mod scope;
 mod transport;
 
 use app::AppAuth;
-use listing_cache::{CachedPage, ListingCache};
+use listing_cache::ListingCache;
 use scope::Target;
 use transport::{
     classify, github_message, rate_limit_wait, Reply, Request, RetryPolicy, Transport,
@@ -130,10 +130,12 @@ pub struct OctocrabGitHub {
     api_url: String,
     credentials: Credentials,
     transport: Transport,
-    /// The last runner listing per scope, page by page with its `ETag`:
-    /// GitHub answers an unchanged page with a 304, which costs no rate
-    /// limit.
-    runner_pages: ListingCache,
+    /// The runner listings' pages, the poll's runs listings and each open
+    /// run's jobs, as GitHub last sent them with their `ETag`: an unchanged
+    /// one is answered 304, which costs no rate limit.
+    runner_pages: ListingCache<RunnerPage>,
+    run_lists: ListingCache<Vec<i64>>,
+    run_jobs: ListingCache<Vec<GitHubJob>>,
 }
 
 impl fmt::Debug for OctocrabGitHub {
@@ -207,6 +209,8 @@ impl OctocrabGitHub {
                 limits: Default::default(),
             },
             runner_pages: ListingCache::default(),
+            run_lists: ListingCache::default(),
+            run_jobs: ListingCache::default(),
         })
     }
 
@@ -247,7 +251,48 @@ impl OctocrabGitHub {
     }
 }
 
+/// One page of a runner listing.
+#[derive(Clone, Debug)]
+struct RunnerPage {
+    total_count: usize,
+    runners: Vec<GitHubRunner>,
+}
+
 impl OctocrabGitHub {
+    /// A GET of a listing the adapter repeats: sent with the `ETag` of the
+    /// body cached for its path, answered from that cache on `304 Not
+    /// Modified`, and otherwise parsed by `parse` and cached.
+    async fn conditional_get<T: Clone>(
+        &self,
+        target: &Target,
+        endpoint: &'static str,
+        path: String,
+        cache: &ListingCache<T>,
+        parse: impl FnOnce(&Reply) -> Result<T, GitHubError>,
+    ) -> Result<T, GitHubError> {
+        let mut request = self.transport.request(Method::GET, &path, None);
+        let cached = cache.get(&path);
+        if let Some(c) = &cached {
+            request
+                .headers
+                .insert(http::header::IF_NONE_MATCH, c.etag.clone());
+        }
+        let reply = self.call(target, endpoint, request).await?;
+        if let Some(c) = cached.filter(|_| reply.status == StatusCode::NOT_MODIFIED) {
+            return Ok(c.body);
+        }
+        if !reply.status.is_success() {
+            return Err(classify(endpoint, &reply));
+        }
+        let body = parse(&reply)?;
+        cache.put(
+            path,
+            reply.headers.get(http::header::ETAG).cloned(),
+            body.clone(),
+        );
+        Ok(body)
+    }
+
     /// A call about a webhook's deliveries: the App's own hook takes the
     /// App's JWT; an organization hook takes the token (or the App's
     /// installation token for that organization).
@@ -344,33 +389,17 @@ impl GitHub for OctocrabGitHub {
         }
 
         let target = Target::from_scope(scope)?;
-        let cache_key = target.cache_key();
-        let mut listed: Vec<CachedPage> = Vec::new();
         let mut runners: Vec<GitHubRunner> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for page in 1..=MAX_PAGES {
-            let mut http_request = self.transport.request(
-                Method::GET,
-                &format!(
-                    "{}/actions/runners?per_page={PAGE_SIZE}&page={page}",
-                    target.prefix()
-                ),
-                None,
+            let path = format!(
+                "{}/actions/runners?per_page={PAGE_SIZE}&page={page}",
+                target.prefix()
             );
-            let cached = self.runner_pages.page(&cache_key, page);
-            if let Some(etag) = cached.as_ref().and_then(|c| c.etag.as_ref()) {
-                http_request
-                    .headers
-                    .insert(http::header::IF_NONE_MATCH, etag.clone());
-            }
-            let reply = self.call(&target, ENDPOINT, http_request).await?;
-            let fetched = match cached {
-                Some(cached) if reply.status == StatusCode::NOT_MODIFIED => cached,
-                _ if !reply.status.is_success() => return Err(classify(ENDPOINT, &reply)),
-                _ => {
+            let fetched = self
+                .conditional_get(&target, ENDPOINT, path, &self.runner_pages, |reply| {
                     let body: Page = reply.json(ENDPOINT)?;
-                    CachedPage {
-                        etag: reply.headers.get(http::header::ETAG).cloned(),
+                    Ok(RunnerPage {
                         total_count: body.total_count,
                         runners: body
                             .runners
@@ -383,21 +412,18 @@ impl GitHub for OctocrabGitHub {
                                 labels: r.labels.into_iter().map(|l| l.name).collect(),
                             })
                             .collect(),
-                    }
-                }
-            };
+                    })
+                })
+                .await?;
             let count = fetched.runners.len();
-            let total = fetched.total_count;
             // Runners registered or removed between two pages shift the
             // others; one may show up twice.
-            for r in &fetched.runners {
+            for r in fetched.runners {
                 if seen.insert(r.id) {
-                    runners.push(r.clone());
+                    runners.push(r);
                 }
             }
-            listed.push(fetched);
-            if count < PAGE_SIZE || runners.len() >= total {
-                self.runner_pages.replace(cache_key, listed);
+            if count < PAGE_SIZE || runners.len() >= fetched.total_count {
                 return Ok(runners);
             }
         }
@@ -465,51 +491,54 @@ impl GitHub for OctocrabGitHub {
         // A run with some jobs started is `in_progress`; its other jobs
         // may still be queued (a matrix wider than the fleet).
         for status in ["queued", "in_progress"] {
-            let request = self.transport.request(
-                Method::GET,
-                &format!(
-                    "{}/actions/runs?status={status}&per_page={QUEUED_RUNS_PER_POLL}",
-                    target.prefix()
-                ),
-                None,
+            let path = format!(
+                "{}/actions/runs?status={status}&per_page={QUEUED_RUNS_PER_POLL}",
+                target.prefix()
             );
-            let reply = self.call(&target, RUNS, request).await?;
-            if !reply.status.is_success() {
-                return Err(classify(RUNS, &reply));
-            }
-            let runs: Runs = reply.json(RUNS)?;
-            run_ids.extend(runs.workflow_runs.into_iter().map(|r| r.id));
+            let ids = self
+                .conditional_get(&target, RUNS, path, &self.run_lists, |reply| {
+                    let runs: Runs = reply.json(RUNS)?;
+                    Ok(runs.workflow_runs.into_iter().map(|r| r.id).collect())
+                })
+                .await?;
+            run_ids.extend(ids);
         }
+        let jobs_path = |run_id: i64| {
+            format!(
+                "{}/actions/runs/{run_id}/jobs?filter=latest&per_page=100",
+                target.prefix()
+            )
+        };
+        // Runs no longer waiting or running are not listed again.
+        let open: std::collections::HashSet<String> =
+            run_ids.iter().map(|id| jobs_path(*id)).collect();
+        self.run_jobs
+            .retain_under(&format!("{}/actions/runs/", target.prefix()), |path| {
+                open.contains(path)
+            });
         let mut queued = Vec::new();
         for run_id in run_ids {
-            let request = self.transport.request(
-                Method::GET,
-                &format!(
-                    "{}/actions/runs/{run_id}/jobs?filter=latest&per_page=100",
-                    target.prefix()
-                ),
-                None,
-            );
-            let reply = self.call(&target, JOBS, request).await?;
-            if !reply.status.is_success() {
-                return Err(classify(JOBS, &reply));
-            }
-            let jobs: Jobs = reply.json(JOBS)?;
-            queued.extend(
-                jobs.jobs
-                    .into_iter()
-                    .filter(|j| j.status == "queued")
-                    .map(|j| GitHubJob {
-                        id: j.id,
-                        run_id: j.run_id,
-                        run_attempt: j.run_attempt.unwrap_or(1),
-                        name: j.name,
-                        workflow_name: j.workflow_name,
-                        labels: j.labels,
-                        html_url: j.html_url,
-                        created_at: j.created_at,
-                    }),
-            );
+            let jobs = self
+                .conditional_get(&target, JOBS, jobs_path(run_id), &self.run_jobs, |reply| {
+                    let jobs: Jobs = reply.json(JOBS)?;
+                    Ok(jobs
+                        .jobs
+                        .into_iter()
+                        .filter(|j| j.status == "queued")
+                        .map(|j| GitHubJob {
+                            id: j.id,
+                            run_id: j.run_id,
+                            run_attempt: j.run_attempt.unwrap_or(1),
+                            name: j.name,
+                            workflow_name: j.workflow_name,
+                            labels: j.labels,
+                            html_url: j.html_url,
+                            created_at: j.created_at,
+                        })
+                        .collect::<Vec<_>>())
+                })
+                .await?;
+            queued.extend(jobs);
         }
         Ok(queued)
     }

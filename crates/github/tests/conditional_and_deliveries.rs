@@ -242,3 +242,139 @@ async fn the_apps_hook_needs_app_auth() {
     assert!(matches!(err, GitHubError::Refused(_)), "{err:?}");
     assert!(recorder.requests().is_empty());
 }
+
+/// A GET of `at` (with `?status=` for a runs listing), asked with
+/// `If-None-Match: if_none_match`, or unconditionally.
+fn get(at: &str, status: Option<&str>, if_none_match: Option<&str>) -> wiremock::MockBuilder {
+    let mut mock = Mock::given(method("GET")).and(path(at));
+    if let Some(status) = status {
+        mock = mock.and(query_param("status", status));
+    }
+    match if_none_match {
+        Some(etag) => mock.and(header("if-none-match", etag)),
+        None => mock.and(Unconditional),
+    }
+}
+
+/// A poll for lost `queued` jobs: the runs listings and each open run's
+/// jobs are asked for conditionally; a 304 is answered from the cache, and
+/// the jobs of a run that is no longer open are forgotten.
+#[tokio::test]
+async fn a_poll_asks_conditionally_and_forgets_runs_that_closed() {
+    let server = MockServer::start().await;
+    let runs = |ids: &[i64], etag: &str| {
+        let runs: Vec<_> = ids.iter().map(|id| json!({"id": id})).collect();
+        ResponseTemplate::new(200)
+            .insert_header("etag", etag)
+            .set_body_json(json!({"total_count": ids.len(), "workflow_runs": runs}))
+    };
+    let job = |id: i64, run: i64, status: &str| {
+        json!({
+            "id": id, "run_id": run, "run_attempt": 1, "status": status,
+            "name": format!("proof {id}"), "labels": ["self-hosted", "kani"]
+        })
+    };
+    let jobs = |list: Vec<serde_json::Value>, etag: &str| {
+        ResponseTemplate::new(200)
+            .insert_header("etag", etag)
+            .set_body_json(json!({"total_count": list.len(), "jobs": list}))
+    };
+    const RUNS: &str = "/repos/acme/app/actions/runs";
+    const RUN_11: &str = "/repos/acme/app/actions/runs/11/jobs";
+    const RUN_12: &str = "/repos/acme/app/actions/runs/12/jobs";
+    // Queued runs: [11], unchanged once, then [] (run 11 started), then
+    // [11] again (a re-run of it).
+    get(RUNS, Some("queued"), None)
+        .respond_with(runs(&[11], r#""q1""#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    get(RUNS, Some("queued"), Some(r#""q1""#))
+        .respond_with(ResponseTemplate::new(304))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    get(RUNS, Some("queued"), Some(r#""q1""#))
+        .respond_with(runs(&[], r#""q2""#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    get(RUNS, Some("queued"), Some(r#""q2""#))
+        .respond_with(runs(&[11], r#""q3""#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    // Running runs: [12] throughout.
+    get(RUNS, Some("in_progress"), None)
+        .respond_with(runs(&[12], r#""p1""#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    get(RUNS, Some("in_progress"), Some(r#""p1""#))
+        .respond_with(ResponseTemplate::new(304))
+        .expect(3)
+        .mount(&server)
+        .await;
+    // Run 11's jobs: asked unconditionally again once it was forgotten.
+    get(RUN_11, None, None)
+        .respond_with(jobs(vec![job(1, 11, "queued")], r#""j11""#))
+        .expect(2)
+        .mount(&server)
+        .await;
+    get(RUN_11, None, Some(r#""j11""#))
+        .respond_with(ResponseTemplate::new(304))
+        .expect(1)
+        .mount(&server)
+        .await;
+    // Run 12: a matrix; its waiting job starts between the first two polls.
+    let matrix =
+        |second: &str, etag: &str| jobs(vec![job(2, 12, "in_progress"), job(3, 12, second)], etag);
+    get(RUN_12, None, None)
+        .respond_with(matrix("queued", r#""j12a""#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    get(RUN_12, None, Some(r#""j12a""#))
+        .respond_with(matrix("in_progress", r#""j12b""#))
+        .expect(1)
+        .mount(&server)
+        .await;
+    get(RUN_12, None, Some(r#""j12b""#))
+        .respond_with(ResponseTemplate::new(304))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let (github, recorder) = token_github(&server);
+    let poll = || async {
+        let queued = github.queued_jobs("acme/app").await.unwrap();
+        queued.iter().map(|j| j.id).collect::<Vec<_>>()
+    };
+
+    assert_eq!(poll().await, [1, 3]);
+    assert_eq!(poll().await, [1], "run 11 from the cache; job 3 started");
+    assert_eq!(poll().await, Vec::<i64>::new());
+    assert_eq!(poll().await, [1], "run 11's jobs listed afresh");
+    let (runs, jobs) = ("list_workflow_runs", "list_jobs_for_run");
+    assert_eq!(
+        recorder.requests(),
+        vec![
+            (runs, 200),
+            (runs, 200),
+            (jobs, 200),
+            (jobs, 200),
+            (runs, 304),
+            (runs, 304),
+            (jobs, 304),
+            (jobs, 200),
+            (runs, 200),
+            (runs, 304),
+            (jobs, 304),
+            (runs, 200),
+            (runs, 304),
+            (jobs, 200),
+            (jobs, 304),
+        ]
+    );
+}

@@ -23,6 +23,7 @@ mod metrics;
 pub mod pass;
 mod profiles;
 pub mod provision;
+pub mod redelivery;
 pub mod reruns;
 pub mod retry;
 pub mod survival;
@@ -42,6 +43,7 @@ use spot_runners_domain::clock::{Clock, SystemClock};
 use spot_runners_domain::cost::SpendGate;
 use spot_runners_domain::ports::{Cloud, GitHub, ParameterStore};
 use spot_runners_domain::ratelimit::TokenBucket;
+use spot_runners_domain::redelivery::Healing;
 use spot_runners_domain::scopes::KnownScopes;
 use spot_runners_domain::store::{RecentRepository, Store};
 use spot_runners_domain::ControllerId;
@@ -51,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 pub use metrics::{Fleet, MetricsSink, NoMetrics};
 pub use pass::PassReport;
 pub use profiles::{ProfileCache, ProfileSet};
+pub use redelivery::{Redeliverer, ScanReport};
 pub use reruns::{RerunReport, RerunWorker};
 pub use sweeps::SweepReport;
 
@@ -101,6 +104,9 @@ pub struct Reconciler {
     spend_gate: SpendGate,
     /// When each recent repository was last polled for lost `queued` jobs.
     polled: Mutex<BTreeMap<String, DateTime<Utc>>>,
+    /// Whether redelivery heals failed deliveries (busy repositories are
+    /// then polled no more often than quiet ones).
+    healing: Arc<Healing>,
     /// Repositories with jobs within the polling window, as last read.
     quiet_repositories: Mutex<Vec<RecentRepository>>,
     /// Sweeps so far; a tight GitHub budget lists runners on some only.
@@ -151,6 +157,7 @@ impl Reconciler {
             cost_tagged: Mutex::default(),
             spend_gate: SpendGate::unlimited(),
             polled: Mutex::default(),
+            healing: Arc::default(),
             quiet_repositories: Mutex::default(),
             sweep_count: AtomicU64::new(0),
             spending: Mutex::new(Spending::Full),
@@ -190,6 +197,14 @@ impl Reconciler {
     #[must_use]
     pub fn with_scopes(mut self, scopes: KnownScopes) -> Self {
         self.scopes = scopes;
+        self
+    }
+
+    /// Shares the redelivery scan's record of healing failed deliveries
+    /// (see [`redelivery::Redeliverer`]).
+    #[must_use]
+    pub fn with_healing(mut self, healing: Arc<Healing>) -> Self {
+        self.healing = healing;
         self
     }
 

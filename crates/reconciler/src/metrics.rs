@@ -70,6 +70,9 @@ pub trait MetricsSink: Send + Sync + 'static {
     /// A repository polled for queued jobs no webhook announced, and why
     /// (`suspect`, `active`, `quiet`).
     fn polled(&self, _reason: &str) {}
+    /// A failed webhook delivery GitHub was asked to send again
+    /// (`requested`), or a request for it that failed (`failed`).
+    fn redelivered(&self, _outcome: &str) {}
 }
 
 /// Reports nothing.

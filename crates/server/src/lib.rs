@@ -11,7 +11,6 @@ pub mod inspect;
 pub mod metrics;
 pub mod profiles;
 mod reconciler_metrics;
-pub mod redelivery;
 pub mod reruns;
 pub mod simulation;
 pub mod spend;
@@ -19,3 +18,6 @@ pub mod startup;
 pub mod telemetry;
 
 pub use error::Error;
+/// The redelivery scan is the reconciler crate's, so `simulate` and the API
+/// budget benchmark run the same code as `serve`.
+pub use spot_runners_reconciler::redelivery;

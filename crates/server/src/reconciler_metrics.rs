@@ -120,4 +120,8 @@ impl MetricsSink for Metrics {
     fn polled(&self, reason: &str) {
         self.lost_job_polls_total.with_label_values(&[reason]).inc();
     }
+
+    fn redelivered(&self, outcome: &str) {
+        self.redeliveries_total.with_label_values(&[outcome]).inc();
+    }
 }

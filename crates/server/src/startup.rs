@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spot_runners_domain::clock::{Clock, SystemClock};
+use spot_runners_domain::redelivery::Healing;
 use spot_runners_domain::scopes::KnownScopes;
 use spot_runners_store::Store;
 use tokio::net::TcpListener;
@@ -143,14 +144,18 @@ impl Application {
             Arc::clone(&clock),
             state.spend_gate.clone(),
         ));
+        // The scan records each read of the delivery log here; the
+        // reconciler's lost-`queued` poll reads it.
+        let healing = Arc::new(Healing::default());
         let redeliverer = match (&backends, &settings.redeliver_from) {
             (Some(b), Some(source)) => Some(Arc::new(Redeliverer::new(
                 Arc::clone(&state.store),
                 Arc::clone(&b.github),
                 source.clone(),
                 Arc::clone(&clock),
-                Arc::clone(&state.metrics),
+                Arc::clone(&state.metrics) as Arc<dyn spot_runners_reconciler::MetricsSink>,
                 settings.controller_id.as_str().to_owned(),
+                Arc::clone(&healing),
             ))),
             _ => None,
         };
@@ -177,6 +182,7 @@ impl Application {
                 .with_clock(clock)
                 .with_spend_gate(state.spend_gate.clone())
                 .with_scopes(scopes)
+                .with_healing(healing)
                 .with_retention(settings.retention),
             )
         });

@@ -16,6 +16,7 @@ use serde_json::json;
 use spot_runners::redelivery::{Redeliverer, ScanReport, EVERY};
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::WebhookSource;
+use spot_runners_domain::redelivery::Healing;
 use spot_runners_github::{Auth, GitHubConfig, OctocrabGitHub};
 use spot_runners_sim::ManualClock;
 use wiremock::matchers::{method, path, path_regex};
@@ -149,6 +150,7 @@ async fn a_two_minute_outage_heals_through_redelivery() {
         Arc::new(clock.clone()),
         app.metrics(),
         "spot-runners".into(),
+        Arc::new(Healing::default()),
     );
 
     // The next scan, a few minutes after the outage.
@@ -250,6 +252,7 @@ async fn a_redelivery_github_refuses_is_asked_for_again_next_scan() {
         Arc::new(clock.clone()),
         app.metrics(),
         "spot-runners".into(),
+        Arc::new(Healing::default()),
     );
 
     let first = redeliverer.scan().await.unwrap();

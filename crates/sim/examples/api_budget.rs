@@ -11,8 +11,12 @@
 //! It reports against the targets; it never asserts. A scenario file
 //! (the `simulate` format) may be given instead: `-- path/to/scenario.json`.
 //!
+//! The redelivery scan runs beside the reconciler, as `serve` runs it with
+//! App auth (or an org hook id); `--without-redelivery` measures token auth
+//! with no hook id, where busy repositories are polled every minute.
+//!
 //! ```sh
-//! cargo run --release -p spot-runners-sim --features virtual-time --example api_budget -- [idle|steady|burst|all|FILE]
+//! cargo run --release -p spot-runners-sim --features virtual-time --example api_budget -- [idle|steady|burst|all|FILE] [--without-redelivery]
 //! ```
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -104,8 +108,8 @@ fn load(name: &str, text: &str) -> Result<Scenario, String> {
     Scenario::parse(name, text).map_err(|e| e.to_string())
 }
 
-fn idle(scenario: &Scenario) -> Result<(), String> {
-    let out = timed(scenario)?;
+fn idle(scenario: &Scenario, redelivery: bool) -> Result<(), String> {
+    let out = timed(scenario, redelivery)?;
     // The last whole hour: the job is long done, its runner reaped.
     let to = out.ran;
     let from = to.saturating_sub(HOUR);
@@ -138,8 +142,8 @@ fn idle(scenario: &Scenario) -> Result<(), String> {
     Ok(())
 }
 
-fn steady(scenario: &Scenario) -> Result<(), String> {
-    let out = timed(scenario)?;
+fn steady(scenario: &Scenario, redelivery: bool) -> Result<(), String> {
+    let out = timed(scenario, redelivery)?;
     let b = Budget::of(&out.requests, Duration::ZERO, out.ran);
     let jobs = out.jobs.max(1) as f64;
     print_budget(
@@ -177,8 +181,8 @@ fn steady(scenario: &Scenario) -> Result<(), String> {
     Ok(())
 }
 
-fn burst(scenario: &Scenario) -> Result<(), String> {
-    let out = timed(scenario)?;
+fn burst(scenario: &Scenario, redelivery: bool) -> Result<(), String> {
+    let out = timed(scenario, redelivery)?;
     let first_hour = Budget::of(&out.requests, Duration::ZERO, HOUR);
     let whole = Budget::of(&out.requests, Duration::ZERO, out.ran);
     print_budget(
@@ -208,10 +212,18 @@ fn burst(scenario: &Scenario) -> Result<(), String> {
     Ok(())
 }
 
-fn timed(scenario: &Scenario) -> Result<run::Outcome, String> {
-    println!("\n== {} ==", scenario.name);
+fn timed(scenario: &Scenario, redelivery: bool) -> Result<run::Outcome, String> {
+    println!(
+        "\n== {} ({}) ==",
+        scenario.name,
+        if redelivery {
+            "failed deliveries redelivered"
+        } else {
+            "no redelivery: busy repositories polled every minute"
+        }
+    );
     let started = Instant::now();
-    let out = run::run(scenario)?;
+    let out = run::run(scenario, redelivery)?;
     println!(
         "  ({:.0} s simulated in {:.1} s)",
         out.ran.as_secs_f64(),
@@ -221,23 +233,27 @@ fn timed(scenario: &Scenario) -> Result<run::Outcome, String> {
 }
 
 fn main() {
-    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let without = args.len();
+    args.retain(|a| a != "--without-redelivery");
+    let redelivery = args.len() == without;
+    let what = args.first().cloned().unwrap_or_else(|| "all".into());
     println!(
         "GitHub API budget: the production reconciler on the simulated GitHub, requests as the production adapter sends them (304 = listing unchanged since the scope's last one); primary limit {HOURLY_BUDGET}/h"
     );
     let result = match what.as_str() {
-        "idle" => load("idle", IDLE).and_then(|s| idle(&s)),
-        "steady" => load("steady", STEADY).and_then(|s| steady(&s)),
-        "burst" => load("burst", BURST).and_then(|s| burst(&s)),
+        "idle" => load("idle", IDLE).and_then(|s| idle(&s, redelivery)),
+        "steady" => load("steady", STEADY).and_then(|s| steady(&s, redelivery)),
+        "burst" => load("burst", BURST).and_then(|s| burst(&s, redelivery)),
         "all" => load("idle", IDLE)
-            .and_then(|s| idle(&s))
+            .and_then(|s| idle(&s, redelivery))
             .and_then(|()| load("steady", STEADY))
-            .and_then(|s| steady(&s))
+            .and_then(|s| steady(&s, redelivery))
             .and_then(|()| load("burst", BURST))
-            .and_then(|s| burst(&s)),
+            .and_then(|s| burst(&s, redelivery)),
         path => Scenario::load(std::path::Path::new(path))
             .map_err(|e| e.to_string())
-            .and_then(|s| steady(&s)),
+            .and_then(|s| steady(&s, redelivery)),
     };
     if let Err(e) = result {
         eprintln!("api_budget: {e}");

@@ -12,8 +12,14 @@
 //!   the primary rate limit);
 //! - `queued_jobs`: `list_workflow_runs` twice (queued, in progress), then
 //!   `list_jobs_for_run` for each of those runs (at most 20 of each), as the
-//!   adapter polls;
-//! - every other call: one request.
+//!   adapter polls. These are conditional too: a runs listing with the same
+//!   runs as the repository's previous poll is a 304, and so is the jobs
+//!   listing of a run listed then whose jobs are all in the same state and
+//!   none running (a running job's steps move, which changes its listing:
+//!   counted as changed, an upper bound);
+//! - every other call: one request (`list_hook_deliveries` included, which
+//!   on the App's webhook is really charged to the App, not the
+//!   installation).
 //!
 //! [`Budget`] then charges them against GitHub's primary limit of 5,000
 //! requests an hour per installation (a fixed window that starts with the
@@ -55,12 +61,35 @@ pub struct Request {
     pub at: Duration,
 }
 
-/// Workflow runs of a repository that are waiting or running, as GitHub's
-/// runs listing would show them; the driver keeps these current.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Workflow runs of a repository that are waiting or running, newest
+/// first, as GitHub's runs listings would show them; the driver keeps these
+/// current.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OpenRuns {
-    pub queued: usize,
-    pub in_progress: usize,
+    pub queued: Vec<OpenRun>,
+    pub in_progress: Vec<OpenRun>,
+}
+
+/// One run and its jobs, as its jobs listing would show them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRun {
+    pub id: i64,
+    pub jobs: Vec<(i64, JobState)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    InProgress,
+    Completed,
+}
+
+/// What a repository's previous poll was shown.
+#[derive(Default)]
+struct LastPoll {
+    queued: Vec<i64>,
+    in_progress: Vec<i64>,
+    jobs: HashMap<i64, Vec<(i64, JobState)>>,
 }
 
 /// The fake GitHub, with the adapter's HTTP requests counted.
@@ -72,6 +101,7 @@ pub struct CountingGitHub {
     window: Mutex<Option<(Duration, u64)>>,
     last_listing: Mutex<HashMap<RunnerScope, Vec<GitHubRunner>>>,
     open_runs: Mutex<BTreeMap<String, OpenRuns>>,
+    last_polls: Mutex<HashMap<String, LastPoll>>,
 }
 
 impl CountingGitHub {
@@ -83,6 +113,7 @@ impl CountingGitHub {
             window: Mutex::default(),
             last_listing: Mutex::default(),
             open_runs: Mutex::default(),
+            last_polls: Mutex::default(),
         }
     }
 
@@ -175,16 +206,36 @@ impl GitHub for CountingGitHub {
     }
 
     async fn queued_jobs(&self, repository: &str) -> Result<Vec<GitHubJob>, GitHubError> {
+        let key = repository.to_ascii_lowercase();
         let runs = crate::lock(&self.open_runs)
-            .get(&repository.to_ascii_lowercase())
-            .copied()
+            .get(&key)
+            .cloned()
             .unwrap_or_default();
-        self.record("list_workflow_runs", 2, false);
-        self.record(
-            "list_jobs_for_run",
-            runs.queued.min(RUNS_PER_POLL) + runs.in_progress.min(RUNS_PER_POLL),
-            false,
-        );
+        let queued = &runs.queued[..runs.queued.len().min(RUNS_PER_POLL)];
+        let in_progress = &runs.in_progress[..runs.in_progress.len().min(RUNS_PER_POLL)];
+        let ids = |runs: &[OpenRun]| runs.iter().map(|r| r.id).collect::<Vec<_>>();
+        let now = LastPoll {
+            queued: ids(queued),
+            in_progress: ids(in_progress),
+            jobs: queued
+                .iter()
+                .chain(in_progress)
+                .map(|r| (r.id, r.jobs.clone()))
+                .collect(),
+        };
+        let before = crate::lock(&self.last_polls).insert(key, now);
+        let before = before.as_ref();
+        for (listed, shown) in [
+            (queued, before.map(|b| &b.queued)),
+            (in_progress, before.map(|b| &b.in_progress)),
+        ] {
+            self.record("list_workflow_runs", 1, shown == Some(&ids(listed)));
+        }
+        for run in queued.iter().chain(in_progress) {
+            let same = before.and_then(|b| b.jobs.get(&run.id)) == Some(&run.jobs)
+                && !run.jobs.iter().any(|(_, s)| *s == JobState::InProgress);
+            self.record("list_jobs_for_run", 1, same);
+        }
         self.inner.queued_jobs(repository).await
     }
 
@@ -292,9 +343,11 @@ pub mod run {
     use super::*;
 
     use spot_runners_domain::job::ParsedWorkflowJob;
+    use spot_runners_domain::redelivery::Healing;
     use spot_runners_domain::store::{DeliveryOutcome, IncomingDelivery, Store};
     use spot_runners_domain::{ControllerId, WorkflowJobEvent};
-    use spot_runners_reconciler::{Backends, NoMetrics, ProfileCache, Reconciler};
+    use spot_runners_reconciler::redelivery::EVERY as REDELIVERY_EVERY;
+    use spot_runners_reconciler::{Backends, NoMetrics, ProfileCache, Reconciler, Redeliverer};
     use tokio::sync::Notify;
     use tokio_util::sync::CancellationToken;
 
@@ -314,16 +367,19 @@ pub mod run {
     }
 
     /// Runs `scenario` for its `duration` (no drain), on a paused clock.
-    pub fn run(scenario: &Scenario) -> Result<Outcome, String> {
+    /// With `redelivery`, the redelivery scan runs beside the reconciler on
+    /// the App's webhook, as `serve` runs it with App auth (or an org hook
+    /// id); without, as with token auth and no hook id.
+    pub fn run(scenario: &Scenario, redelivery: bool) -> Result<Outcome, String> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
             .map_err(|e| format!("starting the runtime: {e}"))?;
-        runtime.block_on(run_in_paused_time(scenario))
+        runtime.block_on(run_in_paused_time(scenario, redelivery))
     }
 
-    async fn run_in_paused_time(scenario: &Scenario) -> Result<Outcome, String> {
+    async fn run_in_paused_time(scenario: &Scenario, redelivery: bool) -> Result<Outcome, String> {
         let validated = scenario.validate()?;
         let seed = scenario.seed;
         let clock = SimClock::starting_at(SimClock::virtual_epoch());
@@ -341,6 +397,7 @@ pub mod run {
         let ledger = MemoryStore::new(Arc::new(clock), seed);
         let profiles = ProfileCache::default();
         profiles.set(validated.profiles.clone());
+        let healing = Arc::new(Healing::default());
         let reconciler = Reconciler::new(
             Arc::new(ledger.clone()),
             Backends {
@@ -354,6 +411,7 @@ pub mod run {
             scenario.max_instances,
         )
         .with_clock(Arc::new(clock))
+        .with_healing(Arc::clone(&healing))
         .with_seed(seed);
         let wake = Arc::new(Notify::new());
         let stop = CancellationToken::new();
@@ -362,6 +420,18 @@ pub mod run {
             scenario.reconcile_interval.0,
             stop.clone(),
         ));
+        let redeliverer = redelivery.then(|| {
+            let scan = Redeliverer::new(
+                Arc::new(ledger.clone()),
+                Arc::clone(&github) as Arc<dyn GitHub>,
+                WebhookSource::App,
+                Arc::new(clock),
+                Arc::new(NoMetrics),
+                ControllerId::default().as_str().to_owned(),
+                healing,
+            );
+            tokio::spawn(Arc::new(scan).run(REDELIVERY_EVERY, stop.clone()))
+        });
         let end = scenario.duration.0;
         let mut next_runs = Duration::ZERO;
         while clock.elapsed() < end {
@@ -399,6 +469,9 @@ pub mod run {
         }
         stop.cancel();
         let _ = task.await;
+        if let Some(scan) = redeliverer {
+            let _ = scan.await;
+        }
         let jobs = world.stats().jobs;
         let completed = world.jobs().filter(|j| j.completed_at.is_some()).count() as u64;
         Ok(Outcome {
@@ -409,17 +482,34 @@ pub mod run {
         })
     }
 
-    /// Each simulated job is a workflow run of its own.
+    /// The runs with a job still waiting or running, newest first, per
+    /// repository; their jobs as a jobs listing shows them.
     fn open_runs(world: &World) -> BTreeMap<String, OpenRuns> {
+        let mut by_run: BTreeMap<(String, i64), Vec<(i64, JobState)>> = BTreeMap::new();
+        for job in world.jobs() {
+            let state = match (job.started_at, job.completed_at) {
+                (_, Some(_)) => JobState::Completed,
+                (Some(_), None) => JobState::InProgress,
+                (None, None) => JobState::Queued,
+            };
+            by_run
+                .entry((job.spec.repository.to_ascii_lowercase(), job.run_id))
+                .or_default()
+                .push((job.id, state));
+        }
         let mut runs: BTreeMap<String, OpenRuns> = BTreeMap::new();
-        for job in world.jobs().filter(|j| j.completed_at.is_none()) {
-            let e = runs
-                .entry(job.spec.repository.to_ascii_lowercase())
-                .or_default();
-            if job.started_at.is_some() {
-                e.in_progress += 1;
+        // Run ids grow with time: newest first is highest first.
+        for ((repository, id), mut jobs) in by_run.into_iter().rev() {
+            if jobs.iter().all(|(_, s)| *s == JobState::Completed) {
+                continue;
+            }
+            jobs.sort_unstable_by_key(|(id, _)| *id);
+            let open = runs.entry(repository).or_default();
+            let run = OpenRun { id, jobs };
+            if run.jobs.iter().all(|(_, s)| *s == JobState::Queued) {
+                open.queued.push(run);
             } else {
-                e.queued += 1;
+                open.in_progress.push(run);
             }
         }
         runs
@@ -479,16 +569,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_poll_costs_two_run_listings_and_one_per_open_run() {
+    async fn a_poll_costs_two_run_listings_and_one_per_open_run_and_unchanged_ones_are_free() {
         let gh = CountingGitHub::new(
             FakeGitHub::new(),
             SimClock::starting_at(SimClock::virtual_epoch()),
         );
+        let run = |id: i64, state: JobState| OpenRun {
+            id,
+            jobs: vec![(id * 10, state)],
+        };
+        let waiting: Vec<OpenRun> = (0..3).map(|i| run(100 + i, JobState::Queued)).collect();
+        let running: Vec<OpenRun> = (0..25).map(|i| run(i, JobState::InProgress)).collect();
         gh.set_open_runs(BTreeMap::from([(
             "acme/proofs".to_owned(),
             OpenRuns {
-                queued: 3,
-                in_progress: 25,
+                queued: waiting.clone(),
+                in_progress: running.clone(),
             },
         )]));
         gh.queued_jobs("Acme/Proofs").await.unwrap();
@@ -496,6 +592,44 @@ mod tests {
         let b = Budget::of(&gh.requests(), Duration::ZERO, Duration::from_secs(1));
         assert_eq!(b.requests("list_workflow_runs"), 4);
         assert_eq!(b.requests("list_jobs_for_run"), 3 + 20);
+        assert_eq!(b.charged, 4 + 23, "nothing was listed before");
+
+        // Nothing changed: the runs listings and the waiting runs' jobs
+        // are 304s; the running ones are charged (their steps move).
+        let from = gh.requests().len();
+        gh.queued_jobs("acme/proofs").await.unwrap();
+        let again: Vec<(&str, bool)> = gh.requests()[from..]
+            .iter()
+            .map(|r| (r.endpoint, r.not_modified))
+            .collect();
+        assert_eq!(again[..2], [("list_workflow_runs", true); 2]);
+        assert_eq!(again[2..5], [("list_jobs_for_run", true); 3]);
+        assert!(again[5..]
+            .iter()
+            .all(|r| *r == ("list_jobs_for_run", false)));
+        assert_eq!(again.len(), 25);
+
+        // One waiting run starts: both runs listings changed, and its jobs.
+        let mut queued = waiting.clone();
+        let started = queued.remove(0);
+        let mut in_progress = vec![run(started.id, JobState::InProgress)];
+        in_progress.extend(running);
+        gh.set_open_runs(BTreeMap::from([(
+            "acme/proofs".to_owned(),
+            OpenRuns {
+                queued,
+                in_progress,
+            },
+        )]));
+        let from = gh.requests().len();
+        gh.queued_jobs("acme/proofs").await.unwrap();
+        let third: Vec<bool> = gh.requests()[from..]
+            .iter()
+            .map(|r| r.not_modified)
+            .collect();
+        assert_eq!(third[..2], [false, false]);
+        assert_eq!(third[2..4], [true, true], "the two still waiting");
+        assert!(!third[4], "the run that started");
     }
 
     #[test]

@@ -8,11 +8,14 @@ use std::time::Duration;
 use spot_runners_domain::api_budget::RateLimit;
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::cost::SpendGate;
-use spot_runners_domain::ports::GitHubJob;
+use spot_runners_domain::ports::{GitHubJob, WebhookSource};
 use spot_runners_domain::profile::{example_row, ProfileRow};
+use spot_runners_domain::redelivery::{Healing, HEALS_FOR};
 use spot_runners_domain::store::{IncomingDelivery, RunnerChange, Store};
 use spot_runners_domain::{ControllerId, JobStatus, Profile, RunnerState, WorkflowJobEvent};
-use spot_runners_reconciler::{Backends, NoMetrics, ProfileCache, Reconciler, SweepReport};
+use spot_runners_reconciler::{
+    Backends, NoMetrics, ProfileCache, Reconciler, Redeliverer, SweepReport,
+};
 use spot_runners_sim::github::GitHubCall;
 use spot_runners_sim::{FakeCloud, FakeGitHub, FakeParameterStore, ManualClock, MemoryStore};
 
@@ -22,6 +25,8 @@ struct Rig {
     github: FakeGitHub,
     clock: ManualClock,
     reconciler: Arc<Reconciler>,
+    /// Shared with any [`Redeliverer`] a test runs.
+    healing: Arc<Healing>,
 }
 
 fn profile(max_lifetime_secs: i32) -> Profile {
@@ -46,6 +51,7 @@ fn rig_with(max_lifetime_secs: i32, gate: SpendGate) -> Rig {
     let github = FakeGitHub::with_seed(3);
     let profiles = ProfileCache::default();
     profiles.set(vec![profile(max_lifetime_secs)]);
+    let healing = Arc::new(Healing::default());
     let reconciler = Arc::new(
         Reconciler::new(
             Arc::new(store.clone()),
@@ -61,6 +67,7 @@ fn rig_with(max_lifetime_secs: i32, gate: SpendGate) -> Rig {
         )
         .with_clock(Arc::new(clock.clone()))
         .with_spend_gate(gate)
+        .with_healing(Arc::clone(&healing))
         .with_seed(3),
     );
     Rig {
@@ -69,6 +76,7 @@ fn rig_with(max_lifetime_secs: i32, gate: SpendGate) -> Rig {
         github,
         clock,
         reconciler,
+        healing,
     }
 }
 
@@ -418,4 +426,61 @@ async fn polls_go_first_where_a_job_ran_unannounced_and_idle_repositories_wait_h
         r.store.job(3).await.unwrap().is_some(),
         "recorded as if delivered"
     );
+}
+
+#[tokio::test]
+async fn a_busy_repository_is_polled_every_minute_only_while_redelivery_is_not_healing() {
+    let r = rig(28_800);
+    let minute = Duration::from_secs(60);
+    // Sweeps once a minute for `minutes`; the repositories they polled.
+    let sweep_for = |minutes: u32| {
+        let r = &r;
+        async move {
+            let start = r.github.calls().len();
+            for _ in 0..minutes {
+                r.sweep().await;
+                r.clock.advance(minute);
+            }
+            polled_repositories(&r.github, start)
+        }
+    };
+    r.deliver(event_in("acme/busy", 1, JobStatus::Queued, None))
+        .await;
+    // No redelivery: a failed `queued` has no trace but the repository's
+    // own listing, so a busy repository is polled every minute.
+    assert_eq!(sweep_for(3).await.len(), 3);
+
+    // The redelivery scan reads the hook's delivery log: what failed is
+    // redelivered from there, and the busy repository waits for the quiet
+    // period like any other.
+    let redeliverer = Redeliverer::new(
+        Arc::new(r.store.clone()),
+        Arc::new(r.github.clone()),
+        WebhookSource::App,
+        Arc::new(r.clock.clone()),
+        Arc::new(NoMetrics),
+        "spot-runners".into(),
+        Arc::clone(&r.healing),
+    );
+    let mut last_scan = r.clock.now();
+    for _ in 0..2 {
+        last_scan = r.clock.now();
+        redeliverer.scan_if_leader().await.unwrap().expect("leads");
+        assert_eq!(sweep_for(5).await, Vec::<String>::new());
+    }
+    // A job that ran unannounced is no failed delivery: polled at once.
+    r.deliver(event_in("acme/busy", 2, JobStatus::InProgress, Some("r-x")))
+        .await;
+    assert_eq!(sweep_for(1).await, ["acme/busy"]);
+
+    // The scans stop (no permission, GitHub failing): once the last one is
+    // older than HEALS_FOR, every minute again.
+    let start = r.github.calls().len();
+    while r.healing.heals(r.clock.now()) {
+        r.sweep().await;
+        r.clock.advance(minute);
+    }
+    assert!(polled_repositories(&r.github, start).is_empty());
+    assert!(r.clock.now() - last_scan < HEALS_FOR + chrono::Duration::minutes(1));
+    assert_eq!(sweep_for(2).await, ["acme/busy", "acme/busy"]);
 }

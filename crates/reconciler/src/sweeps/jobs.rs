@@ -104,10 +104,9 @@ impl Reconciler {
     /// job is never covered (unless some other job's runner takes it). So,
     /// one repository a minute at most, GitHub is asked for its queued jobs
     /// and those the ledger has never seen are recorded as if delivered:
-    /// at once where a job ran unannounced, in turn where jobs are coming
-    /// in, and every half hour elsewhere ([`api_budget::next_poll`]).
-    /// Redelivery heals the deliveries that GitHub tried and we missed;
-    /// this is for the rest.
+    /// at once where a job ran unannounced, every half hour everywhere else,
+    /// and in turn where jobs are coming in while redelivery is not healing
+    /// the deliveries GitHub tried and we missed ([`api_budget::next_poll`]).
     pub(super) async fn poll_queued_jobs(
         &self,
         spending: Spending,
@@ -122,7 +121,8 @@ impl Reconciler {
             let recent: BTreeSet<&str> =
                 repositories.iter().map(|r| r.repository.as_str()).collect();
             polled.retain(|r, _| recent.contains(r.as_str()));
-            let chosen = api_budget::next_poll(&repositories, &polled, spending, now);
+            let redelivered = self.healing.heals(now);
+            let chosen = api_budget::next_poll(&repositories, &polled, spending, redelivered, now);
             if let Some((repo, _)) = chosen {
                 polled.insert(repo.repository.clone(), now);
             }

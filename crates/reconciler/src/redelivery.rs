@@ -7,6 +7,11 @@
 //! that the ledger does not hold ([`redelivery::to_redeliver`]), and ask
 //! for each once. The redelivery keeps its GUID, so the ledger's
 //! de-duplication still holds if GitHub ends up sending it twice.
+//!
+//! Each scan that reads the log records it in the shared [`Healing`], which
+//! tells the lost-`queued` poll that failed deliveries are taken care of.
+//! It lives in the reconciler crate so that the simulator and the API
+//! budget benchmark run the same scan as `serve`.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -15,20 +20,28 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use spot_runners_domain::clock::Clock;
 use spot_runners_domain::ports::{GitHub, GitHubError, WebhookSource};
-use spot_runners_domain::redelivery;
-use spot_runners_store::Store;
+use spot_runners_domain::redelivery::{self, Healing};
+use spot_runners_domain::store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::Error;
+use crate::MetricsSink;
 
-/// How often the leader looks (RunsOn does the same every 5 minutes).
-pub const EVERY: Duration = Duration::from_secs(5 * 60);
+/// How often the leader looks.
+pub const EVERY: Duration = redelivery::SCAN_EVERY;
 /// How far back the first scan after a start looks.
 const FIRST_LOOK_BACK: TimeDelta = TimeDelta::hours(1);
 /// Each scan overlaps the previous one by this much, for attempts GitHub
 /// logs a little late.
 const OVERLAP: TimeDelta = TimeDelta::minutes(2);
+
+/// Why a scan did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("reading or writing the ledger: {0}")]
+    Store(#[from] StoreError),
+    #[error("listing the hook's deliveries: {0}")]
+    GitHub(#[from] GitHubError),
+}
 
 /// What one scan did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -54,8 +67,9 @@ pub struct Redeliverer {
     github: Arc<dyn GitHub>,
     source: WebhookSource,
     clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<dyn MetricsSink>,
     controller_id: String,
+    healing: Arc<Healing>,
     state: tokio::sync::Mutex<ScanState>,
 }
 
@@ -65,8 +79,9 @@ impl Redeliverer {
         github: Arc<dyn GitHub>,
         source: WebhookSource,
         clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<dyn MetricsSink>,
         controller_id: String,
+        healing: Arc<Healing>,
     ) -> Self {
         Self {
             store,
@@ -75,12 +90,13 @@ impl Redeliverer {
             clock,
             metrics,
             controller_id,
+            healing,
             state: tokio::sync::Mutex::default(),
         }
     }
 
     /// One scan, if this replica leads; `None` when another one does.
-    pub async fn scan_if_leader(&self) -> Result<Option<ScanReport>, Error> {
+    pub async fn scan_if_leader(&self) -> Result<Option<ScanReport>, ScanError> {
         if !self.store.try_lead(&self.controller_id).await? {
             return Ok(None);
         }
@@ -88,11 +104,14 @@ impl Redeliverer {
     }
 
     /// Lists the recent attempts and asks for every lost delivery once.
-    pub async fn scan(&self) -> Result<ScanReport, Error> {
+    pub async fn scan(&self) -> Result<ScanReport, ScanError> {
         let mut state = self.state.lock().await;
         let now = self.clock.now();
         let since = state.since.unwrap_or(now - FIRST_LOOK_BACK);
         let log = self.github.hook_deliveries(&self.source, since).await?;
+        // The log was read: what failed is in it, and asked for below (or
+        // on the next scan, if GitHub refuses now).
+        self.healing.scanned(now);
         let failed_guids: Vec<String> = log
             .iter()
             .filter(|d| !d.succeeded())
@@ -149,10 +168,7 @@ impl Redeliverer {
     }
 
     fn count(&self, outcome: &str) {
-        self.metrics
-            .redeliveries_total
-            .with_label_values(&[outcome])
-            .inc();
+        self.metrics.redelivered(outcome);
     }
 
     /// Scans every `every` until `stop`.

@@ -41,9 +41,9 @@ impl Database {
         Ok(Self { store, embedded })
     }
 
-    /// Closes the pool and stops the embedded cluster, if any.
+    /// Closes the pools and stops the embedded cluster, if any.
     pub async fn close(self) {
-        self.store.pool().close().await;
+        self.store.close().await;
         if let Some(pg) = self.embedded {
             if let Err(e) = pg.stop().await {
                 tracing::warn!(error = %e, "could not stop the embedded PostgreSQL");

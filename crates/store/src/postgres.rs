@@ -63,13 +63,31 @@ const MIN_BATCH_TIME: Duration = Duration::from_millis(50);
 /// acquire (a restarted server or a dropped TCP link is then found before a
 /// statement is sent, not by it).
 const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
-/// Connections in the pool: the ledger writer's few, the reconciler's and
-/// the health checks'.
+/// Connections in the pool: the reconciler's, the health checks' and the
+/// listeners'.
 const MAX_CONNECTIONS: u32 = 16;
+/// Connections of the ledger writer's own pool (it keeps one transaction in
+/// flight, a few more beside one that is stuck).
+const INGEST_CONNECTIONS: u32 = 4;
+/// The statement timeout of the writer's connections. A batch with at
+/// least this much time left (all but deliveries that queued for half a
+/// second) is one autocommitted statement, a single round trip; one with
+/// less is a transaction with its own, shorter timeout.
+const INGEST_STATEMENT_TIMEOUT: Duration = Duration::from_millis(4500);
+/// The writer connections' session: [`INGEST_STATEMENT_TIMEOUT`], and the
+/// batch statement planned once per connection, not per batch (its custom
+/// plans cost more to make, 0.8 ms, than to run, 0.4 ms, and its one
+/// parameter, a JSON array, tells a planner nothing).
+const INGEST_SESSION: &str =
+    "SET statement_timeout = 4500; SET plan_cache_mode = force_generic_plan";
 
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The ledger writer's connections: same server, their own session
+    /// settings (statement timeout, generic plans), which no other query
+    /// should inherit.
+    ingest: PgPool,
     /// Every time the store writes or compares with: the reconciler's
     /// clock, never PostgreSQL's `now()` (column defaults stay for
     /// operators' manual inserts).
@@ -121,31 +139,27 @@ impl PgStore {
         let options: PgConnectOptions = url
             .parse::<PgConnectOptions>()?
             .application_name("spot-runners");
-        let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
+        let pool = pool_options(MAX_CONNECTIONS)
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(3))
-            // A connection is checked with a round trip only after it sat
-            // idle: one in steady use proves itself on its next statement,
-            // and a ping before every batch was a fifth of a lone
-            // delivery's round trips.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for < PING_WHEN_IDLE_FOR {
-                        return Ok(true);
-                    }
-                    Ok(sqlx::Connection::ping(conn).await.is_ok())
-                })
-            })
             .connect_with(options)
             .await?;
         Ok(Self::from_pool(pool))
     }
 
+    /// A store on `pool`; the ledger writer gets a small pool of its own to
+    /// the same server, connected on first use.
     pub fn from_pool(pool: PgPool) -> Self {
+        let ingest = pool_options(INGEST_CONNECTIONS)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, INGEST_SESSION).await?;
+                    Ok(())
+                })
+            })
+            .connect_lazy_with((*pool.connect_options()).clone());
         Self {
             pool,
+            ingest,
             clock: Arc::new(SystemClock),
             leader: Arc::default(),
             settled: Arc::default(),
@@ -162,6 +176,12 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Closes both pools, waiting for their connections to be returned.
+    pub async fn close(&self) {
+        self.ingest.close().await;
+        self.pool.close().await;
     }
 
     /// Applies pending migrations. Idempotent; safe from several replicas at
@@ -186,9 +206,11 @@ impl PgStore {
     }
 
     /// Writes a batch with a fixed number of round trips, whatever its size:
-    /// `BEGIN` (with the statement timeout), one set-based statement that
-    /// records the delivery GUIDs and folds the new ones into
-    /// `workflow_jobs`, the wake-up, `COMMIT`.
+    /// one set-based statement that records the delivery GUIDs, folds the
+    /// new ones into `workflow_jobs` and wakes the reconcilers. With the
+    /// usual time left that statement is autocommitted under the writer
+    /// connections' statement timeout (one round trip); with less it runs
+    /// in a transaction with a timeout of its own (three).
     async fn record_batch(
         &self,
         batch: &[IncomingDelivery],
@@ -206,41 +228,18 @@ impl PgStore {
             rows.push(delivery_row(ord, d));
         }
 
-        // The server gives up on its own too, so a statement stuck behind a
-        // lock cannot commit after the sender was told "unavailable".
-        // The batch statement is planned once per connection, not per batch:
-        // its custom plans cost more to make (0.8 ms) than to run (0.4 ms),
-        // and its one parameter, a JSON array, tells a planner nothing.
-        let budget = deadline.saturating_duration_since(Instant::now());
-        let budget_ms = budget.saturating_sub(MIN_BATCH_TIME).as_millis().max(1);
-        let begin = format!(
-            "BEGIN; SET LOCAL statement_timeout = {budget_ms}; \
-             SET LOCAL plan_cache_mode = force_generic_plan"
-        );
-        // A pooled connection is not pinged before every batch, so one the
-        // server dropped while it sat idle (a restart, an administrator)
-        // fails at BEGIN. Nothing was written on it: the batch starts over
-        // on a fresh connection instead of answering its senders 503.
-        let mut lost = 0;
-        let mut tx = loop {
-            match self.pool.begin_with(begin.clone()).await {
-                // Every pooled connection may be gone at once, but each
-                // attempt discards the one it found dead.
-                Err(e) if connection_lost(&e) && lost < MAX_CONNECTIONS => {
-                    lost += 1;
-                    tracing::info!(error = %e, "a pooled connection was gone; starting the batch on another");
-                }
-                started => break started?,
-            }
+        // The server gives up on its own, so a statement stuck behind a lock
+        // cannot commit after the sender was told "unavailable".
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(MIN_BATCH_TIME);
+        let fresh = if budget >= INGEST_STATEMENT_TIMEOUT {
+            self.record_autocommitted(&rows).await?
+        } else {
+            self.record_in_transaction(&rows, budget, deadline).await?
         };
-        let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
-            .bind(sqlx::types::Json(&rows))
-            .bind(self.clock.now())
-            .bind(WAKE_CHANNEL)
-            .fetch_all(&mut *tx)
-            .await?;
         let fresh: HashSet<String> = fresh.into_iter().collect();
-        let outcomes: Vec<DeliveryOutcome> = batch
+        Ok(batch
             .iter()
             .enumerate()
             .map(|(ord, d)| {
@@ -252,14 +251,95 @@ impl PgStore {
                     DeliveryOutcome::Duplicate
                 }
             })
-            .collect();
+            .collect())
+    }
+
+    /// The batch statement on its own: its transaction commits when it
+    /// ends. A pooled connection is pinged only after sitting idle, so one
+    /// the server dropped meanwhile (a restart, an administrator) fails
+    /// here; the batch is then sent again on another connection. That is
+    /// safe: if the lost attempt did commit, the second finds its GUIDs
+    /// recorded and answers them as duplicates, which are acknowledged
+    /// alike.
+    async fn record_autocommitted(
+        &self,
+        rows: &[serde_json::Value],
+    ) -> Result<Vec<String>, PgError> {
+        let mut lost = 0;
+        loop {
+            let sent = sqlx::query_scalar(RECORD_BATCH_SQL)
+                .bind(sqlx::types::Json(rows))
+                .bind(self.clock.now())
+                .bind(WAKE_CHANNEL)
+                .fetch_all(&self.ingest)
+                .await;
+            match sent {
+                // Every pooled connection may be gone at once, but each
+                // attempt discards the one it found dead.
+                Err(e) if connection_lost(&e) && lost < INGEST_CONNECTIONS => {
+                    lost += 1;
+                    tracing::info!(error = %e, "a pooled connection was gone; sending the batch on another");
+                }
+                sent => return Ok(sent?),
+            }
+        }
+    }
+
+    /// The batch statement in a transaction whose statement timeout is the
+    /// batch's own (`budget`), rolled back if it finishes too late.
+    async fn record_in_transaction(
+        &self,
+        rows: &[serde_json::Value],
+        budget: Duration,
+        deadline: Instant,
+    ) -> Result<Vec<String>, PgError> {
+        let budget_ms = budget.as_millis().max(1);
+        let begin = format!("BEGIN; SET LOCAL statement_timeout = {budget_ms}");
+        // As above: a connection found dead at BEGIN, where nothing was
+        // written, is replaced.
+        let mut lost = 0;
+        let mut tx = loop {
+            match self.ingest.begin_with(begin.clone()).await {
+                Err(e) if connection_lost(&e) && lost < INGEST_CONNECTIONS => {
+                    lost += 1;
+                    tracing::info!(error = %e, "a pooled connection was gone; starting the batch on another");
+                }
+                started => break started?,
+            }
+        };
+        let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
+            .bind(sqlx::types::Json(rows))
+            .bind(self.clock.now())
+            .bind(WAKE_CHANNEL)
+            .fetch_all(&mut *tx)
+            .await?;
         if Instant::now() + MIN_BATCH_TIME / 5 >= deadline {
             // Dropping the transaction rolls it back.
             return Err(PgError::Timeout);
         }
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(fresh)
     }
+}
+
+/// The pool settings both pools share: bounded waits, so a database outage
+/// turns into quick errors, not hung requests; and a connection checked
+/// with a round trip only after it sat idle (one in steady use proves
+/// itself on its next statement; a ping before every batch was a fifth of
+/// a lone delivery's round trips).
+fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < PING_WHEN_IDLE_FOR {
+                    return Ok(true);
+                }
+                Ok(sqlx::Connection::ping(conn).await.is_ok())
+            })
+        })
 }
 
 /// Whether `e` says the connection itself is gone (rather than that a
@@ -1798,6 +1878,12 @@ async fn read_open_ledger(
 #[cfg(test)]
 mod tests {
     use spot_runners_domain::RunnerState;
+
+    #[test]
+    fn the_writer_session_sets_the_timeout_batches_are_chosen_by() {
+        let ms = super::INGEST_STATEMENT_TIMEOUT.as_millis();
+        assert!(super::INGEST_SESSION.contains(&format!("statement_timeout = {ms};")));
+    }
 
     #[test]
     fn live_states_match_the_domain() {

@@ -136,7 +136,7 @@ impl Redeliverer {
                 Ok(()) => {
                     state.asked.insert(attempt.guid.clone(), now);
                     report.requested += 1;
-                    self.count("requested");
+                    self.metrics.redelivered("requested");
                     tracing::info!(
                         guid = %attempt.guid,
                         event = %attempt.event,
@@ -147,7 +147,7 @@ impl Redeliverer {
                 }
                 Err(e) => {
                     report.failed += 1;
-                    self.count("failed");
+                    self.metrics.redelivered("failed");
                     tracing::warn!(guid = %attempt.guid, error = %e, "redelivery request failed; retried next scan");
                     if matches!(e, GitHubError::RateLimited(_)) {
                         break;
@@ -165,10 +165,6 @@ impl Redeliverer {
         let horizon = state.since.unwrap_or(since) - OVERLAP;
         state.asked.retain(|_, at| *at >= horizon);
         Ok(report)
-    }
-
-    fn count(&self, outcome: &str) {
-        self.metrics.redelivered(outcome);
     }
 
     /// Scans every `every` until `stop`.

@@ -234,9 +234,8 @@ fn timed(scenario: &Scenario, redelivery: bool) -> Result<run::Outcome, String> 
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let without = args.len();
+    let redelivery = !args.iter().any(|a| a == "--without-redelivery");
     args.retain(|a| a != "--without-redelivery");
-    let redelivery = args.len() == without;
     let what = args.first().cloned().unwrap_or_else(|| "all".into());
     println!(
         "GitHub API budget: the production reconciler on the simulated GitHub, requests as the production adapter sends them (304 = listing unchanged since the scope's last one); primary limit {HOURLY_BUDGET}/h"

@@ -255,34 +255,22 @@ impl PgStore {
     }
 
     /// The batch statement on its own: its transaction commits when it
-    /// ends. A pooled connection is pinged only after sitting idle, so one
-    /// the server dropped meanwhile (a restart, an administrator) fails
-    /// here; the batch is then sent again on another connection. That is
-    /// safe: if the lost attempt did commit, the second finds its GUIDs
+    /// ends. On a connection found gone it is sent again on another. That
+    /// is safe: if the lost attempt did commit, the second finds its GUIDs
     /// recorded and answers them as duplicates, which are acknowledged
     /// alike.
     async fn record_autocommitted(
         &self,
         rows: &[serde_json::Value],
     ) -> Result<Vec<String>, PgError> {
-        let mut lost = 0;
-        loop {
-            let sent = sqlx::query_scalar(RECORD_BATCH_SQL)
+        Ok(on_a_live_connection("sending the batch", || {
+            sqlx::query_scalar(RECORD_BATCH_SQL)
                 .bind(sqlx::types::Json(rows))
                 .bind(self.clock.now())
                 .bind(WAKE_CHANNEL)
                 .fetch_all(&self.ingest)
-                .await;
-            match sent {
-                // Every pooled connection may be gone at once, but each
-                // attempt discards the one it found dead.
-                Err(e) if connection_lost(&e) && lost < INGEST_CONNECTIONS => {
-                    lost += 1;
-                    tracing::info!(error = %e, "a pooled connection was gone; sending the batch on another");
-                }
-                sent => return Ok(sent?),
-            }
-        }
+        })
+        .await?)
     }
 
     /// The batch statement in a transaction whose statement timeout is the
@@ -295,18 +283,12 @@ impl PgStore {
     ) -> Result<Vec<String>, PgError> {
         let budget_ms = budget.as_millis().max(1);
         let begin = format!("BEGIN; SET LOCAL statement_timeout = {budget_ms}");
-        // As above: a connection found dead at BEGIN, where nothing was
-        // written, is replaced.
-        let mut lost = 0;
-        let mut tx = loop {
-            match self.ingest.begin_with(begin.clone()).await {
-                Err(e) if connection_lost(&e) && lost < INGEST_CONNECTIONS => {
-                    lost += 1;
-                    tracing::info!(error = %e, "a pooled connection was gone; starting the batch on another");
-                }
-                started => break started?,
-            }
-        };
+        // Nothing is written at BEGIN, so a connection found dead there is
+        // simply replaced.
+        let mut tx = on_a_live_connection("starting the batch", || {
+            self.ingest.begin_with(begin.clone())
+        })
+        .await?;
         let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
             .bind(sqlx::types::Json(rows))
             .bind(self.clock.now())
@@ -319,6 +301,28 @@ impl PgStore {
         }
         tx.commit().await?;
         Ok(fresh)
+    }
+}
+
+/// Runs `attempt` again while it fails because its pooled connection was
+/// gone (pinged only after sitting idle, a connection the server dropped
+/// meanwhile — a restart, an administrator — fails at its first use), at
+/// most once per pooled connection: every pooled connection may be gone at
+/// once, but each failed attempt discards the one it found dead.
+async fn on_a_live_connection<T, F, Fut>(what: &str, mut attempt: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut lost = 0;
+    loop {
+        match attempt().await {
+            Err(e) if connection_lost(&e) && lost < INGEST_CONNECTIONS => {
+                lost += 1;
+                tracing::info!(error = %e, "a pooled connection was gone; {what} on another");
+            }
+            done => return done,
+        }
     }
 }
 

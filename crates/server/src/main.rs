@@ -13,6 +13,9 @@ use spot_runners::startup::{shutdown_signal, Application};
 use spot_runners::telemetry;
 use spot_runners_domain::cost::ReportBy;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "spot-runners",

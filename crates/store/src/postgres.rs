@@ -225,7 +225,7 @@ impl PgStore {
                 continue;
             }
             first_of.insert(d.delivery_id.as_str(), ord);
-            rows.push(delivery_row(ord, d));
+            rows.push(DeliveryRow::new(ord, d));
         }
 
         // The server gives up on its own, so a statement stuck behind a lock
@@ -259,10 +259,7 @@ impl PgStore {
     /// is safe: if the lost attempt did commit, the second finds its GUIDs
     /// recorded and answers them as duplicates, which are acknowledged
     /// alike.
-    async fn record_autocommitted(
-        &self,
-        rows: &[serde_json::Value],
-    ) -> Result<Vec<String>, PgError> {
+    async fn record_autocommitted(&self, rows: &[DeliveryRow<'_>]) -> Result<Vec<String>, PgError> {
         Ok(on_a_live_connection("sending the batch", || {
             sqlx::query_scalar(RECORD_BATCH_SQL)
                 .bind(sqlx::types::Json(rows))
@@ -277,7 +274,7 @@ impl PgStore {
     /// batch's own (`budget`), rolled back if it finishes too late.
     async fn record_in_transaction(
         &self,
-        rows: &[serde_json::Value],
+        rows: &[DeliveryRow<'_>],
         budget: Duration,
         deadline: Instant,
     ) -> Result<Vec<String>, PgError> {
@@ -362,38 +359,66 @@ fn connection_lost(e: &sqlx::Error) -> bool {
 
 /// One delivery as a row of [`RECORD_BATCH_SQL`]'s input; `ord` is its
 /// place in the batch, which decides "first" and "last" between deliveries
-/// of one job.
-fn delivery_row(ord: usize, d: &IncomingDelivery) -> serde_json::Value {
-    let job = &d.job;
-    let (profile, match_error) = match &d.profile {
-        Ok(p) => (Some(p.as_str()), None),
-        Err(e) => (None, Some(e.as_str())),
-    };
-    serde_json::json!({
-        "ord": ord,
-        "delivery_id": d.delivery_id,
-        "status": job.status.as_str(),
-        "job_id": job.job_id,
-        "run_id": job.run_id,
-        "run_attempt": job.run_attempt,
-        "name": job.name,
-        "workflow_name": job.workflow_name,
-        "repository": job.repository,
-        "owner": job.owner,
-        "org": job.org,
-        "installation_id": job.installation_id,
-        "html_url": job.html_url,
-        "labels": job.labels,
-        "conclusion": job.conclusion,
-        "runner_id": job.runner_id,
-        "runner_name": job.runner_name,
-        "profile": profile,
-        "match_error": match_error,
-        "github_created_at": job.created_at,
-    })
+/// of one job. Borrowed and serialized straight into the statement's
+/// parameter: the writer builds these while the database waits for its
+/// next batch.
+#[derive(serde::Serialize)]
+struct DeliveryRow<'a> {
+    ord: usize,
+    delivery_id: &'a str,
+    status: &'static str,
+    job_id: i64,
+    run_id: i64,
+    run_attempt: i32,
+    name: &'a str,
+    workflow_name: Option<&'a str>,
+    repository: &'a str,
+    owner: &'a str,
+    org: Option<&'a str>,
+    installation_id: Option<i64>,
+    html_url: Option<&'a str>,
+    labels: &'a [String],
+    conclusion: Option<&'a str>,
+    runner_id: Option<i64>,
+    runner_name: Option<&'a str>,
+    profile: Option<&'a str>,
+    match_error: Option<&'a str>,
+    github_created_at: Option<DateTime<Utc>>,
 }
 
-/// Records a batch of deliveries (`$1`, a JSON array of [`delivery_row`]s
+impl<'a> DeliveryRow<'a> {
+    fn new(ord: usize, d: &'a IncomingDelivery) -> Self {
+        let job = &d.job;
+        let (profile, match_error) = match &d.profile {
+            Ok(p) => (Some(p.as_str()), None),
+            Err(e) => (None, Some(e.as_str())),
+        };
+        Self {
+            ord,
+            delivery_id: &d.delivery_id,
+            status: job.status.as_str(),
+            job_id: job.job_id,
+            run_id: job.run_id,
+            run_attempt: job.run_attempt,
+            name: &job.name,
+            workflow_name: job.workflow_name.as_deref(),
+            repository: &job.repository,
+            owner: &job.owner,
+            org: job.org.as_deref(),
+            installation_id: job.installation_id,
+            html_url: job.html_url.as_deref(),
+            labels: &job.labels,
+            conclusion: job.conclusion.as_deref(),
+            runner_id: job.runner_id,
+            runner_name: job.runner_name.as_deref(),
+            profile,
+            match_error,
+            github_created_at: job.created_at,
+        }
+    }
+}
+
+/// Records a batch of deliveries (`$1`, a JSON array of [`DeliveryRow`]s
 /// with distinct GUIDs, received at `$2`) and returns the GUIDs that were
 /// new; if any was, it notifies channel `$3`.
 ///
@@ -420,7 +445,22 @@ fresh AS (
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id
 ),
+counted AS (
+    SELECT job_id, count(*) AS deliveries FROM input GROUP BY job_id
+),
+-- A job with one delivery in the batch (nearly every one) is its own fold;
+-- the aggregates, a sort each per job, are for the rest.
 folded AS (
+    SELECT i.job_id AS id, i.ord AS first_ord, i.run_attempt, i.installation_id,
+           i.html_url, i.status, i.conclusion, i.runner_id, i.runner_name, i.profile,
+           i.match_error AS last_match_error, i.github_created_at,
+           i.status = 'waiting' AS waiting,
+           i.status = 'queued' AS queued,
+           i.status = 'in_progress' AS in_progress,
+           i.status = 'completed' AS completed
+    FROM input i JOIN fresh f USING (delivery_id) JOIN counted c USING (job_id)
+    WHERE c.deliveries = 1
+    UNION ALL
     SELECT i.job_id AS id,
            min(i.ord) AS first_ord,
            max(i.run_attempt) AS run_attempt,
@@ -444,7 +484,8 @@ folded AS (
            bool_or(i.status = 'queued') AS queued,
            bool_or(i.status = 'in_progress') AS in_progress,
            bool_or(i.status = 'completed') AS completed
-    FROM input i JOIN fresh f USING (delivery_id)
+    FROM input i JOIN fresh f USING (delivery_id) JOIN counted c USING (job_id)
+    WHERE c.deliveries > 1
     GROUP BY i.job_id
 ),
 upserted AS (

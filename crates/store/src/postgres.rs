@@ -78,8 +78,12 @@ const INGEST_STATEMENT_TIMEOUT: Duration = Duration::from_millis(4500);
 /// batch statement planned once per connection, not per batch (its custom
 /// plans cost more to make, 0.8 ms, than to run, 0.4 ms, and its one
 /// parameter, a JSON array, tells a planner nothing).
-const INGEST_SESSION: &str =
-    "SET statement_timeout = 4500; SET plan_cache_mode = force_generic_plan";
+fn ingest_session() -> String {
+    format!(
+        "SET statement_timeout = {}; SET plan_cache_mode = force_generic_plan",
+        INGEST_STATEMENT_TIMEOUT.as_millis()
+    )
+}
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -152,7 +156,7 @@ impl PgStore {
         let ingest = pool_options(INGEST_CONNECTIONS)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    sqlx::Executor::execute(conn, INGEST_SESSION).await?;
+                    sqlx::Executor::execute(conn, ingest_session().as_str()).await?;
                     Ok(())
                 })
             })
@@ -261,11 +265,7 @@ impl PgStore {
     /// alike.
     async fn record_autocommitted(&self, rows: &[DeliveryRow<'_>]) -> Result<Vec<String>, PgError> {
         Ok(on_a_live_connection("sending the batch", || {
-            sqlx::query_scalar(RECORD_BATCH_SQL)
-                .bind(sqlx::types::Json(rows))
-                .bind(self.clock.now())
-                .bind(WAKE_CHANNEL)
-                .fetch_all(&self.ingest)
+            self.batch_statement(rows).fetch_all(&self.ingest)
         })
         .await?)
     }
@@ -286,18 +286,25 @@ impl PgStore {
             self.ingest.begin_with(begin.clone())
         })
         .await?;
-        let fresh: Vec<String> = sqlx::query_scalar(RECORD_BATCH_SQL)
-            .bind(sqlx::types::Json(rows))
-            .bind(self.clock.now())
-            .bind(WAKE_CHANNEL)
-            .fetch_all(&mut *tx)
-            .await?;
+        let fresh = self.batch_statement(rows).fetch_all(&mut *tx).await?;
         if Instant::now() + MIN_BATCH_TIME / 5 >= deadline {
             // Dropping the transaction rolls it back.
             return Err(PgError::Timeout);
         }
         tx.commit().await?;
         Ok(fresh)
+    }
+
+    /// [`RECORD_BATCH_SQL`] with its parameters: `rows`, received now, and
+    /// the reconcilers' wake-up channel.
+    fn batch_statement<'q>(
+        &self,
+        rows: &'q [DeliveryRow<'q>],
+    ) -> sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments> {
+        sqlx::query_scalar(RECORD_BATCH_SQL)
+            .bind(sqlx::types::Json(rows))
+            .bind(self.clock.now())
+            .bind(WAKE_CHANNEL)
     }
 }
 
@@ -1923,12 +1930,6 @@ async fn read_open_ledger(
 #[cfg(test)]
 mod tests {
     use spot_runners_domain::RunnerState;
-
-    #[test]
-    fn the_writer_session_sets_the_timeout_batches_are_chosen_by() {
-        let ms = super::INGEST_STATEMENT_TIMEOUT.as_millis();
-        assert!(super::INGEST_SESSION.contains(&format!("statement_timeout = {ms};")));
-    }
 
     #[test]
     fn live_states_match_the_domain() {
